@@ -1,0 +1,188 @@
+"""The Python API: ``optimize`` (model in, model + report out) and ``optimize_file``."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .errors import OnnxHmfError, VerificationError
+from .graph.index import GraphIndex
+from .io import load_model, max_ir_version_for_onnxruntime, model_file_bytes, save_model, check_output_path
+from .passes.lowrank import LowRankPass, SiteSelection
+from .report import Report
+from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
+
+__all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE"]
+
+DEFAULT_KEEP = 0.5
+DEFAULT_MIN_COSINE = 0.9
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements in all initializers and Constant tensors of the main graph."""
+    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return n
+
+
+def _vocab_sizes(model: onnx.ModelProto) -> set[int]:
+    index = GraphIndex(model)
+    sizes = set()
+    for node in model.graph.node:
+        if node.op_type == "Gather":
+            ref = index.const(node.input[0])
+            if ref is not None and len(ref.dims) == 2 and ref.dims[0] >= 100:
+                sizes.add(ref.dims[0])
+    return sizes
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike,
+    *,
+    keep: float | None = DEFAULT_KEEP,
+    rank: int | None = None,
+    rank_multiple: int = 1,
+    include: Iterable[str] = (),
+    exclude: Iterable[str] = (),
+    min_params: int = 0,
+    verify: bool = True,
+    inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    atol: dict[str, float] | None = None,
+    rtol: dict[str, float] | None = None,
+    min_cosine: float | None = DEFAULT_MIN_COSINE,
+    seed: int = 0,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> tuple[onnx.ModelProto, Report]:
+    """Factorize the model's constant MatMul/Gemm weights and Gather tables (LMF).
+
+    Returns the optimized model (a new proto; a given proto is not modified) and a Report.
+    Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
+    the caller decides (the CLI refuses to write the output).
+    """
+    t0 = time.perf_counter()
+    report = Report()
+    if isinstance(model, onnx.ModelProto):
+        src = model
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+    else:
+        report.input_path = str(model)
+        src = None
+        work = load_model(model)
+        report.bytes_before = model_file_bytes(model)
+    try:
+        lowrank = LowRankPass(
+            keep=keep,
+            rank=rank,
+            rank_multiple=rank_multiple,
+            selection=SiteSelection(list(include), list(exclude), min_params),
+            seed=seed,
+        )
+    except ValueError as e:
+        raise OnnxHmfError(str(e)) from None
+    report.settings = {
+        "method": lowrank.name,
+        "keep": keep if rank is None else None,
+        "rank": rank,
+        "rank_multiple": rank_multiple,
+        "include": list(include),
+        "exclude": list(exclude),
+        "min_params": min_params,
+        "seed": seed,
+    }
+    report.params_before = count_params(work)
+    if report.bytes_before is None:
+        report.bytes_before = (src or work).ByteSize()
+
+    feeds = ref = None
+    if verify:
+        if isinstance(inputs, (str, os.PathLike)):
+            feeds = load_inputs(inputs, work)
+        elif inputs is not None:
+            feeds = dict(inputs)
+        else:
+            feeds = make_inputs(work, input_shapes, seed=seed)
+        vocab = _vocab_sizes(work)
+        t = time.perf_counter()
+        ref = run_onnxruntime(report.input_path or src, feeds)
+        report.timings["reference_run_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report.sites = lowrank.run(work, progress or (lambda it: it))
+    report.timings["factorize_s"] = time.perf_counter() - t
+    if not report.rewritten:
+        reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
+        raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
+
+    _finish_metadata(work, report)
+    report.params_after = count_params(work)
+    try:
+        onnx.checker.check_model(work)
+    except onnx.checker.ValidationError as e:  # a bug in a rewrite, never the user's fault
+        raise OnnxHmfError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
+    report.bytes_after = work.ByteSize()
+
+    if verify:
+        t = time.perf_counter()
+        cand = run_onnxruntime(work, feeds)
+        report.timings["verify_run_s"] = time.perf_counter() - t
+        report.outputs = compare_outputs(ref, cand, vocab)
+        report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine)
+        report.verified = True
+        report.passed = not report.failures
+        report.settings.update(
+            {
+                "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                "atol": atol or {},
+                "rtol": rtol or {},
+                "min_cosine": min_cosine,
+            }
+        )
+    report.timings["total_s"] = time.perf_counter() - t0
+    return work, report
+
+
+def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
+    """Record what onnxhmf did; keep IR version unless onnxruntime could not read it."""
+    entry = {"version": __version__, **{k: v for k, v in report.settings.items() if v not in (None, [], {})}}
+    for prop in model.metadata_props:
+        if prop.key == "onnxhmf":
+            prop.value = json.dumps(entry)
+            break
+    else:
+        model.metadata_props.add(key="onnxhmf", value=json.dumps(entry))
+    limit = max_ir_version_for_onnxruntime()
+    if model.ir_version > limit:
+        report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
+        model.ir_version = limit
+
+
+def optimize_file(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    *,
+    force: bool = False,
+    force_on_failure: bool = False,
+    **kwargs,
+) -> Report:
+    """Optimize ``input_path`` and write ``output_path`` atomically.
+
+    Raises VerificationError (and writes nothing) when verification fails, unless
+    ``force_on_failure``. ``force`` allows replacing an existing output (never the input).
+    """
+    check_output_path(output_path, force=force, inputs=(input_path,))
+    model, report = optimize(input_path, **kwargs)
+    report.output_path = str(output_path)
+    if report.verified and not report.passed and not force_on_failure:
+        raise VerificationError("verification failed, no output written: " + "; ".join(report.failures), report=report)
+    report.bytes_after = save_model(model, output_path, force=force, inputs=(Path(input_path),))
+    return report

@@ -1,0 +1,127 @@
+"""Command line: a thin shell over :mod:`onnxhmf.api`.
+
+Every error is one line on stderr: exit 2 for bad input or options, 1 for failed verification.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize_file
+from .errors import OnnxHmfError, VerificationError
+from .verify import parse_input_shapes, parse_tolerances
+
+
+def _progress(quiet: bool):
+    def wrap(items):
+        items = list(items)
+        if quiet or not items or not sys.stderr.isatty():
+            return items
+        return _bar(items)
+
+    def _bar(items):
+        with click.progressbar(items, label="factorizing", file=sys.stderr, show_pos=True) as bar:
+            yield from bar
+
+    return wrap
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="onnxhmf")
+def cli():
+    """Make exported ONNX language models smaller and faster, offline."""
+
+
+@cli.command()
+@click.argument("input_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("output_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help=f"Fraction of each rewritten weight's parameters to keep [default: {DEFAULT_KEEP}].")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank for every site (instead of --keep).")
+@click.option("--rank-multiple", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Round ranks down to a multiple of this (e.g. 8 or 16 for SIMD-friendly shapes).")
+@click.option("--include", multiple=True, metavar="REGEX", help="Only sites whose weight or node name matches (repeatable).")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Skip sites whose weight or node name matches (repeatable).")
+@click.option("--min-params", type=click.IntRange(min=0), default=0, show_default=True, help="Skip weights with fewer parameters.")
+@click.option("--inputs", "inputs_npz", type=click.Path(path_type=Path), default=None,
+              help="Verification inputs: an .npz keyed by input name.")
+@click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...",
+              help="Bind an input's shape for generated inputs, e.g. input_ids:1,128 (repeatable).")
+@click.option("--atol", multiple=True, metavar="[OUT:]VAL", help="Absolute tolerance, for all outputs or one (repeatable).")
+@click.option("--rtol", multiple=True, metavar="[OUT:]VAL", help="Relative tolerance, for all outputs or one (repeatable).")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=DEFAULT_MIN_COSINE, show_default=True,
+              help="Fail if any float output's mean cosine to the original is below this.")
+@click.option("--no-verify", is_flag=True, help="Skip verification with onnxruntime.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output, and write it even if verification fails.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
+def optimize(input_model, output_model, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
+             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, quiet):
+    """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
+    if keep is not None and rank is not None:
+        raise click.UsageError("give --keep or --rank, not both")
+    if rank is None and keep is None:
+        keep = DEFAULT_KEEP
+    if report_path is not None:
+        from .io import check_output_path
+
+        check_output_path(report_path, force=True, inputs=(input_model,))
+    kwargs = dict(
+        keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
+        verify=not no_verify, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes),
+        atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
+        seed=seed, progress=_progress(quiet),
+    )
+    try:
+        report = optimize_file(input_model, output_model, force=force, force_on_failure=force, **kwargs)
+    except VerificationError as e:
+        if e.report is not None and not quiet:
+            click.echo(e.report.format())
+        if e.report is not None and report_path is not None:
+            _write_text(report_path, e.report.to_json())
+        raise
+    if not quiet:
+        click.echo(report.format())
+        click.echo(f"wrote {output_model}")
+    if report_path is not None:
+        _write_text(report_path, report.to_json())
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text + "\n")
+    except OSError as e:
+        raise OnnxHmfError(f"cannot write report {str(path)!r}: {e.strerror or e}") from None
+
+
+def main(argv=None) -> int:
+    """Entry point: run the CLI, turning every failure into one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="onnxhmf", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("onnxhmf: interrupted; no output written", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"onnxhmf: error: {e.format_message()}", err=True)
+        return 2
+    except OnnxHmfError as e:
+        click.echo(f"onnxhmf: error: {e}", err=True)
+        return e.exit_code
+    except OSError as e:
+        click.echo(f"onnxhmf: error: {e.filename or ''}: {e.strerror or e}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        click.echo("onnxhmf: interrupted; no output written", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Rewrite every use of a weight group with low-rank factors, using standard ONNX ops only.
+
+The factors approximate F = A·B, where F is the stored tensor T or its transpose Tᵀ. Each use
+is rewritten with the identity it needs:
+
+    MatMul(X, F)              →  MatMul(MatMul(X, A), B)
+    MatMul(X, Fᵀ)             →  MatMul(MatMul(X, Bᵀ), Aᵀ)        (Transpose nodes on the factors)
+    Gemm(X, F, C; α, β)       →  Gemm(MatMul(X, A), B, C; α, β)
+    Gemm(X, Fᵀ, C; α, β)      →  Gemm(Gemm(X, B; transB=1), A, C; α, β, transB=1)
+    Gather(F, ids)            →  MatMul(Gather(A, ids), B)
+
+so the factors are stored once however many nodes read the weight (a tied embedding and LM
+head share them). Transposes of constants are folded by onnxruntime when the session loads.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .edit import GraphEditor
+from .index import FLOAT_TYPES
+from .sites import Use, WeightGroup
+
+__all__ = ["factor_orientation", "rewrite_lowrank"]
+
+
+def factor_orientation(group: WeightGroup) -> bool:
+    """Whether to factorize Tᵀ rather than T: only when every use reads Tᵀ (no Gather)."""
+    return all(u.transposed for u in group.uses) and not any(u.kind == "gather" for u in group.uses)
+
+
+def _gemm_attrs(node: onnx.NodeProto) -> dict:
+    out = {}
+    for a in node.attribute:
+        if a.name in ("alpha", "beta"):
+            out[a.name] = a.f
+    return out
+
+
+def rewrite_lowrank(editor: GraphEditor, group: WeightGroup, A: np.ndarray, B: np.ndarray, transposed: bool) -> None:
+    """Replace every use of ``group`` by the factors of F ≈ A·B (F = Tᵀ if ``transposed``)."""
+    dtype = FLOAT_TYPES[group.ref.data_type]
+    base = group.name
+    a = editor.add_initializer(A.astype(dtype), f"{base}.lmf_A")
+    b = editor.add_initializer(B.astype(dtype), f"{base}.lmf_B")
+    cache: dict[str, str] = {}
+
+    def transposed_factor(name: str) -> str:
+        if name not in cache:
+            out = editor.fresh(f"{name}.T")
+            editor.prepend(editor.node("Transpose", [name], [out], f"{name}/Transpose", perm=[1, 0]))
+            cache[name] = out
+        return cache[name]
+
+    for use in group.uses:
+        editor.replace(use.node, _rewrite_use(editor, use, a, b, use.transposed == transposed, transposed_factor))
+        if use.via_transpose is not None:
+            t_node = next(n for n in editor.graph.node if use.via_transpose in n.output)
+            editor.remove_node(t_node)
+    _remove_storage(editor, group)
+
+
+def _rewrite_use(editor: GraphEditor, use: Use, a: str, b: str, sees_f: bool, transposed_factor) -> list:
+    node = use.node
+    y = node.output[0]
+    tag = node.name or y
+    mid = editor.fresh(f"{y}.lmf")
+    mk = editor.node
+    if use.kind == "gather":
+        assert sees_f, "Gather uses are always factorized in the stored orientation"
+        attrs = {"axis": 0}
+        return [
+            mk("Gather", [a, node.input[1]], [mid], f"{tag}/lmf/Gather", **attrs),
+            mk("MatMul", [mid, b], [y], f"{tag}/lmf/MatMul"),
+        ]
+    x = node.input[0]
+    if use.kind == "matmul":
+        if sees_f:
+            first, second = a, b
+        else:
+            first, second = transposed_factor(b), transposed_factor(a)
+        return [
+            mk("MatMul", [x, first], [mid], f"{tag}/lmf/MatMul_0"),
+            mk("MatMul", [mid, second], [y], f"{tag}/lmf/MatMul_1"),
+        ]
+    # Gemm: keep α, β and C on the second Gemm so the semantics are exactly the original's.
+    c = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    ab = _gemm_attrs(node)
+    if sees_f:
+        return [
+            mk("MatMul", [x, a], [mid], f"{tag}/lmf/MatMul"),
+            mk("Gemm", [mid, b, *c], [y], f"{tag}/lmf/Gemm", **ab),
+        ]
+    return [
+        mk("Gemm", [x, b], [mid], f"{tag}/lmf/Gemm_0", transB=1),
+        mk("Gemm", [mid, a, *c], [y], f"{tag}/lmf/Gemm_1", transB=1, **ab),
+    ]
+
+
+def _remove_storage(editor: GraphEditor, group: WeightGroup) -> None:
+    ref = group.ref
+    if ref.kind == "constant":
+        const_node = next(n for n in editor.graph.node if ref.name in n.output)
+        editor.remove_node(const_node)
+    else:
+        editor.remove_tensor(ref.name)

@@ -1,0 +1,132 @@
+"""What optimize() did, as data (JSON) and as console tables."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["SiteReport", "OutputStats", "Report"]
+
+
+@dataclass
+class SiteReport:
+    weight: str
+    ops: str  # e.g. "matmul", "gather+matmul" for a tied table
+    nodes: list[str]
+    shape: tuple[int, int]
+    params_before: int
+    status: str  # "rewritten" | "skipped"
+    method: str = "-"
+    rank: int = 0
+    params_after: int | None = None
+    rel_error: float | None = None  # ‖W − W'‖_F / ‖W‖_F
+    reason: str = ""
+
+
+@dataclass
+class OutputStats:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    mean_cosine: float | None
+    snr_db: float | None
+    top1: float | None = None  # fraction of positions whose argmax agrees (logits-like outputs)
+    exact_match: float | None = None  # fraction of equal elements (integer/bool outputs)
+
+
+@dataclass
+class Report:
+    input_path: str | None = None
+    output_path: str | None = None
+    settings: dict = field(default_factory=dict)
+    sites: list[SiteReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    outputs: list[OutputStats] = field(default_factory=list)
+    verified: bool = False
+    passed: bool | None = None
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    def to_dict(self) -> dict:
+        def clean(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return str(v)
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format(self, *, show_skipped: bool = True) -> str:
+        lines = []
+        rows = [
+            (
+                s.ops,
+                s.weight,
+                f"{s.shape[0]}x{s.shape[1]}",
+                s.method,
+                str(s.rank) if s.status == "rewritten" else "-",
+                f"{s.params_before:,} -> {s.params_after:,}" if s.params_after is not None else f"{s.params_before:,}",
+                f"{s.rel_error:.4f}" if s.rel_error is not None else "-",
+            )
+            for s in self.rewritten
+        ]
+        if rows:
+            lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err"), rows)
+        skipped = [s for s in self.sites if s.status != "rewritten"]
+        if skipped and show_skipped:
+            lines.append(f"skipped {len(skipped)} site(s):")
+            lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
+        ratio = self.params_after / self.params_before if self.params_before else 1.0
+        lines.append(f"params: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
+        if self.bytes_before is not None and self.bytes_after is not None:
+            lines.append(
+                f"file:   {self.bytes_before:,} -> {self.bytes_after:,} bytes ({self.bytes_after / self.bytes_before:.3f}x)"
+            )
+        if self.verified:
+            orows = [
+                (
+                    o.name,
+                    "x".join(map(str, o.shape)),
+                    _g(o.max_abs),
+                    _g(o.max_rel),
+                    _g(o.mean_cosine, ".6f"),
+                    _g(o.snr_db, ".1f"),
+                    _g(o.top1, ".4f") if o.top1 is not None else (_g(o.exact_match, ".4f") if o.exact_match is not None else "-"),
+                )
+                for o in self.outputs
+            ]
+            lines += _table(("output", "shape", "max abs", "max rel", "cosine", "SNR dB", "top1/eq"), orows)
+            lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _g(v, fmt: str = ".3g") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return format(v, fmt)
+
+
+def _table(header: tuple, rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*r) for r in rows]
+    return out

@@ -1,0 +1,139 @@
+"""Small synthetic ONNX graphs, one per site variant the optimizer must handle."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+IR = 8
+F = TensorProto.FLOAT
+
+
+def matrix(m: int, n: int, seed: int = 0, decay: float = 0.9, true_rank: int | None = None) -> np.ndarray:
+    """A float32 m×n matrix with geometrically decaying singular values (like real weights).
+
+    With ``true_rank`` only that many singular values are non-zero, so a rank-``true_rank``
+    factorization is exact and still saves parameters.
+    """
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((m, k)))[0]
+    V = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    s = decay ** np.arange(k) * 3.0
+    if true_rank is not None:
+        s[true_rank:] = 0.0
+    return ((U * s) @ V.T).astype(np.float32)
+
+
+def model(nodes, inputs, outputs, inits=(), opset=OPSET, ir=IR) -> onnx.ModelProto:
+    g = helper.make_graph(list(nodes), "g", list(inputs), list(outputs), initializer=list(inits))
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir, producer_name="tests")
+    m.metadata_props.add(key="author", value="tests")
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def vi(name, shape, dtype=F):
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def const_node(name: str, arr: np.ndarray):
+    return helper.make_node("Constant", [], [name], name=f"{name}_const", value=numpy_helper.from_array(arr, name))
+
+
+def matmul_model(m=48, n=40, ndim=3, source="initializer", seed=0, dtype=np.float32, true_rank=None) -> onnx.ModelProto:
+    """Y = X·W with W (m×n) from an initializer, a Constant, or Transpose of either (stored n×m)."""
+    W = matrix(m, n, seed, true_rank=true_rank).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    xshape = ["batch", "seq", m] if ndim == 3 else ["batch", m]
+    nodes, inits = [], []
+    stored = W.T.copy() if source.startswith("transpose") else W
+    if source in ("initializer", "transpose_initializer"):
+        inits.append(numpy_helper.from_array(stored, "W"))
+    else:
+        nodes.append(const_node("W", stored))
+    w_in = "W"
+    if source.startswith("transpose"):
+        nodes.append(helper.make_node("Transpose", ["W"], ["W_t"], name="tr", perm=[1, 0]))
+        w_in = "W_t"
+    nodes.append(helper.make_node("MatMul", ["X", w_in], ["Y"], name="mm"))
+    return model(nodes, [vi("X", xshape, elem)], [vi("Y", xshape[:-1] + [n], elem)], inits)
+
+
+def gemm_model(m=48, n=40, trans_b=0, alpha=1.0, beta=1.0, c="none", via_transpose=False, seed=0, true_rank=None) -> onnx.ModelProto:
+    """Y = α·X·op(B) + β·C with B constant; C absent, a vector (n) or a matrix (1×n)."""
+    W = matrix(m, n, seed, true_rank=true_rank)
+    B = W.T.copy() if trans_b else W
+    if via_transpose:
+        B = B.T.copy()
+    inits = [numpy_helper.from_array(B, "B")]
+    inputs = ["X", "B_t" if via_transpose else "B"]
+    if c != "none":
+        C = np.random.default_rng(seed + 1).standard_normal((n,) if c == "vector" else (1, n)).astype(np.float32)
+        inits.append(numpy_helper.from_array(C, "C"))
+        inputs.append("C")
+    nodes = []
+    if via_transpose:
+        nodes.append(helper.make_node("Transpose", ["B"], ["B_t"], name="tr", perm=[1, 0]))
+    nodes.append(helper.make_node("Gemm", inputs, ["Y"], name="gemm", transB=trans_b, alpha=alpha, beta=beta))
+    return model(nodes, [vi("X", ["batch", m])], [vi("Y", ["batch", n])], inits)
+
+
+def gather_model(vocab=200, d=32, seed=0, true_rank=None) -> onnx.ModelProto:
+    E = matrix(vocab, d, seed, true_rank=true_rank)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["Y"], name="embed", axis=0)]
+    return model(nodes, [vi("ids", ["batch", "seq"], TensorProto.INT64)], [vi("Y", ["batch", "seq", d])],
+                 [numpy_helper.from_array(E, "E")])
+
+
+def tied_model(vocab=200, d=32, seed=0, true_rank=None) -> onnx.ModelProto:
+    """Gather(E, ids) → Mul(·, s) → MatMul(·, Transpose(E)): a tied embedding and LM head."""
+    E = matrix(vocab, d, seed, true_rank=true_rank)
+    s = np.full((d,), 0.5, np.float32)
+    nodes = [
+        helper.make_node("Gather", ["E", "ids"], ["h0"], name="embed", axis=0),
+        helper.make_node("Mul", ["h0", "s"], ["h"], name="scale"),
+        helper.make_node("Transpose", ["E"], ["E_t"], name="head_t", perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "E_t"], ["logits"], name="head"),
+    ]
+    return model(nodes, [vi("ids", ["batch", "seq"], TensorProto.INT64)], [vi("logits", ["batch", "seq", vocab])],
+                 [numpy_helper.from_array(E, "E"), numpy_helper.from_array(s, "s")])
+
+
+def shared_with_add_model(m=32, seed=0) -> onnx.ModelProto:
+    """W feeds a MatMul and an Add: it cannot be removed, so it must be skipped."""
+    W = matrix(m, m, seed)
+    nodes = [
+        helper.make_node("MatMul", ["X", "W"], ["Y0"], name="mm"),
+        helper.make_node("Add", ["Y0", "W"], ["Y"], name="add"),
+    ]
+    return model(nodes, [vi("X", [m, m])], [vi("Y", [m, m])], [numpy_helper.from_array(W, "W")])
+
+
+def if_model(m=32, seed=0) -> onnx.ModelProto:
+    """An If whose branches read the outer initializer W, next to a main-graph MatMul on W2."""
+    W = matrix(m, m, seed)
+    W2 = matrix(m, m, seed + 1)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["t"], name="then_mm")], "then", [], [vi("t", [None, m])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["X"], ["e"], name="else_id")], "else", [], [vi("e", [None, m])])
+    nodes = [
+        helper.make_node("If", ["cond"], ["Y0"], name="if", then_branch=then_g, else_branch=else_g),
+        helper.make_node("MatMul", ["Y0", "W2"], ["Y"], name="mm2"),
+    ]
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(W2, "W2")]
+    return model(nodes, [vi("X", ["batch", m]), vi("cond", [], TensorProto.BOOL)], [vi("Y", ["batch", m])], inits)
+
+
+def int_weight_model(m=32) -> onnx.ModelProto:
+    W = np.arange(m * m, dtype=np.int64).reshape(m, m) % 7
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")]
+    return model(nodes, [vi("X", ["batch", m], TensorProto.INT64)], [vi("Y", ["batch", m], TensorProto.INT64)],
+                 [numpy_helper.from_array(W, "W")])
+
+
+def weight_is_input_model(m=32) -> onnx.ModelProto:
+    """An initializer that is also a graph input can be overridden at run time: not a constant."""
+    W = matrix(m, m)
+    nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")]
+    return model(nodes, [vi("X", ["batch", m]), vi("W", [m, m])], [vi("Y", ["batch", m])], [numpy_helper.from_array(W, "W")])
