@@ -57,15 +57,8 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             )
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Load an ONNX model with its external data, or raise OnnxHmfError with one clear line."""
-    p = Path(path)
-    if not p.exists():
-        raise OnnxHmfError(f"{str(p)!r}: no such file")
-    if not p.is_file():
-        raise OnnxHmfError(f"{str(p)!r}: not a regular file")
-    if p.stat().st_size == 0:
-        raise OnnxHmfError(f"{str(p)!r}: empty file, not an ONNX model")
+def _parse(p: Path) -> onnx.ModelProto:
+    """Parse the model (external data not loaded) and vet its header and external-data refs."""
     try:
         model = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as e:
@@ -75,19 +68,32 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     if not model.HasField("graph") or not model.opset_import or model.ir_version == 0:
         raise OnnxHmfError(f"{str(p)!r}: not an ONNX model (no graph, opset or IR version)")
     _check_external_data(model, p.parent)
+    return model
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, or raise OnnxHmfError with one clear line."""
+    p = Path(path)
+    if not p.exists():
+        raise OnnxHmfError(f"{str(p)!r}: no such file")
+    if not p.is_file():
+        raise OnnxHmfError(f"{str(p)!r}: not a regular file")
+    if p.stat().st_size == 0:
+        raise OnnxHmfError(f"{str(p)!r}: empty file, not an ONNX model")
+    model = _parse(p)
+    if check:
+        # The C++ checker reads the file itself; drop our proto first so the copies never coexist.
+        del model
+        try:
+            onnx.checker.check_model(str(p))
+        except onnx.checker.ValidationError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OnnxHmfError(f"{str(p)!r}: model fails onnx.checker: {first}") from None
+        model = _parse(p)
     try:
         external_data_helper.load_external_data_for_model(model, str(p.parent))
     except Exception as e:  # pragma: no cover - _check_external_data catches the usual cases
         raise OnnxHmfError(f"{str(p)!r}: cannot load external data: {e}") from None
-    if check:
-        try:
-            if model.ByteSize() < _TWO_GB:
-                onnx.checker.check_model(model)
-            else:
-                onnx.checker.check_model(str(p))
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OnnxHmfError(f"{str(p)!r}: model fails onnx.checker: {first}") from None
     return model
 
 

@@ -30,6 +30,39 @@ __all__ = [
 
 # Below this many columns (min side) a full LAPACK SVD is cheap and exact.
 _FULL_SVD_MAX_SIDE = 1536
+# Very tall (or wide) matrices, such as embedding tables: SVD through the small Gram matrix.
+_GRAM_MIN_ASPECT = 8
+_GRAM_MIN_SIZE = 1 << 22
+_GRAM_CHUNK_ROWS = 8192
+
+
+def _gram_svd(W: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """SVD of a tall W (m ≫ n) from the n×n Gram matrix G = WᵀW = V·diag(σ²)·Vᵀ.
+
+    G is accumulated in float64 over row chunks, so memory stays O(n² + m·r) instead of the
+    O(m·n) float64 copy and workspace of a direct SVD. U_r = W·V_r·diag(1/σ_r). σ_i is
+    accurate to about ε·σ_1²/σ_i, ample for truncation of float32 weights; directions with
+    σ_i ≤ 1e-7·σ_1 are not used (their U columns would be noise) and count as discarded.
+    """
+    if W.shape[0] < W.shape[1]:
+        U, s, Vt, exact = _gram_svd(W.T, rank)
+        return Vt.T, s, U.T, exact
+    m, n = W.shape
+    G = np.zeros((n, n))
+    for i in range(0, m, _GRAM_CHUNK_ROWS):
+        c = W[i : i + _GRAM_CHUNK_ROWS].astype(np.float64)
+        G += c.T @ c
+    evals, V = np.linalg.eigh(G)
+    order = np.argsort(evals)[::-1]
+    s = np.sqrt(np.clip(evals[order], 0.0, None))
+    V = V[:, order]
+    usable = int(np.sum(s > 1e-7 * s[0])) if s.size and s[0] > 0 else 0
+    r = min(rank, usable)
+    U = np.empty((m, r))
+    for i in range(0, m, _GRAM_CHUNK_ROWS):
+        U[i : i + _GRAM_CHUNK_ROWS] = W[i : i + _GRAM_CHUNK_ROWS].astype(np.float64) @ V[:, :r]
+    U /= s[:r]
+    return U, s, V[:, :r].T, True
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,8 @@ def truncated_svd(
     m, n = W.shape
     k = min(m, n)
     rank = int(min(rank, k))
+    if max(m, n) >= _GRAM_MIN_ASPECT * k and m * n >= _GRAM_MIN_SIZE and k <= _FULL_SVD_MAX_SIDE:
+        return _gram_svd(W, rank)
     if k <= _FULL_SVD_MAX_SIDE or rank + oversample >= k // 3:
         W64 = W.astype(np.float64, copy=False)
         try:
@@ -134,12 +169,13 @@ def lmf(W: np.ndarray, rank: int, *, seed: int = 0) -> LowRankFactors:
     U, s, Vt, exact = truncated_svd(W, rank, seed=seed)
     r = U.shape[1]
     root = np.sqrt(s[:r])
-    A = U * root
+    A = np.multiply(U, root, out=U)  # in place: U is ours, and tall
     B = root[:, None] * Vt
-    total_sq = float(np.sum(np.square(W, dtype=np.float64)))
-    if exact:
+    if exact:  # the full spectrum is known: ‖W‖² = Σσ², no float64 copy of W needed
+        total_sq = float(np.sum(s**2))
         residual_sq = float(np.sum(s[r:] ** 2))
     else:
         # ‖W − U_r U_rᵀ W‖² = ‖W‖² − Σ_{i≤r} σ_i² for the computed (orthonormal) U_r.
+        total_sq = sum(float(np.sum(np.square(c, dtype=np.float64))) for c in np.array_split(W, max(1, W.shape[0] // 4096)))
         residual_sq = max(total_sq - float(np.sum(s[:r] ** 2)), 0.0)
     return LowRankFactors(A=A, B=B, sigma=s, residual_sq=residual_sq, total_sq=total_sq)
