@@ -20,7 +20,7 @@ from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, ru
 
 __all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE"]
 
-DEFAULT_KEEP = 0.5
+DEFAULT_KEEP = 0.75
 DEFAULT_MIN_COSINE = 0.9
 
 

@@ -59,7 +59,7 @@ def skipped(group: WeightGroup, reason: str) -> SiteReport:
 class LowRankPass:
     """W ≈ A·B by truncated SVD, at ``rank`` or at the rank that keeps ``keep`` of each weight."""
 
-    keep: float | None = 0.5
+    keep: float | None = 0.75
     rank: int | None = None
     rank_multiple: int = 1
     selection: SiteSelection = field(default_factory=SiteSelection)
