@@ -14,7 +14,9 @@ from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .graph.index import GraphIndex
 from .io import load_model, max_ir_version_for_onnxruntime, model_file_bytes, save_model, check_output_path
-from .passes.lowrank import LowRankPass, SiteSelection
+from .passes.factorize import FactorizePass
+from .passes.select import SiteSelection
+from .frequency import token_counts
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -47,8 +49,13 @@ def _vocab_sizes(model: onnx.ModelProto) -> set[int]:
 def optimize(
     model: onnx.ModelProto | str | os.PathLike,
     *,
+    method: str = "lmf",
+    embedding_method: str | None = None,
     keep: float | None = DEFAULT_KEEP,
     rank: int | None = None,
+    token_freq: np.ndarray | str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    fold: bool = True,
     rank_multiple: int = 1,
     include: Iterable[str] = (),
     exclude: Iterable[str] = (),
@@ -62,7 +69,13 @@ def optimize(
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Factorize the model's constant MatMul/Gemm weights and Gather tables (LMF).
+    """Factorize the model's constant MatMul/Gemm weights and Gather tables.
+
+    ``method``: "lmf" (truncated SVD), "hmf" (hybrid) or "prune" (magnitude pruning, the
+    baseline); ``embedding_method`` overrides it for Gather tables ("svd", "hmf", "prune",
+    "skip"). ``token_freq``: per-token counts for the largest embedding table (HMF keeps the
+    frequent tokens' rows dense); or a path: an .npz of token ids, or text with ``tokenizer``.
+    ``fold``: fold HMF output permutations into consumers.
 
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
@@ -80,17 +93,25 @@ def optimize(
         work = load_model(model)
         report.bytes_before = model_file_bytes(model)
     try:
-        lowrank = LowRankPass(
+        selection = SiteSelection(list(include), list(exclude), min_params)
+        fpass = FactorizePass(
+            method=method,
+            embedding_method=embedding_method,
             keep=keep,
             rank=rank,
             rank_multiple=rank_multiple,
-            selection=SiteSelection(list(include), list(exclude), min_params),
+            selection=selection,
+            token_freq=None if token_freq is None else np.asarray(token_freq),
+            fold=fold,
             seed=seed,
         )
     except ValueError as e:
         raise OnnxHmfError(str(e)) from None
     report.settings = {
-        "method": lowrank.name,
+        "method": method,
+        "embedding_method": embedding_method,
+        "token_freq": token_freq is not None,
+        "fold": fold,
         "keep": keep if rank is None else None,
         "rank": rank,
         "rank_multiple": rank_multiple,
@@ -99,6 +120,12 @@ def optimize(
         "min_params": min_params,
         "seed": seed,
     }
+    if isinstance(token_freq, (str, os.PathLike)):
+        vocab = max(_vocab_sizes(work) or {0})
+        if vocab == 0:
+            raise OnnxHmfError("--token-freq given, but the model has no embedding table")
+        token_freq = token_counts(token_freq, vocab, tokenizer)
+        fpass.token_freq = token_freq
     report.params_before = count_params(work)
     if report.bytes_before is None:
         report.bytes_before = (src or work).ByteSize()
@@ -117,7 +144,7 @@ def optimize(
         report.timings["reference_run_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report.sites = lowrank.run(work, progress or (lambda it: it))
+    report.sites = fpass.run(work, progress or (lambda it: it))
     report.timings["factorize_s"] = time.perf_counter() - t
     if not report.rewritten:
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
@@ -125,6 +152,9 @@ def optimize(
 
     _finish_metadata(work, report)
     report.params_after = count_params(work)
+    pruned = [s for s in report.rewritten if s.method == "prune"]
+    if pruned:
+        report.nonzero_after = report.params_after - sum(s.params_before - s.params_after for s in pruned)
     try:
         onnx.checker.check_model(work)
     except onnx.checker.ValidationError as e:  # a bug in a rewrite, never the user's fault

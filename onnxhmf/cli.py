@@ -38,6 +38,14 @@ def cli():
 @cli.command()
 @click.argument("input_model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("output_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--method", type=click.Choice(["lmf", "hmf", "prune"]), default="lmf", show_default=True,
+              help="Linear sites: lmf = truncated SVD, hmf = hybrid dense + low rank, prune = magnitude pruning (baseline).")
+@click.option("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip"]), default=None,
+              help="Embedding tables (Gather): default follows --method (lmf -> svd).")
+@click.option("--token-freq", type=click.Path(path_type=Path), default=None,
+              help="Token frequencies for embedding HMF: an .npz of token ids, or a text file with --tokenizer.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for --token-freq text.")
+@click.option("--no-fold", is_flag=True, help="HMF: always restore column order with a Gather instead of folding it into consumers.")
 @click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=None,
               help=f"Fraction of each rewritten weight's parameters to keep [default: {DEFAULT_KEEP}].")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank for every site (instead of --keep).")
@@ -60,7 +68,7 @@ def cli():
               help="Also write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
-def optimize(input_model, output_model, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
+def optimize(input_model, output_model, method, embedding_method, token_freq, tokenizer, no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, quiet):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
@@ -72,6 +80,7 @@ def optimize(input_model, output_model, keep, rank, rank_multiple, include, excl
 
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(
+        method=method, embedding_method=embedding_method, token_freq=token_freq, tokenizer=tokenizer, fold=not no_fold,
         keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
         verify=not no_verify, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,

@@ -20,6 +20,8 @@ class SiteReport:
     rank: int = 0
     params_after: int | None = None
     rel_error: float | None = None  # ‖W − W'‖_F / ‖W‖_F
+    dense: int = 0  # HMF: rows or columns kept dense
+    detail: str = ""
     reason: str = ""
 
 
@@ -42,7 +44,8 @@ class Report:
     settings: dict = field(default_factory=dict)
     sites: list[SiteReport] = field(default_factory=list)
     params_before: int = 0
-    params_after: int = 0
+    params_after: int = 0  # elements stored in the file
+    nonzero_after: int | None = None  # after pruning: elements that are not pruned zeros
     bytes_before: int | None = None
     bytes_after: int | None = None
     outputs: list[OutputStats] = field(default_factory=list)
@@ -82,17 +85,23 @@ class Report:
                 str(s.rank) if s.status == "rewritten" else "-",
                 f"{s.params_before:,} -> {s.params_after:,}" if s.params_after is not None else f"{s.params_before:,}",
                 f"{s.rel_error:.4f}" if s.rel_error is not None else "-",
+                s.detail,
             )
             for s in self.rewritten
         ]
         if rows:
-            lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err"), rows)
+            lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err", "detail"), rows)
         skipped = [s for s in self.sites if s.status != "rewritten"]
         if skipped and show_skipped:
             lines.append(f"skipped {len(skipped)} site(s):")
             lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines.append(f"params: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
+        if self.nonzero_after is not None:
+            lines.append(
+                f"nonzero after pruning: {self.nonzero_after:,} ({self.nonzero_after / self.params_before:.3f}x); "
+                "stored dense with zeros, so the file and the run time do not shrink"
+            )
         if self.bytes_before is not None and self.bytes_after is not None:
             lines.append(
                 f"file:   {self.bytes_before:,} -> {self.bytes_after:,} bytes ({self.bytes_after / self.bytes_before:.3f}x)"
@@ -129,4 +138,4 @@ def _table(header: tuple, rows: list[tuple]) -> list[str]:
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*r) for r in rows]
-    return out
+    return [line.rstrip() for line in out]

@@ -137,3 +137,26 @@ def weight_is_input_model(m=32) -> onnx.ModelProto:
     W = matrix(m, m)
     nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")]
     return model(nodes, [vi("X", ["batch", m]), vi("W", [m, m])], [vi("Y", ["batch", m])], [numpy_helper.from_array(W, "W")])
+
+
+def mlp_model(d=32, h=96, seed=0, true_rank=None) -> onnx.ModelProto:
+    """X → MatMul(W1) → Add(b1) → erf-GELU → MatMul(W2) → Add(b2): a BERT feed-forward block."""
+    rng = np.random.default_rng(seed + 7)
+    W1, W2 = matrix(d, h, seed, true_rank=true_rank), matrix(h, d, seed + 1, true_rank=true_rank)
+    b1 = rng.standard_normal(h).astype(np.float32)
+    b2 = rng.standard_normal(d).astype(np.float32)
+    c = lambda v, n: numpy_helper.from_array(np.array(v, np.float32), n)  # noqa: E731
+    nodes = [
+        helper.make_node("MatMul", ["X", "W1"], ["h0"], name="ffn_in"),
+        helper.make_node("Add", ["b1", "h0"], ["h1"], name="bias1"),
+        helper.make_node("Div", ["h1", "sqrt2"], ["g0"], name="gelu_div"),
+        helper.make_node("Erf", ["g0"], ["g1"], name="gelu_erf"),
+        helper.make_node("Add", ["g1", "one"], ["g2"], name="gelu_add"),
+        helper.make_node("Mul", ["h1", "g2"], ["g3"], name="gelu_mul"),
+        helper.make_node("Mul", ["g3", "half"], ["g4"], name="gelu_half"),
+        helper.make_node("MatMul", ["g4", "W2"], ["y0"], name="ffn_out"),
+        helper.make_node("Add", ["y0", "b2"], ["Y"], name="bias2"),
+    ]
+    inits = [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(b2, "b2"), c(np.sqrt(2.0), "sqrt2"), c(1.0, "one"), c(0.5, "half")]
+    return model(nodes, [vi("X", ["batch", "seq", d])], [vi("Y", ["batch", "seq", d])], inits)

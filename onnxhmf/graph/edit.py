@@ -60,6 +60,11 @@ class GraphEditor:
     def replace(self, old: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
         self._replace[id(old)] = new
 
+    def replacement(self, old: onnx.NodeProto) -> onnx.NodeProto:
+        """The node standing in for ``old`` so far (itself, or its single replacement)."""
+        new = self._replace.get(id(old))
+        return new[0] if new and len(new) == 1 else old
+
     def prepend(self, node: onnx.NodeProto) -> None:
         """Add a node that reads only constants at the start of the graph."""
         self._prepend.append(node)

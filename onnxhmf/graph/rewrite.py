@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from .edit import GraphEditor
-from .index import FLOAT_TYPES
+from .hybrid import Factors, drop_old_weight
 from .sites import Use, WeightGroup
 
 __all__ = ["factor_orientation", "rewrite_lowrank"]
@@ -39,25 +39,11 @@ def _gemm_attrs(node: onnx.NodeProto) -> dict:
 
 def rewrite_lowrank(editor: GraphEditor, group: WeightGroup, A: np.ndarray, B: np.ndarray, transposed: bool) -> None:
     """Replace every use of ``group`` by the factors of F ≈ A·B (F = Tᵀ if ``transposed``)."""
-    dtype = FLOAT_TYPES[group.ref.data_type]
-    base = group.name
-    a = editor.add_initializer(A.astype(dtype), f"{base}.lmf_A")
-    b = editor.add_initializer(B.astype(dtype), f"{base}.lmf_B")
-    cache: dict[str, str] = {}
-
-    def transposed_factor(name: str) -> str:
-        if name not in cache:
-            out = editor.fresh(f"{name}.T")
-            editor.prepend(editor.node("Transpose", [name], [out], f"{name}/Transpose", perm=[1, 0]))
-            cache[name] = out
-        return cache[name]
-
+    f = Factors(editor, group)
+    a, b = f.add(A, "lmf_A"), f.add(B, "lmf_B")
     for use in group.uses:
-        editor.replace(use.node, _rewrite_use(editor, use, a, b, use.transposed == transposed, transposed_factor))
-        if use.via_transpose is not None:
-            t_node = next(n for n in editor.graph.node if use.via_transpose in n.output)
-            editor.remove_node(t_node)
-    _remove_storage(editor, group)
+        editor.replace(use.node, _rewrite_use(editor, use, a, b, use.transposed == transposed, f.T))
+    drop_old_weight(editor, group)
 
 
 def _rewrite_use(editor: GraphEditor, use: Use, a: str, b: str, sees_f: bool, transposed_factor) -> list:
@@ -95,12 +81,3 @@ def _rewrite_use(editor: GraphEditor, use: Use, a: str, b: str, sees_f: bool, tr
         mk("Gemm", [x, b], [mid], f"{tag}/lmf/Gemm_0", transB=1),
         mk("Gemm", [mid, a, *c], [y], f"{tag}/lmf/Gemm_1", transB=1, **ab),
     ]
-
-
-def _remove_storage(editor: GraphEditor, group: WeightGroup) -> None:
-    ref = group.ref
-    if ref.kind == "constant":
-        const_node = next(n for n in editor.graph.node if ref.name in n.output)
-        editor.remove_node(const_node)
-    else:
-        editor.remove_tensor(ref.name)
