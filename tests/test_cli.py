@@ -227,3 +227,30 @@ def test_failed_write_leaves_no_temp_file(tied, tmp_path, monkeypatch):
     with pytest.raises(OnnxHmfError, match="No space left"):
         optimize_file(tied, tmp_path / "o.onnx", rank=4, min_cosine=0.0)
     assert listing(tmp_path) == ["in.onnx"]
+
+
+def test_token_freq_errors(tied, tmp_path, capsys):
+    code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--token-freq", tmp_path / "no.npz")
+    assert code == 2 and "no such file" in err
+    bad = tmp_path / "ids.npz"
+    np.savez(bad, ids=np.array([1, 2, 5000]))
+    code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--token-freq", bad)
+    assert code == 2 and "outside [0, 200)" in err
+    txt = tmp_path / "t.txt"
+    txt.write_text("hello")
+    code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--token-freq", txt)
+    assert code == 2 and "--tokenizer" in err
+    code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--rank", "4")
+    assert code == 2 and "only for --method lmf" in err
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_hmf_with_token_freq_npz(tied, tmp_path, capsys):
+    ids = tmp_path / "ids.npz"
+    np.savez(ids, a=np.repeat(np.arange(10), 50), b=np.arange(200))  # tokens 0-9 are frequent
+    rep = tmp_path / "r.json"
+    code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--keep", "0.5",
+                       "--token-freq", ids, "--report", rep, "-q", "--min-cosine", "0")
+    assert code == 0, err
+    site = json.loads(rep.read_text())["sites"][0]
+    assert site["method"] == "hmf" and site["params_after"] <= 0.5 * site["params_before"]

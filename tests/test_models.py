@@ -92,3 +92,47 @@ def test_minilm_end_to_end(minilm_path, tmp_path, capsys):
     assert set(outs) == {"last_hidden_state", "sentence_embedding"}
     assert all(0 < o["mean_cosine"] <= 1 for o in outs.values())
     assert rep["settings"]["inputs"]["input_ids"] == [2, 128]
+
+
+@pytest.mark.parametrize("method", ["hmf", "prune"])
+def test_glassllm_hmf_and_prune_in_ort_and_reference(method, glassllm_path, tmp_path, capsys):
+    from onnx.reference import ReferenceEvaluator
+
+    out = tmp_path / f"g_{method}.onnx"
+    rep = optimize_cli(capsys, glassllm_path, out, "--method", method, "--keep", "0.5", "--min-cosine", "0")
+    a, b = onnx.load(glassllm_path), onnx.load(out)
+    onnx.checker.check_model(b, full_check=True)
+    assert_io_unchanged(a, b)
+    rewritten = [s for s in rep["sites"] if s["status"] == "rewritten"]
+    assert len(rewritten) == 29 and all(s["method"] == method for s in rewritten)
+    assert all(s["params_after"] <= 0.5 * s["params_before"] for s in rewritten)
+    if method == "hmf":  # parameter accounting equals what the file stores
+        assert rep["params_after"] == sum(int(np.prod(t.dims)) for t in b.graph.initializer)
+        assert out.stat().st_size < 0.55 * glassllm_path.stat().st_size
+    else:  # pruning stores zeros: same size, fewer non-zeros
+        assert rep["nonzero_after"] <= 0.52 * rep["params_before"]
+    ids = np.random.default_rng(2).integers(0, 1024, size=(1, 11)).astype(np.int64)
+    ort_out = run_onnxruntime(b, {"input_ids": ids})["logits"]
+    ref_out = ReferenceEvaluator(b).run(None, {"input_ids": ids})[0]
+    np.testing.assert_allclose(ref_out, ort_out, atol=1e-4, rtol=1e-4)
+
+
+def test_minilm_hmf_with_token_frequencies(minilm_path, tmp_path, capsys):
+    import pydoc_data.topics
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(list(pydoc_data.topics.topics.values())[:40]))
+    tok = minilm_path.with_name("minilm.tokenizer.json")
+    out = tmp_path / "m.onnx"
+    rep = optimize_cli(capsys, minilm_path, out, "--method", "hmf", "--keep", "0.5", "--min-cosine", "0",
+                       "--include", "word_embeddings", "--token-freq", text, "--tokenizer", tok)
+    (site,) = [s for s in rep["sites"] if s["status"] == "rewritten"]
+    assert site["weight"] == "embeddings.word_embeddings.weight" and site["params_after"] <= 0.5 * site["params_before"]
+    b = onnx.load(out)
+    onnx.checker.check_model(b)
+    if site["dense"]:  # the most frequent tokens' rows are stored exactly
+        assert "most frequent tokens" in site["detail"]
+        slot = onnx.numpy_helper.to_array(next(t for t in b.graph.initializer if t.name.endswith("hmf_slot")))
+        assert int(np.sum(slot < site["dense"])) == site["dense"]
+    feeds = make_inputs(onnx.load(minilm_path), {"input_ids": [2, 16], "attention_mask": [2, 16], "token_type_ids": [2, 16]})
+    assert run_onnxruntime(b, feeds)["sentence_embedding"].shape == (2, 384)
