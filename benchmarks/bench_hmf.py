@@ -56,7 +56,7 @@ def methods_table(name: str, src, keeps: list[float]) -> str:
     out = H.OUT / name
     out.mkdir(parents=True, exist_ok=True)
     paths = {"original": src, "ort int8": H.int8(src, out / "int8.onnx")}
-    params = {}
+    params, wall = {}, {}
     for keep in keeps:
         for method in ("lmf", "hmf", "prune"):
             key = f"{method} {keep}"
@@ -64,12 +64,13 @@ def methods_table(name: str, src, keeps: list[float]) -> str:
             r = H.optimize(src, p, "--method", method, "--keep", keep, "--min-cosine", "0")
             rep = r["report"]
             paths[key], params[key] = p, rep["nonzero_after"] if rep["nonzero_after"] is not None else rep["params_after"]
+            wall[key] = f"{r['wall_s']:.1f}"
     fid = _fidelity(name, paths)
     lat = H.latency(paths, _feeds(name), threads=1)
     base = os.path.getsize(src)
     rows = [[k, f"{params.get(k, 0):,}" if k in params else "-", H.mb(p), f"{os.path.getsize(p) / base:.3f}", *fid[k],
-             f"{lat[k] / lat['original']:.3f}"] for k, p in paths.items()]
-    text = H.table(["variant", "params", "MB", "size ratio", *_fid_cols(name), "latency 1T"], rows)
+             f"{lat[k] / lat['original']:.3f}", wall.get(k, "-")] for k, p in paths.items()]
+    text = H.table(["variant", "params", "MB", "size ratio", *_fid_cols(name), "latency 1T", "tool s"], rows)
     claims = []
     for keep in keeps:
         l, h, p = (f"{m} {keep}" for m in ("lmf", "hmf", "prune"))

@@ -59,7 +59,9 @@ _TOOL = (
 def run_tool(args: list[str]) -> dict:
     """Run ``onnxhmf ARGS`` in a fresh process; wall time (s) and peak RSS (MB) of that process."""
     p = subprocess.run([sys.executable, "-c", _TOOL, *map(str, args)], capture_output=True, text=True)
-    line = next(l for l in p.stderr.splitlines() if l.startswith("@@"))
+    line = next((l for l in p.stderr.splitlines() if l.startswith("@@")), None)
+    if line is None:
+        raise RuntimeError(f"onnxhmf {' '.join(map(str, args))} crashed:\n{p.stderr[-3000:]}")
     _, code, wall, rss_kb = line.split()
     if int(code) not in (0, 1):
         raise RuntimeError(f"onnxhmf {' '.join(map(str, args))} failed:\n{p.stderr}")

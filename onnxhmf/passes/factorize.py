@@ -121,8 +121,10 @@ class FactorizePass:
                 todo.append((group, method, plan))
         self._todo = {g.name for g, _, _ in todo}
         for group, method, plan in progress(todo):
-            reports.append(getattr(self, f"_apply_{method}")(group, plan))
-            self._done.add(group.name)
+            rep = getattr(self, f"_apply_{method}")(group, plan)
+            reports.append(rep)
+            if rep.status == "rewritten":
+                self._done.add(group.name)
         for name, perm in self._pending.items():  # folded into a weight we did not otherwise touch
             if name not in self._done:
                 group = next(g for g in groups if g.name == name)
@@ -158,8 +160,11 @@ class FactorizePass:
         transposed = factor_orientation(group)
         W = self._weight(group, transposed)
         m, n = W.shape
-        hf = hmf(W, budget - max(m, n), seed=self.seed)  # reserve room for an index map
+        room = budget - max(m, n)  # reserve room for an index map
+        hf = hmf(W, room, seed=self.seed) if room > 0 else None
         plain = self._plain_if_better(W, budget, hf)
+        if plain is None and hf is None:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
         if plain is not None:
             rewrite_lowrank(self._editor, group, plain.A, plain.B, transposed)
             return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
@@ -172,7 +177,8 @@ class FactorizePass:
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense {where}, perm {perm}")
 
     def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None):
-        """LMF at the whole budget (no index maps to pay for), if it beats the hybrid ``hf``.
+        """LMF at the whole budget (no index maps to pay for), if it beats the hybrid ``hf`` (or
+        there is none); None when LMF does not fit or loses.
 
         Compared by Frobenius error, or by frequency-weighted error when ``freq`` is given.
         """
@@ -181,7 +187,7 @@ class FactorizePass:
         if r < 1:
             return None
         plain = lmf(W, min(r, m, n), seed=self.seed)
-        if hf.k == 0:
+        if hf is None or hf.k == 0:
             return plain
         if freq is None:
             return plain if plain.residual_sq <= hf.residual_sq else None
@@ -220,13 +226,18 @@ class FactorizePass:
         head = any(u.kind != "gather" for u in group.uses)
         overhead = V * (2 if head else 1) + d + 64  # slot map, inverse map, zero rows
         freq = self.token_freq if self.token_freq is not None and len(self.token_freq) == V else None
-        if freq is None:
-            hf = hmf(E, budget - overhead, axis="rows", seed=self.seed)
+        room = budget - overhead
+        if room <= 0:
+            hf = None
+        elif freq is None:
+            hf = hmf(E, room, axis="rows", seed=self.seed)
             source = "rows chosen by low-rank residual (no token frequencies given)"
         else:
-            hf = _frequency_hmf(E, budget - overhead, freq)
+            hf = _frequency_hmf(E, room, freq)
             source = "rows of the most frequent tokens"
         plain = self._plain_if_better(E, budget, hf, freq)
+        if plain is None and hf is None:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
         if plain is not None:
             rewrite_lowrank(self._editor, group, plain.A, plain.B, False)
             return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
@@ -252,6 +263,4 @@ def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):
         err = float(np.sum(w[:, None] * (E - hf.reconstruct()) ** 2))
         if err < best_err:
             best, best_err = hf, err
-    if best is None:
-        raise ValueError("budget too small for an embedding HMF")
-    return best
+    return best  # None when no (k, r) fits
