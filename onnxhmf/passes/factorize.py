@@ -162,19 +162,27 @@ class FactorizePass:
         m, n = W.shape
         room = budget - max(m, n)  # reserve room for an index map
         hf = hmf(W, room, seed=self.seed) if room > 0 else None
-        plain = self._plain_if_better(W, budget, hf)
-        if plain is None and hf is None:
-            return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
-        if plain is not None:
-            rewrite_lowrank(self._editor, group, plain.A, plain.B, transposed)
-            return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
-                           rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
+        fallback = self._lmf_instead(group, W, budget, hf, transposed)
+        if fallback is not None:
+            return fallback
         folded = self._fold(group, hf, transposed) if hf.axis == 1 and self.fold else set()
         stored = rewrite_hybrid(self._editor, group, hf, transposed, folded)
         where = "cols" if hf.axis == 1 else "rows"
         perm = "folded" if folded else ("gather" if hf.axis == 1 else "input gathers")
         return _report(group, status="rewritten", method="hmf", rank=hf.rank, params_after=stored,
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense {where}, perm {perm}")
+
+    def _lmf_instead(self, group: WeightGroup, W: np.ndarray, budget: int, hf, transposed: bool,
+                     freq: np.ndarray | None = None) -> SiteReport | None:
+        """Rewrite with plain LMF (or skip) when the hybrid ``hf`` is absent or loses; else None."""
+        plain = self._plain_if_better(W, budget, hf, freq)
+        if plain is None and hf is None:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
+        if plain is None:
+            return None
+        rewrite_lowrank(self._editor, group, plain.A, plain.B, transposed)
+        return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
+                       rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
 
     def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None):
         """LMF at the whole budget (no index maps to pay for), if it beats the hybrid ``hf`` (or
@@ -235,13 +243,9 @@ class FactorizePass:
         else:
             hf = _frequency_hmf(E, room, freq)
             source = "rows of the most frequent tokens"
-        plain = self._plain_if_better(E, budget, hf, freq)
-        if plain is None and hf is None:
-            return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
-        if plain is not None:
-            rewrite_lowrank(self._editor, group, plain.A, plain.B, False)
-            return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
-                           rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
+        fallback = self._lmf_instead(group, E, budget, hf, False, freq)
+        if fallback is not None:
+            return fallback
         stored = rewrite_embedding_hybrid(self._editor, group, hf)
         return _report(group, status="rewritten", method="hmf", rank=hf.rank, params_after=stored,
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense rows: {source}")
