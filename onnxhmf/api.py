@@ -92,6 +92,12 @@ def optimize(
         src = None
         work = load_model(model)
         report.bytes_before = model_file_bytes(model)
+    freq_given = token_freq is not None
+    if isinstance(token_freq, (str, os.PathLike)):  # counted for the largest embedding table
+        rows = max(_vocab_sizes(work) or {0})
+        if rows == 0:
+            raise OnnxHmfError("--token-freq given, but the model has no embedding table")
+        token_freq = token_counts(token_freq, rows, tokenizer)
     try:
         selection = SiteSelection(list(include), list(exclude), min_params)
         fpass = FactorizePass(
@@ -110,7 +116,7 @@ def optimize(
     report.settings = {
         "method": method,
         "embedding_method": embedding_method,
-        "token_freq": token_freq is not None,
+        "token_freq": freq_given,
         "fold": fold,
         "keep": keep if rank is None else None,
         "rank": rank,
@@ -120,12 +126,6 @@ def optimize(
         "min_params": min_params,
         "seed": seed,
     }
-    if isinstance(token_freq, (str, os.PathLike)):
-        vocab = max(_vocab_sizes(work) or {0})
-        if vocab == 0:
-            raise OnnxHmfError("--token-freq given, but the model has no embedding table")
-        token_freq = token_counts(token_freq, vocab, tokenizer)
-        fpass.token_freq = token_freq
     report.params_before = count_params(work)
     if report.bytes_before is None:
         report.bytes_before = (src or work).ByteSize()
