@@ -12,6 +12,7 @@ import click
 from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize_file
 from .errors import OnnxHmfError, VerificationError
+from .io import check_output_path
 from .verify import parse_input_shapes, parse_tolerances
 
 
@@ -76,8 +77,6 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
     if rank is None and keep is None:
         keep = DEFAULT_KEEP
     if report_path is not None:
-        from .io import check_output_path
-
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(
         method=method, embedding_method=embedding_method, token_freq=token_freq, tokenizer=tokenizer, fold=not no_fold,

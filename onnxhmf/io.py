@@ -137,8 +137,10 @@ def max_ir_version_for_onnxruntime() -> int:
     return 7
 
 
-def _check_output_path(out: Path, *, force: bool, inputs: tuple[Path, ...]) -> None:
-    for src in inputs:
+def check_output_path(out: str | os.PathLike, *, force: bool = False, inputs: tuple = ()) -> None:
+    """Raise OnnxHmfError if ``out`` cannot or must not be written (checked before any work)."""
+    out = Path(out)
+    for src in map(Path, inputs):
         if src.exists() and out.exists() and os.path.samefile(src, out):
             raise OnnxHmfError(f"output {str(out)!r} is the input model; refusing to overwrite the input")
         if src.resolve() == out.resolve():
@@ -152,11 +154,6 @@ def _check_output_path(out: Path, *, force: bool, inputs: tuple[Path, ...]) -> N
         raise OnnxHmfError(f"output folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OnnxHmfError(f"output folder {str(parent)!r} is not writable")
-
-
-def check_output_path(out: str | os.PathLike, *, force: bool = False, inputs: tuple = ()) -> None:
-    """Raise OnnxHmfError if ``out`` cannot or must not be written (checked before any work)."""
-    _check_output_path(Path(out), force=force, inputs=tuple(Path(i) for i in inputs))
 
 
 def save_model(

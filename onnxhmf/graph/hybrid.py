@@ -71,24 +71,17 @@ def _gemm_tail(f: Factors, node: onnx.NodeProto, z: str, y: str, nodes: list) ->
     c = node.input[2] if len(node.input) > 2 and node.input[2] else None
     tag = node.name or y
     cur = z
-    steps = []
     if alpha != 1.0:
-        steps.append(("Mul", [cur, f.scalar(alpha, "alpha")]))
-        cur = None
+        cur = y if c is None else ed.fresh(f"{y}.alpha")
+        nodes.append(ed.node("Mul", [z, f.scalar(alpha, "alpha")], [cur], f"{tag}/hmf/Mul"))
     if c is not None:
-        cc = c
         if beta != 1.0:
-            cc = ed.fresh(f"{y}.betaC")
-            nodes.append(ed.node("Mul", [c, f.scalar(beta, "beta")], [cc], f"{tag}/hmf/beta"))
-        steps.append(("Add", [cur, cc]))
-    if not steps:
+            scaled = ed.fresh(f"{y}.betaC")
+            nodes.append(ed.node("Mul", [c, f.scalar(beta, "beta")], [scaled], f"{tag}/hmf/beta"))
+            c = scaled
+        nodes.append(ed.node("Add", [cur, c], [y], f"{tag}/hmf/Add"))
+    elif cur == z:
         nodes.append(ed.node("Identity", [z], [y], f"{tag}/hmf/Identity"))
-        return
-    prev = z
-    for i, (op, ins) in enumerate(steps):
-        out = y if i == len(steps) - 1 else ed.fresh(f"{y}.{op.lower()}")
-        nodes.append(ed.node(op, [prev if x is None else x for x in ins], [out], f"{tag}/hmf/{op}"))
-        prev = out
 
 
 class HybridEmit:

@@ -65,10 +65,6 @@ class FactorizePass:
         if self.rank_multiple < 1:
             raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
 
-    @property
-    def name(self) -> str:
-        return self.method
-
     def method_for(self, group: WeightGroup) -> str:
         if any(u.kind == "gather" for u in group.uses):
             m = self.embedding_method or ("svd" if self.method == "lmf" else self.method)
