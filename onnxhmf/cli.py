@@ -24,7 +24,7 @@ def _progress(quiet: bool):
         return _bar(items)
 
     def _bar(items):
-        with click.progressbar(items, label="factorizing", file=sys.stderr, show_pos=True) as bar:
+        with click.progressbar(items, label="working", file=sys.stderr, show_pos=True) as bar:
             yield from bar
 
     return wrap
@@ -67,15 +67,32 @@ def cli():
 @click.option("--force", is_flag=True, help="Overwrite an existing output, and write it even if verification fails.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: an .npz of input feeds, a folder of .npz files, or a text file (with --tokenizer). "
+                   "Makes every factorization data-aware (whitened by the layer's activations).")
+@click.option("--calib-samples", type=click.IntRange(min=2), default=256, show_default=True, help="Calibration rows (sentences or windows) to use.")
+@click.option("--calib-seq-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per calibration sample (text).")
+@click.option("--calib-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration rows per onnxruntime run.")
+@click.option("--allocate", "allocation", type=click.Choice(["auto", "uniform", "measured"]), default="auto", show_default=True,
+              help="How --keep is spread over weights: measured = by each weight's measured end-to-end loss (default with --calib); "
+                   "uniform = the same keep for every weight.")
+@click.option("--min-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COSINE",
+              help="With --calib: the smallest model whose outputs keep this mean cosine on held-out calibration data.")
+@click.option("--sequential", is_flag=True, help="With --calib: calibrate each stage of layers on the already-compressed model.")
+@click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Whitening damping, as a fraction of the mean activation energy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 def optimize(input_model, output_model, method, embedding_method, token_freq, tokenizer, no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
-             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, quiet):
+             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
+             allocation, min_fidelity, sequential, damp, seed, quiet):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
     if rank is None and keep is None:
         keep = DEFAULT_KEEP
+    if min_fidelity is not None and rank is not None:
+        raise click.UsageError("--min-fidelity searches the size; give it without --rank")
     if report_path is not None:
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(
@@ -83,7 +100,8 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
         keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
         verify=not no_verify, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
-        seed=seed, progress=_progress(quiet),
+        seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+        calib_batch=calib_batch, allocation=allocation, min_fidelity=min_fidelity, sequential=sequential, damp=damp,
     )
     try:
         report = optimize_file(input_model, output_model, force=force, force_on_failure=force, **kwargs)
