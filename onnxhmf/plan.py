@@ -74,7 +74,7 @@ class Plan:
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines.append(f"params: {self.params_before:,} -> {le}{self.params_after:,} ({ratio:.3f}x, predicted)")
         if self.bytes_before is not None and self.bytes_after is not None:
-            lines.append(f"file:   {self.bytes_before:,} -> ~{le}{self.bytes_after:,} bytes "
+            lines.append(f"file:   {self.bytes_before:,} -> {le}~{self.bytes_after:,} bytes "
                          f"({self.bytes_after / self.bytes_before:.3f}x, predicted)")
         return "\n".join(lines)
 
