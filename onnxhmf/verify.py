@@ -485,15 +485,9 @@ def verify_models(
         report.saved = str(save_outputs)
     if cand_model is None:
         return report
-    vocab = set()
-    for m in (ref_model, cand_model):
-        if m is not None:
-            index = GraphIndex(m)
-            for node in m.graph.node:
-                if node.op_type == "Gather":
-                    c = index.const(node.input[0])
-                    if c is not None and len(c.dims) == 2 and c.dims[0] >= 100:
-                        vocab.add(c.dims[0])
+    from .api import _vocab_sizes  # (api imports this module)
+
+    vocab = set().union(*(_vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
     cand_names = [o.name for o in cand_model.graph.output]
     missing = [n for n in ref_outs if n not in cand_names]
     if missing:

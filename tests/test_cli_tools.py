@@ -349,3 +349,29 @@ def test_dry_run_glassllm(glassllm_path, tmp_path, capsys):
     assert f"params: {total:,} -> {total - saved:,}" in text
     code, text, err = cli(capsys, "optimize", glassllm_path, out, "--dry-run", "--method", "hmf")
     assert code == 0 and "budget" in text and "predicted" in text and not out.exists()
+
+
+# ------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("command", [["inspect"], ["bench"], ["verify", "GOOD"], ["verify", "--save-outputs", "OUT"]])
+@pytest.mark.parametrize("bad", ["missing", "empty", "random"])
+def test_bad_model_one_line_exit_2(command, bad, mlp, tmp_path, capsys):
+    path = tmp_path / f"{bad}.onnx"
+    if bad == "empty":
+        path.write_bytes(b"")
+    elif bad == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(3000))
+    args = [mlp if a == "GOOD" else tmp_path / "g.npz" if a == "OUT" else a for a in command]
+    before = sorted(os.listdir(tmp_path))
+    code, out, err = cli(capsys, *args, path)
+    assert code == 2 and err.startswith("onnxhmf: error:") and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_inspect_model_without_sites(tmp_path, capsys):
+    p = tmp_path / "int.onnx"
+    onnx.save(graphs.int_weight_model(), p)
+    code, out, err = cli(capsys, "inspect", p)
+    assert code == 0, err
+    assert "no compressible sites" in out and "dtype INT64 is not fp32/fp16/fp64" in out
+    assert "0 site(s) rewritten" in out
