@@ -61,7 +61,7 @@ def random_models(draw) -> onnx.ModelProto:
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     layers = draw(st.lists(site_specs(three_d), min_size=1, max_size=3))
-    gather = draw(st.sampled_from(["none", "plain", "tied"]))
+    gather = draw(st.sampled_from(["none", "plain", "tied", "untransposed"]))
     # a weight the optimizer must leave alone: on the left of a MatMul, or in a Gemm with transA=1
     side = draw(st.sampled_from(["none", "none", "left_matmul", "gemm_transA"]))
     lead = ["batch", "seq"] if three_d else ["batch"]
@@ -128,6 +128,10 @@ def random_models(draw) -> onnx.ModelProto:
             nodes.append(helper.make_node("Transpose", ["E"], ["E_t"], name="head_t", perm=[1, 0]))
             nodes.append(helper.make_node("MatMul", ["emb", "E_t"], ["logits"], name="head"))
             outputs.append(graphs.vi("logits", ["batch", "seq", V]))
+        if gather == "untransposed":  # a MatMul reading the table as is: Z = P·E
+            inputs.append(graphs.vi("P", ["batch", V]))
+            nodes.append(helper.make_node("MatMul", ["P", "E"], ["PE"], name="pe"))
+            outputs.append(graphs.vi("PE", ["batch", e]))
     if side != "none":
         p, q = draw(dims), draw(dims)
         L = graphs.matrix(p, q, seed + 77)
@@ -175,6 +179,8 @@ def full_rank(model: onnx.ModelProto, method: str, rng: np.random.Generator) -> 
             f = lmf(W, min(W.shape))
             rewrite_lowrank(editor, g, f.A, f.B, transposed)
             continue
+        if gather and any(u.kind != "gather" and not u.transposed for u in g.uses):
+            continue  # embedding HMF needs heads that read Eᵀ (the pass uses plain LMF here)
         axis = 0 if gather else int(rng.integers(0, 2))
         side = W.shape[axis]  # columns (axis 1) or rows (axis 0) to choose dense ones from
         dense = np.sort(rng.choice(side, size=int(rng.integers(0, side)), replace=False))
@@ -210,6 +216,7 @@ def test_full_rank_reproduces_original(method, model, seed):
     assert signature(out) == signature(model)
     names = {t.name for t in out.graph.initializer}
     assert not any(n.startswith("W") and n[1:].isdigit() for n in names)  # dense weights gone
+    assert ("E" in names) == (method == "hmf" and "pe" in {n.name for n in model.graph.node})
     assert ("L0" in names) == ("L0" in {t.name for t in model.graph.initializer})  # the unsupported one kept
     assert_close(ref, run_onnxruntime(out, feeds))
 
@@ -242,3 +249,21 @@ def test_any_rank_is_valid_and_runs_everywhere(model, method, keep, rank, seed):
     assert_close(got, ref_rt, 1e-4)  # the two runtimes agree on the rewritten graph
     if method == "lmf" and all(s.rel_error is not None and s.rel_error < 1e-6 for s in report.rewritten):
         assert_close(run_onnxruntime(model, feeds), got, 1e-4)
+
+
+def test_hmf_embedding_read_untransposed_falls_back_to_lmf():
+    """Dense rows (embedding HMF) need every MatMul to read Eᵀ; with one reading E itself the pass
+    must use plain low rank instead of failing (outlier rows make HMF want dense rows here)."""
+    E = graphs.matrix(120, 16, decay=0.5)
+    E[:5] = np.random.default_rng(0).standard_normal((5, 16)) * 50
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["emb"], name="g", axis=0),
+             helper.make_node("MatMul", ["P", "E"], ["Z"], name="mm")]
+    model = graphs.model(nodes, [graphs.vi("ids", ["b", "s"], TensorProto.INT64), graphs.vi("P", ["b", 120])],
+                         [graphs.vi("emb", ["b", "s", 16]), graphs.vi("Z", ["b", 16])], [numpy_helper.from_array(E, "E")])
+    out, report = optimize(model, method="hmf", keep=0.5)
+    (site,) = report.sites
+    assert site.status == "rewritten" and "untransposed" in site.detail and site.params_after <= 0.5 * E.size
+    r = int(0.5 * E.size) // sum(E.shape)
+    assert site.rank == r and site.rel_error == pytest.approx(lmf(E, r).relative_error)
+    assert report.verified and all(o.mean_cosine > 0.9 for o in report.outputs)
+    onnx.checker.check_model(out, full_check=True)
