@@ -122,7 +122,7 @@ def inspect(model, keep, full_spectrum, as_json):
 
 
 @cli.command()
-@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("models", nargs=-1, required=True, metavar="REF [CAND]", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--inputs", "inputs_npz", type=click.Path(path_type=Path), default=None, help="Inputs: an .npz keyed by input name.")
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Text file: inputs from its first lines (needs --tokenizer).")
@@ -145,9 +145,12 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
 def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check_error_stat, error_quantile, min_cosine,
            top_k, runtimes, save_outputs, load_outputs, json_path, seed):
-    """Compare CAND's outputs with REF's: `verify REF CAND`, `verify CAND --load-outputs F`, `verify REF --save-outputs F`.
+    """Compare CAND's outputs with REF's on the same inputs; exit 1 when a tolerance is missed.
 
-    Exit 1 when a tolerance is missed.
+    \b
+    onnxhmf verify REF CAND                         compare
+    onnxhmf verify REF --save-outputs golden.npz    save inputs and REF's outputs
+    onnxhmf verify CAND --load-outputs golden.npz   compare with them instead of running REF
     """
     if len(models) > 2:
         raise click.UsageError("give REF and CAND (two models at most)")
