@@ -210,6 +210,11 @@ def test_verify_golden_outputs_round_trip(mlp, tmp_path, capsys):
     assert same["passed"] is True and same["results"]["ort"][0]["max_abs"] == 0
     code, _, _, err = verify_json(capsys, tmp_path, mlp, cand, "--load-outputs", golden)
     assert code == 2 and "only CAND" in err
+    feeds = tmp_path / "feeds.npz"
+    with np.load(golden) as g:
+        np.savez(feeds, X=g["input/X"])
+    _, given, _, _ = verify_json(capsys, tmp_path, mlp, cand, "--inputs", feeds)
+    assert given["inputs"] == {"X": [2, 3, 32]} and given["results"] == live["results"]
 
 
 def test_verify_reference_runtime(mlp, tmp_path, capsys):
@@ -287,6 +292,19 @@ def test_bench_same_model_twice_and_smaller(tmp_path, capsys):
     assert m2["params"] == 8 * (400 + 64) + 64 and m2["ratio"]["params"] < 0.2
     code, out, err = cli(capsys, "bench", a, b, "--iterations", 2, "--warmup", 0)
     assert code == 0 and "p50 ms" in out and out.count("\n") == 5
+
+
+def test_bench_counts_external_data(tmp_path, capsys):
+    m = graphs.matmul_model(64, 48, ndim=2)
+    a = tmp_path / "inline.onnx"
+    onnx.save(m, a)
+    b = tmp_path / "ext.onnx"
+    onnx.save(m, b, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    code, out, err = cli(capsys, "bench", a, b, "--iterations", 2, "--warmup", 0, "--json")
+    assert code == 0, err
+    m0, m1 = json.loads(out)["models"]
+    assert m1["bytes"] == os.path.getsize(b) + os.path.getsize(tmp_path / "ext.bin") > os.path.getsize(b)
+    assert m1["params"] == m0["params"] == 64 * 48 and m1["ratio"]["bytes"] == pytest.approx(1.0, abs=0.02)
 
 
 def test_bench_refuses_models_with_other_inputs(tmp_path, mlp, capsys):
