@@ -3,7 +3,9 @@ predicted parameters and bytes (``optimize --dry-run``, and the size line of ``i
 
 For LMF the prediction is exact: rank r stores r·(m+n) parameters. For HMF and pruning the
 plan is a parameter budget ⌊keep·m·n⌋; the rewrite stores at most that many (HMF picks its
-split only when it factorizes), so the prediction is an upper bound.
+split only when it factorizes), so the prediction is an upper bound. (One exception for LMF: a
+tall table whose numerical rank is below the planned rank gets that lower rank, see
+svd._gram_svd, and so fewer parameters than predicted.)
 """
 from __future__ import annotations
 

@@ -492,8 +492,9 @@ def verify_models(
     missing = [n for n in ref_outs if n not in cand_names]
     if missing:
         raise OnnxHmfError(f"candidate lacks output(s) {missing}; its outputs are {cand_names}")
+    del ref_model, cand_model, sig  # the runtimes load the files themselves: no second copy of the weights
     for rt in runtimes:
-        outs = run_runtime(rt, cand if rt == "ort" else cand_model, feeds)
+        outs = run_runtime(rt, cand, feeds)
         stats = compare_outputs(ref_outs, outs, vocab, quantile=quantile, top_k=top_k)
         report.results[rt] = stats
         fails = check_outputs(ref_outs, outs, stats, atol=atol, rtol=rtol, min_cosine=min_cosine,
