@@ -257,6 +257,7 @@ def check_outputs(
     """
     atol, rtol = atol or {}, rtol or {}
     stat_of = check_error_stat if isinstance(check_error_stat, dict) else {"": check_error_stat}
+    stat_of = {k: "elementwise" if v == "elemwise" else v for k, v in stat_of.items()}  # Polygraphy's spelling
     for opt, tol in (("--atol", atol), ("--rtol", rtol), ("--check-error-stat", stat_of)):
         unknown = set(tol) - {""} - set(ref)
         if unknown:

@@ -174,6 +174,8 @@ def test_verify_tolerances_and_error_stat(mlp, tmp_path, capsys):
     assert s["mean_abs"] < mid < s["max_abs"]
     code, _, _, err = verify_json(capsys, tmp_path, mlp, cand, "--atol", mid)
     assert code == 1 and "elements outside atol" in err and err.count("\n") == 1
+    code, _, _, err = verify_json(capsys, tmp_path, mlp, cand, "--atol", mid, "--check-error-stat", "elemwise")
+    assert code == 1 and "elements outside atol" in err
     code, _, _, err = verify_json(capsys, tmp_path, mlp, cand, "--atol", mid, "--check-error-stat", "max")
     assert code == 1 and "max abs error" in err
     code, _, out, err = verify_json(capsys, tmp_path, mlp, cand, "--atol", mid, "--check-error-stat", "mean")
