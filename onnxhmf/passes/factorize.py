@@ -296,6 +296,10 @@ class FactorizePass:
 
     def _apply_embedding_hmf(self, group: WeightGroup, budget: int) -> SiteReport:
         E = self._weight(group, False)
+        if any(u.kind != "gather" and not u.transposed for u in group.uses):  # dense rows need heads reading Eᵀ
+            rep = self._lmf_instead(group, E, budget, None, False)
+            rep.detail = rep.detail and "plain low rank: a MatMul reads the table untransposed"
+            return rep
         V, d = E.shape
         head = any(u.kind != "gather" for u in group.uses)
         overhead = V * (2 if head else 1) + d + 64  # slot map, inverse map, zero rows
