@@ -49,6 +49,7 @@ __all__ = [
     "whitened_hmf",
     "sequential_target",
     "shared_basis_lmf",
+    "token_weights",
 ]
 
 DEFAULT_DAMP = 0.01
@@ -163,6 +164,16 @@ def whitened_hmf(W: np.ndarray, budget: int, gram: np.ndarray | Whitener, *, dam
     W = np.asarray(W)
     hf = hmf(w.apply(W.astype(np.float64)), budget, axis="columns", seed=seed)
     return replace(hf, D=np.ascontiguousarray(W[:, hf.dense_idx]), A=w.undo(hf.A))
+
+
+def token_weights(counts: np.ndarray, mix: float = 0.5) -> np.ndarray:
+    """Row weights for an embedding table from calibration token counts: the empirical token
+    distribution mixed with the uniform one, w = (1 − mix)·c/Σc + mix/V, so tokens the
+    calibration text never used still count (held-out text uses them)."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    p = c / total if total > 0 else np.zeros_like(c)
+    return (1.0 - mix) * p + mix / max(c.size, 1)
 
 
 def sequential_target(W: np.ndarray, gram_c: np.ndarray, cross: np.ndarray, *, damp: float = DEFAULT_DAMP) -> np.ndarray:
