@@ -310,7 +310,8 @@ def _run_sequential(work, fpass, cal, progress):
     for lvl in progress(sorted(set(levels.values()))):
         stage = [g for g in todo if levels[g.name] == lvl]
         acts, idx = calibration_targets(stage)
-        fpass.stats = capture_stats(work, cal, acts, idx, reference=original)
+        changed = any(s.status == "rewritten" for s in sites)  # else X_c = X_o: plain whitening
+        fpass.stats = capture_stats(work, cal, acts, idx, reference=original if changed else None)
         fpass.only = {g.name for g in stage}
         sites += fpass.run(work)
     fpass.only = {g.name for g in groups} - {g.name for g in todo}

@@ -177,13 +177,18 @@ def token_weights(counts: np.ndarray, mix: float = 0.5) -> np.ndarray:
 
 
 def sequential_target(W: np.ndarray, gram_c: np.ndarray, cross: np.ndarray, *, damp: float = DEFAULT_DAMP) -> np.ndarray:
-    """W* = (C_c + δI)^{-1}·X_cᵀX_o·W: the weight that, applied to the compressed prefix's
-    activations X_c, best reproduces the original output X_o·W (least squares).
+    """The weight that, applied to the compressed prefix's activations X_c, best reproduces the
+    original output X_o·W (least squares, ridge-regularised toward W itself):
+
+        W* = W + (C_c + δI)^{-1}·(X_cᵀX_o − C_c)·W,   C_c = X_cᵀX_c,
+
+    which is C_c^{-1}·X_cᵀX_o·W for δ = 0 and exactly W when the prefix is unchanged (X_c = X_o).
     ``gram_c`` = X_cᵀX_c, ``cross`` = X_cᵀX_o."""
     C = np.asarray(gram_c, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
     mean = float(np.trace(C)) / max(C.shape[0], 1)
-    C = C + (damp * mean if mean > 0 else 1.0) * np.eye(C.shape[0])
-    return np.linalg.solve(C, np.asarray(cross, dtype=np.float64) @ np.asarray(W, dtype=np.float64))
+    Cd = C + (damp * mean if mean > 0 else 1.0) * np.eye(C.shape[0])
+    return W + np.linalg.solve(Cd, (np.asarray(cross, dtype=np.float64) - C) @ W)
 
 
 def shared_basis_lmf(Ws: list[np.ndarray], rank: int, gram=None, *, damp: float = DEFAULT_DAMP,
