@@ -194,3 +194,18 @@ def token_batches(vocab=300, n=64, seq=12, seed=0, zipf=True) -> dict[str, np.nd
     lengths = rng.integers(3, seq + 1, n)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
     return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def qkv_model(d=32, n=32, seed=0, shared_rows: int | None = 8) -> onnx.ModelProto:
+    """Three MatMuls reading one activation X (like Q, K, V). With ``shared_rows`` their
+    weights share a row space of that dimension (W_i = U·C_i + small noise)."""
+    rng = np.random.default_rng(seed)
+    if shared_rows:
+        U = rng.standard_normal((d, shared_rows))
+        Ws = [(U @ rng.standard_normal((shared_rows, n)) + 0.01 * rng.standard_normal((d, n))).astype(np.float32)
+              for _ in range(3)]
+    else:
+        Ws = [matrix(d, n, seed + i) for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"proj{i}") for i in range(3)]
+    inits = [numpy_helper.from_array(W, f"W{i}") for i, W in enumerate(Ws)]
+    return model(nodes, [vi("X", ["batch", "seq", d])], [vi(f"Y{i}", ["batch", "seq", n]) for i in range(3)], inits)

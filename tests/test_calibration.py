@@ -178,3 +178,45 @@ def test_cli_calib_end_to_end(tmodel, calib_npz, tmp_path, capsys):
     onnx.checker.check_model(onnx.load(out), full_check=True)
     code = main(["optimize", str(src), str(tmp_path / "o2.onnx"), "--min-fidelity", "0.9"])
     assert code == 2 and "need calibration data" in capsys.readouterr().err
+
+
+def test_shared_basis_rewrite_exact_at_full_rank():
+    from onnxhmf.factorize.whiten import shared_basis_lmf
+    from onnxhmf.graph.edit import GraphEditor
+    from onnxhmf.graph.rewrite import rewrite_shared_basis
+
+    model = graphs.qkv_model(shared_rows=None)
+    Ws = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer]
+    A, Bs, _ = shared_basis_lmf(Ws, 32, None)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ed = GraphEditor(out)
+    groups = find_weight_groups(GraphIndex(out))  # alive until commit: the editor keys nodes by id
+    rewrite_shared_basis(ed, groups, A, Bs)
+    ed.commit()
+    onnx.checker.check_model(out, full_check=True)
+    assert sum(n.op_type == "MatMul" for n in out.graph.node) == 4  # one X·A, three ·B_i
+    X = np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)
+    for a, b in zip(run(model, {"X": X}), run(out, {"X": X})):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert len(groups) == 3
+
+
+@pytest.mark.parametrize("shared_rows", [8, None])
+def test_share_bases_where_it_helps(shared_rows):
+    model = graphs.qkv_model(shared_rows=shared_rows)
+    keep = 0.4
+    out, rep = optimize(model, keep=keep, share_bases=True, min_cosine=None)
+    budget = keep * 3 * 32 * 32
+    assert sum(s.params_after for s in rep.rewritten) <= budget
+    details = [s.detail for s in rep.rewritten]
+    if shared_rows:  # weights with a common row space: one basis serves all three, better than three
+        assert all(d.startswith("shared basis") for d in details)
+        sep, srep = optimize(model, keep=keep, min_cosine=None)
+        X = np.random.default_rng(1).standard_normal((2, 7, 32)).astype(np.float32)
+        ref = run(model, {"X": X})
+        err = lambda m: sum(float(np.sum((a - b) ** 2)) for a, b in zip(ref, run(m, {"X": X})))  # noqa: E731
+        assert err(out) < 0.5 * err(sep)
+    else:  # independent weights: sharing would lose, so they stay separate and the report says why
+        assert not any(d.startswith("shared basis") for d in details)
+        assert any("kept separate" in n for n in rep.notes)

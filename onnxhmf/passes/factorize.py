@@ -23,12 +23,20 @@ import onnx
 from ..factorize.hmf import hmf, hmf_fixed
 from ..factorize.prune import magnitude_prune
 from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
-from ..factorize.whiten import DEFAULT_DAMP, sequential_target, token_weights, weighted_lmf, whitened_hmf
+from ..factorize.whiten import (
+    DEFAULT_DAMP,
+    sequential_target,
+    shared_basis_lmf,
+    token_weights,
+    weighted_lmf,
+    whitened_hmf,
+    whitener,
+)
 from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex
-from ..graph.rewrite import factor_orientation, rewrite_lowrank
+from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..report import SiteReport
 from .select import SiteSelection
@@ -60,6 +68,8 @@ class FactorizePass:
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
     keeps: dict[str, float] | None = None  # per-group keep (allocation); ≥ 1 keeps it dense
     only: set[str] | None = None  # touch only these groups (sequential stages); others unreported
+    share_bases: bool = False  # LMF weights reading one activation share their first factor
+    notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -134,6 +144,8 @@ class FactorizePass:
                 reports.append(_report(group, status="skipped", reason=reason))
             else:
                 todo.append((group, method, plan))
+        if self.share_bases:
+            todo = self._shared(todo, reports)
         self._todo = {g.name for g, _, _ in todo}
         for group, method, plan in progress(todo):
             rep = getattr(self, f"_apply_{method}")(group, plan)
@@ -154,6 +166,58 @@ class FactorizePass:
         W = W.T if transposed else W
         perm = self._pending.get(group.name)
         return W[perm] if perm is not None else W
+
+    # -- shared bases -------------------------------------------------------------------------
+    def _shared(self, todo: list, reports: list[SiteReport]) -> list:
+        """Rewrite sets of LMF groups that read the same activation with one shared first
+        factor, where that lowers the predicted output error at the same parameters; return
+        the groups left to do one by one."""
+        sets: dict[str, list] = {}
+        for item in todo:
+            group, method, r = item
+            x = shareable(group) if method == "lmf" and group.ref.kind == "initializer" else None
+            if x is not None:
+                sets.setdefault(x, []).append(item)
+        handled = set()
+        for x, items in sets.items():
+            shapes = {g.shape[0] for g, _, _ in items}
+            if len(items) < 2 or len(shapes) != 1:
+                continue
+            groups = [g for g, _, _ in items]
+            m = groups[0].shape[0]
+            budget = sum(r * (m + g.shape[1]) for g, _, r in items)
+            rank = min(budget // (m + sum(g.shape[1] for g in groups)), m)
+            gram = self.stats.grams.get(x) if self.stats is not None else None
+            if rank < 1:
+                continue
+            Ws = [self._index.array(g.ref).astype(np.float64) for g in groups]
+            if gram is not None and x in self.stats.cross:  # sequential: fit the least-squares targets
+                Ws = [sequential_target(W, gram, self.stats.cross[x], damp=self.damp) for W in Ws]
+            A, Bs, joint = shared_basis_lmf(Ws, rank, gram, damp=self.damp, seed=self.seed)
+            separate = sum((weighted_lmf(W, r, gram, damp=self.damp, seed=self.seed) if gram is not None
+                            else lmf(W, r, seed=self.seed)).residual_sq for (g, _, r), W in zip(items, Ws))
+            what = "output" if gram is not None else "Frobenius"
+            if joint.residual_sq >= separate:
+                note = (f"shared basis rank {rank} for {len(groups)} weights would give {what} error "
+                        f"{joint.residual_sq:.3g} vs {separate:.3g} separately: kept separate")
+                self.notes.append(note)
+                continue
+            stored = rewrite_shared_basis(self._editor, groups, A, Bs)
+            w = whitener(gram, self.damp) if gram is not None else None
+            for i, (g, W, B) in enumerate(zip(groups, Ws, Bs)):
+                D = W - A @ B
+                num = float(np.sum(w.apply(D) ** 2)) if w is not None else float(np.sum(D**2))
+                den = float(np.sum(w.apply(W) ** 2)) if w is not None else float(np.sum(W**2))
+                params = B.size + (A.size if i == 0 else 0)
+                reports.append(_report(g, status="rewritten", method="lmf", rank=rank, params_after=params,
+                                       rel_error=float(np.sqrt(num / den)) if den > 0 else 0.0,
+                                       detail=f"shared basis with {len(groups)} weights reading {x!r} "
+                                              f"(A {A.shape[0]}x{rank} stored once{', counted here' if i == 0 else ''}); "
+                                              f"{what} error {joint.residual_sq:.3g} vs {separate:.3g} separately"))
+                self._done.add(g.name)
+                handled.add(g.name)
+            assert stored == A.size + sum(B.size for B in Bs)
+        return [item for item in todo if item[0].name not in handled]
 
     # -- data-aware weighting ---------------------------------------------------------------
     def sides(self, group: WeightGroup, transposed: bool):
