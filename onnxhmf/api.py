@@ -305,17 +305,25 @@ def _search_keep(work, fpass, sens, shapes, held, target) -> tuple[float, float,
     return hi, best, tried
 
 
-def _run_sequential(work, fpass, cal, progress):
-    """Stage by stage (site_levels), each stage calibrated on the model compressed so far, with
-    the cross term against the original model's activations (sequential least squares)."""
+SEQUENTIAL_STAGES = 8  # at most this many calibration passes (each runs the model twice)
+
+
+def _run_sequential(work, fpass, cal, progress, stages: int = SEQUENTIAL_STAGES):
+    """Stage by stage, each stage calibrated on the model compressed so far, with the cross
+    term against the original model's activations (sequential least squares). The site levels
+    (site_levels) are cut into at most ``stages`` consecutive bands: one band is one pass over
+    the calibration data."""
     original = onnx.ModelProto()
     original.CopyFrom(work)
     groups = find_weight_groups(GraphIndex(work))
     todo = candidate_groups(fpass, groups)
     levels = site_levels(work, todo)
+    distinct = sorted(set(levels.values()))
+    per = max(1, -(-len(distinct) // stages))
+    band = {lvl: i // per for i, lvl in enumerate(distinct)}
     sites = []
-    for lvl in progress(sorted(set(levels.values()))):
-        stage = [g for g in todo if levels[g.name] == lvl]
+    for b in progress(sorted(set(band.values()))):
+        stage = [g for g in todo if band[levels[g.name]] == b]
         acts, idx = calibration_targets(stage)
         changed = any(s.status == "rewritten" for s in sites)  # else X_c = X_o: plain whitening
         fpass.stats = capture_stats(work, cal, acts, idx, reference=original if changed else None)
