@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -16,6 +17,7 @@ from .graph.index import GraphIndex
 from .io import load_model, max_ir_version_for_onnxruntime, model_file_bytes, save_model, check_output_path
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
+from .passes.storage_ae import StorageAEPass
 from .frequency import token_counts
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
@@ -67,6 +69,8 @@ def optimize(
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = DEFAULT_MIN_COSINE,
     seed: int = 0,
+    ae_options: dict | None = None,
+    storage_ae: dict | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorize the model's constant MatMul/Gemm weights and Gather tables.
@@ -75,7 +79,9 @@ def optimize(
     baseline); ``embedding_method`` overrides it for Gather tables ("svd", "hmf", "prune",
     "skip"). ``token_freq``: per-token counts for the largest embedding table (HMF keeps the
     frequent tokens' rows dense); or a path: an .npz of token ids, or text with ``tokenizer``.
-    ``fold``: fold HMF output permutations into consumers.
+    ``fold``: fold HMF output permutations into consumers. ``ae_options``: EmbeddingAEConfig
+    fields for ``embedding_method="ae"``. ``storage_ae``: StorageAEPass fields (``include``,
+    ``keep``, ``options``): those weights get a shared storage autoencoder instead.
 
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
@@ -99,7 +105,9 @@ def optimize(
             raise OnnxHmfError("--token-freq given, but the model has no embedding table")
         token_freq = token_counts(token_freq, rows, tokenizer)
     try:
-        selection = SiteSelection(list(include), list(exclude), min_params)
+        spass = StorageAEPass(seed=seed, **storage_ae) if storage_ae else None
+        taken = sorted(spass.names(work)) if spass else []
+        selection = SiteSelection(list(include), list(exclude) + [f"^{re.escape(n)}$" for n in taken], min_params)
         fpass = FactorizePass(
             method=method,
             embedding_method=embedding_method,
@@ -110,8 +118,9 @@ def optimize(
             token_freq=None if token_freq is None else np.asarray(token_freq),
             fold=fold,
             seed=seed,
+            ae_options=dict(ae_options or {}),
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise OnnxHmfError(str(e)) from None
     report.settings = {
         "method": method,
@@ -125,6 +134,8 @@ def optimize(
         "exclude": list(exclude),
         "min_params": min_params,
         "seed": seed,
+        **({"ae_options": dict(ae_options)} if ae_options else {}),
+        **({"storage_ae": {k: v for k, v in storage_ae.items()}} if storage_ae else {}),
     }
     report.params_before = count_params(work)
     if report.bytes_before is None:
@@ -145,6 +156,8 @@ def optimize(
 
     t = time.perf_counter()
     report.sites = fpass.run(work, progress or (lambda it: it))
+    if spass is not None:
+        report.sites = [s for s in report.sites if s.weight not in taken] + spass.run(work)
     report.timings["factorize_s"] = time.perf_counter() - t
     if not report.rewritten:
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
