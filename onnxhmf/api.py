@@ -156,8 +156,12 @@ def optimize(
 
     t = time.perf_counter()
     report.sites = fpass.run(work, progress or (lambda it: it))
-    if spass is not None:
-        report.sites = [s for s in report.sites if s.weight not in taken] + spass.run(work)
+    if spass is not None:  # its reports replace the other pass's for the weights it took or skipped
+        ssites = spass.run(work)
+        done = {s.weight for s in report.sites if s.status == "rewritten"}
+        ssites = [s for s in ssites if s.weight not in done]
+        names = {s.weight for s in ssites}
+        report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
     if not report.rewritten:
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
