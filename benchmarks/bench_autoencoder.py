@@ -59,7 +59,8 @@ def ort_nodes_left(path: Path, marker: str = "/decode/") -> tuple[int, int]:
     return before, sum(marker in n.name for n in opt.graph.node)
 
 
-def embedding_table(name: str, src: Path, factors: list[float], b32: bool) -> str:
+def embedding_table(name: str, src: Path, factors: list[float], b32: bool, freq_ae: bool) -> str:
+    """One table per compression factor (printed as it is done), then AE vs SVD."""
     table = TABLE[name]
     out = H.OUT / "ae" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -71,11 +72,12 @@ def embedding_table(name: str, src: Path, factors: list[float], b32: bool) -> st
         ("svd freq", ["--embedding-method", "ae", "--ae-epochs", "0", *freq]),
         ("hmf freq", ["--method", "hmf", *freq]),
         ("ae linear", ["--embedding-method", "ae", *fast]),
-        ("ae linear freq", ["--embedding-method", "ae", *fast, *freq]),
+        *([("ae linear freq", ["--embedding-method", "ae", *fast, *freq])] if freq_ae else []),
         ("ae nonlinear", ["--embedding-method", "ae", "--ae-decoder", "nonlinear", *fast]),
     ]
-    paths, info = {"original": src}, {}
+    fid_all, texts = {}, []
     for factor in factors:
+        paths, info = {"original": src}, {}
         vs = list(variants)
         if b32 and big and factor == factors[len(factors) // 2]:
             vs.append(("ae linear b32", ["--embedding-method", "ae"]))
@@ -85,31 +87,34 @@ def embedding_table(name: str, src: Path, factors: list[float], b32: bool) -> st
             r = H.optimize(src, p, "--include", f"^{table}$", "--keep", f"{1 / factor:.6f}", "--min-cosine", "0", *extra)
             site = next(s for s in r["report"]["sites"] if s["weight"] == table)
             paths[key] = p
-            info[key] = (site["params_after"], site["rel_error"], r["wall_s"], site.get("detail", ""))
+            info[key] = (site["params_after"], site["rel_error"], r["wall_s"])
             print(f"  {key}: {site['params_after']:,} params, rel err {site['rel_error']:.4f}, {r['wall_s']:.1f} s "
                   f"{site.get('detail', '')}", flush=True)
-    fid = _fidelity(name, paths)
-    lat = H.latency(paths, _feeds(name), threads=1)
-    sess = session_ms(paths)
-    rows = []
-    for k in paths:
-        p_after, rel, wall, _ = info.get(k, (None, None, None, ""))
-        rows.append([k, f"{p_after:,}" if p_after else "-", f"{rel:.4f}" if rel is not None else "-", *fid[k],
-                     f"{wall:.1f}" if wall is not None else "-", f"{sess[k]:.0f}", f"{lat[k] / lat['original']:.3f}"])
-    text = H.table(["variant", "table params", "rel err", *_fid_cols(name), "tool s", "session ms", "latency 1T"], rows)
-    # AE vs SVD, per factor, on the first fidelity column
+        fid = _fidelity(name, paths)
+        fid_all.update(fid)
+        lat = H.latency(paths, _feeds(name), threads=1)
+        sess = session_ms(paths)
+        rows = []
+        for k in paths:
+            p_after, rel, wall = info.get(k, (None, None, None))
+            rows.append([k, f"{p_after:,}" if p_after else "-", f"{rel:.4f}" if rel is not None else "-", *fid[k],
+                         f"{wall:.1f}" if wall is not None else "-", f"{sess[k]:.0f}", f"{lat[k] / lat['original']:.3f}"])
+        text = H.table(["variant", "table params", "rel err", *_fid_cols(name), "tool s", "session ms", "latency 1T"], rows)
+        print(text + "\n", flush=True)
+        texts.append(text)
     col = _fid_cols(name)[0]
     better = (lambda a, b: float(a) > float(b)) if name == "minilm" else (lambda a, b: float(a) < float(b))
+    labels = ["ae linear", *(["ae linear freq"] if freq_ae else []), "ae nonlinear"]
     summary = []
     for factor in factors:
-        s = fid[f"svd {factor:g}x"][0]
+        s = fid_all[f"svd {factor:g}x"][0]
         cells = [f"{factor:g}x", s]
-        for label in ("ae linear", "ae linear freq", "ae nonlinear"):
-            v = fid[f"{label} {factor:g}x"][0]
+        for label in labels:
+            v = fid_all[f"{label} {factor:g}x"][0]
             cells.append(f"{v} ({'beats' if better(v, s) else 'loses to'} SVD)")
         summary.append(cells)
-    text += "\n\n" + H.table(["factor", f"SVD {col}", f"AE linear {col}", f"AE linear freq {col}", f"AE nonlinear {col}"], summary)
-    return f"### {name}: embedding table `{table}` alone\n\n{text}\n"
+    texts.append(H.table(["factor", f"SVD {col}", *[f"{lab} {col}" for lab in labels]], summary))
+    return f"### {name}: embedding table `{table}` alone\n\n" + "\n\n".join(texts) + "\n"
 
 
 def storage_table(src: Path, keep: float, epochs: int) -> str:
@@ -156,6 +161,7 @@ def main() -> None:
     ap.add_argument("--factors", default="2.5,5,10")
     ap.add_argument("--parts", default="embedding,storage")
     ap.add_argument("--no-b32", action="store_true", help="skip the batch-32 MiniLM run (about 4 min)")
+    ap.add_argument("--no-freq-ae", action="store_true", help="skip the frequency-weighted AE")
     ap.add_argument("--storage-keep", type=float, default=0.25)
     ap.add_argument("--storage-epochs", type=int, default=60)
     args = ap.parse_args()
@@ -163,7 +169,7 @@ def main() -> None:
     for name in args.models.split(","):
         src = H.ensure_minilm() if name == "minilm" else H.GLASSLLM
         if "embedding" in args.parts:
-            print(embedding_table(name, src, factors, not args.no_b32), flush=True)
+            print(embedding_table(name, src, factors, not args.no_b32, not args.no_freq_ae), flush=True)
         if "storage" in args.parts and name == "minilm":
             print(storage_table(src, args.storage_keep, args.storage_epochs), flush=True)
 
