@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,6 +29,7 @@ from .passes.calibrated import (
 )
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
+from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
 from .report import Report
@@ -80,6 +82,8 @@ def optimize(
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = DEFAULT_MIN_COSINE,
     seed: int = 0,
+    ae_options: dict | None = None,
+    storage_ae: dict | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
     calib: str | os.PathLike | Calibration | None = None,
     calib_samples: int = 256,
@@ -97,7 +101,9 @@ def optimize(
     baseline); ``embedding_method`` overrides it for Gather tables ("svd", "hmf", "prune",
     "skip"). ``token_freq``: per-token counts for the largest embedding table (HMF keeps the
     frequent tokens' rows dense); or a path: an .npz of token ids, or text with ``tokenizer``.
-    ``fold``: fold HMF output permutations into consumers.
+    ``fold``: fold HMF output permutations into consumers. ``ae_options``: EmbeddingAEConfig
+    fields for ``embedding_method="ae"``. ``storage_ae``: StorageAEPass fields (``include``,
+    ``keep``, ``options``): those weights get a shared storage autoencoder instead.
 
     Calibration (``calib``: an .npz of feeds, a folder of them, or text with ``tokenizer``)
     makes every factorization data-aware (whitened by the Gram matrix of the activations each
@@ -137,7 +143,9 @@ def optimize(
     if min_fidelity is not None and rank is not None:
         raise OnnxHmfError("--min-fidelity searches the size; it does not combine with --rank")
     try:
-        selection = SiteSelection(list(include), list(exclude), min_params)
+        spass = StorageAEPass(seed=seed, **storage_ae) if storage_ae else None
+        taken = sorted(spass.names(work)) if spass else []
+        selection = SiteSelection(list(include), list(exclude) + [f"^{re.escape(n)}$" for n in taken], min_params)
         fpass = FactorizePass(
             method=method,
             embedding_method=embedding_method,
@@ -148,10 +156,11 @@ def optimize(
             token_freq=None if token_freq is None else np.asarray(token_freq),
             fold=fold and not sequential,
             seed=seed,
+            ae_options=dict(ae_options or {}),
             damp=damp,
             share_bases=share_bases,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise OnnxHmfError(str(e)) from None
     report.settings = {
         "method": method,
@@ -165,6 +174,8 @@ def optimize(
         "exclude": list(exclude),
         "min_params": min_params,
         "seed": seed,
+        **({"ae_options": dict(ae_options)} if ae_options else {}),
+        **({"storage_ae": {k: v for k, v in storage_ae.items()}} if storage_ae else {}),
         "allocation": allocation if calib is not None else None,
         "sequential": sequential or None,
         "share_bases": share_bases or None,
@@ -199,6 +210,12 @@ def optimize(
     else:
         report.sites = fpass.run(work, progress)
     report.notes.extend(fpass.notes)
+    if spass is not None:  # its reports replace the other pass's for the weights it took or skipped
+        ssites = spass.run(work)
+        done = {s.weight for s in report.sites if s.status == "rewritten"}
+        ssites = [s for s in ssites if s.weight not in done]
+        names = {s.weight for s in ssites}
+        report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
     if not report.rewritten:
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]

@@ -45,8 +45,23 @@ def cli():
 @click.argument("output_model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(["lmf", "hmf", "prune"]), default="lmf", show_default=True,
               help="Linear sites: lmf = truncated SVD, hmf = hybrid dense + low rank, prune = magnitude pruning (baseline).")
-@click.option("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip"]), default=None,
-              help="Embedding tables (Gather): default follows --method (lmf -> svd).")
+@click.option("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip", "ae"]), default=None,
+              help="Embedding tables (Gather): default follows --method (lmf -> svd); ae = trained autoencoder.")
+@click.option("--ae-decoder", type=click.Choice(["linear", "nonlinear"]), default=None, help="AE: decoder [default: linear].")
+@click.option("--ae-activation", type=click.Choice(["relu", "leakyrelu", "tanh"]), default=None,
+              help="AE: nonlinear decoder's activation [default: relu].")
+@click.option("--ae-hidden", type=click.IntRange(min=1), default=None, help="AE: nonlinear decoder's hidden width [default: 2k].")
+@click.option("--ae-init", type=click.Choice(["svd", "random"]), default=None, help="AE: initialisation [default: svd].")
+@click.option("--ae-epochs", type=click.IntRange(min=0), default=None, help="AE: training epochs [default: 30].")
+@click.option("--ae-batch-size", type=click.IntRange(min=1), default=None, help="AE: rows per batch [default: 32].")
+@click.option("--ae-lr", type=click.FloatRange(0, min_open=True), default=None, help="AE: Adam learning rate [default: 1e-3].")
+@click.option("--ae-loss-weights", default=None, metavar="WCOS,WMAG",
+              help="AE: weights of the direction and |error|^alpha terms [default: 0.1995,0.0025].")
+@click.option("--storage-ae-include", multiple=True, metavar="REGEX",
+              help="Storage AE: weights (by name) to rebuild from codes and a decoder shared per shape and role (repeatable).")
+@click.option("--storage-ae-keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True,
+              help="Storage AE: fraction of each group's parameters kept (codes, norms, decoder).")
+@click.option("--storage-ae-epochs", type=click.IntRange(min=0), default=None, help="Storage AE: training epochs [default: 60].")
 @click.option("--token-freq", type=click.Path(path_type=Path), default=None,
               help="Token frequencies for embedding HMF: an .npz of token ids, or a text file with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for --token-freq text.")
@@ -91,7 +106,9 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
-def optimize(input_model, output_model, method, embedding_method, token_freq, tokenizer, no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
+def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
+             ae_batch_size, ae_lr, ae_loss_weights, storage_ae_include, storage_ae_keep, storage_ae_epochs, token_freq, tokenizer,
+             no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
              allocation, min_fidelity, sequential, share_bases, damp, seed, quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
@@ -110,6 +127,10 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
         seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         calib_batch=calib_batch, allocation=allocation, min_fidelity=min_fidelity, sequential=sequential, share_bases=share_bases, damp=damp,
+        ae_options=_ae_options(ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs, ae_batch_size, ae_lr, ae_loss_weights),
+        storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
+                     "options": {} if storage_ae_epochs is None else {"epochs": storage_ae_epochs}}
+                    if storage_ae_include else None),
     )
     if dry_run:  # nothing is written, --report included
         click.echo(plan_optimize(input_model, **kwargs).format())
@@ -130,6 +151,17 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
         click.echo(f"wrote {output_model}")
     if report_path is not None:
         _write_text(report_path, report.to_json())
+
+
+def _ae_options(decoder, activation, hidden, init, epochs, batch_size, lr, loss_weights) -> dict:
+    opts = dict(decoder=decoder, activation=activation, hidden=hidden, init=init, epochs=epochs, batch_size=batch_size, lr=lr)
+    if loss_weights is not None:
+        try:
+            w_cos, w_mag = (float(v) for v in loss_weights.split(","))
+        except ValueError:
+            raise click.UsageError(f"--ae-loss-weights wants two numbers WCOS,WMAG, got {loss_weights!r}") from None
+        opts.update(w_cos=w_cos, w_mag=w_mag)
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 @cli.command()

@@ -20,9 +20,11 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from ..factorize.autoencoder import EmbeddingAEConfig, embedding_ae_rank, frequency_weights, train_embedding_ae
 from ..factorize.hmf import hmf, hmf_fixed
 from ..factorize.prune import magnitude_prune
 from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
+from ..graph.autoencoder import rewrite_embedding_ae
 from ..factorize.whiten import (
     DEFAULT_DAMP,
     sequential_target,
@@ -44,7 +46,7 @@ from .select import SiteSelection
 __all__ = ["FactorizePass", "METHODS", "EMBEDDING_METHODS"]
 
 METHODS = ("lmf", "hmf", "prune")
-EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip")
+EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip", "ae")
 
 
 def _report(group: WeightGroup, **kw) -> SiteReport:
@@ -63,6 +65,7 @@ class FactorizePass:
     token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     fold: bool = True
     seed: int = 0
+    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for embedding_method "ae"
     stats: object | None = None  # capture.ActivationStats: data-aware factorization
     damp: float = DEFAULT_DAMP
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
@@ -84,6 +87,13 @@ class FactorizePass:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
         if self.rank is not None and self.method != "lmf":
             raise ValueError("--rank is only for --method lmf; use --keep")
+        if self.embedding_method == "ae":
+            if self.keep is None:
+                raise ValueError("--embedding-method ae needs --keep, not --rank")
+            try:
+                EmbeddingAEConfig(rank=1, **self.ae_options)
+            except TypeError as e:
+                raise ValueError(f"bad AE option: {e}") from None
         if self.rank_multiple < 1:
             raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
 
@@ -387,6 +397,34 @@ class FactorizePass:
         stored = rewrite_embedding_hybrid(self._editor, group, hf)
         return _report(group, status="rewritten", method="hmf", rank=hf.rank, params_after=stored,
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense rows: {source}")
+
+
+    def _apply_ae(self, group: WeightGroup, budget: int) -> SiteReport:
+        """Embedding autoencoder (factorize/autoencoder.py): codes + decoder within the budget."""
+        E = self._weight(group, False)
+        V, d = E.shape
+        opts = dict(self.ae_options)
+        decoder, hidden = opts.get("decoder", "linear"), opts.get("hidden")
+        if any(u.kind != "gather" and not u.transposed for u in group.uses):
+            return _report(group, status="skipped", reason="AE: table read untransposed by a MatMul/Gemm")
+        tied_linear = decoder == "linear" and any(u.kind != "gather" for u in group.uses)
+        k = embedding_ae_rank(V, d, budget - (2 if tied_linear else 0), decoder, hidden)  # 2: b's shape
+        if k < 1:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for an AE with code width 1")
+        freq = self.token_freq if self.token_freq is not None and len(self.token_freq) == V else None
+        if freq is None and self.stats is not None:  # token counts of the calibration data
+            counts = [self.stats.counts.get(u.node.input[1]) for u in group.uses if u.kind == "gather"]
+            counts = [c for c in counts if c is not None and len(c) == V]
+            freq = sum(counts) if counts else None
+        cfg = EmbeddingAEConfig(rank=k, seed=self.seed, **opts)
+        ae = train_embedding_ae(E, cfg, None if freq is None else frequency_weights(freq))
+        stored = rewrite_embedding_ae(self._editor, self._index, group, ae)
+        E_hat = ae.reconstruct().astype(np.float64)
+        rel = float(np.linalg.norm(E_hat - E) / max(np.linalg.norm(E), 1e-30))
+        h = f", h={cfg.h} {cfg.activation}" if decoder == "nonlinear" else ""
+        detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
+                  f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
+        return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):
