@@ -112,36 +112,30 @@ def reference_outputs(model: onnx.ModelProto, calib: Calibration) -> list[list[n
 
 
 def _merged(calib: Calibration, max_tokens: int) -> Calibration:
-    """Rows up to about ``max_tokens`` real tokens, as one padded batch (one run per trial)."""
-    rows, total = [], 0
-    for b in calib.batches:
-        for i in range(next(iter(b.values())).shape[0]):
-            if total >= max_tokens:
-                break
-            row = {k: v[i : i + 1] for k, v in b.items()}
-            if calib.mask:
-                L = int(np.sum(row[calib.mask] != 0))
-                row = {k: (v[:, :L] if v.ndim >= 2 else v) for k, v in row.items()}
-            rows.append(row)
-            total += int(np.sum(row[calib.mask] != 0)) if calib.mask else int(np.prod(next(iter(row.values())).shape[:2]))
-    if len(rows) == 1:
-        return Calibration(rows, calib.mask, calib.source)
-    L = max(next(iter(b.values())).shape[1] if next(iter(b.values())).ndim > 1 else 0 for b in rows)
-    merged = {}
-    for name in rows[0]:
-        parts = []
-        for b in rows:
-            a = b[name]
-            if a.ndim >= 2 and a.shape[1] < L:
-                pad = np.zeros((a.shape[0], L - a.shape[1]) + a.shape[2:], a.dtype)
-                if "position" in name.lower():
-                    pad = pad + np.arange(a.shape[1], L, dtype=a.dtype).reshape(1, -1)
-                a = np.concatenate([a, pad], axis=1)
-            parts.append(a)
-        merged[name] = np.concatenate(parts, axis=0)
-    if calib.mask is None and any(next(iter(b.values())).shape[1:] != next(iter(rows[0].values())).shape[1:] for b in rows):
-        return Calibration(rows, calib.mask, calib.source)  # cannot pad without a mask
-    return Calibration([merged], calib.mask, calib.source)
+    """About ``max_tokens`` real tokens as one batch (one run per trial). With a mask, the rows
+    are sentences of similar length around the median, so little of the batch is padding."""
+    rows = [{k: v[i : i + 1] for k, v in b.items()} for b in calib.batches for i in range(next(iter(b.values())).shape[0])]
+    if not calib.mask:
+        n = max(1, max_tokens // max(1, int(np.prod(next(iter(rows[0].values())).shape[1:2]))))
+        shapes = {tuple(v.shape[1:]) for r in rows[:n] for v in r.values()}
+        if len(shapes) > len(rows[0]):  # ragged without a mask: keep the batches as they are
+            return Calibration(calib.batches[:1], calib.mask, calib.source)
+        return Calibration([{k: np.concatenate([r[k] for r in rows[:n]]) for k in rows[0]}], calib.mask, calib.source)
+    lengths = np.array([int(np.sum(r[calib.mask] != 0)) for r in rows])
+    order = np.argsort(lengths, kind="stable")
+    mid = len(order) // 2
+    pick, total, lo, hi = [], 0, mid, mid
+    while total < max_tokens and (lo > 0 or hi < len(order)):  # grow a window around the median
+        if hi < len(order):
+            pick.append(order[hi]); total += lengths[order[hi]]; hi += 1  # noqa: E702
+        if total < max_tokens and lo > 0:
+            lo -= 1; pick.append(order[lo]); total += lengths[order[lo]]  # noqa: E702
+    L = int(max(lengths[pick]))
+    batch = {}
+    for k in rows[0]:
+        parts = [rows[i][k][:, :L] if rows[i][k].ndim >= 2 else rows[i][k] for i in sorted(pick)]
+        batch[k] = np.concatenate(parts, axis=0)
+    return Calibration([batch], calib.mask, calib.source)
 
 
 def _loss_model(e: np.ndarray, probes: list[tuple[float, float]]) -> np.ndarray:
@@ -168,7 +162,7 @@ def measure_sensitivities(
     *,
     grid: tuple[float, ...] = KEEP_GRID,
     probes: tuple[float, ...] = PROBE_KEEPS,
-    max_tokens: int = 512,
+    max_tokens: int = 256,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> dict[str, list[Option]]:
     """{group: [Option(params, loss, keep)]}, dense (keep 1, loss 0) included.
