@@ -68,9 +68,15 @@ def cli():
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
+@click.option("--save-external-data", "save_external_data", is_flag=False, flag_value="", default=None, metavar="[LOCATION]",
+              help="Store weights in a data file next to the output (default name: <output>.data). "
+                   "Done automatically when the model would pass protobuf's 2 GB limit.")
+@click.option("--external-data-size-threshold", type=click.IntRange(min=0), default=1024, show_default=True, metavar="BYTES",
+              help="With external data: tensors of at least this many bytes go to the data file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 def optimize(input_model, output_model, method, embedding_method, token_freq, tokenizer, no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
-             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, quiet):
+             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, save_external_data,
+             external_data_size_threshold, quiet):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
@@ -86,7 +92,9 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
         seed=seed, progress=_progress(quiet),
     )
     try:
-        report = optimize_file(input_model, output_model, force=force, force_on_failure=force, **kwargs)
+        report = optimize_file(input_model, output_model, force=force, force_on_failure=force,
+                               save_external_data=save_external_data,
+                               external_data_size_threshold=external_data_size_threshold, **kwargs)
     except VerificationError as e:
         if e.report is not None and not quiet:
             click.echo(e.report.format())
