@@ -150,7 +150,7 @@ def optimize(
             feeds = make_inputs(work, input_shapes, seed=seed)
         vocab = _vocab_sizes(work)
         t = time.perf_counter()
-        ref = run_onnxruntime(report.input_path or src, feeds)
+        ref = run_onnxruntime(report.input_path or src, feeds, prepack=False)
         report.timings["reference_run_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -187,7 +187,7 @@ def optimize(
 
     if verify:
         t = time.perf_counter()
-        cand = run_onnxruntime(cand_src, feeds)
+        cand = run_onnxruntime(cand_src, feeds, prepack=False)
         report.timings["verify_run_s"] = time.perf_counter() - t
         report.outputs = compare_outputs(ref, cand, vocab)
         report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine)
