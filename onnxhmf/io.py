@@ -24,6 +24,7 @@ __all__ = ["load_model", "save_model", "max_ir_version_for_onnxruntime", "model_
            "external_data_paths", "check_model_path"]
 
 _TWO_GB = 2**31
+MIN_OPSET = 7  # Gemm/MatMul broadcasting semantics the rewrites rely on
 
 
 def _external_tensors(model: onnx.ModelProto):
@@ -70,6 +71,10 @@ def _parse(p: Path) -> onnx.ModelProto:
         raise OnnxHmfError(f"{str(p)!r}: cannot read: {e.strerror or e}") from None
     if not model.HasField("graph") or not model.opset_import or model.ir_version == 0:
         raise OnnxHmfError(f"{str(p)!r}: not an ONNX model (no graph, opset or IR version)")
+    newest = onnx.defs.onnx_opset_version()
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and not MIN_OPSET <= op.version <= newest:
+            raise OnnxHmfError(f"{str(p)!r}: unsupported opset ai.onnx {op.version} (supported: {MIN_OPSET} to {newest})")
     _check_external_data(model, p.parent)
     return model
 
