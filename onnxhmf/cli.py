@@ -118,7 +118,11 @@ def _write_text(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning every failure into one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="onnxhmf", standalone_mode=False)
+        # make_context + invoke rather than cli.main: click's main echoes a bare newline to
+        # stderr on Ctrl-C before its Abort, which would break "one line per error".
+        args = sys.argv[1:] if argv is None else list(argv)
+        with cli.make_context("onnxhmf", args) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
