@@ -182,7 +182,7 @@ def optimize(
         store.close()
         if _stage.data_location and external is None:
             report.notes.append(f"saved with external data ({_stage.data_location}): the model would pass protobuf's 2 GB limit")
-        check_model_path(_stage.model_path, what="internal error: rewritten model")
+        _check_written(_stage.model_path, report.input_path)
         cand_src = _stage.model_path
 
     if verify:
@@ -203,6 +203,23 @@ def optimize(
         )
     report.timings["total_s"] = time.perf_counter() - t0
     return work, report
+
+
+def _check_written(path: Path, input_path: str | None) -> None:
+    """onnx.checker with strict shape inference, by path (no 2 GB limit, weights not loaded).
+
+    Strict inference is waived only when the input model itself fails it.
+    """
+    what = "internal error: rewritten model"
+    try:
+        check_model_path(path, what=what, full=True)
+    except OnnxHmfError:
+        try:
+            check_model_path(input_path, full=True)
+        except OnnxHmfError:
+            check_model_path(path, what=what)
+            return
+        raise
 
 
 def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
