@@ -169,3 +169,14 @@ def test_api_optimize_file_external(ext_input, tmp_path):
     rep = optimize_file(ext_input, tmp_path / "o.onnx", keep=0.5, save_external_data=True, external_data_size_threshold=0)
     assert rep.passed and rep.bytes_after == sum(f.stat().st_size for f in tmp_path.glob("o.onnx*"))
     assert sorted(os.listdir(tmp_path)) == ["in", "o.onnx", "o.onnx.data"]
+
+
+def test_api_optimize_returns_self_contained_proto(ext_input):
+    from onnxhmf import optimize
+
+    model, rep = optimize(ext_input, keep=0.5)
+    assert rep.passed and not external_tensors(model)  # read back in: the proto stands alone
+    onnx.checker.check_model(model)
+    x = np.ones((1, 2, 64), np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"X": x})[0].shape == (1, 2, 64)
