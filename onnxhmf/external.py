@@ -14,6 +14,7 @@ them). Bytes are copied between files in chunks, never materialised all at once.
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -126,19 +127,34 @@ class TensorStore:
         return data
 
     def copy_to(self, t: onnx.TensorProto, dst) -> int:
-        """Append the tensor's external bytes to the open file ``dst`` in chunks; bytes copied."""
+        """Append the tensor's external bytes to the unbuffered file ``dst``; bytes copied.
+
+        The kernel copies them (copy_file_range) where it can, so no buffer passes through
+        this process; otherwise they are copied in chunks.
+        """
         location, offset, length = _ext(t)
         length = _nbytes(t) if length is None else length
         if self._spill is not None and location == self.spill_location:
             self._spill.flush()
         with open(self.path(location), "rb") as f:
-            f.seek(offset)
             left = length
+            if hasattr(os, "copy_file_range"):
+                try:
+                    while left:
+                        n = os.copy_file_range(f.fileno(), dst.fileno(), left, offset + length - left)
+                        if n == 0:
+                            raise OnnxHmfError(f"tensor {t.name!r}: external data file {location!r} is too short")
+                        left -= n
+                    return length
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                        raise
+            f.seek(offset + length - left)
             while left:
                 chunk = f.read(min(_CHUNK, left))
                 if not chunk:
                     raise OnnxHmfError(f"tensor {t.name!r}: external data file {location!r} is too short")
-                dst.write(chunk)
+                _write_all(dst, chunk)
                 left -= len(chunk)
         return length
 
@@ -167,6 +183,14 @@ class TensorStore:
         if self._spill is not None:
             self._spill.close()
             self._spill = None
+
+
+def _write_all(f, data) -> None:
+    """Write every byte to the unbuffered file ``f`` (a raw write may be short)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = f.write(view)
+        view = view[n:]
 
 
 def external_bytes(model: onnx.ModelProto) -> int:
@@ -205,7 +229,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, store: TensorSt
         if model.ByteSize() >= PROTO_LIMIT:
             raise OnnxHmfError("model is over 2 GB; it must be saved with external data")
     else:
-        with open(path.parent / location, "wb") as f:
+        with open(path.parent / location, "wb", buffering=0) as f:
             size = 0
             for t in tensors:
                 ext = external_data_helper.uses_external_data(t)
@@ -213,7 +237,7 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, store: TensorSt
                     continue
                 n = _nbytes(t) if ext else _inline_bytes(t)
                 pad = -size % (_BIG_ALIGN if n >= (1 << 20) else _SMALL_ALIGN)
-                f.write(b"\0" * pad)
+                _write_all(f, b"\0" * pad)
                 size += pad
                 if ext:
                     if store is None:
@@ -221,11 +245,10 @@ def write_model(model: onnx.ModelProto, path: str | os.PathLike, store: TensorSt
                     n = store.copy_to(t, f)
                 else:
                     raw = t.raw_data if t.HasField("raw_data") else numpy_helper.from_array(numpy_helper.to_array(t)).raw_data
-                    f.write(raw)
+                    _write_all(f, raw)
                     n = len(raw)
                 _set_external(t, location, size, n)
                 size += n
-            f.flush()
             os.fsync(f.fileno())
         total += size
     data = model.SerializeToString()
