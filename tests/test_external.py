@@ -180,3 +180,20 @@ def test_api_optimize_returns_self_contained_proto(ext_input):
     x = np.ones((1, 2, 64), np.float32)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"X": x})[0].shape == (1, 2, 64)
+
+
+def test_store_reads_every_dtype_from_external_data(tmp_path):
+    arrays = {"f16": np.arange(12, dtype=np.float16).reshape(3, 4), "i8": np.arange(-6, 6, dtype=np.int8).reshape(3, 4),
+              "f64": np.linspace(0, 1, 12).reshape(4, 3)}
+    inits = [onnx.numpy_helper.from_array(a, k) for k, a in arrays.items()]
+    inits.append(onnx.helper.make_tensor("bf16", onnx.TensorProto.BFLOAT16, [2, 2], [1.0, -2.0, 0.5, 3.0]))
+    g = onnx.helper.make_graph([], "g", [], [], initializer=inits)
+    p = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(g), p, save_as_external_data=True, location="d.bin", size_threshold=0)
+    m = onnx.load(p, load_external_data=False)
+    store = TensorStore(tmp_path)
+    got = {t.name: store.array(t) for t in m.graph.initializer}
+    for k, a in arrays.items():
+        assert isinstance(got[k], np.memmap) and got[k].dtype == a.dtype
+        np.testing.assert_array_equal(got[k], a)
+    np.testing.assert_array_equal(got["bf16"].astype(np.float32), [[1.0, -2.0], [0.5, 3.0]])  # decoded copy

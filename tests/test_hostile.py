@@ -410,3 +410,13 @@ def test_ctrl_c_during_factorization(tmp_path):
     assert err == "onnxhmf: interrupted; no output written\n"
     assert listing(tmp_path) == sorted(before)
     assert all((tmp_path / f).read_bytes() == b for f, b in before.items())
+
+
+def test_bf16_weight_read_directly_left_untouched(tmp_path, capsys):
+    m = 32
+    W = helper.make_tensor("W", TensorProto.BFLOAT16, [m, m], graphs.matrix(m, m).flatten().tolist())
+    model = graphs.model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="mm")],
+                         [graphs.vi("X", ["batch", m], TensorProto.BFLOAT16)], [graphs.vi("Y", ["batch", m], TensorProto.BFLOAT16)], [W])
+    p = tmp_path / "in.onnx"
+    onnx.save(model, p)
+    refused(capsys, p, tmp_path / "o.onnx", "--no-verify", needle="dtype BFLOAT16 is not fp32/fp16/fp64")
