@@ -13,7 +13,7 @@ import onnx
 from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .graph.index import GraphIndex
-from .external import TensorStore, inline_external
+from .external import TensorStore, external_tensors, inline_external
 from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
@@ -90,7 +90,7 @@ def optimize(
     """
     t0 = time.perf_counter()
     report = Report()
-    store = None
+    store, had_external = None, False
     if isinstance(model, onnx.ModelProto):
         src = model
         work = onnx.ModelProto()
@@ -99,6 +99,7 @@ def optimize(
         report.input_path = str(model)
         src = None
         work = load_model(model, lazy=True)
+        had_external = bool(external_tensors(work))
         store = TensorStore(Path(model).parent, spill_dir=None if _stage is None else _stage.dir)
         report.bytes_before = model_file_bytes(model)
     freq_given = token_freq is not None
@@ -176,6 +177,8 @@ def optimize(
         cand_src = work
     else:  # write into the stage folder, then check and verify by path (works past 2 GB)
         external, threshold = _save
+        if external is None and had_external:  # keep the input's layout: no whole-model copy in memory
+            external = True
         t = time.perf_counter()
         report.bytes_after = _stage.write(work, store, external=external, threshold=threshold)
         report.timings["write_s"] = time.perf_counter() - t
@@ -251,7 +254,8 @@ def optimize_file(
 
     ``save_external_data``: True (or a file name) stores tensors of at least
     ``external_data_size_threshold`` bytes in a data file next to the output (default name
-    ``<output name>.data``); None does so only when the model would pass protobuf's 2 GB limit.
+    ``<output name>.data``); None does so when the input has external data or the output
+    would pass protobuf's 2 GB limit.
     The model and data file are written to a temp folder beside the output, checked and
     verified there, then renamed into place; nothing is left behind on failure or Ctrl-C.
 

@@ -70,7 +70,7 @@ def cli():
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("--save-external-data", "save_external_data", is_flag=False, flag_value="", default=None, metavar="[LOCATION]",
               help="Store weights in a data file next to the output (default name: <output>.data). "
-                   "Done automatically when the model would pass protobuf's 2 GB limit.")
+                   "Done anyway when the input has external data or the output would pass protobuf's 2 GB limit.")
 @click.option("--external-data-size-threshold", type=click.IntRange(min=0), default=1024, show_default=True, metavar="BYTES",
               help="With external data: tensors of at least this many bytes go to the data file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")

@@ -114,10 +114,10 @@ def test_input_data_file_never_touched(ext_input, tmp_path, capsys):
     assert code == 0, err
     assert data.read_bytes() == before and data.stat().st_mtime_ns == mtime
     assert locations(out) == {"w.bin"} and (tmp_path / "w.bin").is_file()
-    # an external-data input saved inline by default (small model)
-    out2 = tmp_path / "inline.onnx"
+    # an external-data input keeps that layout by default: no whole-model copy in memory
+    out2 = tmp_path / "default.onnx"
     assert cli(capsys, "optimize", ext_input, out2, "-q", "--keep", "0.5")[0] == 0
-    assert locations(out2) == set()
+    assert locations(out2) == {"default.onnx.data"}
     assert data.read_bytes() == before and data.stat().st_mtime_ns == mtime
 
 
