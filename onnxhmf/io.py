@@ -223,6 +223,9 @@ class OutputStage:
 
     def __init__(self, out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), data_location: str | None = None):
         self.out = Path(out)
+        if data_location is None and any(external_data_paths(src) for src in inputs if Path(src).is_file()):
+            # the output will get external data too: vet the default name before any work
+            check_output_path(self.out, force=force, inputs=inputs, data_location=f"{self.out.name}.data")
         check_output_path(self.out, force=force, inputs=inputs, data_location=data_location)
         self.inputs = tuple(map(Path, inputs))
         self.force = force

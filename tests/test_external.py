@@ -107,6 +107,13 @@ def test_input_data_file_never_touched(ext_input, tmp_path, capsys):
     assert code == 2 and "input's data file" in err
     code, _, err = cli(capsys, "optimize", ext_input, ext_input.parent / "o.onnx", "--save-external-data", "in.onnx")
     assert code == 2 and "input model" in err
+    # the default name (<output>.data) is vetted up front too
+    other = ext_input.parent / "other.onnx"
+    onnx.save(graphs.mlp_model(16, 32), other, save_as_external_data=True, location="o.onnx.data", size_threshold=0)
+    code, _, err = cli(capsys, "optimize", other, ext_input.parent / "o.onnx", "--rank", "2")
+    assert code == 2 and "input's data file" in err, err
+    other.unlink()
+    (ext_input.parent / "o.onnx.data").unlink()
     assert sorted(os.listdir(ext_input.parent)) == ["in.onnx", "w.bin"]
     # a different folder, the same data-file name: fine, and the input's file is untouched
     out = tmp_path / "o.onnx"
