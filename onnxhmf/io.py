@@ -23,7 +23,6 @@ from .external import TensorStore, needs_external_data, write_model
 __all__ = ["load_model", "save_model", "max_ir_version_for_onnxruntime", "model_file_bytes", "OutputStage",
            "external_data_paths", "check_model_path"]
 
-_TWO_GB = 2**31
 MIN_OPSET = 7  # Gemm/MatMul broadcasting semantics the rewrites rely on
 
 
