@@ -189,10 +189,10 @@ def main() -> None:
     print()
     print(f"onnxhmf optimize (--rank {args.rank} on the synthetic model, default --keep 0.75 on MiniLM); fresh process each; "
           f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}")
-    print(H.table(["model", "variant", "in MB", "out MB", "wall s", "peak RSS MB", "RSS / model size", "exit"], rows))
+    print(H.table(["model", "variant", "in MB", "out MB", "wall s", "peak RSS MiB", "RSS / model size", "exit"], rows))
     print()
     print("bare onnxruntime session on the synthetic model (create + one run of 1×16 tokens)")
-    print(H.table(["session option", "wall s", "peak RSS MB", "RSS / model size"], ort_rows))
+    print(H.table(["session option", "wall s", "peak RSS MiB", "RSS / model size"], ort_rows))
 
 
 if __name__ == "__main__":
