@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Iterable
@@ -13,10 +14,24 @@ import onnx
 from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .graph.index import GraphIndex
-from .external import TensorStore, external_tensors, inline_external
+from .external import TensorStore, external_tensors, inline_external, needs_external_data
 from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
+from .calibration import Calibration, load_calibration
+from .capture import capture_stats
+from .graph.sites import find_weight_groups
+from .passes.calibrated import (
+    calibration_targets,
+    candidate_groups,
+    fidelity,
+    measure_sensitivities,
+    plan_keeps,
+    reference_outputs,
+    site_levels,
+)
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
+from .passes.storage_ae import StorageAEPass
+from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
@@ -68,7 +83,18 @@ def optimize(
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = DEFAULT_MIN_COSINE,
     seed: int = 0,
+    ae_options: dict | None = None,
+    storage_ae: dict | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    calib: str | os.PathLike | Calibration | None = None,
+    calib_samples: int = 256,
+    calib_seq_len: int = 128,
+    calib_batch: int = 16,
+    allocation: str = "auto",
+    min_fidelity: float | None = None,
+    sequential: bool = False,
+    share_bases: bool = False,
+    damp: float = DEFAULT_DAMP,
     _stage: OutputStage | None = None,
     _save: tuple[bool | None, int] = (None, 1024),
 ) -> tuple[onnx.ModelProto, Report]:
@@ -78,7 +104,19 @@ def optimize(
     baseline); ``embedding_method`` overrides it for Gather tables ("svd", "hmf", "prune",
     "skip"). ``token_freq``: per-token counts for the largest embedding table (HMF keeps the
     frequent tokens' rows dense); or a path: an .npz of token ids, or text with ``tokenizer``.
-    ``fold``: fold HMF output permutations into consumers.
+    ``fold``: fold HMF output permutations into consumers. ``ae_options``: EmbeddingAEConfig
+    fields for ``embedding_method="ae"``. ``storage_ae``: StorageAEPass fields (``include``,
+    ``keep``, ``options``): those weights get a shared storage autoencoder instead.
+
+    Calibration (``calib``: an .npz of feeds, a folder of them, or text with ``tokenizer``)
+    makes every factorization data-aware (whitened by the Gram matrix of the activations each
+    weight multiplies; embedding rows weighted by token frequency). ``allocation``: "measured"
+    (the default with calibration) spends the global budget keep·Σ m·n where the measured
+    end-to-end loss is lowest; "uniform" gives every weight the same keep. ``min_fidelity``:
+    the smallest keep whose model reaches this cosine on held-out calibration batches.
+    ``sequential``: calibrate each stage of sites on the already-compressed model.
+    ``share_bases``: LMF weights that read the same activation (Q, K, V) share one first
+    factor where that lowers the predicted error at the same parameter count.
 
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
@@ -108,8 +146,16 @@ def optimize(
         if rows == 0:
             raise OnnxHmfError("--token-freq given, but the model has no embedding table")
         token_freq = token_counts(token_freq, rows, tokenizer)
+    if allocation not in ("auto", "uniform", "measured"):
+        raise OnnxHmfError(f"allocation must be auto, uniform or measured, got {allocation!r}")
+    if calib is None and (allocation == "measured" or min_fidelity is not None or sequential):
+        raise OnnxHmfError("--allocate measured, --min-fidelity and --sequential need calibration data (--calib)")
+    if min_fidelity is not None and rank is not None:
+        raise OnnxHmfError("--min-fidelity searches the size; it does not combine with --rank")
     try:
-        selection = SiteSelection(list(include), list(exclude), min_params)
+        spass = StorageAEPass(seed=seed, **storage_ae) if storage_ae else None
+        taken = sorted(spass.names(work)) if spass else []
+        selection = SiteSelection(list(include), list(exclude) + [f"^{re.escape(n)}$" for n in taken], min_params)
         fpass = FactorizePass(
             method=method,
             embedding_method=embedding_method,
@@ -118,12 +164,23 @@ def optimize(
             rank_multiple=rank_multiple,
             selection=selection,
             token_freq=None if token_freq is None else np.asarray(token_freq),
-            fold=fold,
+            fold=fold and not sequential,
             seed=seed,
             store=store,
+            ae_options=dict(ae_options or {}),
+            damp=damp,
+            share_bases=share_bases,
         )
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise OnnxHmfError(str(e)) from None
+    if store is not None and (calib is not None or spass is not None):
+        # calibration runs the proto in onnxruntime and the storage AE reads weights from it:
+        # both need every weight inline (no lazy reads, no spilled factors)
+        if had_external:
+            if needs_external_data(work):
+                raise OnnxHmfError("--calib and the storage autoencoder need the model in memory: not supported past 2 GB")
+            inline_external(work, store)
+        store.spill_dir = None
     report.settings = {
         "method": method,
         "embedding_method": embedding_method,
@@ -136,6 +193,12 @@ def optimize(
         "exclude": list(exclude),
         "min_params": min_params,
         "seed": seed,
+        **({"ae_options": dict(ae_options)} if ae_options else {}),
+        **({"storage_ae": {k: v for k, v in storage_ae.items()}} if storage_ae else {}),
+        "allocation": allocation if calib is not None else None,
+        "sequential": sequential or None,
+        "share_bases": share_bases or None,
+        "min_fidelity": min_fidelity,
     }
     report.params_before = count_params(work)
     if report.bytes_before is None:
@@ -154,8 +217,24 @@ def optimize(
         ref = run_onnxruntime(report.input_path or src, feeds, prepack=False)
         report.timings["reference_run_s"] = time.perf_counter() - t
 
+    progress = progress or (lambda it: it)
+    cal = None
+    if calib is not None:
+        keep, cal = _calibrate(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
+                          allocation, min_fidelity, keep, rank, progress)
     t = time.perf_counter()
-    report.sites = fpass.run(work, progress or (lambda it: it))
+    fpass.notes.clear()
+    if sequential:
+        report.sites = _run_sequential(work, fpass, cal, progress)
+    else:
+        report.sites = fpass.run(work, progress)
+    report.notes.extend(fpass.notes)
+    if spass is not None:  # its reports replace the other pass's for the weights it took or skipped
+        ssites = spass.run(work)
+        done = {s.weight for s in report.sites if s.status == "rewritten"}
+        ssites = [s for s in ssites if s.weight not in done]
+        names = {s.weight for s in ssites}
+        report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
     if not report.rewritten:
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
@@ -223,6 +302,105 @@ def _check_written(path: Path, input_path: str | None) -> None:
             check_model_path(path, what=what)
             return
         raise
+def _calibrate(work, fpass, report, calib, tokenizer, samples, seq_len, batch, allocation, min_fidelity, keep, rank,
+               progress) -> tuple[float | None, Calibration]:
+    """Capture statistics into ``fpass``; plan per-group keeps (measured allocation, or the
+    smallest keep meeting ``min_fidelity``). Returns (the keep used, the fitting data)."""
+    t = time.perf_counter()
+    cal = calib if isinstance(calib, Calibration) else load_calibration(
+        calib, work, tokenizer=tokenizer, samples=samples, seq_len=seq_len, batch_size=batch)
+    held = None
+    if min_fidelity is not None:
+        cal, held = cal.split(0.25)
+    groups = candidate_groups(fpass, find_weight_groups(GraphIndex(work)))
+    acts, idx = calibration_targets(groups)
+    fpass.stats = capture_stats(work, cal, acts, idx, progress=progress)
+    report.timings["calibration_s"] = time.perf_counter() - t
+    info = {"source": cal.source, "samples": cal.samples, "tokens": cal.tokens, "activations": len(acts),
+            "gram_bytes": int(sum(g.nbytes for g in fpass.stats.grams.values()))}
+    measured = allocation == "measured" or (allocation == "auto" and rank is None)
+    if measured and rank is None and groups:
+        t = time.perf_counter()
+        sens = measure_sensitivities(work, fpass, groups, cal, progress=progress)
+        shapes = {g.name: g.shape for g in groups}
+        report.timings["sensitivity_s"] = time.perf_counter() - t
+        if min_fidelity is not None:
+            t = time.perf_counter()
+            keep, reached, tried = _search_keep(work, fpass, sens, shapes, held, min_fidelity)
+            report.timings["fidelity_search_s"] = time.perf_counter() - t
+            info.update({"min_fidelity": min_fidelity, "keep_found": keep, "heldout_fidelity": reached,
+                         "heldout_samples": held.samples, "search": tried})
+            report.notes.append(f"--min-fidelity {min_fidelity}: keep {keep:.3f} of the compressible parameters reaches "
+                                f"cosine {reached:.4f} on {held.samples} held-out calibration samples")
+        fpass.keeps = plan_keeps(sens, shapes, keep)
+        info["allocation"] = "measured"
+        info["dense_by_allocation"] = sorted(n for n, k in fpass.keeps.items() if k >= 1.0)
+    else:
+        info["allocation"] = "uniform"
+    report.settings["calibration"] = info
+    return keep, cal
+
+
+def _search_keep(work, fpass, sens, shapes, held, target) -> tuple[float, float, list]:
+    """Bisection on the global keep for the smallest model whose held-out fidelity ≥ target."""
+    refs = reference_outputs(work, held)
+
+    def trial(k: float) -> float:
+        m = onnx.ModelProto()
+        m.CopyFrom(work)
+        saved = fpass.keeps
+        fpass.keeps = plan_keeps(sens, shapes, k)
+        try:
+            fpass.run(m)
+        finally:
+            fpass.keeps = saved
+        return fidelity(m, refs, held)
+
+    lo, hi, best = 0.0, 1.0, 1.0
+    tried = []
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        f = trial(mid)
+        tried.append([round(mid, 4), round(f, 5)])
+        if f >= target:
+            hi, best = mid, f
+        else:
+            lo = mid
+    if hi >= 1.0:
+        raise OnnxHmfError(f"no compressed model reaches --min-fidelity {target} on held-out calibration data "
+                           f"(best tried: keep {tried[-1][0]} gives {tried[-1][1]})")
+    return hi, best, tried
+
+
+SEQUENTIAL_STAGES = 8  # at most this many calibration passes (each runs the model twice)
+
+
+def _run_sequential(work, fpass, cal, progress, stages: int = SEQUENTIAL_STAGES):
+    """Stage by stage, each stage calibrated on the model compressed so far, with the cross
+    term against the original model's activations (sequential least squares). The site levels
+    (site_levels) are cut into at most ``stages`` consecutive bands: one band is one pass over
+    the calibration data."""
+    original = onnx.ModelProto()
+    original.CopyFrom(work)
+    groups = find_weight_groups(GraphIndex(work))
+    todo = candidate_groups(fpass, groups)
+    levels = site_levels(work, todo)
+    distinct = sorted(set(levels.values()))
+    per = max(1, -(-len(distinct) // stages))
+    band = {lvl: i // per for i, lvl in enumerate(distinct)}
+    sites = []
+    for b in progress(sorted(set(band.values()))):
+        stage = [g for g in todo if band[levels[g.name]] == b]
+        acts, idx = calibration_targets(stage)
+        changed = any(s.status == "rewritten" for s in sites)  # else X_c = X_o: plain whitening
+        fpass.stats = capture_stats(work, cal, acts, idx, reference=original if changed else None)
+        fpass.only = {g.name for g in stage}
+        sites += fpass.run(work)
+    fpass.only = {g.name for g in groups} - {g.name for g in todo}
+    sites += fpass.run(work)  # the skipped ones, for the report
+    fpass.only = None
+    order = {g.name: i for i, g in enumerate(groups)}
+    return sorted(sites, key=lambda s: order.get(s.weight, len(order)))
 
 
 def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:

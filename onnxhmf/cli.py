@@ -4,6 +4,7 @@ Every error is one line on stderr: exit 2 for bad input or options, 1 for failed
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,7 +14,10 @@ from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize_file
 from .errors import OnnxHmfError, VerificationError
 from .io import check_output_path
-from .verify import parse_input_shapes, parse_tolerances
+from .plan import plan_optimize
+from .verify import parse_input_shapes, parse_tolerances, verify_models
+from .bench import bench_models
+from .inspect import inspect_model
 
 
 def _progress(quiet: bool):
@@ -24,7 +28,7 @@ def _progress(quiet: bool):
         return _bar(items)
 
     def _bar(items):
-        with click.progressbar(items, label="factorizing", file=sys.stderr, show_pos=True) as bar:
+        with click.progressbar(items, label="working", file=sys.stderr, show_pos=True) as bar:
             yield from bar
 
     return wrap
@@ -41,8 +45,23 @@ def cli():
 @click.argument("output_model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--method", type=click.Choice(["lmf", "hmf", "prune"]), default="lmf", show_default=True,
               help="Linear sites: lmf = truncated SVD, hmf = hybrid dense + low rank, prune = magnitude pruning (baseline).")
-@click.option("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip"]), default=None,
-              help="Embedding tables (Gather): default follows --method (lmf -> svd).")
+@click.option("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip", "ae"]), default=None,
+              help="Embedding tables (Gather): default follows --method (lmf -> svd); ae = trained autoencoder.")
+@click.option("--ae-decoder", type=click.Choice(["linear", "nonlinear"]), default=None, help="AE: decoder [default: linear].")
+@click.option("--ae-activation", type=click.Choice(["relu", "leakyrelu", "tanh"]), default=None,
+              help="AE: nonlinear decoder's activation [default: relu].")
+@click.option("--ae-hidden", type=click.IntRange(min=1), default=None, help="AE: nonlinear decoder's hidden width [default: 2k].")
+@click.option("--ae-init", type=click.Choice(["svd", "random"]), default=None, help="AE: initialisation [default: svd].")
+@click.option("--ae-epochs", type=click.IntRange(min=0), default=None, help="AE: training epochs [default: 30].")
+@click.option("--ae-batch-size", type=click.IntRange(min=1), default=None, help="AE: rows per batch [default: 32].")
+@click.option("--ae-lr", type=click.FloatRange(0, min_open=True), default=None, help="AE: Adam learning rate [default: 1e-3].")
+@click.option("--ae-loss-weights", default=None, metavar="WCOS,WMAG",
+              help="AE: weights of the direction and |error|^alpha terms [default: 0.1995,0.0025].")
+@click.option("--storage-ae-include", multiple=True, metavar="REGEX",
+              help="Storage AE: weights (by name) to rebuild from codes and a decoder shared per shape and role (repeatable).")
+@click.option("--storage-ae-keep", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, show_default=True,
+              help="Storage AE: fraction of each group's parameters kept (codes, norms, decoder).")
+@click.option("--storage-ae-epochs", type=click.IntRange(min=0), default=None, help="Storage AE: training epochs [default: 60].")
 @click.option("--token-freq", type=click.Path(path_type=Path), default=None,
               help="Token frequencies for embedding HMF: an .npz of token ids, or a text file with --tokenizer.")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for --token-freq text.")
@@ -67,6 +86,23 @@ def cli():
 @click.option("--force", is_flag=True, help="Overwrite an existing output, and write it even if verification fails.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the report as JSON.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration data: an .npz of input feeds, a folder of .npz files, or a text file (with --tokenizer). "
+                   "Makes every factorization data-aware (whitened by the layer's activations).")
+@click.option("--calib-samples", type=click.IntRange(min=2), default=256, show_default=True, help="Calibration rows (sentences or windows) to use.")
+@click.option("--calib-seq-len", type=click.IntRange(min=1), default=128, show_default=True, help="Tokens per calibration sample (text).")
+@click.option("--calib-batch", type=click.IntRange(min=1), default=16, show_default=True, help="Calibration rows per onnxruntime run.")
+@click.option("--allocate", "allocation", type=click.Choice(["auto", "uniform", "measured"]), default="auto", show_default=True,
+              help="How --keep is spread over weights: measured = by each weight's measured end-to-end loss (default with --calib); "
+                   "uniform = the same keep for every weight.")
+@click.option("--min-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COSINE",
+              help="With --calib: the smallest model whose outputs keep this mean cosine on held-out calibration data.")
+@click.option("--sequential", is_flag=True, help="With --calib: calibrate each stage of layers on the already-compressed model.")
+@click.option("--share-bases", is_flag=True,
+              help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that "
+                   "lowers the predicted error at the same size.")
+@click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True,
+              help="Whitening damping, as a fraction of the mean activation energy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("--save-external-data", "save_external_data", is_flag=False, flag_value="", default=None, metavar="[LOCATION]",
               help="Store weights in a data file next to the output (default name: <output>.data). "
@@ -74,23 +110,40 @@ def cli():
 @click.option("--external-data-size-threshold", type=click.IntRange(min=0), default=1024, show_default=True, metavar="BYTES",
               help="With external data: tensors of at least this many bytes go to the data file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
-def optimize(input_model, output_model, method, embedding_method, token_freq, tokenizer, no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
-             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, seed, save_external_data,
-             external_data_size_threshold, quiet):
+@click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
+def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
+             ae_batch_size, ae_lr, ae_loss_weights, storage_ae_include, storage_ae_keep, storage_ae_epochs, token_freq, tokenizer,
+             no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
+             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
+             allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
+             quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
     if rank is None and keep is None:
         keep = DEFAULT_KEEP
-    if report_path is not None:
+    if min_fidelity is not None and rank is not None:
+        raise click.UsageError("--min-fidelity searches the size; give it without --rank")
+    if report_path is not None and not dry_run:
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(
         method=method, embedding_method=embedding_method, token_freq=token_freq, tokenizer=tokenizer, fold=not no_fold,
         keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
         verify=not no_verify, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
-        seed=seed, progress=_progress(quiet),
+        seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+        calib_batch=calib_batch, allocation=allocation, min_fidelity=min_fidelity, sequential=sequential, share_bases=share_bases, damp=damp,
+        ae_options=_ae_options(ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs, ae_batch_size, ae_lr, ae_loss_weights),
+        storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
+                     "options": {} if storage_ae_epochs is None else {"epochs": storage_ae_epochs}}
+                    if storage_ae_include else None),
     )
+    if dry_run:  # nothing is written, --report included
+        click.echo(plan_optimize(input_model, **kwargs).format())
+        if calib is not None:
+            click.echo("note: with --calib the ranks are allocated from measurements on the data; this is the uniform "
+                       "plan (--allocate uniform)")
+        return
     try:
         report = optimize_file(input_model, output_model, force=force, force_on_failure=force,
                                save_external_data=save_external_data,
@@ -106,6 +159,107 @@ def optimize(input_model, output_model, method, embedding_method, token_freq, to
         click.echo(f"wrote {output_model}")
     if report_path is not None:
         _write_text(report_path, report.to_json())
+
+
+def _ae_options(decoder, activation, hidden, init, epochs, batch_size, lr, loss_weights) -> dict:
+    opts = dict(decoder=decoder, activation=activation, hidden=hidden, init=init, epochs=epochs, batch_size=batch_size, lr=lr)
+    if loss_weights is not None:
+        try:
+            w_cos, w_mag = (float(v) for v in loss_weights.split(","))
+        except ValueError:
+            raise click.UsageError(f"--ae-loss-weights wants two numbers WCOS,WMAG, got {loss_weights!r}") from None
+        opts.update(w_cos=w_cos, w_mag=w_mag)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--keep", type=click.FloatRange(0, 1, min_open=True), default=DEFAULT_KEEP, show_default=True,
+              help="Report the size `optimize --keep F` (lmf) would reach.")
+@click.option("--full-spectrum", is_flag=True,
+              help="Also compute spectra of huge weights (short side > 4096 or > 50M elements).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(model, keep, full_spectrum, as_json):
+    """List MODEL's compressible sites with their spectral ranks and the size at --keep."""
+    result = inspect_model(model, keep=keep, full_spectrum=full_spectrum)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, metavar="REF [CAND]", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--inputs", "inputs_npz", type=click.Path(path_type=Path), default=None, help="Inputs: an .npz keyed by input name.")
+@click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="Text file: inputs from its first lines (needs --tokenizer).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for --calib.")
+@click.option("--atol", multiple=True, metavar="[OUT:]VAL", help="Absolute tolerance, for all outputs or one (repeatable).")
+@click.option("--rtol", multiple=True, metavar="[OUT:]VAL", help="Relative tolerance, for all outputs or one (repeatable).")
+@click.option("--check-error-stat", multiple=True, metavar="[OUT:]STAT",
+              help="What --atol/--rtol bound: elementwise (default), max, mean, median or quantile (repeatable, per output).")
+@click.option("--error-quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.99, show_default=True,
+              help="The quantile reported and checked by --check-error-stat quantile.")
+@click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail if an output's mean cosine is below this.")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k for top-k agreement of logits-like outputs.")
+@click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["ort", "reference"]),
+              help="Run CAND on onnxruntime (ort, default) and/or onnx.reference (repeatable).")
+@click.option("--save-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Save the inputs and REF's outputs to an .npz (golden outputs).")
+@click.option("--load-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Compare CAND with golden outputs saved by --save-outputs instead of running REF.")
+@click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the result as JSON.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check_error_stat, error_quantile, min_cosine,
+           top_k, runtimes, save_outputs, load_outputs, json_path, seed):
+    """Compare CAND's outputs with REF's on the same inputs; exit 1 when a tolerance is missed.
+
+    \b
+    onnxhmf verify REF CAND                         compare
+    onnxhmf verify REF --save-outputs golden.npz    save inputs and REF's outputs
+    onnxhmf verify CAND --load-outputs golden.npz   compare with them instead of running REF
+    """
+    if len(models) > 2:
+        raise click.UsageError("give REF and CAND (two models at most)")
+    if load_outputs is not None:
+        if len(models) != 1:
+            raise click.UsageError("with --load-outputs give only CAND")
+        ref, cand = None, models[0]
+    elif len(models) == 1:
+        if save_outputs is None:
+            raise click.UsageError("give REF and CAND, or one model with --save-outputs or --load-outputs")
+        ref, cand = models[0], None
+    else:
+        ref, cand = models
+    for p in (save_outputs, json_path):
+        if p is not None:
+            check_output_path(p, force=True, inputs=tuple(models))
+    stats = {}
+    for spec in check_error_stat:
+        name, _, val = spec.rpartition(":")
+        stats[name] = val
+    report = verify_models(
+        ref, cand, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes), calib=calib, tokenizer=tokenizer,
+        load_outputs=load_outputs, save_outputs=save_outputs, runtimes=tuple(runtimes) or ("ort",),
+        atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
+        check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed)
+    click.echo(report.format())
+    if json_path is not None:
+        _write_text(json_path, report.to_json())
+    if report.passed is False:
+        raise VerificationError("verification failed: " + "; ".join(report.failures))
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs of each model first.")
+@click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs of each model.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads [default: ort's].")
+@click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
+    """Size, parameters and CPU latency of MODELS side by side, with ratios to the first."""
+    result = bench_models(list(models), warmup=warmup, iterations=iterations, threads=threads,
+                          input_shapes=parse_input_shapes(input_shapes), seed=seed)
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
 
 
 def _write_text(path: Path, text: str) -> None:

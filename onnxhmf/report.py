@@ -35,6 +35,20 @@ class OutputStats:
     snr_db: float | None
     top1: float | None = None  # fraction of positions whose argmax agrees (logits-like outputs)
     exact_match: float | None = None  # fraction of equal elements (integer/bool outputs)
+    # error distribution (float outputs): abs = |r − c|, rel = |r − c| / max(|r|, tiny)
+    mean_abs: float | None = None
+    median_abs: float | None = None
+    quantile_abs: float | None = None  # the ``quantile`` quantile (default p99)
+    mean_rel: float | None = None
+    median_rel: float | None = None
+    quantile_rel: float | None = None
+    quantile: float | None = None
+    topk: float | None = None  # mean overlap |top-k(r) ∩ top-k(c)| / k per position (logits-like outputs)
+    k: int | None = None
+
+    def error_stat(self, stat: str, kind: str) -> float | None:
+        """The ``stat`` (max|mean|median|quantile) of the ``kind`` (abs|rel) error."""
+        return getattr(self, f"{stat}_{kind}")
 
 
 @dataclass
@@ -139,3 +153,45 @@ def _table(header: tuple, rows: list[tuple]) -> list[str]:
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*r) for r in rows]
     return [line.rstrip() for line in out]
+
+
+@dataclass
+class VerifyReport:
+    """What ``onnxhmf verify`` found: per runtime, per output statistics of CAND against REF."""
+
+    reference: str
+    candidate: str | None
+    runtimes: list[str] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)
+    results: dict[str, list[OutputStats]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    passed: bool | None = None  # None: nothing compared (only --save-outputs)
+    saved: str | None = None
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return Report.to_dict(self)  # same cleaning of inf/nan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def format(self) -> str:
+        lines = [f"inputs: " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.inputs.items())]
+        for rt, stats in self.results.items():
+            lines.append(f"{self.candidate} on {rt} vs {self.reference}:")
+            q = next((s.quantile for s in stats if s.quantile is not None), 0.99)
+            ql = f"p{100 * q:g}"
+            rows = [(o.name, "x".join(map(str, o.shape)), _g(o.max_abs), _g(o.mean_abs), _g(o.median_abs),
+                     _g(o.quantile_abs), _g(o.max_rel), _g(o.mean_rel), _g(o.median_rel), _g(o.quantile_rel),
+                     _g(o.mean_cosine, ".6f"), _g(o.snr_db, ".1f"),
+                     _g(o.top1, ".4f") if o.top1 is not None else (_g(o.exact_match, ".4f") if o.exact_match is not None else "-"),
+                     _g(o.topk, ".4f"))
+                    for o in stats]
+            k = next((s.k for s in stats if s.k is not None), None)
+            lines += _table(("output", "shape", "max abs", "mean abs", "med abs", f"{ql} abs", "max rel", "mean rel",
+                             "med rel", f"{ql} rel", "cosine", "SNR dB", "top1/eq", f"top{k or 'k'}"), rows)
+        if self.saved:
+            lines.append(f"saved inputs and reference outputs to {self.saved}")
+        if self.passed is not None:
+            lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
+        return "\n".join(lines)

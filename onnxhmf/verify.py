@@ -28,6 +28,7 @@ __all__ = [
     "run_onnxruntime",
     "compare_outputs",
     "check_outputs",
+    "ERROR_STATS",
     "DEFAULT_BATCH",
     "DEFAULT_SEQUENCE",
 ]
@@ -185,7 +186,19 @@ def _is_logits(name: str, arr: np.ndarray, vocab_sizes: set[int]) -> bool:
     return arr.ndim >= 1 and arr.shape[-1] > 1 and ("logit" in name.lower() or arr.shape[-1] in vocab_sizes)
 
 
-def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], vocab_sizes: set[int] = frozenset()) -> list[OutputStats]:
+def _topk_overlap(r: np.ndarray, c: np.ndarray, k: int) -> float:
+    """Mean over rows of |top-k(r) ∩ top-k(c)| / k (rows along the last axis)."""
+    k = min(k, r.shape[-1])
+    rr, cc = r.reshape(-1, r.shape[-1]), c.reshape(-1, c.shape[-1])
+    tr = np.argpartition(-rr, k - 1, axis=-1)[:, :k]
+    tc = np.argpartition(-cc, k - 1, axis=-1)[:, :k]
+    hits = [np.intersect1d(a, b, assume_unique=True).size for a, b in zip(tr, tc)]
+    return float(np.mean(hits) / k) if hits else 1.0
+
+
+def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], vocab_sizes: set[int] = frozenset(),
+                    *, quantile: float = 0.99, top_k: int = 5) -> list[OutputStats]:
+    """Per-output error statistics of ``cand`` against ``ref`` (see the module docstring)."""
     stats = []
     for name, r in ref.items():
         if name not in cand:
@@ -201,8 +214,16 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], voc
         r64, c64 = r.astype(np.float64), c.astype(np.float64)
         d = np.abs(r64 - c64)
         tiny = np.finfo(np.float64).tiny
-        max_abs = float(d.max()) if d.size else 0.0
-        max_rel = float((d / np.maximum(np.abs(r64), tiny)).max()) if d.size else 0.0
+        rel = d / np.maximum(np.abs(r64), tiny)
+        if d.size:
+            fa, fr = d.ravel(), rel.ravel()
+            max_abs, max_rel = float(fa.max()), float(fr.max())
+            dist = dict(mean_abs=float(fa.mean()), median_abs=float(np.median(fa)),
+                        quantile_abs=float(np.quantile(fa, quantile)), mean_rel=float(fr.mean()),
+                        median_rel=float(np.median(fr)), quantile_rel=float(np.quantile(fr, quantile)))
+        else:
+            max_abs = max_rel = 0.0
+            dist = dict(mean_abs=0.0, median_abs=0.0, quantile_abs=0.0, mean_rel=0.0, median_rel=0.0, quantile_rel=0.0)
         rows_r = r64.reshape(-1, r64.shape[-1]) if r64.ndim else r64.reshape(1, 1)
         rows_c = c64.reshape(rows_r.shape)
         nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
@@ -211,11 +232,17 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], voc
         noise = float(np.sum(d**2))
         signal = float(np.sum(r64**2))
         snr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
-        top1 = None
-        if _is_logits(name, r, vocab_sizes):
+        top1 = topk = None
+        if _is_logits(name, r, vocab_sizes) and r.size:
             top1 = float(np.mean(np.argmax(r64, -1) == np.argmax(c64, -1)))
-        stats.append(OutputStats(name, r.shape, max_abs, max_rel, float(np.mean(cos)), snr, top1=top1))
+            topk = _topk_overlap(r64, c64, top_k)
+        stats.append(OutputStats(name, r.shape, max_abs, max_rel, float(np.mean(cos)) if cos.size else 1.0, snr,
+                                 top1=top1, quantile=quantile, topk=topk, k=min(top_k, r.shape[-1]) if topk is not None else None,
+                                 **dist))
     return stats
+
+
+ERROR_STATS = ("elementwise", "max", "mean", "median", "quantile")
 
 
 def check_outputs(
@@ -226,23 +253,262 @@ def check_outputs(
     atol: dict[str, float] | None = None,
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = None,
+    check_error_stat: str | dict[str, str] = "elementwise",
 ) -> list[str]:
-    """Failures, one string per broken tolerance (empty when everything passes)."""
+    """Failures, one string per broken tolerance (empty when everything passes).
+
+    ``check_error_stat`` (one for all outputs, or {output or "": stat}) picks what atol/rtol
+    bound. "elementwise": every element must satisfy |r − c| ≤ atol + rtol·|r|. "max", "mean",
+    "median", "quantile": that statistic of the abs error must be ≤ atol, or that of the rel error
+    ≤ rtol (as in Polygraphy, either suffices when both are given; a missing one does not count).
+    """
     atol, rtol = atol or {}, rtol or {}
-    for opt, tol in (("--atol", atol), ("--rtol", rtol)):
+    stat_of = check_error_stat if isinstance(check_error_stat, dict) else {"": check_error_stat}
+    stat_of = {k: "elementwise" if v == "elemwise" else v for k, v in stat_of.items()}  # Polygraphy's spelling
+    for opt, tol in (("--atol", atol), ("--rtol", rtol), ("--check-error-stat", stat_of)):
         unknown = set(tol) - {""} - set(ref)
         if unknown:
             raise OnnxHmfError(f"{opt} names unknown output(s) {sorted(unknown)}; outputs are {list(ref)}")
+    for v in stat_of.values():
+        if v not in ERROR_STATS:
+            raise OnnxHmfError(f"--check-error-stat {v!r}: expected one of {', '.join(ERROR_STATS)}")
     failures = []
     for s in stats:
         a = atol.get(s.name, atol.get(""))
         r = rtol.get(s.name, rtol.get(""))
-        if a is not None or r is not None:
+        stat = stat_of.get(s.name, stat_of.get("", "elementwise"))
+        if (a is not None or r is not None) and stat == "elementwise":
             x, y = ref[s.name].astype(np.float64), cand[s.name].astype(np.float64)
             excess = np.abs(x - y) - ((a or 0.0) + (r or 0.0) * np.abs(x))
             bad = int(np.count_nonzero(excess > 0))
             if bad:
                 failures.append(f"{s.name}: {bad}/{x.size} elements outside atol={a or 0} rtol={r or 0} (max abs {s.max_abs:.3g})")
+        elif a is not None or r is not None:
+            va = s.error_stat(stat, "abs") if s.mean_abs is not None or stat == "max" else s.max_abs
+            vr = s.error_stat(stat, "rel") if s.mean_rel is not None or stat == "max" else s.max_rel
+            ok_a = a is not None and va is not None and va <= a
+            ok_r = r is not None and vr is not None and vr <= r
+            if not (ok_a or ok_r):
+                label = f"p{100 * s.quantile:g}" if stat == "quantile" and s.quantile is not None else stat
+                parts = ([f"{label} abs error {va:.3g} > atol {a}"] if a is not None else []) + (
+                    [f"{label} rel error {vr:.3g} > rtol {r}"] if r is not None else [])
+                failures.append(f"{s.name}: " + " and ".join(parts))
         if min_cosine is not None and s.mean_cosine is not None and s.mean_cosine < min_cosine:
             failures.append(f"{s.name}: mean cosine {s.mean_cosine:.5f} < --min-cosine {min_cosine}")
     return failures
+
+
+# ------------------------------------------------------------------------ verify REF CAND
+
+RUNTIMES = ("ort", "reference")
+CALIB_MAX_BATCH = 8
+CALIB_MAX_SEQUENCE = 128
+_TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def run_reference(model: onnx.ModelProto | str | os.PathLike, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run with onnx.reference.ReferenceEvaluator (pure numpy, slow, independent of onnxruntime)."""
+    from onnx.reference import ReferenceEvaluator
+
+    if not isinstance(model, onnx.ModelProto):
+        from .io import load_model
+
+        model = load_model(model, check=False)
+    try:
+        sess = ReferenceEvaluator(model)
+        outs = sess.run(None, feeds)
+    except Exception as e:
+        msg = re.sub(r"\s+", " ", str(e)).strip()
+        raise OnnxHmfError(f"onnx.reference failed: {type(e).__name__}: {msg[:400]}") from None
+    return {o.name: np.asarray(v) for o, v in zip(model.graph.output, outs)}
+
+
+def run_runtime(runtime: str, model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if runtime == "ort":
+        return run_onnxruntime(model, feeds)
+    if runtime == "reference":
+        return run_reference(model, feeds)
+    raise OnnxHmfError(f"unknown runtime {runtime!r}; expected one of {', '.join(RUNTIMES)}")
+
+
+def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str | os.PathLike | None,
+                 shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Feeds for a text model from the first lines of ``text``, tokenized with ``tokenizer``.
+
+    input_ids (padded with 0 to the longest line, at most CALIB_MAX_SEQUENCE tokens; batch = at
+    most CALIB_MAX_BATCH lines), attention_mask (1 on tokens, 0 on padding) and token_type_ids
+    (0). ``shapes["input_ids"] = [B, S]`` fixes the batch and the (padded) length. Other inputs
+    are generated as by make_inputs.
+    """
+    if tokenizer is None:
+        raise OnnxHmfError("--calib needs --tokenizer tokenizer.json")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
+    p = Path(text)
+    if not p.is_file():
+        raise OnnxHmfError(f"--calib {str(p)!r}: no such file")
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as e:
+        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r}: cannot load ({e})") from None
+    names = {vi.name: vi for vi in model.graph.input}
+    if "input_ids" not in names:
+        raise OnnxHmfError(f"--calib needs a model with an input_ids input; inputs are {list(names)}")
+    shapes = dict(shapes or {})
+    fixed = shapes.get("input_ids")
+    if fixed is not None and len(fixed) != 2:
+        raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
+    lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        raise OnnxHmfError(f"--calib {str(p)!r}: no text")
+    batch = fixed[0] if fixed else min(len(lines), CALIB_MAX_BATCH)
+    lines = (lines * (batch // len(lines) + 1))[:batch]
+    tok.no_padding()
+    tok.no_truncation()
+    encs = [e.ids for e in tok.encode_batch(lines)]
+    seq = fixed[1] if fixed else min(max(len(e) for e in encs), CALIB_MAX_SEQUENCE)
+    ids = np.zeros((batch, seq), np.int64)
+    mask = np.zeros((batch, seq), np.int64)
+    for i, e in enumerate(encs):
+        e = e[:seq]
+        ids[i, : len(e)] = e
+        mask[i, : len(e)] = 1
+    text_feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    for n in _TEXT_INPUTS:
+        if n in names:
+            shapes[n] = [batch, seq]
+    feeds = make_inputs(model, shapes, seed=seed)
+    for n in _TEXT_INPUTS:
+        if n in feeds:
+            feeds[n] = text_feeds[n].astype(feeds[n].dtype)
+    return feeds
+
+
+def save_golden(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    """Write inputs and outputs to one .npz (keys "input/NAME" and "output/NAME"), atomically."""
+    import tempfile
+
+    out = Path(path)
+    arrays = {f"input/{k}": v for k, v in feeds.items()} | {f"output/{k}": v for k, v in outputs.items()}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.npz", dir=out.parent if str(out.parent) else ".")
+    except OSError as e:
+        raise OnnxHmfError(f"cannot write to {str(out.parent)!r}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise OnnxHmfError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(inputs, outputs) saved by save_golden."""
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise OnnxHmfError(f"--load-outputs {str(p)!r}: no such file") from None
+    except Exception as e:
+        raise OnnxHmfError(f"--load-outputs {str(p)!r}: not a readable .npz ({e})") from None
+    feeds = {k[len("input/"):]: v for k, v in arrays.items() if k.startswith("input/")}
+    outs = {k[len("output/"):]: v for k, v in arrays.items() if k.startswith("output/")}
+    if not outs:
+        raise OnnxHmfError(f"--load-outputs {str(p)!r} holds no outputs (expected keys output/NAME, from --save-outputs)")
+    return feeds, outs
+
+
+def verify_models(
+    ref: str | os.PathLike | None,
+    cand: str | os.PathLike | None,
+    *,
+    inputs: str | os.PathLike | dict[str, np.ndarray] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
+    calib: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
+    load_outputs: str | os.PathLike | None = None,
+    save_outputs: str | os.PathLike | None = None,
+    runtimes: tuple[str, ...] = ("ort",),
+    atol: dict[str, float] | None = None,
+    rtol: dict[str, float] | None = None,
+    min_cosine: float | None = None,
+    check_error_stat: str | dict[str, str] = "elementwise",
+    quantile: float = 0.99,
+    top_k: int = 5,
+    seed: int = 0,
+):
+    """Run ``ref`` (onnxruntime; or take its outputs from ``load_outputs``) and ``cand`` (on
+    each of ``runtimes``) on the same inputs and compare every output.
+
+    Inputs: ``inputs`` (.npz or dict), else the inputs stored with ``load_outputs``, else text
+    (``calib`` + ``tokenizer``), else generated from the signature (``input_shapes``, ``seed``).
+    ``save_outputs`` writes the inputs and the reference outputs (with no ``cand``: only that).
+    Returns a VerifyReport; ``report.passed`` is False when a tolerance is missed.
+    """
+    from .io import load_model
+    from .report import VerifyReport
+
+    if not 0.0 < quantile < 1.0:
+        raise OnnxHmfError(f"--error-quantile must be in (0, 1), got {quantile}")
+    if top_k < 1:
+        raise OnnxHmfError(f"--top-k must be ≥ 1, got {top_k}")
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise OnnxHmfError(f"unknown runtime {rt!r}; expected one of {', '.join(RUNTIMES)}")
+    if ref is None and load_outputs is None:
+        raise OnnxHmfError("give a reference model, or --load-outputs")
+    if ref is not None and load_outputs is not None:
+        raise OnnxHmfError("--load-outputs replaces the reference model: give only the candidate")
+    report = VerifyReport(reference=str(ref) if ref is not None else f"{load_outputs} (saved outputs)",
+                          candidate=None if cand is None else str(cand), runtimes=list(runtimes))
+    golden_feeds, golden_outs = load_golden(load_outputs) if load_outputs is not None else ({}, None)
+    ref_model = load_model(ref) if ref is not None else None
+    cand_model = load_model(cand) if cand is not None else None
+    sig = ref_model if ref_model is not None else cand_model
+    if sig is None:
+        raise OnnxHmfError("nothing to run: give a model")
+    if isinstance(inputs, (str, os.PathLike)):
+        feeds = load_inputs(inputs, sig)
+    elif inputs is not None:
+        feeds = dict(inputs)
+    elif golden_feeds:
+        feeds = golden_feeds
+    elif calib is not None:
+        feeds = calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
+    else:
+        feeds = make_inputs(sig, input_shapes, seed=seed)
+    report.inputs = {k: list(v.shape) for k, v in feeds.items()}
+    if golden_outs is not None:
+        ref_outs = golden_outs
+    else:
+        ref_outs = run_onnxruntime(ref, feeds)
+    if save_outputs is not None:
+        save_golden(save_outputs, feeds, ref_outs)
+        report.saved = str(save_outputs)
+    if cand_model is None:
+        return report
+    from .api import _vocab_sizes  # (api imports this module)
+
+    vocab = set().union(*(_vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
+    cand_names = [o.name for o in cand_model.graph.output]
+    missing = [n for n in ref_outs if n not in cand_names]
+    if missing:
+        raise OnnxHmfError(f"candidate lacks output(s) {missing}; its outputs are {cand_names}")
+    del ref_model, cand_model, sig  # the runtimes load the files themselves: no second copy of the weights
+    for rt in runtimes:
+        outs = run_runtime(rt, cand, feeds)
+        stats = compare_outputs(ref_outs, outs, vocab, quantile=quantile, top_k=top_k)
+        report.results[rt] = stats
+        fails = check_outputs(ref_outs, outs, stats, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                              check_error_stat=check_error_stat)
+        report.failures += [f"[{rt}] {f}" for f in fails] if len(runtimes) > 1 else fails
+    report.passed = not report.failures
+    report.settings = {"atol": atol or {}, "rtol": rtol or {}, "min_cosine": min_cosine,
+                       "check_error_stat": check_error_stat, "quantile": quantile, "top_k": top_k}
+    return report

@@ -160,3 +160,52 @@ def mlp_model(d=32, h=96, seed=0, true_rank=None) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"), numpy_helper.from_array(b1, "b1"),
              numpy_helper.from_array(b2, "b2"), c(np.sqrt(2.0), "sqrt2"), c(1.0, "one"), c(0.5, "half")]
     return model(nodes, [vi("X", ["batch", "seq", d])], [vi("Y", ["batch", "seq", d])], inits)
+
+
+def token_mlp_model(vocab=300, d=32, h=64, seed=0) -> onnx.ModelProto:
+    """ids, attention_mask → Gather(E)·mask → MatMul(W1) → Relu → MatMul(W2) → Y: a tiny text
+    model with anisotropic activations (E's columns span four decades), so data-aware
+    factorization differs from plain SVD."""
+    rng = np.random.default_rng(seed)
+    E = (rng.standard_normal((vocab, d)) * np.logspace(0, -2, d)).astype(np.float32)
+    W1 = matrix(d, h, seed + 1, decay=0.97)
+    W2 = matrix(h, d, seed + 2, decay=0.97)
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["e"], name="embed"),
+        helper.make_node("Cast", ["attention_mask"], ["mf"], name="mask_cast", to=F),
+        helper.make_node("Unsqueeze", ["mf", "axis_last"], ["m3"], name="mask_unsq"),
+        helper.make_node("Mul", ["e", "m3"], ["x"], name="mask_mul"),
+        helper.make_node("MatMul", ["x", "W1"], ["h0"], name="up"),
+        helper.make_node("Relu", ["h0"], ["h1"], name="act"),
+        helper.make_node("MatMul", ["h1", "W2"], ["Y"], name="down"),
+    ]
+    inits = [numpy_helper.from_array(E, "E"), numpy_helper.from_array(W1, "W1"), numpy_helper.from_array(W2, "W2"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axis_last")]
+    I64 = onnx.TensorProto.INT64
+    return model(nodes, [vi("input_ids", ["batch", "seq"], I64), vi("attention_mask", ["batch", "seq"], I64)],
+                 [vi("Y", ["batch", "seq", d])], inits)
+
+
+def token_batches(vocab=300, n=64, seq=12, seed=0, zipf=True) -> dict[str, np.ndarray]:
+    """Calibration feeds for token_mlp_model: Zipf-like ids, ragged lengths, padding masked."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, vocab + 1) if zipf else np.ones(vocab)
+    ids = rng.choice(vocab, size=(n, seq), p=p / p.sum()).astype(np.int64)
+    lengths = rng.integers(3, seq + 1, n)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def qkv_model(d=32, n=32, seed=0, shared_rows: int | None = 8) -> onnx.ModelProto:
+    """Three MatMuls reading one activation X (like Q, K, V). With ``shared_rows`` their
+    weights share a row space of that dimension (W_i = U·C_i + small noise)."""
+    rng = np.random.default_rng(seed)
+    if shared_rows:
+        U = rng.standard_normal((d, shared_rows))
+        Ws = [(U @ rng.standard_normal((shared_rows, n)) + 0.01 * rng.standard_normal((d, n))).astype(np.float32)
+              for _ in range(3)]
+    else:
+        Ws = [matrix(d, n, seed + i) for i in range(3)]
+    nodes = [helper.make_node("MatMul", ["X", f"W{i}"], [f"Y{i}"], name=f"proj{i}") for i in range(3)]
+    inits = [numpy_helper.from_array(W, f"W{i}") for i, W in enumerate(Ws)]
+    return model(nodes, [vi("X", ["batch", "seq", d])], [vi(f"Y{i}", ["batch", "seq", n]) for i in range(3)], inits)

@@ -21,7 +21,7 @@ from .edit import GraphEditor
 from .hybrid import Factors, drop_old_weight
 from .sites import Use, WeightGroup
 
-__all__ = ["factor_orientation", "rewrite_lowrank"]
+__all__ = ["factor_orientation", "rewrite_lowrank", "rewrite_shared_basis", "shareable"]
 
 
 def factor_orientation(group: WeightGroup) -> bool:
@@ -81,3 +81,41 @@ def _rewrite_use(editor: GraphEditor, use: Use, a: str, b: str, sees_f: bool, tr
         mk("Gemm", [x, b], [mid], f"{tag}/lmf/Gemm_0", transB=1),
         mk("Gemm", [mid, a, *c], [y], f"{tag}/lmf/Gemm_1", transB=1, **ab),
     ]
+
+
+def shareable(group: WeightGroup) -> str | None:
+    """The activation a group reads if it can join a shared basis (one plain, untransposed
+    MatMul use of an initializer), else None."""
+    if len(group.uses) != 1 or group.skip_reason is not None:
+        return None
+    u = group.uses[0]
+    if u.kind != "matmul" or u.transposed or u.via_transpose is not None:
+        return None
+    return u.node.input[0]
+
+
+def rewrite_shared_basis(editor: GraphEditor, groups: list[WeightGroup], A: np.ndarray, Bs: list[np.ndarray]) -> int:
+    """Weights that read the same activation X (e.g. Q, K, V) with W_i ≈ A·B_i:
+
+        MatMul(X, W_i)  →  MatMul(MatMul(X, A), B_i)    (one X·A for all of them)
+
+    The shared product is emitted in place of the first use in graph order, so it precedes
+    the others. Returns the stored elements (A once, every B_i)."""
+    first = groups[0]
+    fa = Factors(editor, first)
+    a = fa.add(A, "shared_A")
+    x = first.uses[0].node.input[0]
+    mid = editor.fresh(f"{x}.shared_basis")
+    stored = fa.stored
+    for i, (g, B) in enumerate(zip(groups, Bs)):
+        f = Factors(editor, g)
+        b = f.add(B, "shared_B")
+        stored += f.stored
+        node = g.uses[0].node
+        tag = node.name or node.output[0]
+        new = [editor.node("MatMul", [mid, b], [node.output[0]], f"{tag}/shared/MatMul_1")]
+        if i == 0:
+            new.insert(0, editor.node("MatMul", [x, a], [mid], f"{tag}/shared/MatMul_0"))
+        editor.replace(node, new)
+        drop_old_weight(editor, g)
+    return stored

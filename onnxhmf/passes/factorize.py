@@ -4,7 +4,13 @@ Methods for linear sites (MatMul/Gemm weights): ``lmf`` (truncated SVD), ``hmf``
 dense columns or rows plus a low-rank rest), ``prune`` (magnitude pruning, stored dense
 with zeros, the baseline). Embedding tables (groups with a Gather use) follow the same
 method unless ``embedding_method`` says otherwise (``svd`` = lmf, ``hmf``, ``prune``,
-``skip``). The budget is ``keep``·m·n parameters per group, index maps included.
+``skip``). The budget is ``keep``·m·n parameters per group, index maps included, or the
+group's own keep from ``keeps`` (a measured allocation; 1 keeps it dense).
+
+With calibration ``stats`` (see capture.py) the factorizations are data-aware: each side of
+a weight is weighted by the Gram matrix of the activations that multiply it, and an embedding
+table's rows by token frequency (whiten.py); ``stats.cross`` switches a site to the sequential
+least-squares target.
 """
 from __future__ import annotations
 
@@ -14,14 +20,25 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
+from ..factorize.autoencoder import EmbeddingAEConfig, embedding_ae_rank, frequency_weights, train_embedding_ae
 from ..factorize.hmf import hmf, hmf_fixed
 from ..factorize.prune import magnitude_prune
 from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
+from ..graph.autoencoder import rewrite_embedding_ae
+from ..factorize.whiten import (
+    DEFAULT_DAMP,
+    sequential_target,
+    shared_basis_lmf,
+    token_weights,
+    weighted_lmf,
+    whitened_hmf,
+    whitener,
+)
 from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex
-from ..graph.rewrite import factor_orientation, rewrite_lowrank
+from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..report import SiteReport
 from .select import SiteSelection
@@ -29,7 +46,7 @@ from .select import SiteSelection
 __all__ = ["FactorizePass", "METHODS", "EMBEDDING_METHODS"]
 
 METHODS = ("lmf", "hmf", "prune")
-EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip")
+EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip", "ae")
 
 
 def _report(group: WeightGroup, **kw) -> SiteReport:
@@ -49,6 +66,14 @@ class FactorizePass:
     fold: bool = True
     seed: int = 0
     store: object = None  # onnxhmf.external.TensorStore: lazy weights, factors spilled to disk
+    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for embedding_method "ae"
+    stats: object | None = None  # capture.ActivationStats: data-aware factorization
+    damp: float = DEFAULT_DAMP
+    token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
+    keeps: dict[str, float] | None = None  # per-group keep (allocation); ≥ 1 keeps it dense
+    only: set[str] | None = None  # touch only these groups (sequential stages); others unreported
+    share_bases: bool = False  # LMF weights reading one activation share their first factor
+    notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -63,6 +88,13 @@ class FactorizePass:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
         if self.rank is not None and self.method != "lmf":
             raise ValueError("--rank is only for --method lmf; use --keep")
+        if self.embedding_method == "ae":
+            if self.keep is None:
+                raise ValueError("--embedding-method ae needs --keep, not --rank")
+            try:
+                EmbeddingAEConfig(rank=1, **self.ae_options)
+            except TypeError as e:
+                raise ValueError(f"bad AE option: {e}") from None
         if self.rank_multiple < 1:
             raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
 
@@ -78,22 +110,27 @@ class FactorizePass:
         m, n = group.shape
         if method == "skip":
             return 0, "--embedding-method skip"
+        keep = self.keep
+        if self.keeps is not None and group.name in self.keeps:
+            keep = self.keeps[group.name]
+            if keep >= 1.0:
+                return 0, "the measured allocation keeps it dense"
         if method == "lmf":
             limit = breakeven_rank(m, n)
             if self.rank is not None:
                 r = round_rank(min(self.rank, min(m, n)), self.rank_multiple)
             else:
-                r = rank_for_keep(m, n, self.keep, self.rank_multiple)
+                r = rank_for_keep(m, n, keep, self.rank_multiple)
             if r < 1:
-                return 0, f"keep {self.keep} leaves rank 0 (break-even rank {limit})"
+                return 0, f"keep {keep:.3g} leaves rank 0 (break-even rank {limit})"
             if lmf_params(m, n, r) >= m * n:
                 return 0, f"rank {r} would not save parameters (break-even rank {limit})"
             return r, None
-        budget = int(np.floor(self.keep * m * n + 1e-9))
+        budget = int(np.floor(keep * m * n + 1e-9))
         if budget >= m * n:
-            return 0, f"keep {self.keep} saves nothing"
+            return 0, f"keep {keep:.3g} saves nothing"
         if budget < 1:
-            return 0, f"keep {self.keep} leaves nothing"
+            return 0, f"keep {keep:.3g} leaves nothing"
         return budget, None
 
     # -- the pass -------------------------------------------------------------------------
@@ -106,6 +143,8 @@ class FactorizePass:
         self._done: set[str] = set()
         reports: list[SiteReport] = []
         todo = []
+        if self.only is not None:
+            groups = [g for g in groups if g.name in self.only]
         for group in groups:
             method = self.method_for(group)
             reason = group.skip_reason or self.selection.why_not(group)
@@ -116,6 +155,8 @@ class FactorizePass:
                 reports.append(_report(group, status="skipped", reason=reason))
             else:
                 todo.append((group, method, plan))
+        if self.share_bases:
+            todo = self._shared(todo, reports)
         self._todo = {g.name for g, _, _ in todo}
         for group, method, plan in progress(todo):
             rep = getattr(self, f"_apply_{method}")(group, plan)
@@ -137,12 +178,101 @@ class FactorizePass:
         perm = self._pending.get(group.name)
         return W[perm] if perm is not None else W
 
+    # -- shared bases -------------------------------------------------------------------------
+    def _shared(self, todo: list, reports: list[SiteReport]) -> list:
+        """Rewrite sets of LMF groups that read the same activation with one shared first
+        factor, where that lowers the predicted output error at the same parameters; return
+        the groups left to do one by one."""
+        sets: dict[str, list] = {}
+        for item in todo:
+            group, method, r = item
+            x = shareable(group) if method == "lmf" and group.ref.kind == "initializer" else None
+            if x is not None:
+                sets.setdefault(x, []).append(item)
+        handled = set()
+        for x, items in sets.items():
+            shapes = {g.shape[0] for g, _, _ in items}
+            if len(items) < 2 or len(shapes) != 1:
+                continue
+            groups = [g for g, _, _ in items]
+            m = groups[0].shape[0]
+            budget = sum(r * (m + g.shape[1]) for g, _, r in items)
+            rank = min(budget // (m + sum(g.shape[1] for g in groups)), m)
+            gram = self.stats.grams.get(x) if self.stats is not None else None
+            if rank < 1:
+                continue
+            Ws = [self._index.array(g.ref).astype(np.float64) for g in groups]
+            if gram is not None and x in self.stats.cross:  # sequential: fit the least-squares targets
+                Ws = [sequential_target(W, gram, self.stats.cross[x], damp=self.damp) for W in Ws]
+            A, Bs, joint = shared_basis_lmf(Ws, rank, gram, damp=self.damp, seed=self.seed)
+            separate = sum((weighted_lmf(W, r, gram, damp=self.damp, seed=self.seed) if gram is not None
+                            else lmf(W, r, seed=self.seed)).residual_sq for (g, _, r), W in zip(items, Ws))
+            what = "output" if gram is not None else "Frobenius"
+            if joint.residual_sq >= separate:
+                note = (f"shared basis rank {rank} for {len(groups)} weights would give {what} error "
+                        f"{joint.residual_sq:.3g} vs {separate:.3g} separately: kept separate")
+                self.notes.append(note)
+                continue
+            stored = rewrite_shared_basis(self._editor, groups, A, Bs)
+            w = whitener(gram, self.damp) if gram is not None else None
+            for i, (g, W, B) in enumerate(zip(groups, Ws, Bs)):
+                D = W - A @ B
+                num = float(np.sum(w.apply(D) ** 2)) if w is not None else float(np.sum(D**2))
+                den = float(np.sum(w.apply(W) ** 2)) if w is not None else float(np.sum(W**2))
+                params = B.size + (A.size if i == 0 else 0)
+                reports.append(_report(g, status="rewritten", method="lmf", rank=rank, params_after=params,
+                                       rel_error=float(np.sqrt(num / den)) if den > 0 else 0.0,
+                                       detail=f"shared basis with {len(groups)} weights reading {x!r} "
+                                              f"(A {A.shape[0]}x{rank} stored once{', counted here' if i == 0 else ''}); "
+                                              f"{what} error {joint.residual_sq:.3g} vs {separate:.3g} separately"))
+                self._done.add(g.name)
+                handled.add(g.name)
+            assert stored == A.size + sum(B.size for B in Bs)
+        return [item for item in todo if item[0].name not in handled]
+
+    # -- data-aware weighting ---------------------------------------------------------------
+    def sides(self, group: WeightGroup, transposed: bool):
+        """(rows, cols) weights of F from calibration: Gram matrices of the activations that
+        multiply F (rows) or Fᵀ (cols, a tied head), token weights for Gather uses; and the
+        activation whose sequential cross term applies (or None)."""
+        st = self.stats
+        if st is None:
+            return None, None, None
+        rows = cols = None
+        acts = []
+        for u in group.uses:
+            if u.kind == "gather":
+                c = st.counts.get(u.node.input[1])
+                if c is not None:
+                    w = token_weights(c, self.token_mix)
+                    rows = w if rows is None else (rows + w if rows.ndim == 1 else rows + np.diag(w))
+                continue
+            g = st.grams.get(u.node.input[0])
+            if g is None:
+                continue
+            if u.transposed == transposed:
+                acts.append(u.node.input[0])
+                rows = g if rows is None else (rows + g if rows.ndim == 2 else g + np.diag(rows))
+            else:
+                cols = g if cols is None else cols + g
+        seq = acts[0] if len(set(acts)) == 1 and cols is None and acts[0] in st.cross else None
+        return rows, cols, seq
+
+    def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
+        rows, cols, seq = self.sides(group, transposed)
+        if rows is None and cols is None:
+            return lmf(W, r, seed=self.seed), ""
+        if seq is not None:
+            W = sequential_target(W, rows, self.stats.cross[seq], damp=self.damp)
+        what = "sequential" if seq is not None else "whitened"
+        return weighted_lmf(W, r, rows, cols, damp=self.damp, seed=self.seed), what
+
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
-        f = lmf(self._weight(group, transposed), r, seed=self.seed)
+        f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
-                       rel_error=f.relative_error)
+                       rel_error=f.relative_error, detail=f"{how}: error is of the layer output" if how else "")
 
     def _apply_prune(self, group: WeightGroup, budget: int) -> SiteReport:
         W = self._weight(group, False)
@@ -158,8 +288,17 @@ class FactorizePass:
         W = self._weight(group, transposed)
         m, n = W.shape
         room = budget - max(m, n)  # reserve room for an index map
-        hf = hmf(W, room, seed=self.seed) if room > 0 else None
-        fallback = self._lmf_instead(group, W, budget, hf, transposed)
+        rows, cols, seq = self.sides(group, transposed)
+        gram = rows if rows is not None and rows.ndim == 2 and cols is None else None  # whitened: columns only
+        if gram is not None and seq is not None:
+            W = sequential_target(W, gram, self.stats.cross[seq], damp=self.damp)
+        if room <= 0:
+            hf = None
+        elif gram is not None:
+            hf = whitened_hmf(W, room, gram, damp=self.damp, seed=self.seed)
+        else:
+            hf = hmf(W, room, seed=self.seed)
+        fallback = self._lmf_instead(group, W, budget, hf, transposed, gram=gram)
         if fallback is not None:
             return fallback
         folded = self._fold(group, hf, transposed) if hf.axis == 1 and self.fold else set()
@@ -170,9 +309,9 @@ class FactorizePass:
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense {where}, perm {perm}")
 
     def _lmf_instead(self, group: WeightGroup, W: np.ndarray, budget: int, hf, transposed: bool,
-                     freq: np.ndarray | None = None) -> SiteReport | None:
+                     freq: np.ndarray | None = None, gram: np.ndarray | None = None) -> SiteReport | None:
         """Rewrite with plain LMF (or skip) when the hybrid ``hf`` is absent or loses; else None."""
-        plain = self._plain_if_better(W, budget, hf, freq)
+        plain = self._plain_if_better(W, budget, hf, freq, gram)
         if plain is None and hf is None:
             return _report(group, status="skipped", reason=f"budget {budget} too small for HMF or LMF")
         if plain is None:
@@ -181,17 +320,22 @@ class FactorizePass:
         return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
                        rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
 
-    def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None):
+    def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None,
+                         gram: np.ndarray | None = None):
         """LMF at the whole budget (no index maps to pay for), if it beats the hybrid ``hf`` (or
         there is none); None when LMF does not fit or loses.
 
-        Compared by Frobenius error, or by frequency-weighted error when ``freq`` is given.
+        Compared by Frobenius error, by the whitened (output) error when ``gram`` is given (both
+        fits are then whitened), or by frequency-weighted error when ``freq`` is given.
         """
         m, n = W.shape
         r = budget // (m + n)
         if r < 1:
             return None
-        plain = lmf(W, min(r, m, n), seed=self.seed)
+        if gram is not None:
+            plain = weighted_lmf(W, min(r, m, n), gram, damp=self.damp, seed=self.seed)
+        else:
+            plain = lmf(W, min(r, m, n), seed=self.seed)
         if hf is None or hf.k == 0:
             return plain
         if freq is None:
@@ -227,10 +371,18 @@ class FactorizePass:
 
     def _apply_embedding_hmf(self, group: WeightGroup, budget: int) -> SiteReport:
         E = self._weight(group, False)
+        if any(u.kind != "gather" and not u.transposed for u in group.uses):  # dense rows need heads reading Eᵀ
+            rep = self._lmf_instead(group, E, budget, None, False)
+            rep.detail = rep.detail and "plain low rank: a MatMul reads the table untransposed"
+            return rep
         V, d = E.shape
         head = any(u.kind != "gather" for u in group.uses)
         overhead = V * (2 if head else 1) + d + 64  # slot map, inverse map, zero rows
         freq = self.token_freq if self.token_freq is not None and len(self.token_freq) == V else None
+        if freq is None and self.stats is not None:
+            counts = [self.stats.counts.get(u.node.input[1]) for u in group.uses if u.kind == "gather"]
+            counts = [c for c in counts if c is not None and len(c) == V]
+            freq = sum(counts) if counts else None
         room = budget - overhead
         if room <= 0:
             hf = None
@@ -246,6 +398,34 @@ class FactorizePass:
         stored = rewrite_embedding_hybrid(self._editor, group, hf)
         return _report(group, status="rewritten", method="hmf", rank=hf.rank, params_after=stored,
                        rel_error=hf.relative_error, dense=hf.k, detail=f"{hf.k} dense rows: {source}")
+
+
+    def _apply_ae(self, group: WeightGroup, budget: int) -> SiteReport:
+        """Embedding autoencoder (factorize/autoencoder.py): codes + decoder within the budget."""
+        E = self._weight(group, False)
+        V, d = E.shape
+        opts = dict(self.ae_options)
+        decoder, hidden = opts.get("decoder", "linear"), opts.get("hidden")
+        if any(u.kind != "gather" and not u.transposed for u in group.uses):
+            return _report(group, status="skipped", reason="AE: table read untransposed by a MatMul/Gemm")
+        tied_linear = decoder == "linear" and any(u.kind != "gather" for u in group.uses)
+        k = embedding_ae_rank(V, d, budget - (2 if tied_linear else 0), decoder, hidden)  # 2: b's shape
+        if k < 1:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for an AE with code width 1")
+        freq = self.token_freq if self.token_freq is not None and len(self.token_freq) == V else None
+        if freq is None and self.stats is not None:  # token counts of the calibration data
+            counts = [self.stats.counts.get(u.node.input[1]) for u in group.uses if u.kind == "gather"]
+            counts = [c for c in counts if c is not None and len(c) == V]
+            freq = sum(counts) if counts else None
+        cfg = EmbeddingAEConfig(rank=k, seed=self.seed, **opts)
+        ae = train_embedding_ae(E, cfg, None if freq is None else frequency_weights(freq))
+        stored = rewrite_embedding_ae(self._editor, self._index, group, ae)
+        E_hat = ae.reconstruct().astype(np.float64)
+        rel = float(np.linalg.norm(E_hat - E) / max(np.linalg.norm(E), 1e-30))
+        h = f", h={cfg.h} {cfg.activation}" if decoder == "nonlinear" else ""
+        detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
+                  f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
+        return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):

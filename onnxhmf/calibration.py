@@ -1,0 +1,225 @@
+"""Calibration data: batches of model feeds from an .npz, a folder of .npz files, or text.
+
+* ``.npz``: arrays keyed by graph input name, batch on axis 0 (one file may hold many rows).
+* a folder: every ``*.npz`` in it, in name order.
+* text (any other file) with ``tokenizer`` (a Hugging Face tokenizer.json, read with the
+  ``tokenizers`` library). Models with an attention-mask input get one sentence per sample,
+  padded to the longest in its batch (the mask marks the padding, which calibration then
+  skips); models without one get consecutive windows of ``seq_len`` tokens of the running text.
+
+Batches are read lazily and the first ``samples`` rows are kept (feeds are small next to
+the activations they produce).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import OnnxHmfError
+
+__all__ = ["Calibration", "load_calibration", "input_roles"]
+
+_ONNX_TO_NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
+
+
+@dataclass
+class Calibration:
+    """Batches of feeds; ``mask`` names the input whose zeros mark padding (or None)."""
+
+    batches: list[dict[str, np.ndarray]]
+    mask: str | None = None
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(next(iter(b.values())).shape[0] for b in self.batches) if self.batches else 0
+
+    @property
+    def tokens(self) -> int:
+        if self.mask:
+            return int(sum(int(np.sum(b[self.mask] != 0)) for b in self.batches))
+        return int(sum(int(np.prod(next(iter(b.values())).shape[:2])) for b in self.batches))
+
+    def split(self, holdout: float) -> tuple["Calibration", "Calibration"]:
+        """(fit, held-out): the last ``holdout`` fraction of batches (at least one) held out."""
+        if len(self.batches) < 2:
+            raise OnnxHmfError(f"calibration data has {len(self.batches)} batch(es); need at least 2 to hold some out "
+                               "(give more samples or a smaller batch)")
+        k = min(len(self.batches) - 1, max(1, int(round(len(self.batches) * holdout))))
+        return (Calibration(self.batches[:-k], self.mask, self.source),
+                Calibration(self.batches[-k:], self.mask, self.source))
+
+
+def input_roles(model: onnx.ModelProto) -> dict[str, str]:
+    """Graph inputs (not initializers) by role: ids, mask, type, position, or other."""
+    init = {t.name for t in model.graph.initializer}
+    roles = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        low = vi.name.lower()
+        if "mask" in low:
+            roles[vi.name] = "mask"
+        elif "token_type" in low or "segment" in low:
+            roles[vi.name] = "type"
+        elif "position" in low:
+            roles[vi.name] = "position"
+        elif "ids" in low or "input" in low or "token" in low:
+            roles[vi.name] = "ids"
+        else:
+            roles[vi.name] = "other"
+    return roles
+
+
+def _dtype(model: onnx.ModelProto, name: str):
+    for vi in model.graph.input:
+        if vi.name == name:
+            t = vi.type.tensor_type.elem_type
+            if t in _ONNX_TO_NP:
+                return _ONNX_TO_NP[t]
+            return onnx.helper.tensor_dtype_to_np_dtype(t)
+    raise KeyError(name)
+
+
+def _npz_rows(path: Path, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise OnnxHmfError(f"--calib {str(path)!r}: not a readable .npz ({e})") from None
+    with data:
+        missing = [n for n in names if n not in data.files]
+        if missing:
+            raise OnnxHmfError(f"--calib {str(path)!r} lacks input(s) {missing}; it has {sorted(data.files)}")
+        arrays = {n: data[n] for n in names}
+    rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise OnnxHmfError(f"--calib {str(path)!r}: inputs need the same non-empty batch axis, got "
+                           f"{ {n: a.shape for n, a in arrays.items()} }")
+    yield arrays
+
+
+def _sentences(text: str) -> list[str]:
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        para = " ".join(para.split())
+        for s in re.split(r"(?<=[.!?;:])\s+", para):
+            if len(s.split()) >= 3:
+                out.append(s)
+    return out
+
+
+def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq_len: int,
+                batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    if tokenizer is None:
+        raise OnnxHmfError("--calib with a text file needs --tokenizer tokenizer.json (or give an .npz of feeds)")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
+    try:
+        tok = Tokenizer.from_file(str(tokenizer))
+    except Exception as e:
+        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r}: cannot load as a tokenizer.json ({str(e)[:120]})") from None
+    tok.no_padding()
+    tok.no_truncation()
+    roles = input_roles(model)
+    ids_names = [n for n, r in roles.items() if r == "ids"]
+    other = [n for n, r in roles.items() if r == "other"]
+    if len(ids_names) != 1 or other:
+        raise OnnxHmfError(f"cannot feed text to inputs {sorted(roles)}: expected one token-id input plus optional "
+                           "attention mask / token types / positions; give an .npz of feeds instead")
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
+    mask = next((n for n, r in roles.items() if r == "mask"), None)
+    pad = tok.token_to_id("[PAD]") or 0
+
+    def feeds(ids: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for name, role in roles.items():
+            if role == "ids":
+                v = ids
+            elif role == "mask":
+                v = m
+            elif role == "type":
+                v = np.zeros_like(ids)
+            else:  # position
+                v = np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()
+            out[name] = v.astype(_dtype(model, name))
+        return out
+
+    if mask is not None:
+        sents = _sentences(text)
+        done = 0
+        for i in range(0, len(sents), batch_size):
+            if done >= samples:
+                return
+            chunk = sents[i : min(i + batch_size, i + samples - done)]
+            enc = [e.ids[:seq_len] for e in tok.encode_batch(chunk)]
+            L = max(len(e) for e in enc)
+            ids = np.full((len(enc), L), pad, np.int64)
+            m = np.zeros((len(enc), L), np.int64)
+            for j, e in enumerate(enc):
+                ids[j, : len(e)] = e
+                m[j, : len(e)] = 1
+            done += len(enc)
+            yield feeds(ids, m)
+    else:
+        flat = np.concatenate([np.asarray(e.ids, np.int64) for e in tok.encode_batch(_sentences(text) or [text])])
+        n = min(samples, flat.size // seq_len)
+        windows = flat[: n * seq_len].reshape(n, seq_len)
+        for i in range(0, n, batch_size):
+            yield feeds(windows[i : i + batch_size], np.ones_like(windows[i : i + batch_size]))
+
+
+def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, *, tokenizer: str | os.PathLike | None = None,
+                     samples: int = 256, seq_len: int = 128, batch_size: int = 16) -> Calibration:
+    """Read up to ``samples`` rows of feeds for ``model`` (see the module docstring)."""
+    p = Path(path)
+    roles = input_roles(model)
+    names = list(roles)
+    mask = next((n for n, r in roles.items() if r == "mask"), None)
+    if samples < 1:
+        raise OnnxHmfError("--calib-samples must be ≥ 1")
+    if p.is_dir():
+        files = sorted(p.glob("*.npz"))
+        if not files:
+            raise OnnxHmfError(f"--calib {str(p)!r}: folder has no .npz files")
+        source = (row for f in files for row in _npz_rows(f, names))
+    elif p.is_file() and p.suffix == ".npz":
+        source = _npz_rows(p, names)
+    elif p.is_file():
+        source = _text_feeds(p, model, tokenizer, samples, seq_len, batch_size)
+    else:
+        raise OnnxHmfError(f"--calib {str(p)!r}: no such file or folder")
+    batches, total = [], 0
+    for arrays in source:
+        rows = next(iter(arrays.values())).shape[0]
+        for i in range(0, rows, batch_size):
+            if total >= samples:
+                break
+            take = min(batch_size, samples - total)
+            batch = {}
+            for n, a in arrays.items():
+                want = _dtype(model, n)
+                b = a[i : i + take]
+                if b.dtype != want:
+                    if np.issubdtype(want, np.integer) != np.issubdtype(b.dtype, np.integer):
+                        raise OnnxHmfError(f"--calib: input {n!r} is {b.dtype}, the model wants {np.dtype(want)}")
+                    b = b.astype(want)
+                batch[n] = b
+            batches.append(batch)
+            total += batch[names[0]].shape[0]
+        if total >= samples:
+            break
+    if not batches:
+        raise OnnxHmfError(f"--calib {str(p)!r}: no samples")
+    return Calibration(batches, mask, str(p))

@@ -1,0 +1,115 @@
+"""Activation statistics with onnxruntime: the inputs of target nodes become extra outputs.
+
+For every activation tensor X that feeds a compressible MatMul/Gemm, the session returns X
+with each batch, and we accumulate C = XᵀX (in×in, float64) over the rows of X that are real
+tokens: positions where the attention mask is 0 are dropped when X's leading axes match the
+mask. Each batch's X is dropped as soon as it is added, so memory is Σ in² per distinct
+activation, whatever the number of tokens. Gather index tensors give token counts instead.
+
+With ``reference`` (sequential calibration), the same batch also runs through the reference
+model and we accumulate the cross term X_cᵀX_o between the two models' activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibration import Calibration
+
+__all__ = ["ActivationStats", "capture_stats", "session_with_outputs"]
+
+
+@dataclass
+class ActivationStats:
+    grams: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> XᵀX (float64)
+    cross: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> X_cᵀX_o (sequential)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # index tensor -> bincount
+    rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows (tokens) accumulated
+
+    def merge(self, other: "ActivationStats") -> None:
+        for attr in ("grams", "cross", "counts", "rows"):
+            getattr(self, attr).update(getattr(other, attr))
+
+
+def _value_types(model: onnx.ModelProto, names: set[str]) -> dict[str, int]:
+    """Element types of the named tensors, from shape inference (falls back to float)."""
+    found = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input)
+             + list(model.graph.output) if vi.name in names and vi.type.tensor_type.elem_type}
+    if len(found) < len(names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            for vi in inferred.graph.value_info:
+                if vi.name in names and vi.type.tensor_type.elem_type:
+                    found.setdefault(vi.name, vi.type.tensor_type.elem_type)
+        except Exception:
+            pass
+    return found
+
+
+def session_with_outputs(model: onnx.ModelProto, names: list[str], threads: int | None = None) -> ort.InferenceSession:
+    """An ORT session for ``model`` that also returns the tensors ``names``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    want = [n for n in names if n not in have]
+    types = _value_types(m, set(want))
+    for n in want:
+        m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """x as (rows, features), without padded positions when x's leading axes are the mask's."""
+    if mask is not None and x.ndim >= 2 and x.shape[:-1] == mask.shape:
+        return x[mask.astype(bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+def capture_stats(
+    model: onnx.ModelProto,
+    calib: Calibration,
+    activations: Iterable[str],
+    indices: dict[str, int] | None = None,
+    *,
+    reference: onnx.ModelProto | None = None,
+    progress: Callable[[Iterable], Iterable] = lambda it: it,
+) -> ActivationStats:
+    """Grams XᵀX of ``activations`` and counts of ``indices`` (tensor -> table rows) over ``calib``.
+
+    With ``reference``: also X_cᵀX_o, X_c from ``model`` and X_o from ``reference`` (same names).
+    """
+    acts = list(dict.fromkeys(activations))
+    indices = dict(indices or {})
+    sess = session_with_outputs(model, acts + list(indices))
+    ref = session_with_outputs(reference, acts) if reference is not None and acts else None
+    stats = ActivationStats()
+    out_names = acts + list(indices)
+    for feeds in progress(calib.batches):
+        mask = feeds.get(calib.mask) if calib.mask else None
+        values = sess.run(out_names, feeds)
+        ref_values = ref.run(acts, feeds) if ref is not None else None
+        for i, name in enumerate(acts):
+            X = _rows(values[i], mask)
+            g = (X.T @ X).astype(np.float64)  # one batch in float32, the sum in float64
+            stats.grams[name] = stats.grams[name] + g if name in stats.grams else g
+            stats.rows[name] = stats.rows.get(name, 0) + X.shape[0]
+            if ref_values is not None:
+                Xo = _rows(ref_values[i], mask)
+                c = (X.T @ Xo).astype(np.float64)
+                stats.cross[name] = stats.cross[name] + c if name in stats.cross else c
+        for j, (name, size) in enumerate(indices.items()):
+            ids = values[len(acts) + j]
+            ids = ids[mask.astype(bool)] if mask is not None and ids.shape == mask.shape else ids.ravel()
+            ids = ids.astype(np.int64)
+            ids = ids[(ids >= 0) & (ids < size)]
+            c = np.bincount(ids, minlength=size)
+            stats.counts[name] = stats.counts[name] + c if name in stats.counts else c
+    return stats
