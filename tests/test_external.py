@@ -204,3 +204,13 @@ def test_store_reads_every_dtype_from_external_data(tmp_path):
         assert isinstance(got[k], np.memmap) and got[k].dtype == a.dtype
         np.testing.assert_array_equal(got[k], a)
     np.testing.assert_array_equal(got["bf16"].astype(np.float32), [[1.0, -2.0], [0.5, 3.0]])  # decoded copy
+
+
+def test_calibration_on_external_data_input(ext_input, tmp_path, capsys):
+    feeds = tmp_path / "calib.npz"
+    np.savez(feeds, X=np.random.default_rng(0).standard_normal((8, 4, 64)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    code, _, err = cli(capsys, "optimize", ext_input, out, "--calib", feeds, "--keep", "0.5", "-q", "--allocate", "uniform")
+    assert code == 0, err
+    assert locations(out) == {"o.onnx.data"}  # the input's layout is kept
+    assert sorted(os.listdir(tmp_path)) == ["calib.npz", "in", "o.onnx", "o.onnx.data"]
