@@ -14,7 +14,8 @@ import onnx
 from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .graph.index import GraphIndex
-from .io import load_model, max_ir_version_for_onnxruntime, model_file_bytes, save_model, check_output_path
+from .external import TensorStore, external_tensors, inline_external, needs_external_data
+from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
 from .calibration import Calibration, load_calibration
 from .capture import capture_stats
 from .graph.sites import find_weight_groups
@@ -94,6 +95,8 @@ def optimize(
     sequential: bool = False,
     share_bases: bool = False,
     damp: float = DEFAULT_DAMP,
+    _stage: OutputStage | None = None,
+    _save: tuple[bool | None, int] = (None, 1024),
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorize the model's constant MatMul/Gemm weights and Gather tables.
 
@@ -118,9 +121,14 @@ def optimize(
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
     the caller decides (the CLI refuses to write the output).
+
+    A model given by path is read lazily: external weights stay on disk and are memory-mapped
+    one at a time. (``_stage``/``_save`` are for :func:`optimize_file`: new factors are spilled
+    to the stage folder and the model is written, checked and verified there, by path.)
     """
     t0 = time.perf_counter()
     report = Report()
+    store, had_external = None, False
     if isinstance(model, onnx.ModelProto):
         src = model
         work = onnx.ModelProto()
@@ -128,7 +136,9 @@ def optimize(
     else:
         report.input_path = str(model)
         src = None
-        work = load_model(model)
+        work = load_model(model, lazy=True)
+        had_external = bool(external_tensors(work))
+        store = TensorStore(Path(model).parent, spill_dir=None if _stage is None else _stage.dir)
         report.bytes_before = model_file_bytes(model)
     freq_given = token_freq is not None
     if isinstance(token_freq, (str, os.PathLike)):  # counted for the largest embedding table
@@ -156,12 +166,21 @@ def optimize(
             token_freq=None if token_freq is None else np.asarray(token_freq),
             fold=fold and not sequential,
             seed=seed,
+            store=store,
             ae_options=dict(ae_options or {}),
             damp=damp,
             share_bases=share_bases,
         )
     except (ValueError, TypeError) as e:
         raise OnnxHmfError(str(e)) from None
+    if store is not None and (calib is not None or spass is not None):
+        # calibration runs the proto in onnxruntime and the storage AE reads weights from it:
+        # both need every weight inline (no lazy reads, no spilled factors)
+        if had_external:
+            if needs_external_data(work):
+                raise OnnxHmfError("--calib and the storage autoencoder need the model in memory: not supported past 2 GB")
+            inline_external(work, store)
+        store.spill_dir = None
     report.settings = {
         "method": method,
         "embedding_method": embedding_method,
@@ -195,7 +214,7 @@ def optimize(
             feeds = make_inputs(work, input_shapes, seed=seed)
         vocab = _vocab_sizes(work)
         t = time.perf_counter()
-        ref = run_onnxruntime(report.input_path or src, feeds)
+        ref = run_onnxruntime(report.input_path or src, feeds, prepack=False)
         report.timings["reference_run_s"] = time.perf_counter() - t
 
     progress = progress or (lambda it: it)
@@ -226,15 +245,31 @@ def optimize(
     pruned = [s for s in report.rewritten if s.method == "prune"]
     if pruned:
         report.nonzero_after = report.params_after - sum(s.params_before - s.params_after for s in pruned)
-    try:
-        onnx.checker.check_model(work)
-    except onnx.checker.ValidationError as e:  # a bug in a rewrite, never the user's fault
-        raise OnnxHmfError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
-    report.bytes_after = work.ByteSize()
+    if _stage is None:
+        if store is not None:
+            inline_external(work, store)
+        try:
+            onnx.checker.check_model(work)
+        except onnx.checker.ValidationError as e:  # a bug in a rewrite, never the user's fault
+            raise OnnxHmfError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
+        report.bytes_after = work.ByteSize()
+        cand_src = work
+    else:  # write into the stage folder, then check and verify by path (works past 2 GB)
+        external, threshold = _save
+        if external is None and had_external:  # keep the input's layout: no whole-model copy in memory
+            external = True
+        t = time.perf_counter()
+        report.bytes_after = _stage.write(work, store, external=external, threshold=threshold)
+        report.timings["write_s"] = time.perf_counter() - t
+        store.close()
+        if _stage.data_location and external is None:
+            report.notes.append(f"saved with external data ({_stage.data_location}): the model would pass protobuf's 2 GB limit")
+        _check_written(_stage.model_path, report.input_path)
+        cand_src = _stage.model_path
 
     if verify:
         t = time.perf_counter()
-        cand = run_onnxruntime(work, feeds)
+        cand = run_onnxruntime(cand_src, feeds, prepack=False)
         report.timings["verify_run_s"] = time.perf_counter() - t
         report.outputs = compare_outputs(ref, cand, vocab)
         report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine)
@@ -252,6 +287,21 @@ def optimize(
     return work, report
 
 
+def _check_written(path: Path, input_path: str | None) -> None:
+    """onnx.checker with strict shape inference, by path (no 2 GB limit, weights not loaded).
+
+    Strict inference is waived only when the input model itself fails it.
+    """
+    what = "internal error: rewritten model"
+    try:
+        check_model_path(path, what=what, full=True)
+    except OnnxHmfError:
+        try:
+            check_model_path(input_path, full=True)
+        except OnnxHmfError:
+            check_model_path(path, what=what)
+            return
+        raise
 def _calibrate(work, fpass, report, calib, tokenizer, samples, seq_len, batch, allocation, min_fidelity, keep, rank,
                progress) -> tuple[float | None, Calibration]:
     """Capture statistics into ``fpass``; plan per-group keeps (measured allocation, or the
@@ -374,17 +424,30 @@ def optimize_file(
     *,
     force: bool = False,
     force_on_failure: bool = False,
+    save_external_data: bool | str | None = None,
+    external_data_size_threshold: int = 1024,
     **kwargs,
 ) -> Report:
     """Optimize ``input_path`` and write ``output_path`` atomically.
 
+    ``save_external_data``: True (or a file name) stores tensors of at least
+    ``external_data_size_threshold`` bytes in a data file next to the output (default name
+    ``<output name>.data``); None does so when the input has external data or the output
+    would pass protobuf's 2 GB limit.
+    The model and data file are written to a temp folder beside the output, checked and
+    verified there, then renamed into place; nothing is left behind on failure or Ctrl-C.
+
     Raises VerificationError (and writes nothing) when verification fails, unless
     ``force_on_failure``. ``force`` allows replacing an existing output (never the input).
     """
-    check_output_path(output_path, force=force, inputs=(input_path,))
-    model, report = optimize(input_path, **kwargs)
-    report.output_path = str(output_path)
-    if report.verified and not report.passed and not force_on_failure:
-        raise VerificationError("verification failed, no output written: " + "; ".join(report.failures), report=report)
-    report.bytes_after = save_model(model, output_path, force=force, inputs=(Path(input_path),))
+    location = save_external_data if isinstance(save_external_data, str) and save_external_data else None
+    external = None if save_external_data is None else True
+    with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location) as stage:
+        model, report = optimize(input_path, _stage=stage, _save=(external, external_data_size_threshold), **kwargs)
+        report.output_path = str(output_path)
+        if report.verified and not report.passed and not force_on_failure:
+            raise VerificationError("verification failed, no output written: " + "; ".join(report.failures), report=report)
+        stage.commit()
+        if stage.data_location:
+            report.notes.append(f"weights saved to {stage.data_location} next to the output")
     return report

@@ -104,13 +104,19 @@ def cli():
 @click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Whitening damping, as a fraction of the mean activation energy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
+@click.option("--save-external-data", "save_external_data", is_flag=False, flag_value="", default=None, metavar="[LOCATION]",
+              help="Store weights in a data file next to the output (default name: <output>.data). "
+                   "Done anyway when the input has external data or the output would pass protobuf's 2 GB limit.")
+@click.option("--external-data-size-threshold", type=click.IntRange(min=0), default=1024, show_default=True, metavar="BYTES",
+              help="With external data: tensors of at least this many bytes go to the data file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
 def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
              ae_batch_size, ae_lr, ae_loss_weights, storage_ae_include, storage_ae_keep, storage_ae_epochs, token_freq, tokenizer,
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
-             allocation, min_fidelity, sequential, share_bases, damp, seed, quiet, dry_run):
+             allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
+             quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
@@ -139,7 +145,9 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
                        "plan (--allocate uniform)")
         return
     try:
-        report = optimize_file(input_model, output_model, force=force, force_on_failure=force, **kwargs)
+        report = optimize_file(input_model, output_model, force=force, force_on_failure=force,
+                               save_external_data=save_external_data,
+                               external_data_size_threshold=external_data_size_threshold, **kwargs)
     except VerificationError as e:
         if e.report is not None and not quiet:
             click.echo(e.report.format())
@@ -264,7 +272,11 @@ def _write_text(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning every failure into one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="onnxhmf", standalone_mode=False)
+        # make_context + invoke rather than cli.main: click's main echoes a bare newline to
+        # stderr on Ctrl-C before its Abort, which would break "one line per error".
+        args = sys.argv[1:] if argv is None else list(argv)
+        with cli.make_context("onnxhmf", args) as ctx:
+            cli.invoke(ctx)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:

@@ -157,12 +157,19 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
     return {n: feeds[n] for n in need}
 
 
-def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike | bytes, feeds: dict[str, np.ndarray], threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run on onnxruntime's CPU provider; returns {output name: array}."""
+def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike | bytes, feeds: dict[str, np.ndarray], threads: int | None = None,
+                    prepack: bool = True) -> dict[str, np.ndarray]:
+    """Run on onnxruntime's CPU provider; returns {output name: array}.
+
+    ``prepack=False`` turns off ORT's weight pre-packing, which keeps a second, packed copy of
+    every MatMul weight: for a one-off verification run it only costs memory.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else (model if isinstance(model, bytes) else str(model))

@@ -29,8 +29,9 @@ class GraphEditor:
     node list topologically sorted: they read only that node's inputs and new constants.
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, store=None):
         self.model = model
+        self.store = store  # onnxhmf.external.TensorStore: big new tensors go to its spill file
         self.graph = model.graph
         self._names: set[str] = set()
         _all_names(self.graph, self._names)
@@ -51,8 +52,14 @@ class GraphEditor:
 
     def add_initializer(self, array: np.ndarray, base: str) -> str:
         name = self.fresh(base)
-        self._new_inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self._new_inits.append(self.make_tensor(array, name))
         return name
+
+    def make_tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        """A TensorProto for ``array``, spilled to disk as external data when a store says so."""
+        if self.store is not None:
+            return self.store.tensor(array, name)
+        return numpy_helper.from_array(np.ascontiguousarray(array), name)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
         return onnx.helper.make_node(op, inputs, outputs, name=self.fresh(base), **attrs)

@@ -254,7 +254,7 @@ def rewrite_embedding_hybrid(editor: GraphEditor, group: WeightGroup, hf) -> int
 def rewrite_dense(editor: GraphEditor, group: WeightGroup, W: np.ndarray) -> None:
     """Store a new dense value for the group's tensor (e.g. pruned), keeping every use as is."""
     ref = group.ref
-    new = onnx.numpy_helper.from_array(np.asarray(W, FLOAT_TYPES[ref.data_type]).reshape(ref.dims), ref.name)
+    new = editor.make_tensor(np.asarray(W, FLOAT_TYPES[ref.data_type]).reshape(ref.dims), ref.name)
     if ref.kind == "initializer":
         for t in editor.graph.initializer:
             if t.name == ref.name:

@@ -53,9 +53,10 @@ class ConstRef:
 class GraphIndex:
     """Producers, consumers and constants of ``model.graph`` (the main graph only)."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, store=None):
         g = model.graph
         self.model = model
+        self.store = store  # onnxhmf.external.TensorStore: resolves external data lazily
         self.graph = g
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in g.initializer}
         self.graph_inputs = {i.name for i in g.input}
@@ -92,8 +93,14 @@ class GraphIndex:
         return next(a.t for a in node.attribute if a.name == "value")
 
     def array(self, ref: ConstRef) -> np.ndarray:
-        """The constant's value (external data must already be loaded into the proto)."""
-        return numpy_helper.to_array(self.tensor(ref))
+        """The constant's value; for external data a read-only memmap of just this tensor.
+
+        Without a store, external data must already be loaded into the proto.
+        """
+        t = self.tensor(ref)
+        if self.store is not None:
+            return self.store.array(t)
+        return numpy_helper.to_array(t)
 
     def transpose_of_const(self, name: str) -> ConstRef | None:
         """If ``name`` is Transpose(C) of a 2-D constant C with perm [1, 0], return C."""

@@ -113,7 +113,37 @@ def find_weight_groups(index: GraphIndex) -> list[WeightGroup]:
 
     for group in groups.values():
         group.skip_reason = _collect_uses(index, group)
-    return list(groups.values())
+    return list(groups.values()) + _wrapped_weights(index, groups)
+
+
+_WRAPPERS = {
+    "DequantizeLinear": "quantized weight behind DequantizeLinear: left untouched",
+    "Cast": "weight behind a Cast (e.g. bf16 or int8 storage): left untouched",
+}
+
+
+def _wrapped_weights(index: GraphIndex, seen: dict) -> list[WeightGroup]:
+    """Constant weights that reach a MatMul/Gemm/Gather only through DequantizeLinear or Cast.
+
+    They are not rewritten (factorizing would dequantize or widen them), but reported as
+    skipped with the reason, so the user sees why they were left alone.
+    """
+    out: dict[str, WeightGroup] = {}
+    for node in index.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
+            continue
+        slot = 0 if node.op_type == "Gather" else 1
+        if len(node.input) <= slot or not node.input[slot]:
+            continue
+        prod = index.producer.get(node.input[slot])
+        if prod is None or prod.op_type not in _WRAPPERS or prod.domain not in ("", "ai.onnx"):
+            continue
+        ref = index.const(prod.input[0])
+        if ref is None or len(ref.dims) != 2 or ref.name in seen or ref.name in out:
+            continue
+        out[ref.name] = WeightGroup(ref, [Use(node, node.op_type.lower(), False)],
+                                    skip_reason=_WRAPPERS[prod.op_type])
+    return list(out.values())
 
 
 def _collect_uses(index: GraphIndex, group: WeightGroup) -> str | None:

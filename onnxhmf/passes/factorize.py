@@ -65,6 +65,7 @@ class FactorizePass:
     token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     fold: bool = True
     seed: int = 0
+    store: object = None  # onnxhmf.external.TensorStore: lazy weights, factors spilled to disk
     ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for embedding_method "ae"
     stats: object | None = None  # capture.ActivationStats: data-aware factorization
     damp: float = DEFAULT_DAMP
@@ -134,9 +135,9 @@ class FactorizePass:
 
     # -- the pass -------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[SiteReport]:
-        index = GraphIndex(model)
+        index = GraphIndex(model, self.store)
         groups = find_weight_groups(index)
-        self._index, self._editor = index, GraphEditor(model)
+        self._index, self._editor = index, GraphEditor(model, self.store)
         self._by_node = {id(u.node): g for g in groups for u in g.uses}
         self._pending: dict[str, np.ndarray] = {}  # group name -> row permutation to apply
         self._done: set[str] = set()
