@@ -33,6 +33,7 @@ from .passes.select import SiteSelection
 from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
+from .quantize import quantize_int8
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -95,6 +96,8 @@ def optimize(
     sequential: bool = False,
     share_bases: bool = False,
     damp: float = DEFAULT_DAMP,
+    quantize: str | None = None,
+    plan: dict | None = None,
     _stage: OutputStage | None = None,
     _save: tuple[bool | None, int] = (None, 1024),
 ) -> tuple[onnx.ModelProto, Report]:
@@ -146,6 +149,14 @@ def optimize(
         if rows == 0:
             raise OnnxHmfError("--token-freq given, but the model has no embedding table")
         token_freq = token_counts(token_freq, rows, tokenizer)
+    if quantize not in (None, "int8"):
+        raise OnnxHmfError(f"quantize must be int8 or None, got {quantize!r}")
+    if plan is not None:
+        if calib is None:
+            raise OnnxHmfError("--plan auto needs calibration data (--calib)")
+        if min_fidelity is not None or sequential or rank is not None or storage_ae:
+            raise OnnxHmfError("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
+                               "--rank or the storage autoencoder")
     if allocation not in ("auto", "uniform", "measured"):
         raise OnnxHmfError(f"allocation must be auto, uniform or measured, got {allocation!r}")
     if calib is None and (allocation == "measured" or min_fidelity is not None or sequential):
@@ -199,6 +210,8 @@ def optimize(
         "sequential": sequential or None,
         "share_bases": share_bases or None,
         "min_fidelity": min_fidelity,
+        "quantize": quantize,
+        "plan": {k: v for k, v in plan.items() if v is not None} if plan else None,
     }
     report.params_before = count_params(work)
     if report.bytes_before is None:
@@ -219,7 +232,13 @@ def optimize(
 
     progress = progress or (lambda it: it)
     cal = None
-    if calib is not None:
+    qweights, planner = None, None  # None: every weight MatMul/Gather when --quantize int8
+    if plan is not None:
+        from .passes.mixed import plan_and_assemble
+
+        planner = plan_and_assemble(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
+                                     plan, src_bytes=report.bytes_before, progress=progress)
+    elif calib is not None:
         keep, cal = _calibrate(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
                           allocation, min_fidelity, keep, rank, progress)
     t = time.perf_counter()
@@ -236,7 +255,20 @@ def optimize(
         names = {s.weight for s in ssites}
         report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
-    if not report.rewritten:
+    if planner is not None:
+        qweights = planner.quantized(work, planner.choice)
+    if quantize == "int8" or qweights:
+        t = time.perf_counter()
+        if store is not None:
+            if needs_external_data(work):
+                raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
+            inline_external(work, store)
+        work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights)
+        report.settings["quantized"] = len(done)
+        report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
+                            "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
+        report.timings["quantize_s"] = time.perf_counter() - t
+    if not report.rewritten and not (quantize or qweights):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
         raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
 
