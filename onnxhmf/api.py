@@ -161,8 +161,8 @@ def optimize(
         raise OnnxHmfError(f"allocation must be auto, uniform or measured, got {allocation!r}")
     if calib is None and (allocation == "measured" or min_fidelity is not None or sequential):
         raise OnnxHmfError("--allocate measured, --min-fidelity and --sequential need calibration data (--calib)")
-    if min_fidelity is not None and rank is not None:
-        raise OnnxHmfError("--min-fidelity searches the size; it does not combine with --rank")
+    if rank is not None and (min_fidelity is not None or allocation == "measured"):
+        raise OnnxHmfError("--min-fidelity and --allocate measured choose the ranks; they do not combine with --rank")
     try:
         spass = StorageAEPass(seed=seed, **storage_ae) if storage_ae else None
         taken = sorted(spass.names(work)) if spass else []

@@ -109,6 +109,12 @@ class Report:
         if skipped and show_skipped:
             lines.append(f"skipped {len(skipped)} site(s):")
             lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
+        cal = self.settings.get("calibration")
+        if cal:
+            dense = cal.get("dense_by_allocation") or []
+            lines.append(f"calibration: {cal['samples']} samples, {cal['tokens']:,} tokens from {cal['source']}; "
+                         f"{cal['activations']} activation Grams ({cal['gram_bytes'] / 1e6:.1f} MB); allocation "
+                         f"{cal['allocation']}" + (f", {len(dense)} weight(s) kept dense" if dense else ""))
         ratio = self.params_after / self.params_before if self.params_before else 1.0
         lines.append(f"params: {self.params_before:,} -> {self.params_after:,} ({ratio:.3f}x)")
         if self.nonzero_after is not None:
