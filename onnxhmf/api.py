@@ -33,7 +33,7 @@ from .passes.select import SiteSelection
 from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
-from .quantize import quantize_int8
+from .quantize import quantize_int8, weight_only_int8
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -237,7 +237,8 @@ def optimize(
         from .passes.mixed import plan_and_assemble
 
         planner = plan_and_assemble(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
-                                     plan, src_bytes=report.bytes_before, progress=progress)
+                                     plan, src_bytes=report.bytes_before, progress=progress,
+                                     finish=lambda m: _finish_metadata(m, report, notes=False))
     elif calib is not None:
         keep, cal = _calibrate(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
                           allocation, min_fidelity, keep, rank, progress)
@@ -256,6 +257,10 @@ def optimize(
         report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
     if planner is not None:
+        wonly = weight_only_int8(work, planner.quantized(work, planner.choice, "int8w"))
+        if wonly:
+            report.notes.append(f"int8 weight-only: {len(wonly)} weights stored as int8 + per-column scales, "
+                                "DequantizeLinear'd to float MatMuls")
         qweights = planner.quantized(work, planner.choice)
     if quantize == "int8" or qweights:
         t = time.perf_counter()
@@ -264,7 +269,6 @@ def optimize(
                 raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
             inline_external(work, store)
         work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights)
-        report.settings["quantized"] = len(done)
         report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                             "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         report.timings["quantize_s"] = time.perf_counter() - t
@@ -435,7 +439,7 @@ def _run_sequential(work, fpass, cal, progress, stages: int = SEQUENTIAL_STAGES)
     return sorted(sites, key=lambda s: order.get(s.weight, len(order)))
 
 
-def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
+def _finish_metadata(model: onnx.ModelProto, report: Report, *, notes: bool = True) -> None:
     """Record what onnxhmf did; keep IR version unless onnxruntime could not read it."""
     entry = {"version": __version__, **{k: v for k, v in report.settings.items() if v not in (None, [], {})}}
     for prop in model.metadata_props:
@@ -446,7 +450,8 @@ def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
         model.metadata_props.add(key="onnxhmf", value=json.dumps(entry))
     limit = max_ir_version_for_onnxruntime()
     if model.ir_version > limit:
-        report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
+        if notes:
+            report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
         model.ir_version = limit
 
 

@@ -120,6 +120,8 @@ def cli():
               help="--plan auto: file size budget as a fraction of the input's.")
 @click.option("--target-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COSINE",
               help="--plan auto: the smallest plan whose outputs keep this mean cosine on held-out calibration data.")
+@click.option("--max-latency-ratio", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
+              help="--plan auto: fail unless the plan runs within X times the input's onnxruntime latency.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
 def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
@@ -127,7 +129,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
              allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
-             quantize, plan_mode, target_size, target_ratio, target_fidelity, quiet, dry_run):
+             quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
@@ -136,8 +138,8 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
     if min_fidelity is not None and rank is not None:
         raise click.UsageError("--min-fidelity searches the size; give it without --rank")
     plan = None
-    if plan_mode is None and (target_size or target_ratio or target_fidelity is not None):
-        raise click.UsageError("--target-size, --target-ratio and --target-fidelity go with --plan auto")
+    if plan_mode is None and (target_size or target_ratio or target_fidelity is not None or max_latency_ratio):
+        raise click.UsageError("--target-size, --target-ratio, --target-fidelity and --max-latency-ratio go with --plan auto")
     if plan_mode == "auto":
         given = [x for x in (target_size, target_ratio, target_fidelity) if x is not None]
         if len(given) != 1:
@@ -147,7 +149,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         if dry_run:
             raise click.UsageError("--plan auto measures on the data: it has no --dry-run")
         plan = {"target_size": parse_size(target_size) if target_size else None, "target_ratio": target_ratio,
-                "target_fidelity": target_fidelity}
+                "target_fidelity": target_fidelity, "max_latency_ratio": max_latency_ratio}
     if report_path is not None and not dry_run:
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(

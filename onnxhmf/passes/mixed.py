@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -39,12 +40,12 @@ from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
-from ..quantize import INT8_OVERHEAD, int8_bytes, int8_weight, quantize_int8, weight_nodes
+from ..quantize import INT8_OVERHEAD, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes, weight_only_int8
 from .calibrated import (_merged, _session, calibration_targets, candidate_groups, fidelity, measure_sensitivities,
                          output_loss, reference_outputs)
 from .factorize import FactorizePass
 
-__all__ = ["Planner", "plan_and_assemble", "LMF_OVERHEAD"]
+__all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
 LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
@@ -59,6 +60,8 @@ class Planner:
     held: Calibration
     refs: list
     all_groups: list[str]
+    original: set[str] = field(default_factory=set)  # the input's initializer names
+    finish: Callable[[onnx.ModelProto], None] | None = None  # what the caller adds before writing (metadata)
     rows: list[dict] = field(default_factory=list)
     choice: dict[str, Option] = field(default_factory=dict)
 
@@ -76,17 +79,18 @@ class Planner:
 
     def keeps(self, choice: dict[str, Option]) -> dict[str, float]:
         k = {n: 1.0 for n in self.all_groups}
-        k.update({n: float(o.tag[1]) for n, o in choice.items() if o.tag[0] in ("lmf", "lmf-int8")})
+        k.update({n: float(o.tag[1]) for n, o in choice.items() if o.tag[0].startswith("lmf")})
         return k
 
-    def quantized(self, model: onnx.ModelProto, choice: dict[str, Option]) -> list[str]:
-        """Initializer names to quantize in the factorized ``model``: the int8 groups' weights
-        and the factors of the lmf-int8 groups (initializers named after the group)."""
-        used = weight_nodes(model)
-        names = [n for n, o in choice.items() if o.tag[0] == "int8"]
+    def quantized(self, model: onnx.ModelProto, choice: dict[str, Option], kind: str = "int8") -> list[str]:
+        """Initializer names to store as ``kind`` (int8: dynamic MatMulInteger, int8w: weight
+        only) in the factorized ``model``: the weights of the groups given ``kind`` and the
+        factors (new initializers named after the group) of those given lmf-``kind``."""
+        used = weight_nodes(model) if kind == "int8" else {t.name: [] for t in model.graph.initializer}
+        names = [n for n, o in choice.items() if o.tag[0] == kind]
         for n, o in choice.items():
-            if o.tag[0] == "lmf-int8":
-                names += [w for w in used if w.startswith(n + ".")]
+            if o.tag[0] == "lmf-" + kind:
+                names += [w for w in used if w.startswith(n + ".") and w not in self.original]
         return names
 
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]) -> onnx.ModelProto:
@@ -98,19 +102,26 @@ class Planner:
             self.fpass.run(m)
         finally:
             self.fpass.keeps = saved
+        weight_only_int8(m, self.quantized(m, choice, "int8w"))
         q, _ = quantize_int8(m, self.quantized(m, choice))
+        if self.finish is not None:
+            self.finish(q)
         return q
 
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
-        """(held-out fidelity, held-out loss Σ_outputs (1 − mean cosine))."""
-        fid = fidelity(model, self.refs, self.held)
+        """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
+        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine)."""
         sess = _session(model)
         names = [o.name for o in model.graph.output]
-        loss = 0.0
+        sums, n = np.zeros(len(names)), 0
         for feeds, ref in zip(self.held.batches, self.refs):
             mask = feeds.get(self.held.mask) if self.held.mask else None
-            loss += output_loss(ref, sess.run(names, feeds), mask)
-        return fid, loss / max(len(self.held.batches), 1)
+            out = sess.run(names, feeds)
+            sums += [1.0 - output_loss([r], [c], mask) if np.issubdtype(r.dtype, np.floating) else 1.0
+                     for r, c in zip(ref, out)]
+            n += 1
+        cos = sums / max(n, 1)
+        return float(np.min(cos)), float(np.sum(1.0 - cos))
 
 
 def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
@@ -124,16 +135,24 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
     for g in groups:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
+    flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
+    per_column = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0) >= 13
     sess = _session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
-    refs = [sess.run(names, feeds) for feeds in data.batches]
+    off = {f: np.array(False) for f in flags.values()}
+    refs = [sess.run(names, {**feeds, **off}) for feeds in data.batches]
 
-    def loss_with(name: str, W: np.ndarray) -> float:
+    def loss_with(name: str, W: np.ndarray, quantized_input: bool = False) -> float:
+        """Loss with ``name`` := W; ``quantized_input``: its MatMuls also see their input as the
+        run-time uint8 quantization of MatMulInteger would (DynamicQuantizeLinear → Dequantize)."""
+        extra = {name: W, **off}
+        if quantized_input and name in flags:
+            extra[flags[name]] = np.array(True)
         tot = 0.0
         for feeds, ref in zip(data.batches, refs):
             mask = feeds.get(data.mask) if data.mask else None
-            tot += output_loss(ref, sess.run(names, {**feeds, name: W}), mask)
+            tot += output_loss(ref, sess.run(names, {**feeds, **extra}), mask)
         return tot / len(data.batches)
 
     out: dict[str, list[Option]] = {}
@@ -149,25 +168,78 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
         gather = any(u.kind == "gather" for u in g.uses)
         if direct:
-            opts.append(Option(int8_bytes(m * n), loss_with(g.name, int8_weight(T, table=gather)), ("int8", 1.0)))
-        if direct and not gather and lmf:
+            opts.append(Option(int8_bytes(m * n), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
+        if not gather and g.ref.kind == "initializer":  # weight-only int8: any use (the float ops stay)
+            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T, per_column)), ("int8w", 1.0)))
+        only_gather = all(u.kind == "gather" for u in g.uses)
+        if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
             if 1 <= r and r * (m + n) < m * n:
-                f, _ = fpass._lmf(g, fpass._weight(g, transposed), r, transposed)
-                Wq = int8_weight(f.A) @ int8_weight(f.B)
+                f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
+                Wq = int8_weight(f.A, table=gather) @ int8_weight(f.B)
                 Wq = (Wq.T if transposed else Wq).astype(np.float32)
                 Wr = (f.A @ f.B)
                 Wr = (Wr.T if transposed else Wr).astype(np.float32)
-                delta = max(0.0, loss_with(g.name, Wq) - loss_with(g.name, Wr))
+                base = loss_with(g.name, Wr)
+                delta = max(0.0, loss_with(g.name, Wq, not gather) - base)
                 opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD, o.error + delta, ("lmf-int8", o.tag))
                          for o in lmf]
+                if not gather and not transposed:  # factors stored as A (m×r), B (r×n): weight-only int8
+                    Ww = (int8w_weight(f.A, per_column) @ int8w_weight(f.B, per_column)).astype(np.float32)
+                    dw = max(0.0, loss_with(g.name, Ww) - base)
+                    opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * round(o.params / (m + n)),
+                                    o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
         out[g.name] = opts
     return out
 
 
+def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, str]:
+    """Give each MatMul that reads one of ``weights`` as B a switchable quantized input:
+    A ← Where(flag, DequantizeLinear(DynamicQuantizeLinear(A)), A), flag a bool graph input.
+    What MatMulInteger computes, (A_q − z_A)·W_q·s_A·s_W, equals DequantizeLinear(A_q)·W_q·s_W
+    exactly up to float rounding, so the probe sees the int8 site's activation error too.
+    Returns {weight: flag input name}; empty below opset 11 (no DynamicQuantizeLinear)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 11:
+        return {}
+    want = set(weights)
+    flags: dict[str, str] = {}
+    added = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in want:
+            continue
+        w = node.input[1]
+        flag = flags.setdefault(w, f"onnxhmf_fq_flag_{len(flags)}")
+        base = f"onnxhmf_fq_{len(added)}"
+        x = node.input[0]
+        added += [
+            onnx.helper.make_node("DynamicQuantizeLinear", [x], [base + "_q", base + "_s", base + "_z"]),
+            onnx.helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_z"], [base + "_dq"]),
+            onnx.helper.make_node("Where", [flag, base + "_dq", x], [base + "_x"]),
+        ]
+        node.input[0] = base + "_x"
+    for flag in flags.values():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
+    # nodes only need to come before their consumers: put them first, after their inputs' producers
+    order = list(model.graph.node)
+    del model.graph.node[:]
+    produced = {o: i for i, n in enumerate(order) for o in n.output}
+    at: dict[int, list] = {}
+    for i in range(0, len(added), 3):
+        x = added[i].input[0]
+        at.setdefault(produced.get(x, -1), []).append(added[i : i + 3])
+    for trio in at.get(-1, []):
+        model.graph.node.extend(trio)
+    for i, n in enumerate(order):
+        model.graph.node.append(n)
+        for trio in at.get(i, []):
+            model.graph.node.extend(trio)
+    return flags
+
+
 def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib, tokenizer, samples, seq_len, batch,
-                      plan: dict, *, src_bytes: int, progress=lambda it: it) -> "Planner":
+                      plan: dict, *, src_bytes: int, finish=None, progress=lambda it: it) -> "Planner":
     """Measure, choose and check a plan; leave ``fpass`` set up to factorize it (keeps, stats).
     Returns the Planner with ``choice`` set: the caller factorizes ``work`` with ``fpass`` and
     then quantizes ``planner.quantized(work, planner.choice)``."""
@@ -184,7 +256,7 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(opts[0].params for opts in options.values())
     planner = Planner(fpass, options, {g.name: g.shape for g in groups}, fixed, held, reference_outputs(work, held),
-                      [g.name for g in all_groups])
+                      [g.name for g in all_groups], {t.name for t in work.graph.initializer}, finish)
     report.timings["plan_measure_s"] = time.perf_counter() - t0
     t = time.perf_counter()
     tried = []
@@ -195,7 +267,7 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         size = model.ByteSize()
         fid, loss = planner.measure(model)
         tried.append({"budget": int(budget), "bytes": size, "fidelity": round(fid, 5)})
-        return choice, size, fid, loss
+        return choice, size, fid, loss, model
 
     floor, ceiling = planner.floor(), planner.ceiling()
     if plan.get("target_fidelity") is None:
@@ -204,11 +276,12 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
             raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({floor:,} B: every weight "
                                "at its cheapest option)")
         budget = target
-        for _ in range(4):
-            choice, size, fid, loss = trial(budget)
+        for i in range(6):
+            choice, size, fid, loss, model = trial(budget)
             if size <= target:
                 break
-            budget -= size - target  # the overhead estimate was short: spend that much less
+            # the overhead estimate was short: spend that much less, and a growing margin more
+            budget -= size - target + int(0.001 * target * 2**i)
         else:
             raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {size:,} B)")
     else:
@@ -226,7 +299,7 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
                 lo = mid
             if hi - lo < 0.01 * ceiling:
                 break
-        choice, size, fid, loss = best
+        choice, size, fid, loss, model = best
         target = None
     planner.choice = choice
     fpass.keeps = planner.keeps(choice)
@@ -239,12 +312,19 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.params),
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
     planner.rows = rows
+    report.timings["plan_search_s"] = time.perf_counter() - t
+    ratio = latency_ratio(work, model, held)
+    del model
     info = {"target_size": target, "target_fidelity": plan.get("target_fidelity"), "fixed_bytes": fixed,
             "planned_bytes": fixed + sum(o.params for o in choice.values()), "bytes": size,
             "predicted_loss": round(predicted, 6), "heldout_loss": round(loss, 6), "heldout_fidelity": round(fid, 5),
-            "heldout_samples": held.samples, "fit_samples": fit.samples, "trials": tried, "sites": rows}
-    report.settings["plan_result"] = info
-    report.timings["plan_search_s"] = time.perf_counter() - t
+            "heldout_samples": held.samples, "fit_samples": fit.samples, "latency_ratio": round(ratio, 3),
+            "trials": tried, "sites": rows}
+    report.plan = info
+    limit = plan.get("max_latency_ratio")
+    if limit is not None and ratio > limit:
+        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread), "
+                           f"over --max-latency-ratio {limit}")
     counts = {}
     for o in choice.values():
         counts[o.tag[0]] = counts.get(o.tag[0], 0) + 1
@@ -255,13 +335,16 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
     return planner
 
 
-def format_plan(info: dict) -> str:
-    """The plan as a table: weight, treatment, bytes (and dense bytes), predicted loss."""
-    lines = [f"{'weight':60s} {'treatment':14s} {'bytes':>10s} {'dense':>10s} {'pred. loss':>10s}"]
-    for r in info["sites"]:
-        lines.append(f"{r['weight'][:60]:60s} {r['treatment']:14s} {r['bytes']:>10,} {r['dense_bytes']:>10,} "
-                     f"{r['predicted_loss']:>10.5f}")
-    lines.append(f"total: planned {info['planned_bytes']:,} B (fixed {info['fixed_bytes']:,} B), file {info['bytes']:,} B; "
-                 f"loss predicted {info['predicted_loss']:.4f}, measured {info['heldout_loss']:.4f}; "
-                 f"held-out fidelity {info['heldout_fidelity']:.4f}")
-    return "\n".join(lines)
+def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:
+    """Median onnxruntime latency of ``model`` over ``base`` on the first batch of ``data``
+    (one intra-op thread, runs interleaved so that machine noise hits both alike)."""
+    feeds = data.batches[0]
+    a, b = _session(base, threads=1), _session(model, threads=1)
+    a.run(None, feeds), b.run(None, feeds)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for sess, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            out.append(time.perf_counter() - t)
+    return float(np.median(tb) / max(np.median(ta), 1e-9))
