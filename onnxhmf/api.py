@@ -272,7 +272,7 @@ def optimize(
         report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                             "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         report.timings["quantize_s"] = time.perf_counter() - t
-    if not report.rewritten and not (quantize or qweights):
+    if not report.rewritten and not (quantize or planner is not None):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
         raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
 

@@ -29,6 +29,7 @@ probes feed to predict the loss of a site's int8 treatment.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -118,11 +119,15 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) 
     with tempfile.TemporaryDirectory(prefix="onnxhmf-q-") as d:
         src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
         onnx.save_model(work, str(src))
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is not for our users
         try:
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
                              nodes_to_quantize=nodes, per_channel=False, extra_options={"MatMulConstBOnly": True})
         except Exception as e:
             raise OnnxHmfError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
+        finally:
+            logging.getLogger().setLevel(quiet)
         q = onnx.load_model(str(dst))
     bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:

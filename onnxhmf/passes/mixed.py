@@ -1,27 +1,31 @@
-"""``--plan auto``: per weight, dense fp32, int8, whitened LMF or LMF with int8 factors, under
-one byte budget (or the smallest plan meeting a held-out fidelity).
+"""``--plan auto``: per weight, one of dense fp32, int8, weight-only int8, whitened LMF, or LMF
+with int8 / weight-only int8 factors, under one byte budget (or the smallest plan meeting a
+held-out fidelity).
 
 Candidates of a weight group of shape m×n (bytes; loss = Σ_outputs (1 − mean cosine) when
 only that group is changed, as in calibrated.measure_sensitivities):
 
 * dense: 4·m·n, loss 0.
-* int8: m·n + c (c = quantize.INT8_OVERHEAD), loss *measured* by feeding the weight the
-  quantizer stores, dequantized (quantize.int8_weight). The probe does not see the run-time
-  uint8 quantization of the activations that MatMulInteger adds, so int8 is predicted a bit
-  optimistic; the assembled model is measured, not predicted.
+* int8 (MatMulInteger; Gather + DequantizeLinear for tables): m·n + c, c = quantize.INT8_OVERHEAD.
+  Loss *measured* with the weight the quantizer stores (quantize.int8_weight) and, for MatMuls,
+  the input switched through DynamicQuantizeLinear → DequantizeLinear in the probe graph, which
+  is exactly what MatMulInteger computes (tests/test_plan.py checks it).
+* int8w (weight-only: DequantizeLinear → float MatMul): m·n + 4n + c, loss measured with
+  quantize.int8w_weight (per output column). Accurate, but runs at float speed.
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
-* LMF rank r, int8 factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured loss of the
-  int8 factors at the probe rank − L_lmf at that rank) (quantization noise of the factors,
-  taken as independent of r).
+* LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
+  loss of the quantized factors at the probe rank − the same with float factors); the
+  quantization noise of the factors is taken as independent of r.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
 Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
-The plan is then assembled on a copy (FactorizePass with per-group keeps, then the int8
-quantizer on exactly the chosen weights and factors) and measured on held-out calibration
-batches: file bytes and fidelity. If the file overshoots the target, the budget is lowered by
-the overshoot and the plan redone (at most 3 times).
+The plan is then assembled on a copy (FactorizePass with per-group keeps, weight-only int8,
+then the int8 quantizer on exactly the chosen weights and factors, then the metadata) and
+measured on held-out calibration batches: file bytes and fidelity. If the file overshoots the
+target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
-held-out fidelity meets the target.
+held-out fidelity meets the target. ``--max-latency-ratio``: when the plan is too slow, plan
+again without the weight-only treatments (they dequantize every run), and fail if still slow.
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
 LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
+SLOW = ("int8w", "lmf-int8w")  # treatments that run as float MatMuls after a DequantizeLinear per run
 
 
 @dataclass
@@ -169,9 +174,11 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         gather = any(u.kind == "gather" for u in g.uses)
         if direct:
             opts.append(Option(int8_bytes(m * n), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
-        if not gather and g.ref.kind == "initializer":  # weight-only int8: any use (the float ops stay)
-            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T, per_column)), ("int8w", 1.0)))
         only_gather = all(u.kind == "gather" for u in g.uses)
+        # weight-only int8: any use (the float ops stay); not for a table only gathered (the whole
+        # table would be dequantized every run to read a few rows: the int8 Gather does that)
+        if not only_gather and g.ref.kind == "initializer":
+            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T, per_column)), ("int8w", 1.0)))
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
@@ -269,22 +276,21 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         tried.append({"budget": int(budget), "bytes": size, "fidelity": round(fid, 5)})
         return choice, size, fid, loss, model
 
-    floor, ceiling = planner.floor(), planner.ceiling()
-    if plan.get("target_fidelity") is None:
-        target = plan["target_size"] if plan.get("target_size") else int(plan["target_ratio"] * src_bytes)
-        if target < floor:
-            raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({floor:,} B: every weight "
-                               "at its cheapest option)")
-        budget = target
-        for i in range(6):
-            choice, size, fid, loss, model = trial(budget)
-            if size <= target:
-                break
-            # the overhead estimate was short: spend that much less, and a growing margin more
-            budget -= size - target + int(0.001 * target * 2**i)
-        else:
-            raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {size:,} B)")
-    else:
+    def search():
+        floor, ceiling = planner.floor(), planner.ceiling()
+        if plan.get("target_fidelity") is None:
+            target = plan["target_size"] if plan.get("target_size") else int(plan["target_ratio"] * src_bytes)
+            if target < floor:
+                raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({floor:,} B: every "
+                                   "weight at its cheapest option)")
+            budget = target
+            for i in range(6):
+                res = trial(budget)
+                if res[1] <= target:
+                    return res, target
+                # the overhead estimate was short: spend that much less, and a growing margin more
+                budget -= res[1] - target + int(0.001 * target * 2**i)
+            raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res[1]:,} B)")
         goal = plan["target_fidelity"]
         lo, hi = floor, ceiling
         best = trial(hi)
@@ -299,8 +305,21 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
                 lo = mid
             if hi - lo < 0.01 * ceiling:
                 break
-        choice, size, fid, loss, model = best
-        target = None
+        return best, None
+
+    (choice, size, fid, loss, model), target = search()
+    ratio = latency_ratio(work, model, held)
+    limit = plan.get("max_latency_ratio")
+    fast_only = False
+    if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in choice.values()):
+        # weight-only int8 runs at float speed plus a dequantization per run: plan again without it
+        planner.options = {n: [o for o in opts if o.tag[0] not in SLOW] for n, opts in planner.options.items()}
+        (choice, size, fid, loss, model), target = search()
+        ratio, fast_only = latency_ratio(work, model, held), True
+    del model
+    if limit is not None and ratio > limit:
+        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
+                           f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
     planner.choice = choice
     fpass.keeps = planner.keeps(choice)
     predicted = sum(o.error for o in choice.values())
@@ -313,18 +332,14 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
     planner.rows = rows
     report.timings["plan_search_s"] = time.perf_counter() - t
-    ratio = latency_ratio(work, model, held)
-    del model
     info = {"target_size": target, "target_fidelity": plan.get("target_fidelity"), "fixed_bytes": fixed,
             "planned_bytes": fixed + sum(o.params for o in choice.values()), "bytes": size,
             "predicted_loss": round(predicted, 6), "heldout_loss": round(loss, 6), "heldout_fidelity": round(fid, 5),
             "heldout_samples": held.samples, "fit_samples": fit.samples, "latency_ratio": round(ratio, 3),
             "trials": tried, "sites": rows}
+    if fast_only:
+        info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
     report.plan = info
-    limit = plan.get("max_latency_ratio")
-    if limit is not None and ratio > limit:
-        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread), "
-                           f"over --max-latency-ratio {limit}")
     counts = {}
     for o in choice.values():
         counts[o.tag[0]] = counts.get(o.tag[0], 0) + 1
