@@ -260,7 +260,7 @@ def optimize(
         wonly = weight_only_int8(work, planner.quantized(work, planner.choice, "int8w"))
         if wonly:
             report.notes.append(f"int8 weight-only: {len(wonly)} weights stored as int8 + per-column scales, "
-                                "DequantizeLinear'd to float MatMuls")
+                                "rebuilt by Cast·Mul (folded by onnxruntime at load) for float MatMuls")
         qweights = planner.quantized(work, planner.choice)
     if quantize == "int8" or qweights:
         t = time.perf_counter()

@@ -17,11 +17,11 @@ domain (the quantizer emits com.microsoft ops for other op types; we never ask f
 The quantizer rewrites the model's header: the input's IR version, metadata, opset imports,
 graph inputs/outputs (symbolic dims) are restored afterwards.
 
-``weight_only_int8`` is the other int8 treatment: the weight is stored as int8 and
-DequantizeLinear'd back to float in the graph (symmetric, per output column at opset ≥ 13), and
-the MatMul stays a float MatMul. Same file size; the activations are not quantized, so it is
-far more accurate where activations have outliers (a BERT FFN's second MatMul), but it runs at
-float speed.
+``weight_only_int8`` is the other int8 treatment: the weight is stored as int8 with one
+scale per output column and rebuilt as float in the graph (Cast, Mul: onnxruntime folds them
+at load), and the MatMul stays a float MatMul. Same file size; the activations are not
+quantized, so it is far more accurate where activations have outliers (a BERT FFN's second
+MatMul), but it runs at float speed and holds float weights in memory.
 
 ``int8_weight`` is the weight the quantizer stores, dequantized (symmetric int8 per tensor for
 MatMul weights, asymmetric uint8 per tensor for Gather tables), which is what sensitivity
@@ -152,27 +152,28 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) 
     return q, [w for w in chosen if w not in left]
 
 
-def int8w_weight(W: np.ndarray, per_column: bool = True) -> np.ndarray:
-    """The weight :func:`weight_only_int8` stores, dequantized: s_j = max_i |W_ij|/127 per
-    column j (or one s for the tensor), W_q = s·round(W/s)."""
+def int8w_weight(W: np.ndarray) -> np.ndarray:
+    """The weight :func:`weight_only_int8` stores, rebuilt: s_j = max_i |W_ij|/127 per column j,
+    W_q = s·round(W/s)."""
     W = np.asarray(W, dtype=np.float32)
     if not W.size:
         return W.copy()
-    amax = np.max(np.abs(W), axis=0, keepdims=True) if per_column else np.max(np.abs(W), keepdims=True)
+    amax = np.max(np.abs(W), axis=0, keepdims=True)
     s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     return (np.clip(np.round(W / s), -127, 127) * s).astype(np.float32)
 
 
 def weight_only_int8(model: onnx.ModelProto, weights: Iterable[str]) -> list[str]:
-    """Store each named 2-D float initializer as int8 + scales, dequantized in the graph by a
-    DequantizeLinear whose output keeps the initializer's name (in place; returns the names done).
-    Per output column (axis 1) at opset ≥ 13, per tensor below (DequantizeLinear has no axis)."""
+    """Store each named 2-D float initializer as int8 W_q plus float scales s, and rebuild it in
+    the graph as Mul(Cast(W_q, float), s), whose output keeps the initializer's name (in place;
+    returns the names done). s is per output column (shape 1×n).
+
+    Cast and Mul rather than DequantizeLinear: on constants, onnxruntime folds them when the
+    session is created (it leaves DequantizeLinear alone, to fuse QDQ pairs), so the model runs
+    at the input's float speed instead of dequantizing every run; and onnx.reference runs them
+    at any opset."""
     from onnx import numpy_helper
 
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 10:
-        raise OnnxHmfError(f"int8 weights need opset ≥ 10 (DequantizeLinear); the model has {opset}")
-    per_column = opset >= 13
     want = set(weights)
     keep, done, nodes = [], [], []
     for t in model.graph.initializer:
@@ -180,13 +181,14 @@ def weight_only_int8(model: onnx.ModelProto, weights: Iterable[str]) -> list[str
             keep.append(t)
             continue
         W = numpy_helper.to_array(t).astype(np.float32)
-        amax = np.max(np.abs(W), axis=0) if per_column else np.max(np.abs(W))
+        amax = np.max(np.abs(W), axis=0, keepdims=True)
         s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
         q = np.clip(np.round(W / s), -127, 127).astype(np.int8)
         keep += [numpy_helper.from_array(q, t.name + ".int8w"), numpy_helper.from_array(s, t.name + ".int8w_scale")]
-        attrs = {"axis": 1} if per_column else {}
-        nodes.append(onnx.helper.make_node("DequantizeLinear", [t.name + ".int8w", t.name + ".int8w_scale"], [t.name],
-                                           name=t.name + ".int8w_dequantize", **attrs))
+        nodes += [onnx.helper.make_node("Cast", [t.name + ".int8w"], [t.name + ".int8w_float"], name=t.name + ".int8w_cast",
+                                        to=onnx.TensorProto.FLOAT),
+                  onnx.helper.make_node("Mul", [t.name + ".int8w_float", t.name + ".int8w_scale"], [t.name],
+                                        name=t.name + ".int8w_scale_mul")]
         done.append(t.name)
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)

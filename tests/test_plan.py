@@ -109,7 +109,7 @@ def test_fake_quant_probe_matches_matmulinteger(tmodel):
     assert np.abs(weight_only - actual).max() > 10 * np.abs(predicted - actual).max()  # the input's error is seen
 
 
-def test_weight_only_int8_is_exact_and_per_column():
+def test_weight_only_int8_is_exact_per_column_and_folded_by_onnxruntime(tmp_path):
     m = graphs.matmul_model(m=24, n=20, ndim=2)
     W = numpy_helper.to_array(m.graph.initializer[0]).copy()
     W[:, 3] *= 100.0  # one loud column: per-column scales keep the others fine
@@ -119,10 +119,16 @@ def test_weight_only_int8_is_exact_and_per_column():
     assert weight_only_int8(q, ["W"]) == ["W"]
     onnx.checker.check_model(q, full_check=True)
     assert {t.name: t.data_type for t in q.graph.initializer}["W.int8w"] == onnx.TensorProto.INT8
+    assert q.ByteSize() < 0.45 * m.ByteSize()  # 480 weights: int8 + 20 scales + 2 small nodes
     got = run(q, {"X": np.eye(24, dtype=np.float32)})[0]
     np.testing.assert_allclose(got, int8w_weight(W), rtol=1e-5, atol=1e-6)
     quiet = np.delete(np.arange(20), 3)
     assert np.abs(got - W)[:, quiet].max() < np.abs(int8_weight(W) - W)[:, quiet].max() / 10
+    # onnxruntime folds Cast·Mul of constants at load: its optimized graph is one float MatMul
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node] == ["MatMul"]
 
 
 def test_int8_runs_in_the_onnx_reference_at_opset_19():

@@ -10,8 +10,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
   Loss *measured* with the weight the quantizer stores (quantize.int8_weight) and, for MatMuls,
   the input switched through DynamicQuantizeLinear → DequantizeLinear in the probe graph, which
   is exactly what MatMulInteger computes (tests/test_plan.py checks it).
-* int8w (weight-only: DequantizeLinear → float MatMul): m·n + 4n + c, loss measured with
-  quantize.int8w_weight (per output column). Accurate, but runs at float speed.
+* int8w (weight-only: int8 + per-column scales, Cast·Mul → float MatMul): m·n + 4n + c, loss
+  measured with quantize.int8w_weight. Accurate, but runs at float speed.
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
 * LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
   loss of the quantized factors at the probe rank − the same with float factors); the
@@ -25,7 +25,7 @@ measured on held-out calibration batches: file bytes and fidelity. If the file o
 target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
 held-out fidelity meets the target. ``--max-latency-ratio``: when the plan is too slow, plan
-again without the weight-only treatments (they dequantize every run), and fail if still slow.
+again without the weight-only treatments (float MatMuls), and fail if still slow.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
 LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
-SLOW = ("int8w", "lmf-int8w")  # treatments that run as float MatMuls after a DequantizeLinear per run
+SLOW = ("int8w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
 
 
 @dataclass
@@ -141,7 +141,6 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
-    per_column = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0) >= 13
     sess = _session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
@@ -178,7 +177,7 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         # weight-only int8: any use (the float ops stay); not for a table only gathered (the whole
         # table would be dequantized every run to read a few rows: the int8 Gather does that)
         if not only_gather and g.ref.kind == "initializer":
-            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T, per_column)), ("int8w", 1.0)))
+            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
@@ -193,7 +192,7 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
                 opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD, o.error + delta, ("lmf-int8", o.tag))
                          for o in lmf]
                 if not gather and not transposed:  # factors stored as A (m×r), B (r×n): weight-only int8
-                    Ww = (int8w_weight(f.A, per_column) @ int8w_weight(f.B, per_column)).astype(np.float32)
+                    Ww = (int8w_weight(f.A) @ int8w_weight(f.B)).astype(np.float32)
                     dw = max(0.0, loss_with(g.name, Ww) - base)
                     opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * round(o.params / (m + n)),
                                     o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
@@ -312,7 +311,7 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
     limit = plan.get("max_latency_ratio")
     fast_only = False
     if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in choice.values()):
-        # weight-only int8 runs at float speed plus a dequantization per run: plan again without it
+        # weight-only int8 runs at float speed: plan again without it
         planner.options = {n: [o for o in opts if o.tag[0] not in SLOW] for n, opts in planner.options.items()}
         (choice, size, fid, loss, model), target = search()
         ratio, fast_only = latency_ratio(work, model, held), True
