@@ -154,6 +154,8 @@ def optimize(
     if plan is not None:
         if calib is None:
             raise OnnxHmfError("--plan auto needs calibration data (--calib)")
+        if quantize is not None:
+            raise OnnxHmfError("--plan auto chooses int8 per weight itself: give it without --quantize")
         if min_fidelity is not None or sequential or rank is not None or storage_ae:
             raise OnnxHmfError("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
                                "--rank or the storage autoencoder")

@@ -190,6 +190,8 @@ def test_plan_errors(tmodel, calib_npz, tmp_path, capsys):
     onnx.save(tmodel, src)
     with pytest.raises(OnnxHmfError, match="below the smallest plan"):
         optimize(tmodel, calib=calib_npz, plan={"target_size": 1000}, verify=False)
+    with pytest.raises(OnnxHmfError, match="without --quantize"):
+        optimize(tmodel, calib=calib_npz, plan={"target_size": 10_000}, quantize="int8", verify=False)
     with pytest.raises(OnnxHmfError, match="needs calibration"):
         optimize(tmodel, plan={"target_size": 10_000}, verify=False)
     assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--plan", "auto", "--calib", str(calib_npz)]) == 2
