@@ -33,6 +33,7 @@ from .passes.select import SiteSelection
 from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
+from .quantize import quantize_int8, weight_only_int8
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -95,6 +96,8 @@ def optimize(
     sequential: bool = False,
     share_bases: bool = False,
     damp: float = DEFAULT_DAMP,
+    quantize: str | None = None,
+    plan: dict | None = None,
     _stage: OutputStage | None = None,
     _save: tuple[bool | None, int] = (None, 1024),
 ) -> tuple[onnx.ModelProto, Report]:
@@ -146,6 +149,16 @@ def optimize(
         if rows == 0:
             raise OnnxHmfError("--token-freq given, but the model has no embedding table")
         token_freq = token_counts(token_freq, rows, tokenizer)
+    if quantize not in (None, "int8"):
+        raise OnnxHmfError(f"quantize must be int8 or None, got {quantize!r}")
+    if plan is not None:
+        if calib is None:
+            raise OnnxHmfError("--plan auto needs calibration data (--calib)")
+        if quantize is not None:
+            raise OnnxHmfError("--plan auto chooses int8 per weight itself: give it without --quantize")
+        if min_fidelity is not None or sequential or rank is not None or storage_ae:
+            raise OnnxHmfError("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
+                               "--rank or the storage autoencoder")
     if allocation not in ("auto", "uniform", "measured"):
         raise OnnxHmfError(f"allocation must be auto, uniform or measured, got {allocation!r}")
     if calib is None and (allocation == "measured" or min_fidelity is not None or sequential):
@@ -199,6 +212,8 @@ def optimize(
         "sequential": sequential or None,
         "share_bases": share_bases or None,
         "min_fidelity": min_fidelity,
+        "quantize": quantize,
+        "plan": {k: v for k, v in plan.items() if v is not None} if plan else None,
     }
     report.params_before = count_params(work)
     if report.bytes_before is None:
@@ -219,7 +234,14 @@ def optimize(
 
     progress = progress or (lambda it: it)
     cal = None
-    if calib is not None:
+    qweights, planner = None, None  # None: every weight MatMul/Gather when --quantize int8
+    if plan is not None:
+        from .passes.mixed import plan_and_assemble
+
+        planner = plan_and_assemble(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
+                                     plan, src_bytes=report.bytes_before, progress=progress,
+                                     finish=lambda m: _finish_metadata(m, report, notes=False))
+    elif calib is not None:
         keep, cal = _calibrate(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
                           allocation, min_fidelity, keep, rank, progress)
     t = time.perf_counter()
@@ -236,7 +258,23 @@ def optimize(
         names = {s.weight for s in ssites}
         report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
-    if not report.rewritten:
+    if planner is not None:
+        wonly = weight_only_int8(work, planner.quantized(work, planner.choice, "int8w"))
+        if wonly:
+            report.notes.append(f"int8 weight-only: {len(wonly)} weights stored as int8 + per-column scales, "
+                                "rebuilt by Cast·Mul (folded by onnxruntime at load) for float MatMuls")
+        qweights = planner.quantized(work, planner.choice)
+    if quantize == "int8" or qweights:
+        t = time.perf_counter()
+        if store is not None:
+            if needs_external_data(work):
+                raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
+            inline_external(work, store)
+        work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights)
+        report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
+                            "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
+        report.timings["quantize_s"] = time.perf_counter() - t
+    if not report.rewritten and not (quantize or planner is not None):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
         raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
 
@@ -403,7 +441,7 @@ def _run_sequential(work, fpass, cal, progress, stages: int = SEQUENTIAL_STAGES)
     return sorted(sites, key=lambda s: order.get(s.weight, len(order)))
 
 
-def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
+def _finish_metadata(model: onnx.ModelProto, report: Report, *, notes: bool = True) -> None:
     """Record what onnxhmf did; keep IR version unless onnxruntime could not read it."""
     entry = {"version": __version__, **{k: v for k, v in report.settings.items() if v not in (None, [], {})}}
     for prop in model.metadata_props:
@@ -414,7 +452,8 @@ def _finish_metadata(model: onnx.ModelProto, report: Report) -> None:
         model.metadata_props.add(key="onnxhmf", value=json.dumps(entry))
     limit = max_ir_version_for_onnxruntime()
     if model.ir_version > limit:
-        report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
+        if notes:
+            report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
         model.ir_version = limit
 
 

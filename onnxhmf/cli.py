@@ -109,6 +109,19 @@ def cli():
                    "Done anyway when the input has external data or the output would pass protobuf's 2 GB limit.")
 @click.option("--external-data-size-threshold", type=click.IntRange(min=0), default=1024, show_default=True, metavar="BYTES",
               help="With external data: tensors of at least this many bytes go to the data file.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="After factorization, store weight MatMuls (factors included) and Gather tables as int8 "
+                   "(standard ops: MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear).")
+@click.option("--plan", "plan_mode", type=click.Choice(["auto"]), default=None,
+              help="With --calib: choose per weight among dense, int8, whitened LMF and LMF with int8 factors under "
+                   "--target-size/--target-ratio, or the smallest plan meeting --target-fidelity.")
+@click.option("--target-size", default=None, metavar="SIZE", help="--plan auto: file size budget, bytes or e.g. 22.8MB, 900KB.")
+@click.option("--target-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="--plan auto: file size budget as a fraction of the input's.")
+@click.option("--target-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COSINE",
+              help="--plan auto: the smallest plan whose outputs keep this mean cosine on held-out calibration data.")
+@click.option("--max-latency-ratio", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
+              help="--plan auto: fail unless the plan runs within X times the input's onnxruntime latency.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
 def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
@@ -116,7 +129,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
              allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
-             quiet, dry_run):
+             quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
@@ -124,6 +137,19 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         keep = DEFAULT_KEEP
     if min_fidelity is not None and rank is not None:
         raise click.UsageError("--min-fidelity searches the size; give it without --rank")
+    plan = None
+    if plan_mode is None and (target_size or target_ratio or target_fidelity is not None or max_latency_ratio):
+        raise click.UsageError("--target-size, --target-ratio, --target-fidelity and --max-latency-ratio go with --plan auto")
+    if plan_mode == "auto":
+        given = [x for x in (target_size, target_ratio, target_fidelity) if x is not None]
+        if len(given) != 1:
+            raise click.UsageError("--plan auto needs exactly one of --target-size, --target-ratio, --target-fidelity")
+        if calib is None:
+            raise click.UsageError("--plan auto needs --calib")
+        if dry_run:
+            raise click.UsageError("--plan auto measures on the data: it has no --dry-run")
+        plan = {"target_size": parse_size(target_size) if target_size else None, "target_ratio": target_ratio,
+                "target_fidelity": target_fidelity, "max_latency_ratio": max_latency_ratio}
     if report_path is not None and not dry_run:
         check_output_path(report_path, force=True, inputs=(input_model,))
     kwargs = dict(
@@ -137,6 +163,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
                      "options": {} if storage_ae_epochs is None else {"epochs": storage_ae_epochs}}
                     if storage_ae_include else None),
+        quantize=quantize, plan=plan,
     )
     if dry_run:  # nothing is written, --report included
         click.echo(plan_optimize(input_model, **kwargs).format())
@@ -159,6 +186,21 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         click.echo(f"wrote {output_model}")
     if report_path is not None:
         _write_text(report_path, report.to_json())
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '22800000', '22.8MB', '900KB', '1.5GB' (decimal units; MiB/KiB binary)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b?|b)?\s*", str(text), re.I)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 22800000, 22.8MB, 900KB)", param_hint="--target-size")
+    unit = (m.group(2) or "b").lower().rstrip("b") or "b"
+    mult = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}[unit]
+    size = int(float(m.group(1)) * mult)
+    if size <= 0:
+        raise click.BadParameter("must be positive", param_hint="--target-size")
+    return size
 
 
 def _ae_options(decoder, activation, hidden, init, epochs, batch_size, lr, loss_weights) -> dict:

@@ -68,6 +68,7 @@ class Report:
     failures: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    plan: dict | None = None  # --plan auto: per-weight treatments, predicted and measured loss, trials
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -103,10 +104,20 @@ class Report:
             )
             for s in self.rewritten
         ]
-        if rows:
+        if self.plan:
+            prow = [(r["weight"], r["treatment"], f"{r['bytes']:,}", f"{r['dense_bytes']:,}", f"{r['predicted_loss']:.5f}")
+                    for r in self.plan["sites"]]
+            lines += _table(("weight", "treatment", "bytes", "dense bytes", "pred. loss"), prow)
+            p = self.plan
+            lines.append(f"plan: {p['planned_bytes']:,} B planned ({p['fixed_bytes']:,} B outside the planned weights), "
+                         f"file {p['bytes']:,} B" + (f" for a target of {p['target_size']:,} B" if p.get("target_size") else "")
+                         + f"; loss predicted {p['predicted_loss']:.4f}, measured {p['heldout_loss']:.4f}; held-out "
+                         f"fidelity {p['heldout_fidelity']:.4f} on {p['heldout_samples']} samples; latency "
+                         f"{p['latency_ratio']:.2f}x the input's")
+        elif rows:
             lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err", "detail"), rows)
         skipped = [s for s in self.sites if s.status != "rewritten"]
-        if skipped and show_skipped:
+        if skipped and show_skipped and not self.plan:
             lines.append(f"skipped {len(skipped)} site(s):")
             lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
         cal = self.settings.get("calibration")

@@ -115,6 +115,8 @@ class FactorizePass:
             keep = self.keeps[group.name]
             if keep >= 1.0:
                 return 0, "the measured allocation keeps it dense"
+        elif keep is not None and keep >= 1.0 and self.rank is None:
+            return 0, "--keep 1 keeps every weight dense"
         if method == "lmf":
             limit = breakeven_rank(m, n)
             if self.rank is not None:

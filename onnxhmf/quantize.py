@@ -1,0 +1,198 @@
+"""int8 weights with standard ONNX ops, through onnxruntime's dynamic quantizer.
+
+``quantize_int8`` calls ``onnxruntime.quantization.quantize_dynamic`` in QOperator format,
+restricted to MatMul and Gather:
+
+* a MatMul with a constant weight becomes DynamicQuantizeLinear (activations, uint8 per
+  tensor at run time) → MatMulInteger (int8 weight, per tensor, symmetric) → Cast → Mul by
+  the product of the two scales. All in the default domain, and onnxruntime runs it with
+  integer kernels (faster than fp32 on CPU).
+* a Gather on a constant table gathers int8 rows and DequantizeLinear's them.
+
+QOperator rather than QDQ: QDQ (QuantizeLinear/DequantizeLinear pairs around a float MatMul)
+keeps the file as small but runs as float unless the runtime fuses it, and onnx.reference
+cannot run it below opset 19 either. Every emitted node is checked to be in the default
+domain (the quantizer emits com.microsoft ops for other op types; we never ask for those).
+
+The quantizer rewrites the model's header: the input's IR version, metadata, opset imports,
+graph inputs/outputs (symbolic dims) are restored afterwards.
+
+``weight_only_int8`` is the other int8 treatment: the weight is stored as int8 with one
+scale per output column and rebuilt as float in the graph (Cast, Mul: onnxruntime folds them
+at load), and the MatMul stays a float MatMul. Same file size; the activations are not
+quantized, so it is far more accurate where activations have outliers (a BERT FFN's second
+MatMul), but it runs at float speed and holds float weights in memory.
+
+``int8_weight`` is the weight the quantizer stores, dequantized (symmetric int8 per tensor for
+MatMul weights, asymmetric uint8 per tensor for Gather tables), which is what sensitivity
+probes feed to predict the loss of a site's int8 treatment.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+
+from .errors import OnnxHmfError
+
+__all__ = ["quantize_int8", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only_int8", "int8w_weight"]
+
+# bytes a quantized site adds besides its m·n int8 values: scale and zero point initializers
+# (+ their names) and the extra nodes; measured on MiniLM's sites (see tests/test_quantize.py)
+INT8_OVERHEAD = 400
+
+
+def int8_weight(W: np.ndarray, table: bool = False) -> np.ndarray:
+    """The weight onnxruntime's dynamic quantizer stores, dequantized.
+
+    MatMul weights (``table`` False): symmetric int8, s = max|W|/127, W_q = s·round(W/s).
+    Gather tables (``table`` True): asymmetric uint8 over [min(W,0), max(W,0)],
+    s = (hi − lo)/255, z = round(−lo/s), W_q = s·(clip(round(W/s) + z, 0, 255) − z).
+    """
+    W = np.asarray(W, dtype=np.float32)
+    if not W.size:
+        return W.copy()
+    if table:
+        lo, hi = min(float(W.min()), 0.0), max(float(W.max()), 0.0)
+        if hi == lo:
+            return W.copy()
+        s = np.float32((hi - lo) / 255.0)
+        z = np.round(-lo / s)
+        return ((np.clip(np.round(W / s) + z, 0, 255) - z) * s).astype(np.float32)
+    amax = float(np.max(np.abs(W)))
+    if amax == 0.0:
+        return W.copy()
+    s = np.float32(amax / 127.0)
+    return (np.clip(np.round(W / s), -127, 127) * s).astype(np.float32)
+
+
+def int8_bytes(params: int) -> int:
+    """Predicted bytes of one quantized MatMul/Gather weight with ``params`` elements."""
+    return int(params) + INT8_OVERHEAD
+
+
+def weight_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """{initializer name: [names of the MatMul (input B) / Gather (input 0) nodes using it]}."""
+    inits = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        w = node.input[1] if node.op_type == "MatMul" else node.input[0] if node.op_type == "Gather" else None
+        if w in inits:
+            out.setdefault(w, []).append(node.name)
+    return out
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Give unnamed nodes a unique name (the quantizer selects nodes by name)."""
+    taken = {n.name for n in model.graph.node if n.name}
+    i = 0
+    for node in model.graph.node:
+        if not node.name:
+            while f"{node.op_type}_q{i}" in taken:
+                i += 1
+            node.name = f"{node.op_type}_q{i}"
+            taken.add(node.name)
+
+
+def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """(model with int8 weights, the initializer names quantized).
+
+    ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
+    The given proto is not modified.
+    """
+    try:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise OnnxHmfError(f"--quantize needs onnxruntime.quantization ({e})") from None
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _name_nodes(work)
+    uses = weight_nodes(work)
+    chosen = sorted(uses if weights is None else set(weights) & set(uses))
+    if not chosen:
+        return work, []
+    nodes = sorted({n for w in chosen for n in uses[w]})
+    with tempfile.TemporaryDirectory(prefix="onnxhmf-q-") as d:
+        src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
+        onnx.save_model(work, str(src))
+        quiet = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is not for our users
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
+                             nodes_to_quantize=nodes, per_channel=False, extra_options={"MatMulConstBOnly": True})
+        except Exception as e:
+            raise OnnxHmfError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
+        finally:
+            logging.getLogger().setLevel(quiet)
+        q = onnx.load_model(str(dst))
+    bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node if n.domain not in ("", "ai.onnx")})
+    if bad:
+        raise OnnxHmfError(f"internal error: the int8 quantizer emitted non-standard ops {bad}")
+    # restore what the quantizer rewrites in the header
+    q.ir_version = model.ir_version
+    del q.metadata_props[:]
+    q.metadata_props.extend(model.metadata_props)
+    for attr in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(q, attr, getattr(model, attr))
+    theirs = {o.domain: o.version for o in q.opset_import}
+    del q.opset_import[:]
+    for o in model.opset_import:  # the input's opsets (the quantizer may only have raised them to 11+)
+        q.opset_import.add(domain=o.domain, version=max(o.version, theirs.get(o.domain, 0)) if o.domain in ("", "ai.onnx") else o.version)
+    for field in ("input", "output"):
+        mine = {v.name: v for v in getattr(model.graph, field)}
+        for v in getattr(q.graph, field):
+            if v.name in mine:
+                v.CopyFrom(mine[v.name])
+    q.graph.name = model.graph.name
+    left = set(weight_nodes(q))
+    return q, [w for w in chosen if w not in left]
+
+
+def int8w_weight(W: np.ndarray) -> np.ndarray:
+    """The weight :func:`weight_only_int8` stores, rebuilt: s_j = max_i |W_ij|/127 per column j,
+    W_q = s·round(W/s)."""
+    W = np.asarray(W, dtype=np.float32)
+    if not W.size:
+        return W.copy()
+    amax = np.max(np.abs(W), axis=0, keepdims=True)
+    s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    return (np.clip(np.round(W / s), -127, 127) * s).astype(np.float32)
+
+
+def weight_only_int8(model: onnx.ModelProto, weights: Iterable[str]) -> list[str]:
+    """Store each named 2-D float initializer as int8 W_q plus float scales s, and rebuild it in
+    the graph as Mul(Cast(W_q, float), s), whose output keeps the initializer's name (in place;
+    returns the names done). s is per output column (shape 1×n).
+
+    Cast and Mul rather than DequantizeLinear: on constants, onnxruntime folds them when the
+    session is created (it leaves DequantizeLinear alone, to fuse QDQ pairs), so the model runs
+    at the input's float speed instead of dequantizing every run; and onnx.reference runs them
+    at any opset."""
+    from onnx import numpy_helper
+
+    want = set(weights)
+    keep, done, nodes = [], [], []
+    for t in model.graph.initializer:
+        if t.name not in want or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            keep.append(t)
+            continue
+        W = numpy_helper.to_array(t).astype(np.float32)
+        amax = np.max(np.abs(W), axis=0, keepdims=True)
+        s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+        q = np.clip(np.round(W / s), -127, 127).astype(np.int8)
+        keep += [numpy_helper.from_array(q, t.name + ".int8w"), numpy_helper.from_array(s, t.name + ".int8w_scale")]
+        nodes += [onnx.helper.make_node("Cast", [t.name + ".int8w"], [t.name + ".int8w_float"], name=t.name + ".int8w_cast",
+                                        to=onnx.TensorProto.FLOAT),
+                  onnx.helper.make_node("Mul", [t.name + ".int8w_float", t.name + ".int8w_scale"], [t.name],
+                                        name=t.name + ".int8w_scale_mul")]
+        done.append(t.name)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    old = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + old)
+    return done

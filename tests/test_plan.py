@@ -1,0 +1,205 @@
+"""int8 (--quantize int8, weight-only int8) and the mixed planner (--plan auto)."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import graphs
+from onnxhmf.api import optimize, optimize_file
+from onnxhmf.calibration import load_calibration
+from onnxhmf.cli import main, parse_size
+from onnxhmf.errors import OnnxHmfError
+from onnxhmf.passes.calibrated import fidelity, reference_outputs
+from onnxhmf.passes.mixed import _fake_quant_inputs
+from onnxhmf.quantize import int8_weight, int8w_weight, quantize_int8, weight_only_int8
+
+STANDARD = ("", "ai.onnx")
+
+
+def run(model, feeds):
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, feeds)
+
+
+@pytest.fixture
+def tmodel():
+    return graphs.token_mlp_model(vocab=300, d=32, h=64)  # metadata: author=tests
+
+
+@pytest.fixture
+def calib_npz(tmp_path):
+    p = tmp_path / "calib.npz"
+    np.savez(p, **graphs.token_batches(n=128, seed=1))
+    return p
+
+
+def _cos(a, b):
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    keep = np.linalg.norm(b, axis=1) > 0  # padded rows are zero in both
+    a, b = a[keep], b[keep]
+    return float(np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)))
+
+
+# -- int8 -------------------------------------------------------------------------------------------
+def test_quantize_int8_keeps_the_header_and_uses_standard_ops(tmodel):
+    q, rep = optimize(tmodel, keep=1.0, quantize="int8", verify=False)
+    assert not rep.rewritten  # --keep 1: nothing factorized, int8 alone
+    assert {n.domain for n in q.graph.node} <= set(STANDARD)
+    ops = {n.op_type for n in q.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear"} <= ops and "MatMul" not in ops
+    assert q.ir_version == tmodel.ir_version
+    assert {p.key: p.value for p in q.metadata_props}["author"] == "tests"
+    for a, b in ((q.graph.input, tmodel.graph.input), (q.graph.output, tmodel.graph.output)):
+        assert [v.SerializeToString() for v in a] == [v.SerializeToString() for v in b]  # names, symbolic dims
+    onnx.checker.check_model(q, full_check=True)
+    assert q.ByteSize() < 0.35 * tmodel.ByteSize()
+    feeds = graphs.token_batches(n=16, seed=5)
+    assert _cos(run(q, feeds)[0], run(tmodel, feeds)[0]) > 0.99
+
+
+def test_int8_after_factorization_quantizes_the_factors(tmodel):
+    q, rep = optimize(tmodel, keep=0.5, quantize="int8", embedding_method="skip", verify=False)
+    assert {s.weight for s in rep.rewritten} == {"W1", "W2"}
+    stored = {t.name: t.data_type for t in q.graph.initializer}
+    for w in ("W1", "W2"):
+        factors = [n for n in stored if n.startswith(w + ".") and n.endswith("_quantized")]
+        assert len(factors) == 2 and all(stored[n] == onnx.TensorProto.INT8 for n in factors)
+    big = [t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) > 1]
+    assert not big  # only the scales stay float
+
+
+def test_int8_weight_predicts_what_the_quantizer_stores():
+    """The probe's int8 weights are exactly what onnxruntime's quantizer writes: a Gather of
+    every row gives the stored table back; for a MatMul, X = I gives W (activations I are
+    quantized exactly)."""
+    g = graphs.gather_model(vocab=50, d=16)
+    T = numpy_helper.to_array(g.graph.initializer[0])
+    q, done = quantize_int8(g)
+    assert done == ["E"]
+    got = run(q, {"ids": np.arange(50, dtype=np.int64)[None]})[0][0]
+    np.testing.assert_allclose(got, int8_weight(T, table=True), atol=1e-6)
+    m = graphs.matmul_model(m=24, n=20, ndim=2)
+    W = numpy_helper.to_array(m.graph.initializer[0])
+    q, done = quantize_int8(m)
+    got = run(q, {"X": np.eye(24, dtype=np.float32)})[0]
+    np.testing.assert_allclose(got, int8_weight(W), atol=1e-6)
+
+
+def test_fake_quant_probe_matches_matmulinteger(tmodel):
+    """The planner's probe (weight fed as int8_weight, input through DynamicQuantizeLinear →
+    DequantizeLinear) gives what the quantized model computes."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(tmodel)
+    W2 = numpy_helper.to_array(next(t for t in tmodel.graph.initializer if t.name == "W2"))
+    probe.graph.input.append(helper.make_tensor_value_info("W2", onnx.TensorProto.FLOAT, list(W2.shape)))
+    flags = _fake_quant_inputs(probe, ["W2"])
+    assert list(flags) == ["W2"]
+    feeds = graphs.token_batches(n=16, seed=3)
+    predicted = run(probe, {**feeds, "W2": int8_weight(W2), flags["W2"]: np.array(True)})[0]
+    off = run(probe, {**feeds, "W2": W2, flags["W2"]: np.array(False)})[0]
+    q, done = quantize_int8(tmodel, ["W2"])
+    assert done == ["W2"]
+    actual = run(q, feeds)[0]
+    np.testing.assert_allclose(predicted, actual, atol=1e-4)
+    np.testing.assert_allclose(off, run(tmodel, feeds)[0], atol=1e-6)
+    weight_only = run(probe, {**feeds, "W2": int8_weight(W2), flags["W2"]: np.array(False)})[0]
+    assert np.abs(weight_only - actual).max() > 10 * np.abs(predicted - actual).max()  # the input's error is seen
+
+
+def test_weight_only_int8_is_exact_per_column_and_folded_by_onnxruntime(tmp_path):
+    m = graphs.matmul_model(m=24, n=20, ndim=2)
+    W = numpy_helper.to_array(m.graph.initializer[0]).copy()
+    W[:, 3] *= 100.0  # one loud column: per-column scales keep the others fine
+    m.graph.initializer[0].CopyFrom(numpy_helper.from_array(W, "W"))
+    q = onnx.ModelProto()
+    q.CopyFrom(m)
+    assert weight_only_int8(q, ["W"]) == ["W"]
+    onnx.checker.check_model(q, full_check=True)
+    assert {t.name: t.data_type for t in q.graph.initializer}["W.int8w"] == onnx.TensorProto.INT8
+    assert q.ByteSize() < 0.45 * m.ByteSize()  # 480 weights: int8 + 20 scales + 2 small nodes
+    got = run(q, {"X": np.eye(24, dtype=np.float32)})[0]
+    np.testing.assert_allclose(got, int8w_weight(W), rtol=1e-5, atol=1e-6)
+    quiet = np.delete(np.arange(20), 3)
+    assert np.abs(got - W)[:, quiet].max() < np.abs(int8_weight(W) - W)[:, quiet].max() / 10
+    # onnxruntime folds Cast·Mul of constants at load: its optimized graph is one float MatMul
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(q.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(tmp_path / "opt.onnx").graph.node] == ["MatMul"]
+
+
+def test_int8_runs_in_the_onnx_reference_at_opset_19():
+    """onnx.reference has DequantizeLinear from opset 19: there the int8 model runs in both."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = graphs.token_mlp_model()
+    m.opset_import[0].version = 19
+    m.ir_version = 9
+    q, _ = optimize(m, keep=1.0, quantize="int8", verify=False)
+    feeds = graphs.token_batches(n=8, seed=4)
+    ref = ReferenceEvaluator(q).run(None, feeds)[0]
+    np.testing.assert_allclose(ref, run(q, feeds)[0], rtol=1e-4, atol=1e-4)
+
+
+# -- the planner --------------------------------------------------------------------------------------
+def test_plan_respects_the_budget_and_reports_its_fidelity(tmodel, calib_npz, tmp_path):
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(tmodel, src)
+    target = int(0.45 * src.stat().st_size)
+    rep = optimize_file(src, out, calib=calib_npz, plan={"target_size": target}, verify=False)
+    size = out.stat().st_size
+    assert size <= target and size == rep.plan["bytes"] == rep.bytes_after
+    model = onnx.load(out)
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.domain for n in model.graph.node} <= set(STANDARD)
+    treatments = {r["treatment"].split()[0] for r in rep.plan["sites"]}
+    assert treatments - {"dense"}  # something was compressed
+    # the reported held-out fidelity is what the written model measures on the same batches
+    cal = load_calibration(calib_npz, tmodel, samples=256)
+    _, held = cal.split(0.25)
+    assert fidelity(model, reference_outputs(tmodel, held), held) == pytest.approx(rep.plan["heldout_fidelity"], abs=1e-5)
+    assert rep.plan["latency_ratio"] > 0
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxhmf"])
+    assert meta["plan"] == {"target_size": target}
+
+
+def test_plan_beats_int8_alone_at_its_size(tmodel, calib_npz, tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(tmodel, src)
+    q, _ = optimize(tmodel, keep=1.0, quantize="int8", verify=False)
+    p, rep = optimize(tmodel, calib=calib_npz, plan={"target_size": q.ByteSize()}, verify=False)
+    assert p.ByteSize() <= q.ByteSize()
+    cal = load_calibration(calib_npz, tmodel, samples=256)
+    _, held = cal.split(0.25)
+    refs = reference_outputs(tmodel, held)
+    assert fidelity(p, refs, held) >= fidelity(q, refs, held) - 1e-6
+
+
+def test_target_fidelity_gives_a_smaller_model_that_meets_it(tmodel, calib_npz):
+    goal = 0.995
+    model, rep = optimize(tmodel, calib=calib_npz, plan={"target_fidelity": goal}, verify=False)
+    assert rep.plan["heldout_fidelity"] >= goal
+    assert model.ByteSize() < tmodel.ByteSize()
+
+
+def test_plan_errors(tmodel, calib_npz, tmp_path, capsys):
+    src = tmp_path / "in.onnx"
+    onnx.save(tmodel, src)
+    with pytest.raises(OnnxHmfError, match="below the smallest plan"):
+        optimize(tmodel, calib=calib_npz, plan={"target_size": 1000}, verify=False)
+    with pytest.raises(OnnxHmfError, match="without --quantize"):
+        optimize(tmodel, calib=calib_npz, plan={"target_size": 10_000}, quantize="int8", verify=False)
+    with pytest.raises(OnnxHmfError, match="needs calibration"):
+        optimize(tmodel, plan={"target_size": 10_000}, verify=False)
+    assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--plan", "auto", "--calib", str(calib_npz)]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--target-size", "1MB"]) == 2
+    assert "go with --plan auto" in capsys.readouterr().err
+    code = main(["optimize", str(src), str(tmp_path / "o.onnx"), "--plan", "auto", "--calib", str(calib_npz),
+                 "--target-ratio", "0.5", "--max-latency-ratio", "0.01", "-q"])
+    assert code != 0 and "--max-latency-ratio" in capsys.readouterr().err
+    assert not (tmp_path / "o.onnx").exists()
+    assert [parse_size(s) for s in ("22800000", "22.8MB", "900kb", "1MiB")] == [22_800_000, 22_800_000, 900_000, 2**20]
