@@ -105,7 +105,7 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) 
     The given proto is not modified.
     """
     try:
-        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic
+        from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
         raise OnnxHmfError(f"--quantize needs onnxruntime.quantization ({e})") from None
     work = onnx.ModelProto()

@@ -45,8 +45,8 @@ from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..quantize import INT8_OVERHEAD, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes, weight_only_int8
-from .calibrated import (_merged, _session, calibration_targets, candidate_groups, fidelity, measure_sensitivities,
-                         output_loss, reference_outputs)
+from .calibrated import (_merged, _session, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
+                         reference_outputs)
 from .factorize import FactorizePass
 
 __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
@@ -67,7 +67,6 @@ class Planner:
     all_groups: list[str]
     original: set[str] = field(default_factory=set)  # the input's initializer names
     finish: Callable[[onnx.ModelProto], None] | None = None  # what the caller adds before writing (metadata)
-    rows: list[dict] = field(default_factory=list)
     choice: dict[str, Option] = field(default_factory=dict)
 
     # -- the plan -------------------------------------------------------------------------
@@ -130,7 +129,8 @@ class Planner:
 
 
 def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
-    """Per group: dense, int8, LMF and LMF-int8 options in bytes (see the module docstring)."""
+    """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
+    loss, (treatment, keep))."""
     sens = measure_sensitivities(work, fpass, groups, fit, progress=progress)
     index = GraphIndex(work)
     uses = weight_nodes(work)
@@ -329,7 +329,6 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         r = rank_for_keep(m, n, keep, fpass.rank_multiple) if kind.startswith("lmf") else None
         rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.params),
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
-    planner.rows = rows
     report.timings["plan_search_s"] = time.perf_counter() - t
     info = {"target_size": target, "target_fidelity": plan.get("target_fidelity"), "fixed_bytes": fixed,
             "planned_bytes": fixed + sum(o.params for o in choice.values()), "bytes": size,
