@@ -33,7 +33,7 @@ from .passes.select import SiteSelection
 from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
-from .quantize import quantize_int8, weight_only_int8
+from .quantize import quantize_int8
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -259,10 +259,10 @@ def optimize(
         report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
     report.timings["factorize_s"] = time.perf_counter() - t
     if planner is not None:
-        wonly = weight_only_int8(work, planner.quantized(work, planner.choice, "int8w"))
+        wonly = planner.store_weight_only(work, planner.choice)
         if wonly:
-            report.notes.append(f"int8 weight-only: {len(wonly)} weights stored as int8 + per-column scales, "
-                                "rebuilt by Cast·Mul (folded by onnxruntime at load) for float MatMuls")
+            report.notes.append(f"weight-only int8/int4: {len(wonly)} weights stored as integers + per-column scales, "
+                                "rebuilt by a constant subgraph that onnxruntime folds at load (float MatMuls)")
         qweights = planner.quantized(work, planner.choice)
     if quantize == "int8" or qweights:
         t = time.perf_counter()

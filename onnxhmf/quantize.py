@@ -17,11 +17,12 @@ domain (the quantizer emits com.microsoft ops for other op types; we never ask f
 The quantizer rewrites the model's header: the input's IR version, metadata, opset imports,
 graph inputs/outputs (symbolic dims) are restored afterwards.
 
-``weight_only_int8`` is the other int8 treatment: the weight is stored as int8 with one
-scale per output column and rebuilt as float in the graph (Cast, Mul: onnxruntime folds them
-at load), and the MatMul stays a float MatMul. Same file size; the activations are not
-quantized, so it is far more accurate where activations have outliers (a BERT FFN's second
-MatMul), but it runs at float speed and holds float weights in memory.
+``weight_only`` is the other treatment: the weight is stored as int8 (or two int4 per byte)
+with one scale per output column and rebuilt as float by a constant subgraph (Cast, Mul;
+BitShift, Sub, Concat for int4) that onnxruntime folds at load, and the MatMul or Gather stays
+float. Smaller file, no activation quantization, so it is far more accurate where activations
+have outliers (a BERT FFN's second MatMul), but it runs at float speed and holds float
+weights in memory.
 
 ``int8_weight`` is the weight the quantizer stores, dequantized (symmetric int8 per tensor for
 MatMul weights, asymmetric uint8 per tensor for Gather tables), which is what sensitivity
@@ -39,7 +40,7 @@ import onnx
 
 from .errors import OnnxHmfError
 
-__all__ = ["quantize_int8", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only_int8", "int8w_weight"]
+__all__ = ["quantize_int8", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis"]
 
 # bytes a quantized site adds besides its m·n int8 values: scale and zero point initializers
 # (+ their names) and the extra nodes; measured on MiniLM's sites (see tests/test_quantize.py)
@@ -152,44 +153,80 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) 
     return q, [w for w in chosen if w not in left]
 
 
-def int8w_weight(W: np.ndarray) -> np.ndarray:
-    """The weight :func:`weight_only_int8` stores, rebuilt: s_j = max_i |W_ij|/127 per column j,
-    W_q = s·round(W/s)."""
+def _scales(W: np.ndarray, bits: int) -> tuple[np.ndarray, int]:
+    qmax = 2 ** (bits - 1) - 1
+    amax = np.max(np.abs(W), axis=0, keepdims=True)
+    return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32), qmax
+
+
+def int8w_weight(W: np.ndarray, bits: int = 8) -> np.ndarray:
+    """The weight :func:`weight_only` stores, rebuilt: s_j = max_i |W_ij|/q per column j
+    (q = 127 for 8 bits, 7 for 4), W_q = s·clip(round(W/s), −q, q)."""
     W = np.asarray(W, dtype=np.float32)
     if not W.size:
         return W.copy()
-    amax = np.max(np.abs(W), axis=0, keepdims=True)
-    s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    return (np.clip(np.round(W / s), -127, 127) * s).astype(np.float32)
+    s, qmax = _scales(W, bits)
+    return (np.clip(np.round(W / s), -qmax, qmax) * s).astype(np.float32)
 
 
-def weight_only_int8(model: onnx.ModelProto, weights: Iterable[str]) -> list[str]:
-    """Store each named 2-D float initializer as int8 W_q plus float scales s, and rebuild it in
-    the graph as Mul(Cast(W_q, float), s), whose output keeps the initializer's name (in place;
-    returns the names done). s is per output column (shape 1×n).
+def int4_axis(shape: tuple[int, int]) -> int | None:
+    """The axis two 4-bit values are packed along (an even one), or None."""
+    return 0 if shape[0] % 2 == 0 else 1 if shape[1] % 2 == 0 else None
 
-    Cast and Mul rather than DequantizeLinear: on constants, onnxruntime folds them when the
+
+def weight_only(model: onnx.ModelProto, weights: Iterable[str], bits: int = 8) -> list[str]:
+    """Store each named 2-D float initializer as ``bits``-bit integers W_q plus float scales s
+    (one per output column, shape 1×n), rebuilt in the graph by a constant subgraph whose output
+    keeps the initializer's name (in place; returns the names done):
+
+    * 8 bits: Mul(Cast(W_q: int8, float), s).
+    * 4 bits: two values u = W_q + 8 ∈ [1, 15] per uint8, the second half of an even axis in the
+      high nibble: hi = BitShift(P, 4, RIGHT), lo = P − BitShift(hi, 4, LEFT),
+      W = (Cast(Concat(lo, hi)) − 8)·s. Needs opset ≥ 11 (BitShift) and an even side.
+
+    Plain ops rather than DequantizeLinear: on constants, onnxruntime folds them when the
     session is created (it leaves DequantizeLinear alone, to fuse QDQ pairs), so the model runs
-    at the input's float speed instead of dequantizing every run; and onnx.reference runs them
-    at any opset."""
+    at the input's float speed instead of rebuilding weights every run; and onnx.reference runs
+    them at any opset."""
     from onnx import numpy_helper
+    from onnx.helper import make_node
 
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if bits == 4 and opset < 11:
+        return []
     want = set(weights)
     keep, done, nodes = [], [], []
     for t in model.graph.initializer:
-        if t.name not in want or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+        axis = int4_axis(tuple(t.dims)) if bits == 4 and len(t.dims) == 2 else 0
+        if t.name not in want or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or axis is None:
             keep.append(t)
             continue
         W = numpy_helper.to_array(t).astype(np.float32)
-        amax = np.max(np.abs(W), axis=0, keepdims=True)
-        s = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-        q = np.clip(np.round(W / s), -127, 127).astype(np.int8)
-        keep += [numpy_helper.from_array(q, t.name + ".int8w"), numpy_helper.from_array(s, t.name + ".int8w_scale")]
-        nodes += [onnx.helper.make_node("Cast", [t.name + ".int8w"], [t.name + ".int8w_float"], name=t.name + ".int8w_cast",
-                                        to=onnx.TensorProto.FLOAT),
-                  onnx.helper.make_node("Mul", [t.name + ".int8w_float", t.name + ".int8w_scale"], [t.name],
-                                        name=t.name + ".int8w_scale_mul")]
-        done.append(t.name)
+        s, qmax = _scales(W, bits)
+        q = np.clip(np.round(W / s), -qmax, qmax)
+        n = t.name
+        keep.append(numpy_helper.from_array(s, f"{n}.int{bits}w_scale"))
+        if bits == 8:
+            keep.append(numpy_helper.from_array(q.astype(np.int8), f"{n}.int8w"))
+            nodes += [make_node("Cast", [f"{n}.int8w"], [f"{n}.int8w_float"], name=f"{n}.int8w_cast", to=onnx.TensorProto.FLOAT),
+                      make_node("Mul", [f"{n}.int8w_float", f"{n}.int8w_scale"], [n], name=f"{n}.int8w_scale_mul")]
+        else:
+            u = (q + 8).astype(np.uint8)
+            lo, hi = np.split(u, 2, axis=axis)
+            keep += [numpy_helper.from_array((lo + 16 * hi).astype(np.uint8), f"{n}.int4w"),
+                     numpy_helper.from_array(np.array(4, np.uint8), f"{n}.int4w_four"),
+                     numpy_helper.from_array(np.array(8.0, np.float32), f"{n}.int4w_eight")]
+            p = f"{n}.int4w"
+            nodes += [make_node("BitShift", [p, f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi", direction="RIGHT"),
+                      make_node("BitShift", [f"{p}_hi", f"{p}_four"], [f"{p}_hi16"], name=f"{p}_hi16", direction="LEFT"),
+                      make_node("Sub", [p, f"{p}_hi16"], [f"{p}_lo"], name=f"{p}_lo"),
+                      make_node("Concat", [f"{p}_lo", f"{p}_hi"], [f"{p}_u"], name=f"{p}_concat", axis=axis),
+                      make_node("Cast", [f"{p}_u"], [f"{p}_float"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),
+                      make_node("Sub", [f"{p}_float", f"{p}_eight"], [f"{p}_centered"], name=f"{p}_center"),
+                      make_node("Mul", [f"{p}_centered", f"{n}.int4w_scale"], [n], name=f"{p}_scale_mul")]
+        done.append(n)
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     old = list(model.graph.node)

@@ -14,7 +14,7 @@ from onnxhmf.cli import main, parse_size
 from onnxhmf.errors import OnnxHmfError
 from onnxhmf.passes.calibrated import fidelity, reference_outputs
 from onnxhmf.passes.mixed import _fake_quant_inputs
-from onnxhmf.quantize import int8_weight, int8w_weight, quantize_int8, weight_only_int8
+from onnxhmf.quantize import int8_weight, int8w_weight, quantize_int8, weight_only
 
 STANDARD = ("", "ai.onnx")
 
@@ -109,22 +109,31 @@ def test_fake_quant_probe_matches_matmulinteger(tmodel):
     assert np.abs(weight_only - actual).max() > 10 * np.abs(predicted - actual).max()  # the input's error is seen
 
 
-def test_weight_only_int8_is_exact_per_column_and_folded_by_onnxruntime(tmp_path):
-    m = graphs.matmul_model(m=24, n=20, ndim=2)
+@pytest.mark.parametrize("bits,rows", [(8, 24), (4, 24), (4, 23)])
+def test_weight_only_is_exact_per_column_and_folded_by_onnxruntime(tmp_path, bits, rows):
+    """int8 / packed int4 weights with per-column scales: the graph rebuilds exactly the weight
+    int8w_weight predicts, onnx.reference agrees, and onnxruntime folds the rebuild at load."""
+    from onnx.reference import ReferenceEvaluator
+
+    m = graphs.matmul_model(m=rows, n=20, ndim=2)  # 23 rows: int4 packs along the columns
     W = numpy_helper.to_array(m.graph.initializer[0]).copy()
     W[:, 3] *= 100.0  # one loud column: per-column scales keep the others fine
     m.graph.initializer[0].CopyFrom(numpy_helper.from_array(W, "W"))
     q = onnx.ModelProto()
     q.CopyFrom(m)
-    assert weight_only_int8(q, ["W"]) == ["W"]
+    assert weight_only(q, ["W"], bits) == ["W"]
     onnx.checker.check_model(q, full_check=True)
-    assert {t.name: t.data_type for t in q.graph.initializer}["W.int8w"] == onnx.TensorProto.INT8
-    assert q.ByteSize() < 0.45 * m.ByteSize()  # 480 weights: int8 + 20 scales + 2 small nodes
-    got = run(q, {"X": np.eye(24, dtype=np.float32)})[0]
-    np.testing.assert_allclose(got, int8w_weight(W), rtol=1e-5, atol=1e-6)
+    stored = {t.name: t for t in q.graph.initializer}
+    packed = stored[f"W.int{bits}w"]
+    assert packed.data_type == (onnx.TensorProto.INT8 if bits == 8 else onnx.TensorProto.UINT8)
+    assert np.prod(packed.dims) == W.size * bits // 8
+    X = np.eye(rows, dtype=np.float32)
+    got = run(q, {"X": X})[0]
+    np.testing.assert_allclose(got, int8w_weight(W, bits), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ReferenceEvaluator(q).run(None, {"X": X})[0], got, rtol=1e-6, atol=1e-6)
     quiet = np.delete(np.arange(20), 3)
-    assert np.abs(got - W)[:, quiet].max() < np.abs(int8_weight(W) - W)[:, quiet].max() / 10
-    # onnxruntime folds Cast·Mul of constants at load: its optimized graph is one float MatMul
+    if bits == 8:
+        assert np.abs(got - W)[:, quiet].max() < np.abs(int8_weight(W) - W)[:, quiet].max() / 10
     opts = ort.SessionOptions()
     opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
     ort.InferenceSession(q.SerializeToString(), opts, providers=["CPUExecutionProvider"])

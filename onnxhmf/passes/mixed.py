@@ -1,5 +1,5 @@
-"""``--plan auto``: per weight, one of dense fp32, int8, weight-only int8, whitened LMF, or LMF
-with int8 / weight-only int8 factors, under one byte budget (or the smallest plan meeting a
+"""``--plan auto``: per weight, one of dense fp32, int8, weight-only int8 or int4, whitened LMF,
+or LMF with int8 / weight-only int8 factors, under one byte budget (or the smallest plan meeting a
 held-out fidelity).
 
 Candidates of a weight group of shape m×n (bytes; loss = Σ_outputs (1 − mean cosine) when
@@ -12,6 +12,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
   is exactly what MatMulInteger computes (tests/test_plan.py checks it).
 * int8w (weight-only: int8 + per-column scales, Cast·Mul → float MatMul): m·n + 4n + c, loss
   measured with quantize.int8w_weight. Accurate, but runs at float speed.
+* int4w (the same with 4 bits, two values per byte, unpacked by BitShift/Sub/Concat): m·n/2 +
+  4n + c', opset ≥ 11 and an even side. Both are folded by onnxruntime at load, tables included.
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
 * LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
   loss of the quantized factors at the probe rank − the same with float factors); the
@@ -23,6 +25,8 @@ The plan is then assembled on a copy (FactorizePass with per-group keeps, weight
 then the int8 quantizer on exactly the chosen weights and factors, then the metadata) and
 measured on held-out calibration batches: file bytes and fidelity. If the file overshoots the
 target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
+Plans of one treatment (all int8w, int8 or int4w where the weight allows) that fit are measured
+too, and the lowest measured loss wins: the knapsack adds per-weight losses, the model need not.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
 held-out fidelity meets the target. ``--max-latency-ratio``: when the plan is too slow, plan
 again without the weight-only treatments (float MatMuls), and fail if still slow.
@@ -44,7 +48,8 @@ from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
-from ..quantize import INT8_OVERHEAD, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes, weight_only_int8
+from ..quantize import (INT8_OVERHEAD, int4_axis, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes,
+                        weight_only)
 from .calibrated import (_merged, _session, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
                          reference_outputs)
 from .factorize import FactorizePass
@@ -53,7 +58,8 @@ __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
 LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
-SLOW = ("int8w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+SLOW = ("int8w", "int4w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+INT4_OVERHEAD = 400  # the unpacking subgraph's nodes and constants
 
 
 @dataclass
@@ -97,6 +103,12 @@ class Planner:
                 names += [w for w in used if w.startswith(n + ".") and w not in self.original]
         return names
 
+    def store_weight_only(self, model: onnx.ModelProto, choice: dict[str, Option]) -> list[str]:
+        """Apply the weight-only treatments (int8w, int4w, lmf-int8w) of ``choice`` to the
+        factorized ``model`` in place; the names done."""
+        return (weight_only(model, self.quantized(model, choice, "int8w"), 8)
+                + weight_only(model, self.quantized(model, choice, "int4w"), 4))
+
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -106,7 +118,7 @@ class Planner:
             self.fpass.run(m)
         finally:
             self.fpass.keeps = saved
-        weight_only_int8(m, self.quantized(m, choice, "int8w"))
+        self.store_weight_only(m, choice)
         q, _ = quantize_int8(m, self.quantized(m, choice))
         if self.finish is not None:
             self.finish(q)
@@ -141,6 +153,7 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
+    int4 = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0) >= 11  # BitShift
     sess = _session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
@@ -174,10 +187,13 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         if direct:
             opts.append(Option(int8_bytes(m * n), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
         only_gather = all(u.kind == "gather" for u in g.uses)
-        # weight-only int8: any use (the float ops stay); not for a table only gathered (the whole
-        # table would be dequantized every run to read a few rows: the int8 Gather does that)
-        if not only_gather and g.ref.kind == "initializer":
+        # weight-only int8/int4: any use; the weight is rebuilt by a constant subgraph that
+        # onnxruntime folds at load, so the graph's own ops run in float as before
+        if g.ref.kind == "initializer":
             opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
+            if int4 and int4_axis((m, n)) is not None:
+                opts.append(Option(int8_bytes(m * n // 2) + 4 * n + INT4_OVERHEAD, loss_with(g.name, int8w_weight(T, 4)),
+                                   ("int4w", 1.0)))
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
@@ -275,6 +291,24 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         tried.append({"budget": int(budget), "bytes": size, "fidelity": round(fid, 5)})
         return choice, size, fid, loss, model
 
+    def best_of(res, target: int):
+        """The knapsack's plan, or a one-treatment plan (every weight int8w, int8 or int4w where
+        it can be, the knapsack's choice elsewhere) that fits ``target`` and measures a lower
+        held-out loss: the prediction adds per-weight losses, which the whole model need not."""
+        for kind in ("int8w", "int8", "int4w"):
+            alt = {n: next((o for o in planner.options[n] if o.tag[0] == kind), res[0][n]) for n in res[0]}
+            if alt == res[0] or planner.fixed + sum(o.params for o in alt.values()) > 1.05 * target:
+                continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
+            model = planner.assemble(work, alt)
+            size = model.ByteSize()
+            if size > target:
+                continue
+            fid, loss = planner.measure(model)
+            tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
+            if loss < res[3]:
+                res = (alt, size, fid, loss, model)
+        return res
+
     def search():
         floor, ceiling = planner.floor(), planner.ceiling()
         if plan.get("target_fidelity") is None:
@@ -286,7 +320,7 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
             for i in range(6):
                 res = trial(budget)
                 if res[1] <= target:
-                    return res, target
+                    return best_of(res, target), target
                 # the overhead estimate was short: spend that much less, and a growing margin more
                 budget -= res[1] - target + int(0.001 * target * 2**i)
             raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res[1]:,} B)")
