@@ -113,8 +113,8 @@ def cli():
               help="After factorization, store weight MatMuls (factors included) and Gather tables as int8 "
                    "(standard ops: MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear).")
 @click.option("--plan", "plan_mode", type=click.Choice(["auto"]), default=None,
-              help="With --calib: choose per weight among dense, int8, whitened LMF and LMF with int8 factors under "
-                   "--target-size/--target-ratio, or the smallest plan meeting --target-fidelity.")
+              help="With --calib: choose per weight among dense, int8, weight-only int8/int4, whitened LMF and LMF with "
+                   "int8 factors under --target-size/--target-ratio, or the smallest plan meeting --target-fidelity.")
 @click.option("--target-size", default=None, metavar="SIZE", help="--plan auto: file size budget, bytes or e.g. 22.8MB, 900KB.")
 @click.option("--target-ratio", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="--plan auto: file size budget as a fraction of the input's.")

@@ -99,23 +99,10 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             taken.add(node.name)
 
 
-def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """(model with int8 weights, the initializer names quantized).
+def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str]]) -> onnx.ModelProto:
+    """onnxruntime's quantize_dynamic on the MatMul/Gather nodes that read ``chosen``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
-    The given proto is not modified.
-    """
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
-        raise OnnxHmfError(f"--quantize needs onnxruntime.quantization ({e})") from None
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    _name_nodes(work)
-    uses = weight_nodes(work)
-    chosen = sorted(uses if weights is None else set(weights) & set(uses))
-    if not chosen:
-        return work, []
     nodes = sorted({n for w in chosen for n in uses[w]})
     with tempfile.TemporaryDirectory(prefix="onnxhmf-q-") as d:
         src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
@@ -129,7 +116,33 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) 
             raise OnnxHmfError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
         finally:
             logging.getLogger().setLevel(quiet)
-        q = onnx.load_model(str(dst))
+        return onnx.load_model(str(dst))
+
+
+def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """(model with int8 weights, the initializer names quantized).
+
+    ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
+    A weight the quantizer would store twice (int8 for its Gather, float for another reader such
+    as a tied head's Transpose of a factor) is left float. The given proto is not modified.
+    """
+    try:
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise OnnxHmfError(f"--quantize needs onnxruntime.quantization ({e})") from None
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    _name_nodes(work)
+    uses = weight_nodes(work)
+    chosen = sorted(uses if weights is None else set(weights) & set(uses))
+    if not chosen:
+        return work, []
+    q = _quantize(work, chosen, uses)
+    floats = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    both = [w for w in chosen if w in floats and f"{w}_quantized" in {t.name for t in q.graph.initializer}]
+    if both:  # also read by an op the quantizer left float (a tied head's Transpose): stored twice, so leave them
+        chosen = [w for w in chosen if w not in both]
+        q = _quantize(work, chosen, uses) if chosen else work
     bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node if n.domain not in ("", "ai.onnx")})
     if bad:
         raise OnnxHmfError(f"internal error: the int8 quantizer emitted non-standard ops {bad}")

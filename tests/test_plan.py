@@ -212,3 +212,22 @@ def test_plan_errors(tmodel, calib_npz, tmp_path, capsys):
     assert code != 0 and "--max-latency-ratio" in capsys.readouterr().err
     assert not (tmp_path / "o.onnx").exists()
     assert [parse_size(s) for s in ("22800000", "22.8MB", "900kb", "1MiB")] == [22_800_000, 22_800_000, 900_000, 2**20]
+
+
+def test_int8_never_stores_a_weight_twice_and_dry_run_predicts_the_size(tmp_path, capsys):
+    """A tied table's factor is read by a Gather and, through Transpose, by the head: int8 for
+    the Gather alone would store it twice, so quantize_int8 leaves it float. --dry-run's size
+    with --quantize int8 is within 3% of the file written."""
+    m = graphs.tied_model(vocab=400, d=32)
+    src = tmp_path / "tied.onnx"
+    onnx.save(m, src)
+    for keep in ("0.5", "1"):
+        out = tmp_path / f"q{keep}.onnx"
+        assert main(["optimize", str(src), str(out), "--keep", keep, "--quantize", "int8", "--min-cosine", "0", "-q"]) == 0
+        q = onnx.load(out)
+        names = {t.name for t in q.graph.initializer}
+        assert not [n for n in names if n + "_quantized" in names]
+        assert main(["optimize", str(src), str(out), "--keep", keep, "--quantize", "int8", "--dry-run"]) == 0
+        line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("file:")][-1]
+        predicted = int(line.split("~")[1].split()[0].replace(",", ""))
+        assert abs(predicted - out.stat().st_size) < 0.03 * out.stat().st_size, (keep, predicted, out.stat().st_size)
