@@ -11,8 +11,8 @@ KJV sentences; glassllm, perplexity on 20,480 tokens of each. Variants:
     lmf K           plain truncated SVD of every weight, embeddings included, --keep K
     wlmf K          whitened LMF, uniform keep                         --calib --allocate uniform
     hmf K           plain hybrid (dense columns + low rank)            --method hmf
-    plan R          --plan auto --target-ratio R (dense / int8 / weight-only int8 / LMF / LMF
-                    with int8 factors per weight, under one byte budget)
+    plan R          --plan auto --target-ratio R (per weight: dense, int8, weight-only int8 or
+                    int4, LMF, LMF with int8 factors; one byte budget)
     plan R fast     the same with --max-latency-ratio (no weight-only int8 if the plan is too slow)
 
 Columns: file size, fidelity, ORT latency ratio (1 thread, 1×128 tokens), tool wall time, and
