@@ -296,6 +296,39 @@ def _schedule_lr(cfg, epoch: int) -> float:
     return cfg.lr * 0.5 ** (epoch // cfg.halve_every) if cfg.halve_every > 0 else cfg.lr
 
 
+def _fit(enc: MLP, dec: MLP, X: np.ndarray, batch_grad, objective, cfg, rng, callback) -> tuple[list[float], int]:
+    """Mini-batch Adam on enc→dec over the rows of X, for cfg.epochs epochs (rows shuffled by
+    ``rng``, lr by _schedule_lr). ``batch_grad(Y, idx, epoch)``: the loss gradient at the batch's
+    output Y. ``objective()`` is evaluated before training and after every epoch; the
+    parameters of the best evaluation are restored in place. Returns (objective history, the
+    best epoch, 0 = the start)."""
+    params = enc.params + dec.params
+    opt = Adam(params)
+    best = objective()
+    history, best_params, best_epoch = [best], [p.copy() for p in params], 0
+    n = X.shape[0]
+    for epoch in range(cfg.epochs):
+        lr = _schedule_lr(cfg, epoch)
+        order = rng.permutation(n)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            c_enc, c_dec = [], []
+            Y = dec.forward(enc.forward(X[idx], c_enc), c_dec)
+            g_dec, gz = dec.backward(c_dec, batch_grad(Y, idx, epoch).astype(cfg.dtype))
+            g_enc, _ = enc.backward(c_enc, gz)
+            opt.step(g_enc + g_dec, lr)
+        obj = objective()
+        history.append(obj)
+        if obj < best:
+            best, best_epoch = obj, epoch + 1
+            best_params = [p.copy() for p in params]
+        if callback is not None:
+            callback(epoch, obj)
+    for p, b in zip(params, best_params):
+        p[...] = b
+    return history, best_epoch
+
+
 def train_embedding_ae(E: np.ndarray, cfg: EmbeddingAEConfig, weights: np.ndarray | None = None,
                        callback=None) -> EmbeddingAE:
     """Train the embedding AE on table E (V×d); ``weights``: per-row loss weights (e.g.
@@ -316,39 +349,16 @@ def _train_embedding_ae(E, cfg, weights, callback) -> EmbeddingAE:
     X = np.asarray(E, cfg.dtype)
     wd = w.astype(cfg.dtype)
     enc, dec = _init_embedding(E, w, cfg, rng)
-    params = enc.params + dec.params
-    n_enc = len(enc.params)
-    opt = Adam(params)
 
     def objective() -> float:  # full table, final α
         Xh = dec.forward(enc.forward(X))
         return embedding_loss(Xh.astype(np.float64), X.astype(np.float64), w, cfg.alpha_end, cfg, grad=False)[0]
 
-    best = objective()
-    history, best_params, best_epoch = [best], [p.copy() for p in params], 0
-    for epoch in range(cfg.epochs):
-        lr, alpha = _schedule_lr(cfg, epoch), cfg.alpha(epoch)
-        order = rng.permutation(V)
-        for start in range(0, V, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            xb, wb = X[idx], wd[idx]
-            c_enc, c_dec = [], []
-            yb = dec.forward(enc.forward(xb, c_enc), c_dec)
-            _, g = embedding_loss(yb, xb, wb, alpha, cfg)
-            g_dec, gz = dec.backward(c_dec, g.astype(cfg.dtype))
-            g_enc, _ = enc.backward(c_enc, gz)
-            opt.step(g_enc + g_dec, lr)
-        obj = objective()
-        history.append(obj)
-        if obj < best:
-            best, best_epoch = obj, epoch + 1
-            best_params = [p.copy() for p in params]
-        if callback is not None:
-            callback(epoch, obj)
-    for p, b in zip(params, best_params):
-        p[...] = b
-    codes = enc.forward(X)
-    return EmbeddingAE(codes=codes, decoder=MLP(params[n_enc:], dec.acts), config=cfg, history=history,
+    def batch_grad(Y, idx, epoch):
+        return embedding_loss(Y, X[idx], wd[idx], cfg.alpha(epoch), cfg)[1]
+
+    history, best_epoch = _fit(enc, dec, X, batch_grad, objective, cfg, rng, callback)
+    return EmbeddingAE(codes=enc.forward(X), decoder=MLP(dec.params, dec.acts), config=cfg, history=history,
                        best_epoch=best_epoch, train_s=time.perf_counter() - t0)
 
 
@@ -436,41 +446,20 @@ def train_storage_ae(X: np.ndarray, cfg: StorageAEConfig, callback=None) -> Stor
 def _train_storage_ae(X, cfg, callback) -> StorageAE:
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
-    N, m = X.shape
+    _, m = X.shape
     x = cfg.width
     Xd = np.asarray(X, cfg.dtype)
     norms = np.sqrt((Xd.astype(np.float64) ** 2).sum(1)).astype(cfg.dtype)
     enc = MLP.random([m, 8 * x, 4 * x, x], ["leakyrelu", "leakyrelu", "linear"], rng, cfg.dtype)
     dec = MLP.random([x, 2 * x, 4 * x, m], list(STORAGE_DECODER_ACTS), rng, cfg.dtype)
-    params = enc.params + dec.params
-    n_enc = len(enc.params)
-    opt = Adam(params)
 
     def objective() -> float:
         T = dec.forward(enc.forward(Xd)).astype(np.float64)
         return storage_loss(T, Xd.astype(np.float64), norms.astype(np.float64), cfg, grad=False)[0]
 
-    best = objective()
-    history, best_params, best_epoch = [best], [p.copy() for p in params], 0
-    for epoch in range(cfg.epochs):
-        lr = _schedule_lr(cfg, epoch)
-        order = rng.permutation(N)
-        for start in range(0, N, cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            c_enc, c_dec = [], []
-            T = dec.forward(enc.forward(Xd[idx], c_enc), c_dec)
-            _, gt = storage_loss(T, Xd[idx], norms[idx], cfg)
-            g_dec, gz = dec.backward(c_dec, gt.astype(cfg.dtype))
-            g_enc, _ = enc.backward(c_enc, gz)
-            opt.step(g_enc + g_dec, lr)
-        obj = objective()
-        history.append(obj)
-        if obj < best:
-            best, best_epoch = obj, epoch + 1
-            best_params = [p.copy() for p in params]
-        if callback is not None:
-            callback(epoch, obj)
-    for p, b in zip(params, best_params):
-        p[...] = b
-    return StorageAE(codes=enc.forward(Xd), norms=norms, decoder=MLP(params[n_enc:], dec.acts), config=cfg,
+    def batch_grad(T, idx, epoch):
+        return storage_loss(T, Xd[idx], norms[idx], cfg)[1]
+
+    history, best_epoch = _fit(enc, dec, Xd, batch_grad, objective, cfg, rng, callback)
+    return StorageAE(codes=enc.forward(Xd), norms=norms, decoder=MLP(dec.params, dec.acts), config=cfg,
                      history=history, best_epoch=best_epoch, train_s=time.perf_counter() - t0)
