@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from .calibration import Calibration
 
-__all__ = ["ActivationStats", "capture_stats", "session_with_outputs"]
+__all__ = ["ActivationStats", "capture_stats", "session_with_outputs", "session", "masked_rows"]
 
 
 @dataclass
@@ -59,18 +59,23 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str], threads: int 
     types = _value_types(m, set(want))
     for n in want:
         m.graph.output.append(onnx.helper.make_tensor_value_info(n, types.get(n, onnx.TensorProto.FLOAT), None))
+    return session(m, threads)
+
+
+def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
+    """A quiet onnxruntime CPU session for ``model`` (``threads``: intra-op threads, None = ORT's)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def masked_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """x as (rows, features), without padded positions when x's leading axes are the mask's."""
     if mask is not None and x.ndim >= 2 and x.shape[:-1] == mask.shape:
         return x[mask.astype(bool)]
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
 def capture_stats(
@@ -97,12 +102,12 @@ def capture_stats(
         values = sess.run(out_names, feeds)
         ref_values = ref.run(acts, feeds) if ref is not None else None
         for i, name in enumerate(acts):
-            X = _rows(values[i], mask)
+            X = masked_rows(values[i], mask)
             g = (X.T @ X).astype(np.float64)  # one batch in float32, the sum in float64
             stats.grams[name] = stats.grams[name] + g if name in stats.grams else g
             stats.rows[name] = stats.rows.get(name, 0) + X.shape[0]
             if ref_values is not None:
-                Xo = _rows(ref_values[i], mask)
+                Xo = masked_rows(ref_values[i], mask)
                 c = (X.T @ Xo).astype(np.float64)
                 stats.cross[name] = stats.cross[name] + c if name in stats.cross else c
         for j, (name, size) in enumerate(indices.items()):

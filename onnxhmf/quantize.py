@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
+from .graph.index import default_opset
 
 __all__ = ["quantize_int8", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis"]
 
@@ -206,8 +207,7 @@ def weight_only(model: onnx.ModelProto, weights: Iterable[str], bits: int = 8) -
 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if bits == 4 and opset < 11:
+    if bits == 4 and default_opset(model) < 11:
         return []
     want = set(weights)
     keep, done, nodes = [], [], []

@@ -31,16 +31,12 @@ import onnx
 from ..factorize.autoencoder import LEAKY_SLOPE, MLP, EmbeddingAE, StorageAE
 from .edit import GraphEditor
 from .hybrid import Factors, _gemm_tail, drop_old_weight
-from .index import FLOAT_TYPES, GraphIndex
+from .index import FLOAT_TYPES, GraphIndex, default_opset
 from .sites import WeightGroup
 
 __all__ = ["rewrite_embedding_ae", "rebuild_weights", "emit_mlp"]
 
 _ONNX_ACT = {"relu": ("Relu", {}), "leakyrelu": ("LeakyRelu", {"alpha": LEAKY_SLOPE}), "tanh": ("Tanh", {})}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def emit_mlp(editor: GraphEditor, x: str, layers: list[tuple[str, str, str]], out: str, tag: str) -> list:
@@ -139,7 +135,7 @@ def rebuild_weights(editor: GraphEditor, index: GraphIndex, names: list[str], ro
     dtype = FLOAT_TYPES[ref0.data_type]
     stored, start = [], 0
     dec_names = None
-    opset = _opset(model)
+    opset = default_opset(model)
     for name, n in zip(names, row_counts):
         size_before = 0
         if dec_names is None:

@@ -8,13 +8,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "ConstRef", "subgraph_names"]
+__all__ = ["GraphIndex", "ConstRef", "subgraph_names", "default_opset"]
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.FLOAT16: np.float16,
     onnx.TensorProto.DOUBLE: np.float64,
 }
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's ai.onnx opset version (1 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
 
 def _graph_attrs(node: onnx.NodeProto):

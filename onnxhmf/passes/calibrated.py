@@ -20,9 +20,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from ..calibration import Calibration
+from ..capture import masked_rows, session
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..factorize.whiten import reconstruct_rank, whitened_spectrum
@@ -64,23 +64,9 @@ def calibration_targets(groups: list[WeightGroup]) -> tuple[list[str], dict[str,
     return list(dict.fromkeys(acts)), idx
 
 
-def _session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    if mask is not None and x.ndim >= 2 and x.shape[:-1] == mask.shape:
-        return x[mask.astype(bool)]
-    return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-
-
 def _cosines(ref: np.ndarray, cand: np.ndarray, mask) -> float:
-    r = _rows(ref, mask).astype(np.float64)
-    c = _rows(cand, mask).astype(np.float64)
+    r = masked_rows(ref, mask).astype(np.float64)
+    c = masked_rows(cand, mask).astype(np.float64)
     nr, nc = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
     ok = (nr > 0) & (nc > 0)
     cos = np.where(ok, np.sum(r * c, axis=1) / np.where(ok, nr * nc, 1.0), (nr == nc).astype(float))
@@ -94,7 +80,7 @@ def output_loss(ref: list[np.ndarray], cand: list[np.ndarray], mask=None) -> flo
 
 def fidelity(model: onnx.ModelProto, reference: list[list[np.ndarray]], calib: Calibration) -> float:
     """min over float outputs of the mean row cosine to ``reference`` outputs on ``calib``."""
-    sess = _session(model)
+    sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     sums, n = np.zeros(len(names)), 0
     for feeds, ref in zip(calib.batches, reference):
@@ -106,7 +92,7 @@ def fidelity(model: onnx.ModelProto, reference: list[list[np.ndarray]], calib: C
 
 
 def reference_outputs(model: onnx.ModelProto, calib: Calibration) -> list[list[np.ndarray]]:
-    sess = _session(model)
+    sess = session(model)
     names = [o.name for o in sess.get_outputs()]
     return [sess.run(names, feeds) for feeds in calib.batches]
 
@@ -180,7 +166,7 @@ def measure_sensitivities(
     for g in targets:
         if g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
-    sess = _session(probe)
+    sess = session(probe)
     names = [o.name for o in model.graph.output]
     data = _merged(calib, max_tokens)
     refs = [sess.run(names, feeds) for feeds in data.batches]

@@ -41,16 +41,16 @@ import numpy as np
 import onnx
 
 from ..calibration import Calibration, load_calibration
-from ..capture import capture_stats
+from ..capture import capture_stats, session
 from ..errors import OnnxHmfError
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
-from ..graph.index import GraphIndex
+from ..graph.index import GraphIndex, default_opset
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..quantize import (INT8_OVERHEAD, int4_axis, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes,
                         weight_only)
-from .calibrated import (_merged, _session, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
+from .calibrated import (_merged, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
                          reference_outputs)
 from .factorize import FactorizePass
 
@@ -127,7 +127,7 @@ class Planner:
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
         cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine)."""
-        sess = _session(model)
+        sess = session(model)
         names = [o.name for o in model.graph.output]
         sums, n = np.zeros(len(names)), 0
         for feeds, ref in zip(self.held.batches, self.refs):
@@ -153,8 +153,8 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
-    int4 = next((o.version for o in work.opset_import if o.domain in ("", "ai.onnx")), 0) >= 11  # BitShift
-    sess = _session(probe)
+    int4 = default_opset(work) >= 11  # BitShift
+    sess = session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
     off = {f: np.array(False) for f in flags.values()}
@@ -222,8 +222,7 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     What MatMulInteger computes, (A_q − z_A)·W_q·s_A·s_W, equals DequantizeLinear(A_q)·W_q·s_W
     exactly up to float rounding, so the probe sees the int8 site's activation error too.
     Returns {weight: flag input name}; empty below opset 11 (no DynamicQuantizeLinear)."""
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 11:
+    if default_opset(model) < 11:
         return {}
     want = set(weights)
     flags: dict[str, str] = {}
@@ -386,7 +385,7 @@ def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibrati
     """Median onnxruntime latency of ``model`` over ``base`` on the first batch of ``data``
     (one intra-op thread, runs interleaved so that machine noise hits both alike)."""
     feeds = data.batches[0]
-    a, b = _session(base, threads=1), _session(model, threads=1)
+    a, b = session(base, threads=1), session(model, threads=1)
     a.run(None, feeds), b.run(None, feeds)
     ta, tb = [], []
     for _ in range(repeats):
