@@ -267,8 +267,10 @@ def hmf_fixed(W: np.ndarray, dense_idx, rank: int, axis: int = 1) -> HybridFacto
 class _Axis:
     """Candidate scoring for dense columns of X (X = W for axis 1, Wᵀ for axis 0)."""
 
-    def __init__(self, X: np.ndarray, budget: int, coef: np.ndarray, sig2: np.ndarray, gram: np.ndarray | None, gram_wide: bool):
+    def __init__(self, X: np.ndarray, budget: int, coef: np.ndarray, sig2: np.ndarray, gram: np.ndarray | None, gram_wide: bool,
+                 pivoted: bool = False):
         self.X, self.P = X, budget
+        self.pivoted = pivoted  # the low-rank block is stored pivoted: r(m + n − k − r), see pivot.py
         self.m, self.n = X.shape
         self.energy = _col_energy(X)
         self.sig2 = sig2  # σ_i² of X, descending (at least coef.shape[1] of them)
@@ -288,7 +290,12 @@ class _Axis:
         self.seen: dict[int, tuple[float, int, np.ndarray, np.ndarray]] = {}
 
     def rank(self, k: int) -> int:
-        r = (self.P - self.m * k) // (self.m + self.n - k)
+        if self.pivoted:
+            from .pivot import pivoted_rank_for_budget
+
+            r = pivoted_rank_for_budget(self.m, self.n, self.P, k)
+        else:
+            r = (self.P - self.m * k) // (self.m + self.n - k)
         return int(max(0, min(r, self.m, self.n - k, self.cum.shape[1] - 1)))
 
     def score(self, k: int) -> float:
@@ -384,13 +391,15 @@ def _spectrum(W: np.ndarray, R: int, exact: bool, seed: int, need: tuple[int, ..
     return coef, np.clip(lam, 0.0, None), G, wide
 
 
-def hmf(W: np.ndarray, budget: int, *, axis="auto", k_candidates=None, seed: int = 0, refine_rounds: int = 1) -> HybridFactors:
+def hmf(W: np.ndarray, budget: int, *, axis="auto", k_candidates=None, seed: int = 0, refine_rounds: int = 1,
+        pivoted: bool = False) -> HybridFactors:
     """The best HMF of W with at most ``budget`` parameters (see the module docstring).
 
     axis: "auto" (columns and rows, keep the better), "columns"/1 or "rows"/0.
     k_candidates: the dense counts to try (per axis, infeasible ones dropped) instead of the
     refined grid. seed: randomized SVD for matrices whose smaller side exceeds _EXACT_MAX_SIDE.
     refine_rounds: select/refit rounds on the winner (0 = selection from W's own SVD only).
+    pivoted: ranks are chosen for a pivoted low-rank block (cost m·k + r(m+n−k−r), pivot.py).
     """
     W = _as_matrix(W)
     m, n = W.shape
@@ -407,13 +416,17 @@ def hmf(W: np.ndarray, budget: int, *, axis="auto", k_candidates=None, seed: int
     # No candidate on either axis uses a rank above r(0) = ⌊P/(m+n)⌋ or min(m, n) (r(k) ≤ r(0)
     # when P ≤ m_X·(m+n), else r(0) ≥ m_X ≥ r(k)), so one decomposition of that rank serves all.
     R = min(P // (m + n), m, n)
+    if pivoted:  # the pivoted cost is concave in r: the k = 0 rank is still the largest
+        from .pivot import pivoted_rank_for_budget
+
+        R = max(pivoted_rank_for_budget(m, n, P), pivoted_rank_for_budget(n, m, P))
     coef, sig2, G, gram_wide = _spectrum(W, R, exact, seed, axes)
 
     ctx = {}
     for ax in axes:
         X = W if ax == 1 else W.T
         wide = gram_wide if ax == 1 else not gram_wide  # is G = X·Xᵀ ?
-        c = _Axis(X, P, coef[ax], sig2, G, wide)
+        c = _Axis(X, P, coef[ax], sig2, G, wide, pivoted)
         if k_candidates is None:
             c.coarse()
         else:

@@ -156,13 +156,13 @@ def reconstruct_rank(spec, r: int) -> np.ndarray:
 
 
 def whitened_hmf(W: np.ndarray, budget: int, gram: np.ndarray | Whitener, *, damp: float = DEFAULT_DAMP,
-                 seed: int = 0) -> HybridFactors:
+                 seed: int = 0, pivoted: bool = False) -> HybridFactors:
     """HMF minimising ‖X·(W − Ŵ)‖ within ``budget`` parameters: dense output columns of W plus
     a low-rank rest, found by :func:`hmf` on the whitened M = Sᵀ·W (columns only) and mapped back:
     D = W[:, S] exactly, A = S^{-T}·A_M. Errors are in the whitened (output) norm."""
     w = gram if isinstance(gram, Whitener) else whitener(gram, damp)
     W = np.asarray(W)
-    hf = hmf(w.apply(W.astype(np.float64)), budget, axis="columns", seed=seed)
+    hf = hmf(w.apply(W.astype(np.float64)), budget, axis="columns", seed=seed, pivoted=pivoted)
     return replace(hf, D=np.ascontiguousarray(W[:, hf.dense_idx]), A=w.undo(hf.A))
 
 
