@@ -95,6 +95,7 @@ def optimize(
     min_fidelity: float | None = None,
     sequential: bool = False,
     share_bases: bool = False,
+    pivot: bool = True,
     damp: float = DEFAULT_DAMP,
     quantize: str | None = None,
     plan: dict | None = None,
@@ -120,6 +121,9 @@ def optimize(
     ``sequential``: calibrate each stage of sites on the already-compressed model.
     ``share_bases``: LMF weights that read the same activation (Q, K, V) share one first
     factor where that lowers the predicted error at the same parameter count.
+    ``pivot``: store every low-rank result pivoted (r pivot columns of the product and the
+    coefficients of the others, r(m+n−r) numbers; ranks are chosen in that currency); False
+    keeps A·B (r(m+n)).
 
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
@@ -183,6 +187,7 @@ def optimize(
             ae_options=dict(ae_options or {}),
             damp=damp,
             share_bases=share_bases,
+            pivot=pivot,
         )
     except (ValueError, TypeError) as e:
         raise OnnxHmfError(str(e)) from None
@@ -211,6 +216,7 @@ def optimize(
         "allocation": allocation if calib is not None else None,
         "sequential": sequential or None,
         "share_bases": share_bases or None,
+        "pivot": False if not pivot else None,
         "min_fidelity": min_fidelity,
         "quantize": quantize,
         "plan": {k: v for k, v in plan.items() if v is not None} if plan else None,

@@ -101,6 +101,9 @@ def cli():
 @click.option("--share-bases", is_flag=True,
               help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that "
                    "lowers the predicted error at the same size.")
+@click.option("--no-pivot", is_flag=True,
+              help="Store low-rank results as A·B, r(m+n) numbers, instead of pivoted (r pivot columns of the product "
+                   "and the coefficients of the others, r(m+n−r)); ranks are then chosen in that currency.")
 @click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Whitening damping, as a fraction of the mean activation energy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
@@ -128,7 +131,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
              ae_batch_size, ae_lr, ae_loss_weights, storage_ae_include, storage_ae_keep, storage_ae_epochs, token_freq, tokenizer,
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
-             allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
+             allocation, min_fidelity, sequential, share_bases, no_pivot, damp, seed, save_external_data, external_data_size_threshold,
              quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
@@ -159,6 +162,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
         seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         calib_batch=calib_batch, allocation=allocation, min_fidelity=min_fidelity, sequential=sequential, share_bases=share_bases, damp=damp,
+        pivot=not no_pivot,
         ae_options=_ae_options(ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs, ae_batch_size, ae_lr, ae_loss_weights),
         storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
                      "options": {} if storage_ae_epochs is None else {"epochs": storage_ae_epochs}}

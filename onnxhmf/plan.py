@@ -1,7 +1,9 @@
 """What optimize would do, without doing it: per site the method, rank or budget, and the
 predicted parameters and bytes (``optimize --dry-run``, and the size line of ``inspect``).
 
-For LMF the prediction is exact: rank r stores r·(m+n) parameters. For HMF and pruning the
+For LMF the prediction is exact: rank r stores r·(m+n) parameters (pivoted, the default:
+r·(m+n−r) plus its n-entry index map, an upper bound by that map when it is folded, and a few
+shape constants under). For HMF and pruning the
 plan is a parameter budget ⌊keep·m·n⌋; the rewrite stores at most that many (HMF picks its
 split only when it factorizes), so the prediction is an upper bound. (One exception for LMF: a
 tall table whose numerical rank is below the planned rank gets that lower rank, see
@@ -22,7 +24,6 @@ from .graph.index import FLOAT_TYPES, GraphIndex
 from .graph.sites import WeightGroup, find_weight_groups
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
-from .factorize.svd import lmf_params
 
 __all__ = ["SitePlan", "Plan", "plan_groups", "plan_optimize"]
 
@@ -104,7 +105,7 @@ def plan_groups(model: onnx.ModelProto, fpass: FactorizePass, groups: Iterable[W
             continue
         m, n = group.shape
         if method == "lmf":
-            site = _site(group, status="planned", method=method, rank=amount, params_after=lmf_params(m, n, amount))
+            site = _site(group, status="planned", method=method, rank=amount, params_after=fpass.lowrank_cost(group, amount))
         else:
             site = _site(group, status="planned", method=method, budget=amount, params_after=amount)
             plan.exact = False
@@ -130,6 +131,7 @@ def plan_optimize(
     exclude: Iterable[str] = (),
     min_params: int = 0,
     quantize: str | None = None,
+    pivot: bool = True,
     **_ignored,
 ) -> Plan:
     """``optimize``'s plan for the same options (options that do not change the plan, such as
@@ -144,13 +146,14 @@ def plan_optimize(
         bytes_before = model.ByteSize()
     try:
         fpass = FactorizePass(method=method, embedding_method=embedding_method, keep=keep, rank=rank,
-                              rank_multiple=rank_multiple, selection=SiteSelection(list(include), list(exclude), min_params))
+                              rank_multiple=rank_multiple, selection=SiteSelection(list(include), list(exclude), min_params),
+                              pivot=pivot)
     except ValueError as e:
         raise OnnxHmfError(str(e)) from None
     plan = plan_groups(model, fpass, bytes_before=bytes_before)
     plan.settings = {"method": method, "embedding_method": embedding_method, "keep": keep if rank is None else None,
                      "rank": rank, "rank_multiple": rank_multiple, "include": list(include), "exclude": list(exclude),
-                     "min_params": min_params, "quantize": quantize}
+                     "min_params": min_params, "quantize": quantize, "pivot": pivot}
     if quantize == "int8" and plan.bytes_after is not None:
         _int8_bytes(model, plan)
     return plan

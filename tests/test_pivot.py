@@ -95,3 +95,121 @@ def test_hmf_with_pivots_spends_the_budget_on_rank():
     X = rng.standard_normal((300, 64))
     wh = whitened_hmf(W, budget, X.T @ X, pivoted=True)
     assert pivoted_params(64, 48, wh.rank, wh.k) <= budget
+
+
+# ----------------------------------------------------------------------------- graphs
+import onnx  # noqa: E402
+from onnx import external_data_helper  # noqa: E402
+from onnx.reference import ReferenceEvaluator  # noqa: E402
+
+from onnxhmf import optimize, optimize_file  # noqa: E402
+from onnxhmf.verify import run_onnxruntime  # noqa: E402
+from test_rewrite import STANDARD_OPS, assert_same_interface, feeds_for, run_both  # noqa: E402
+
+PIVOT_OPS = STANDARD_OPS | {"Concat", "Shape", "Reshape", "Slice"}
+
+
+def _exact(original, **kw):
+    out, report = optimize(original, verify=False, **kw)
+    assert report.rewritten, report.format()
+    assert_same_interface(original, out)
+    assert {n.op_type for n in out.graph.node} <= PIVOT_OPS | {n.op_type for n in original.graph.node}
+    feeds, a_ort, a_ref = run_both(original)
+    _, b_ort, b_ref = run_both(out)
+    for k in a_ort:
+        np.testing.assert_allclose(b_ort[k], a_ort[k], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(b_ref[k], a_ref[k], atol=1e-5, rtol=1e-5)
+    return out, report
+
+
+@pytest.mark.parametrize("make", [
+    lambda: graphs.matmul_model(true_rank=10),
+    lambda: graphs.matmul_model(ndim=2, true_rank=10),
+    lambda: graphs.matmul_model(source="transpose_initializer", true_rank=10),
+    lambda: graphs.matmul_model(source="constant", true_rank=10),
+    lambda: graphs.gemm_model(true_rank=10),
+    lambda: graphs.gemm_model(trans_b=1, alpha=0.7, beta=0.3, c="vector", true_rank=10),
+    lambda: graphs.gemm_model(trans_b=0, alpha=1.5, beta=2.0, c="matrix", via_transpose=True, true_rank=10),
+    lambda: graphs.gather_model(true_rank=10),
+    lambda: graphs.tied_model(true_rank=10),
+], ids=["matmul3d", "matmul2d", "transposed", "constant", "gemm", "gemm_transB_bias", "gemm_via_transpose", "gather", "tied"])
+def test_pivoted_rewrite_is_exact_at_full_rank(make):
+    model = make()
+    out, report = _exact(model, rank=10)
+    site = report.rewritten[0]
+    m, n = site.shape
+    assert site.rank == 10 and "pivoted" in site.detail
+    assert site.params_after < 10 * (m + n)  # fewer numbers than A·B at the same rank, index maps included
+    names = {t.name for t in out.graph.initializer}
+    assert any(x.endswith(".piv_F") for x in names) and any(x.endswith(".piv_C") for x in names)
+
+
+def test_no_pivot_keeps_a_b():
+    model = graphs.matmul_model(true_rank=10)
+    out, report = optimize(model, rank=6, verify=False, pivot=False)
+    assert report.rewritten[0].params_after == 6 * (48 + 40)
+    assert not any(".piv_" in t.name for t in out.graph.initializer)
+
+
+def test_tied_table_serves_gather_and_head_from_one_pair():
+    model = graphs.tied_model(vocab=200, d=32, true_rank=10)
+    out, report = _exact(model, rank=10)
+    floats = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2]
+    assert sorted(tuple(t.dims) for t in floats) == [(10, 22), (200, 10)]  # W_p (V×r), C (r×(d−r)): stored once
+    ints = [t for t in out.graph.initializer if t.data_type == onnx.TensorProto.INT32]
+    assert max(int(np.prod(t.dims)) for t in ints) <= 32  # maps over the d features, never the V rows
+
+
+def test_fold_removes_the_gather_and_equals_the_gather_form():
+    model = graphs.mlp_model(32, 96, true_rank=12)
+    folded, rep = _exact(model, rank=12)
+    gathered, rep_g = _exact(model, rank=12, fold=False)
+    w1 = {s.weight: s for s in rep.sites}["W1"]
+    assert "perm folded" in w1.detail and "perm gather" in {s.weight: s for s in rep_g.sites}["W1"].detail
+    assert not any(n.op_type == "Gather" and n.name.startswith("ffn_in") for n in folded.graph.node)
+    assert any(n.op_type == "Gather" and n.name.startswith("ffn_in") for n in gathered.graph.node)
+    assert "b1" not in {t.name for t in folded.graph.initializer}  # replaced by its permuted copy
+    assert w1.params_after < {s.weight: s for s in rep_g.sites}["W1"].params_after  # no index map
+
+
+def test_keep_buys_more_rank_pivoted():
+    model = graphs.matmul_model(64, 64)
+    _, piv = optimize(model, keep=0.75, verify=False)
+    _, ab = optimize(model, keep=0.75, verify=False, pivot=False)
+    assert ab.rewritten[0].rank == 24
+    assert piv.rewritten[0].rank == 30  # r(128 − r) + 64 (map) + 8 (shapes) ≤ 3072
+    assert piv.rewritten[0].params_after <= 0.75 * 64 * 64 < piv.rewritten[0].params_after + 2 * 64
+    assert piv.rewritten[0].rel_error < ab.rewritten[0].rel_error
+
+
+def test_hmf_with_pivots_exact_where_the_hybrid_is(monkeypatch):
+    import onnxhmf.passes.factorize as fz
+    from onnxhmf.factorize.hmf import hmf_fixed
+
+    model = graphs.mlp_model(32, 96, true_rank=8)
+    dense = np.arange(0, 96, 5)
+    W1 = next(t for t in model.graph.initializer if t.name == "W1")
+    arr = onnx.numpy_helper.to_array(W1).copy()
+    arr[:, dense] = np.random.default_rng(5).standard_normal((32, len(dense)))
+    W1.CopyFrom(onnx.numpy_helper.from_array(arr, "W1"))
+    orig = fz.hmf
+    monkeypatch.setattr(fz, "hmf", lambda W, budget, **kw: (
+        hmf_fixed(W, dense, 8, axis=1) if W.shape == (32, 96) else orig(W, budget, **kw)))
+    for fold in (True, False):
+        out, report = _exact(model, method="hmf", keep=0.9, fold=fold)
+        w1 = {s.weight: s for s in report.sites}["W1"]
+        assert w1.dense == len(dense) and w1.rank == 8 and "pivot" in w1.detail
+        assert w1.params_after <= 32 * 20 + 8 * (32 + 96 - 20 - 8) + 96 + 8
+
+
+def test_pivoted_factors_go_to_an_external_data_file(tmp_path):
+    src = tmp_path / "in.onnx"
+    onnx.save(graphs.mlp_model(64, 192, true_rank=16), src, save_as_external_data=True, location="w.bin", size_threshold=0)
+    out = tmp_path / "out.onnx"
+    report = optimize_file(src, out, rank=16, save_external_data=True, external_data_size_threshold=256)
+    assert all("pivoted" in s.detail for s in report.rewritten)
+    m = onnx.load(out, load_external_data=False)
+    big = [t for t in m.graph.initializer if ".piv_F" in t.name]
+    assert big and all(external_data_helper.uses_external_data(t) for t in big)
+    feeds = feeds_for(onnx.load(src))
+    np.testing.assert_allclose(run_onnxruntime(str(out), feeds)["Y"], run_onnxruntime(str(src), feeds)["Y"], atol=1e-4)

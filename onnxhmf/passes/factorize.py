@@ -15,6 +15,7 @@ least-squares target.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -22,6 +23,7 @@ import onnx
 
 from ..factorize.autoencoder import EmbeddingAEConfig, embedding_ae_rank, frequency_weights, train_embedding_ae
 from ..factorize.hmf import hmf, hmf_fixed
+from ..factorize.pivot import pivot_factors, pivot_hybrid, pivoted_params, pivoted_rank_for_budget
 from ..factorize.prune import magnitude_prune
 from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
 from ..graph.autoencoder import rewrite_embedding_ae
@@ -38,6 +40,7 @@ from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex
+from ..graph.pivot import rewrite_pivoted
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..report import SiteReport
@@ -73,6 +76,8 @@ class FactorizePass:
     keeps: dict[str, float] | None = None  # per-group keep (allocation); ≥ 1 keeps it dense
     only: set[str] | None = None  # touch only these groups (sequential stages); others unreported
     share_bases: bool = False  # LMF weights reading one activation share their first factor
+    pivot: bool = True  # store low-rank results pivoted (W_p, C: r(m+n−r)); False keeps A·B
+    pivot_groups: dict[str, bool] | None = None  # per-group override of ``pivot`` (the mixed planner)
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self):
@@ -117,6 +122,8 @@ class FactorizePass:
                 return 0, "the measured allocation keeps it dense"
         elif keep is not None and keep >= 1.0 and self.rank is None:
             return 0, "--keep 1 keeps every weight dense"
+        if method == "lmf" and self.pivots(group):
+            return self._plan_pivoted(group, keep)
         if method == "lmf":
             limit = breakeven_rank(m, n)
             if self.rank is not None:
@@ -169,6 +176,7 @@ class FactorizePass:
             if name not in self._done:
                 group = next(g for g in groups if g.name == name)
                 rewrite_dense(self._editor, group, index.array(group.ref)[perm])
+        self._pending = {}  # (sides() permutes a folded weight's Gram only during the run)
         self._editor.commit()
         order = {g.name: i for i, g in enumerate(groups)}
         reports.sort(key=lambda s: order[s.weight])
@@ -258,6 +266,9 @@ class FactorizePass:
             else:
                 cols = g if cols is None else cols + g
         seq = acts[0] if len(set(acts)) == 1 and cols is None and acts[0] in st.cross else None
+        perm = getattr(self, "_pending", {}).get(group.name)
+        if perm is not None and rows is not None and not transposed:  # its rows were permuted by a fold upstream
+            rows = rows[perm] if rows.ndim == 1 else rows[np.ix_(perm, perm)]
         return rows, cols, seq
 
     def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
@@ -272,6 +283,8 @@ class FactorizePass:
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
         f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+        if self.stores_pivoted(group, f.rank):
+            return self._apply_pivoted(group, f, how, transposed)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
                        rel_error=f.relative_error, detail=f"{how}: error is of the layer output" if how else "")
@@ -287,6 +300,8 @@ class FactorizePass:
         if any(u.kind == "gather" for u in group.uses):
             return self._apply_embedding_hmf(group, budget)
         transposed = factor_orientation(group)
+        if self.pivots(group) and all(u.transposed == transposed for u in group.uses):
+            return self._apply_pivoted_hmf(group, budget, transposed)
         W = self._weight(group, transposed)
         m, n = W.shape
         room = budget - max(m, n)  # reserve room for an index map
@@ -428,6 +443,95 @@ class FactorizePass:
         detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
                   f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
         return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
+
+    # -- pivoted storage (factorize/pivot.py, graph/pivot.py) ---------------------------------
+    def pivots(self, group: WeightGroup) -> bool:
+        """Whether this group's low-rank result is stored pivoted (W_p, C) rather than as A·B."""
+        if self.pivot_groups is not None and group.name in self.pivot_groups:
+            return bool(self.pivot_groups[group.name])
+        return self.pivot
+
+    @staticmethod
+    def pivot_map_cost(group: WeightGroup) -> int:
+        """Entries of the int32 index maps a pivoted rewrite of ``group`` stores (counted in the
+        budget as parameters): n for the output permutation of uses reading F, n more for the
+        input gathers of uses reading Fᵀ (a tied head), and 8 for the int64 shape constants.
+        A folded permutation stores no map (the budget is then not quite spent)."""
+        transposed = factor_orientation(group)
+        m, n = group.shape if not transposed else group.shape[::-1]
+        sees = {u.transposed == transposed for u in group.uses}
+        return n * len(sees) + 8
+
+    def stores_pivoted(self, group: WeightGroup, r: int) -> bool:
+        """Pivoted storage of rank r is the group's storage when pivoting is on and it is
+        smaller than A·B: r² > its index maps (r(m+n−r) + map < r(m+n))."""
+        return self.pivots(group) and r * r > self.pivot_map_cost(group)
+
+    def lowrank_cost(self, group: WeightGroup, r: int) -> int:
+        """Parameters of the group's rank-r low-rank storage (pivoted with maps, or A·B)."""
+        m, n = group.shape
+        return pivoted_params(m, n, r) + self.pivot_map_cost(group) if self.stores_pivoted(group, r) else lmf_params(m, n, r)
+
+    def lowrank_rank(self, group: WeightGroup, keep: float) -> int:
+        """The rank a keep buys in the group's storage currency (0: none that saves): the
+        larger of the pivoted rank (maps included) and the A·B rank."""
+        m, n = group.shape
+        r_ab = rank_for_keep(m, n, keep, self.rank_multiple)
+        if not self.pivots(group):
+            return r_ab
+        budget = int(np.floor(keep * m * n + 1e-9)) - self.pivot_map_cost(group)
+        r = pivoted_rank_for_budget(m, n, budget)
+        r = round_rank(r, self.rank_multiple) if r >= self.rank_multiple else 0
+        return max(r, r_ab)
+
+    def _plan_pivoted(self, group: WeightGroup, keep: float | None) -> tuple[int, str | None]:
+        m, n = group.shape
+        if self.rank is not None:
+            r = round_rank(min(self.rank, min(m, n)), self.rank_multiple)
+        else:
+            r = self.lowrank_rank(group, keep)
+        if r < 1:
+            return 0, f"keep {keep:.3g} leaves rank 0 in the pivoted form"
+        if self.lowrank_cost(group, r) >= m * n:
+            return 0, f"rank {r} would not save parameters (pivoted with its {self.pivot_map_cost(group)}-entry index map, or A·B)"
+        return r, None
+
+    def _apply_pivoted(self, group: WeightGroup, f, how: str, transposed: bool) -> SiteReport:
+        """Store the low-rank result ``f`` (A·B) as pivot columns and coefficients."""
+        pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
+        return self._rewrite_pivoted(group, pf, transposed, "lmf",
+                                     f"pivoted{', ' + how + ': error is of the layer output' if how else ''}")
+
+    def _rewrite_pivoted(self, group: WeightGroup, pf, transposed: bool, method: str, what: str) -> SiteReport:
+        folded = set()
+        if self.fold:
+            folded = self._fold(group, SimpleNamespace(dense_idx=pf.order, rest_idx=pf.order[:0]), transposed)
+        stored = rewrite_pivoted(self._editor, group, pf, transposed, folded)
+        perm = "folded" if folded else "gather"
+        dense = f"{pf.k} dense cols + " if pf.k else ""
+        return _report(group, status="rewritten", method=method, rank=pf.rank, params_after=stored,
+                       rel_error=pf.relative_error, dense=pf.k,
+                       detail=f"{what}: {dense}{pf.rank} pivot cols, perm {perm}")
+
+    def _apply_pivoted_hmf(self, group: WeightGroup, budget: int, transposed: bool) -> SiteReport:
+        """HMF with a pivoted remainder: dense columns by residual (whitened with calibration)
+        plus pivots and coefficients for the rest; k = 0 (pivoted LMF) is among the candidates."""
+        W = self._weight(group, transposed)
+        m, n = W.shape
+        room = budget - n  # the output permutation's index map
+        rows, cols, seq = self.sides(group, transposed)
+        gram = rows if rows is not None and rows.ndim == 2 and cols is None else None
+        if gram is not None and seq is not None:
+            W = sequential_target(W, gram, self.stats.cross[seq], damp=self.damp)
+        if room <= 0 or pivoted_rank_for_budget(m, n, room) < 1:
+            return _report(group, status="skipped", reason=f"budget {budget} too small for pivoted HMF")
+        if gram is not None:
+            hf = whitened_hmf(W, room, gram, damp=self.damp, seed=self.seed, pivoted=True)
+        else:
+            hf = hmf(W, room, axis="columns", seed=self.seed, pivoted=True)
+        pf = pivot_hybrid(hf.D, hf.dense_idx, hf.rest_idx, hf.A, hf.B, hf.residual_sq, hf.total_sq)
+        return self._rewrite_pivoted(group, pf, transposed, "hmf", "whitened, pivoted" if gram is not None else "pivoted")
+
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):
