@@ -1,9 +1,9 @@
 """What optimize would do, without doing it: per site the method, rank or budget, and the
 predicted parameters and bytes (``optimize --dry-run``, and the size line of ``inspect``).
 
-For LMF the prediction is exact: rank r stores r·(m+n) parameters (pivoted, the default:
-r·(m+n−r) plus its n-entry index map, an upper bound by that map when it is folded, and a few
-shape constants under). For HMF and pruning the
+For LMF the prediction is exact: rank r stores r·(m+n) parameters, or pivoted (the default,
+where it is smaller) r·(m+n−r) plus an n-entry index map unless the permutation folds into
+the consumers (predicted on the graph as the rewrite does it). For HMF and pruning the
 plan is a parameter budget ⌊keep·m·n⌋; the rewrite stores at most that many (HMF picks its
 split only when it factorizes), so the prediction is an upper bound. (One exception for LMF: a
 tall table whose numerical rank is below the planned rank gets that lower rank, see
@@ -24,8 +24,12 @@ from .graph.index import FLOAT_TYPES, GraphIndex
 from .graph.sites import WeightGroup, find_weight_groups
 from .passes.factorize import FactorizePass
 from .passes.select import SiteSelection
+from .factorize.pivot import pivoted_params
 
 __all__ = ["SitePlan", "Plan", "plan_groups", "plan_optimize"]
+
+PIVOT_NODE_BYTES = 650  # a pivoted use's nodes and names beyond A·B's (measured on the tests' models: 600-750)
+PIVOT_FOLDED_BYTES = 350  # the same when its permutation folds (no gather; permuted copies of the consumers' vectors)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class SitePlan:
     budget: int = 0  # hmf / prune: at most this many parameters
     params_after: int | None = None  # exact for lmf, an upper bound for hmf and prune
     reason: str = ""
+    index_entries: int = 0  # int32 index-map entries among params_after (pivoted lmf)
 
 
 @dataclass
@@ -93,6 +98,7 @@ def plan_groups(model: onnx.ModelProto, fpass: FactorizePass, groups: Iterable[W
     """The plan ``fpass.run`` would follow on ``model`` (nothing is factorized or changed)."""
     groups = find_weight_groups(GraphIndex(model)) if groups is None else list(groups)
     plan = Plan(params_before=count_params(model), bytes_before=bytes_before)
+    fpass.prepare(model)
     saved = saved_bytes = 0
     for group in groups:
         method = fpass.method_for(group)
@@ -106,6 +112,9 @@ def plan_groups(model: onnx.ModelProto, fpass: FactorizePass, groups: Iterable[W
         m, n = group.shape
         if method == "lmf":
             site = _site(group, status="planned", method=method, rank=amount, params_after=fpass.lowrank_cost(group, amount))
+            if fpass.stores_pivoted(group, amount):
+                site.index_entries = site.params_after - pivoted_params(m, n, amount)
+                saved_bytes -= (PIVOT_FOLDED_BYTES if fpass._folds(group) else PIVOT_NODE_BYTES) * len(group.uses)
         else:
             site = _site(group, status="planned", method=method, budget=amount, params_after=amount)
             plan.exact = False
@@ -184,7 +193,8 @@ def _int8_bytes(model: onnx.ModelProto, plan: Plan) -> None:
         if site is not None and site.status == "planned":
             if site.method != "lmf" or len(nodes) < readers.get(name, 0):
                 continue  # hmf/prune rewrites, tied factors: not predicted to shrink
-            values, overhead = values + site.params_after, overhead + 2 * _int8_overhead(name + ".lmf_A")
+            values += site.params_after - site.index_entries  # int32 index maps stay as they are
+            overhead += 2 * _int8_overhead(name + ".lmf_A")
         else:
             dims = next(t.dims for t in model.graph.initializer if t.name == name)
             values, overhead = values + int(np.prod(dims)), overhead + _int8_overhead(name)

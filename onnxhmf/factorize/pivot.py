@@ -129,7 +129,7 @@ def pivoted_rank_for_keep(m: int, n: int, keep: float, multiple: int = 1) -> int
     ``multiple`` (0 when even rank ``multiple`` does not fit); keep 1 gives min(m, n)."""
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    r = pivoted_rank_for_budget(m, n, int(np.floor(keep * m * n + 1e-9)))
+    r = pivoted_rank_for_budget(m, n, int(np.floor(keep * m * n + 1e-6)))
     if multiple > 1:
         r = (r // multiple) * multiple
     return max(r, 0)

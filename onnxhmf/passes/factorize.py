@@ -39,7 +39,7 @@ from ..factorize.whiten import (
 from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
-from ..graph.index import GraphIndex
+from ..graph.index import GraphIndex, default_opset
 from ..graph.pivot import rewrite_pivoted
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
@@ -451,16 +451,43 @@ class FactorizePass:
             return bool(self.pivot_groups[group.name])
         return self.pivot
 
-    @staticmethod
-    def pivot_map_cost(group: WeightGroup) -> int:
-        """Entries of the int32 index maps a pivoted rewrite of ``group`` stores (counted in the
-        budget as parameters): n for the output permutation of uses reading F, n more for the
-        input gathers of uses reading Fᵀ (a tied head), and 8 for the int64 shape constants.
-        A folded permutation stores no map (the budget is then not quite spent)."""
+    def prepare(self, model: onnx.ModelProto) -> None:
+        """Index ``model`` for planning outside :meth:`run` (which indexes it itself): the
+        pivoted costs depend on which output permutations fold into their consumers."""
+        self._index = GraphIndex(model, self.store)
+        self._by_node = {id(u.node): g for g in find_weight_groups(self._index) for u in g.uses}
+
+    def _folds(self, group: WeightGroup) -> bool:
+        """Whether every use reading F is a MatMul whose output permutation fold.py absorbs
+        into consumers we may permute (predicted on the graph before any rewrite)."""
+        index = getattr(self, "_index", None)
+        if index is None or not self.fold:
+            return False
         transposed = factor_orientation(group)
-        m, n = group.shape if not transposed else group.shape[::-1]
+        n = group.shape[0] if transposed else group.shape[1]
+        uses = [u for u in group.uses if u.transposed == transposed]
+        for u in uses:
+            plan = plan_fold(index, u.node.output[0], n) if u.kind == "matmul" else None
+            if plan is None:
+                return False
+            for g in (self._by_node.get(id(t)) for t in plan.terminals):
+                if not (g is not None and g.skip_reason is None and len(g.uses) == 1 and g.uses[0].kind == "matmul"
+                        and not g.uses[0].transposed and g.ref.kind == "initializer" and g.name != group.name):
+                    return False
+        return bool(uses)
+
+    def pivot_map_cost(self, group: WeightGroup) -> int:
+        """Entries of the int32 index maps a pivoted rewrite of ``group`` stores (counted in the
+        budget as parameters): n for the output permutation of uses reading F unless it folds
+        into their consumers, n for the input gathers of uses reading Fᵀ (a tied head)."""
+        transposed = factor_orientation(group)
+        n = group.shape[0] if transposed else group.shape[1]
         sees = {u.transposed == transposed for u in group.uses}
-        return n * len(sees) + 8
+        cost = n if False in sees else 0
+        if True in sees and not self._folds(group):
+            old = hasattr(self, "_index") and default_opset(self._index.model) < 11  # Reshape's [-1, n]
+            cost += n + (2 if old else 0)
+        return cost
 
     def stores_pivoted(self, group: WeightGroup, r: int) -> bool:
         """Pivoted storage of rank r is the group's storage when pivoting is on and it is
@@ -479,7 +506,7 @@ class FactorizePass:
         r_ab = rank_for_keep(m, n, keep, self.rank_multiple)
         if not self.pivots(group):
             return r_ab
-        budget = int(np.floor(keep * m * n + 1e-9)) - self.pivot_map_cost(group)
+        budget = int(np.floor(keep * m * n + 1e-6)) - self.pivot_map_cost(group)
         r = pivoted_rank_for_budget(m, n, budget)
         r = round_rank(r, self.rank_multiple) if r >= self.rank_multiple else 0
         return max(r, r_ab)
@@ -499,8 +526,7 @@ class FactorizePass:
     def _apply_pivoted(self, group: WeightGroup, f, how: str, transposed: bool) -> SiteReport:
         """Store the low-rank result ``f`` (A·B) as pivot columns and coefficients."""
         pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
-        return self._rewrite_pivoted(group, pf, transposed, "lmf",
-                                     f"pivoted{', ' + how + ': error is of the layer output' if how else ''}")
+        return self._rewrite_pivoted(group, pf, transposed, "lmf", f"{how}: error is of the layer output; " if how else "")
 
     def _rewrite_pivoted(self, group: WeightGroup, pf, transposed: bool, method: str, what: str) -> SiteReport:
         folded = set()
@@ -511,14 +537,14 @@ class FactorizePass:
         dense = f"{pf.k} dense cols + " if pf.k else ""
         return _report(group, status="rewritten", method=method, rank=pf.rank, params_after=stored,
                        rel_error=pf.relative_error, dense=pf.k,
-                       detail=f"{what}: {dense}{pf.rank} pivot cols, perm {perm}")
+                       detail=f"{what}pivoted: {dense}{pf.rank} pivot cols, perm {perm}")
 
     def _apply_pivoted_hmf(self, group: WeightGroup, budget: int, transposed: bool) -> SiteReport:
         """HMF with a pivoted remainder: dense columns by residual (whitened with calibration)
         plus pivots and coefficients for the rest; k = 0 (pivoted LMF) is among the candidates."""
         W = self._weight(group, transposed)
         m, n = W.shape
-        room = budget - n  # the output permutation's index map
+        room = budget - self.pivot_map_cost(group)
         rows, cols, seq = self.sides(group, transposed)
         gram = rows if rows is not None and rows.ndim == 2 and cols is None else None
         if gram is not None and seq is not None:
@@ -530,7 +556,7 @@ class FactorizePass:
         else:
             hf = hmf(W, room, axis="columns", seed=self.seed, pivoted=True)
         pf = pivot_hybrid(hf.D, hf.dense_idx, hf.rest_idx, hf.A, hf.B, hf.residual_sq, hf.total_sq)
-        return self._rewrite_pivoted(group, pf, transposed, "hmf", "whitened, pivoted" if gram is not None else "pivoted")
+        return self._rewrite_pivoted(group, pf, transposed, "hmf", "whitened: error is of the layer output; " if gram is not None else "")
 
 
 
