@@ -159,6 +159,7 @@ def measure_sensitivities(
     the power law of :func:`_loss_model`.
     """
     index = GraphIndex(model)
+    fpass.prepare(model)  # costs in the pass's storage currency (pivoted: r(m+n−r) + maps)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {i.name for i in probe.graph.input}
@@ -182,12 +183,15 @@ def measure_sensitivities(
         rel = np.sqrt(tail / max(tail[0], 1e-300))
 
         def rank(keep: float) -> int:
-            return rank_for_keep(m, n, keep, fpass.rank_multiple)
+            return fpass.lowrank_rank(g, keep)
+
+        def saves(r: int) -> bool:
+            return 1 <= r and fpass.lowrank_cost(g, r) < m * n
 
         measured = []
         for keep in probes:
             r = rank(keep)
-            if r < 1 or r * (m + n) >= m * n:
+            if not saves(r):
                 continue
             Wr = reconstruct_rank(spec, r)
             Wr = (Wr.T if transposed else Wr).astype(T.dtype)
@@ -197,10 +201,10 @@ def measure_sensitivities(
                 loss += output_loss(ref, sess.run(names, {**feeds, g.name: Wr}), mask)
             measured.append((float(rel[r]), loss / len(data.batches)))
         opts = [Option(m * n, 0.0, 1.0)]
-        ranks = sorted({rank(k) for k in grid if 1 <= rank(k) and rank(k) * (m + n) < m * n})
+        ranks = sorted({rank(k) for k in grid if saves(rank(k))})
         if ranks:
             pred = _loss_model(rel[ranks], measured)
-            opts += [Option(r * (m + n), float(p), r * (m + n) / (m * n)) for r, p in zip(ranks, pred)]
+            opts += [Option(fpass.lowrank_cost(g, r), float(p), fpass.lowrank_cost(g, r) / (m * n)) for r, p in zip(ranks, pred)]
         out[g.name] = opts
     return out
 
