@@ -213,3 +213,71 @@ def test_pivoted_factors_go_to_an_external_data_file(tmp_path):
     assert big and all(external_data_helper.uses_external_data(t) for t in big)
     feeds = feeds_for(onnx.load(src))
     np.testing.assert_allclose(run_onnxruntime(str(out), feeds)["Y"], run_onnxruntime(str(src), feeds)["Y"], atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the mixed planner
+def test_planner_offers_pivoted_treatments_beside_a_b(tmp_path):
+    from onnxhmf.calibration import load_calibration
+    from onnxhmf.capture import capture_stats
+    from onnxhmf.graph.index import GraphIndex
+    from onnxhmf.graph.sites import find_weight_groups
+    from onnxhmf.passes.calibrated import calibration_targets, candidate_groups
+    from onnxhmf.passes.factorize import FactorizePass
+    from onnxhmf.passes.mixed import _options
+
+    model = graphs.token_mlp_model(vocab=300, d=32, h=64)
+    p = tmp_path / "calib.npz"
+    np.savez(p, **graphs.token_batches(n=64, seed=1))
+    cal = load_calibration(p, model)
+    fpass = FactorizePass(keep=0.5)
+    groups = candidate_groups(fpass, find_weight_groups(GraphIndex(model)))
+    acts, idx = calibration_targets(groups)
+    fpass.stats = capture_stats(model, cal, acts, idx)
+    opts = _options(model, fpass, groups, cal, lambda it: it)
+    for name, o in opts.items():
+        kinds = {x.tag[0] for x in o}
+        assert {"lmf", "plmf"} <= kinds, (name, kinds)
+        ab = {round(x.error, 12): x.params for x in o if x.tag[0] == "lmf"}
+        piv = {round(x.error, 12): x.params for x in o if x.tag[0] == "plmf"}
+        shared = set(ab) & set(piv)  # the same rank (same loss) in both forms: pivoted is smaller
+        assert shared and all(piv[e] < ab[e] for e in shared)
+        # ranks above A·B's break-even exist only pivoted: the lowest low-rank loss is pivoted
+        assert min(piv) < min(ab)
+        assert any(x.tag[0] == "plmf-int8" for x in o)
+
+
+def test_planner_picks_pivoted_where_it_wins_and_assembles_it(tmp_path):
+    from onnxhmf.calibration import load_calibration
+    from onnxhmf.capture import capture_stats
+    from onnxhmf.graph.index import GraphIndex
+    from onnxhmf.graph.sites import find_weight_groups
+    from onnxhmf.passes.calibrated import calibration_targets, candidate_groups, reference_outputs
+    from onnxhmf.passes.factorize import FactorizePass
+    from onnxhmf.passes.mixed import Planner, _options
+
+    model = graphs.token_mlp_model(vocab=300, d=32, h=64)
+    p = tmp_path / "calib.npz"
+    np.savez(p, **graphs.token_batches(n=128, seed=1))
+    fit, held = load_calibration(p, model).split(0.25)
+    fpass = FactorizePass(keep=0.5)
+    all_groups = find_weight_groups(GraphIndex(model))
+    groups = candidate_groups(fpass, all_groups)
+    fpass.stats = capture_stats(model, fit, *calibration_targets(groups))
+    opts = _options(model, fpass, groups, fit, lambda it: it)
+    floats = {n: [o for o in v if o.tag[0] in ("dense", "lmf", "plmf")] for n, v in opts.items()}
+    no_piv = {n: [o for o in v if o.tag[0] != "plmf"] for n, v in floats.items()}
+    fixed = model.ByteSize() - sum(v[0].params for v in opts.values())
+    mk = lambda o: Planner(fpass, o, {g.name: g.shape for g in groups}, fixed, held, reference_outputs(model, held),  # noqa: E731
+                           [g.name for g in all_groups], {t.name for t in model.graph.initializer})
+    budget = int(0.5 * model.ByteSize())
+    with_piv, without = mk(floats).allocate(budget), mk(no_piv).allocate(budget)
+    assert any(o.tag[0] == "plmf" for o in with_piv.values())
+    assert sum(o.error for o in with_piv.values()) < sum(o.error for o in without.values())
+    planner = mk(opts)
+    choice = {**with_piv, "W1": next(o for o in opts["W1"] if o.tag[0] == "plmf-int8")}
+    out = planner.assemble(model, choice)
+    names = {t.name for t in out.graph.initializer}
+    assert any(n.startswith("W1.piv_") and "quantized" in n for n in names), sorted(names)
+    assert sum(1 for n in out.graph.node if n.op_type == "MatMulInteger") == 2  # X·W_p and y_p·C
+    fid, _ = planner.measure(out)
+    assert fid > 0.5

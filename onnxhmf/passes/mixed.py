@@ -18,6 +18,10 @@ only that group is changed, as in calibrated.measure_sensitivities):
 * LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
   loss of the quantized factors at the probe rank − the same with float factors); the
   quantization noise of the factors is taken as independent of r.
+* pivoted LMF (plmf, plmf-int8, plmf-int8w; with the pass's ``pivot``, the default): the same
+  product stored as pivot columns W_p and coefficients C (factorize/pivot.py), 4·(r(m+n−r) +
+  index map) bytes, so the same loss at fewer bytes and ranks up to min(m, n) − 1; its own δ is
+  measured with W_p and C quantized. A·B stays a treatment beside it (``lmf*``).
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
 Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
@@ -58,7 +62,8 @@ __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
 LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
-SLOW = ("int8w", "int4w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+LOWRANK = ("lmf", "plmf")  # treatment prefixes that factorize (A·B, pivoted)
 INT4_OVERHEAD = 400  # the unpacking subgraph's nodes and constants
 
 
@@ -89,8 +94,13 @@ class Planner:
 
     def keeps(self, choice: dict[str, Option]) -> dict[str, float]:
         k = {n: 1.0 for n in self.all_groups}
-        k.update({n: float(o.tag[1]) for n, o in choice.items() if o.tag[0].startswith("lmf")})
+        k.update({n: float(o.tag[1]) for n, o in choice.items() if o.tag[0].startswith(LOWRANK)})
         return k
+
+    @staticmethod
+    def pivots(choice: dict[str, Option]) -> dict[str, bool]:
+        """Per factorized group: stored pivoted (plmf*) or as A·B (lmf*)."""
+        return {n: o.tag[0].startswith("plmf") for n, o in choice.items() if o.tag[0].startswith(LOWRANK)}
 
     def quantized(self, model: onnx.ModelProto, choice: dict[str, Option], kind: str = "int8") -> list[str]:
         """Initializer names to store as ``kind`` (int8: dynamic MatMulInteger, int8w: weight
@@ -99,7 +109,7 @@ class Planner:
         used = weight_nodes(model) if kind == "int8" else {t.name: [] for t in model.graph.initializer}
         names = [n for n, o in choice.items() if o.tag[0] == kind]
         for n, o in choice.items():
-            if o.tag[0] == "lmf-" + kind:
+            if o.tag[0] in ("lmf-" + kind, "plmf-" + kind):
                 names += [w for w in used if w.startswith(n + ".") and w not in self.original]
         return names
 
@@ -112,12 +122,12 @@ class Planner:
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        saved = self.fpass.keeps
-        self.fpass.keeps = self.keeps(choice)
+        saved = self.fpass.keeps, self.fpass.pivot_groups
+        self.fpass.keeps, self.fpass.pivot_groups = self.keeps(choice), self.pivots(choice)
         try:
             self.fpass.run(m)
         finally:
-            self.fpass.keeps = saved
+            self.fpass.keeps, self.fpass.pivot_groups = saved
         self.store_weight_only(m, choice)
         q, _ = quantize_int8(m, self.quantized(m, choice))
         if self.finish is not None:
@@ -179,8 +189,9 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         m, n = g.shape
         T = index.array(g.ref)
         opts = [Option(4 * m * n, 0.0, ("dense", 1.0))]
-        lmf = [o for o in sens[g.name] if o.tag < 1.0]
+        lmf, plmf = _lowrank_options(fpass, g, sens[g.name])
         opts += [Option(4 * o.params + LMF_OVERHEAD, o.error, ("lmf", o.tag)) for o in lmf]
+        opts += [Option(4 * o.params + LMF_OVERHEAD, o.error, ("plmf", o.tag)) for o in plmf]
         # int8 only where every use is a MatMul's B or a Gather's table (the quantizer takes those)
         direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
         gather = any(u.kind == "gather" for u in g.uses)
@@ -194,6 +205,8 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
             if int4 and int4_axis((m, n)) is not None:
                 opts.append(Option(int8_bytes(m * n // 2) + 4 * n + INT4_OVERHEAD, loss_with(g.name, int8w_weight(T, 4)),
                                    ("int4w", 1.0)))
+        if direct and (only_gather or not gather) and plmf:
+            opts += _pivoted_int8_options(fpass, g, T, plmf, gather, loss_with)
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
@@ -353,13 +366,15 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
     planner.choice = choice
-    fpass.keeps = planner.keeps(choice)
+    fpass.keeps, fpass.pivot_groups = planner.keeps(choice), planner.pivots(choice)
     predicted = sum(o.error for o in choice.values())
     rows = []
+    by_name = {g.name: g for g in groups}
+    fpass.prepare(work)
     for name, o in choice.items():
         kind, keep = o.tag
         m, n = planner.shapes[name]
-        r = rank_for_keep(m, n, keep, fpass.rank_multiple) if kind.startswith("lmf") else None
+        r = fpass.lowrank_rank(by_name[name], keep) if kind.startswith(LOWRANK) else None
         rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.params),
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
     report.timings["plan_search_s"] = time.perf_counter() - t
@@ -394,3 +409,54 @@ def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibrati
             sess.run(None, feeds)
             out.append(time.perf_counter() - t)
     return float(np.median(tb) / max(np.median(ta), 1e-9))
+
+
+def _lowrank_options(fpass: FactorizePass, g, sens: list[Option]) -> tuple[list[Option], list[Option]]:
+    """The measured low-rank options of ``g`` as (A·B, pivoted) Options (params, loss, keep in
+    that storage's currency): the loss depends on the rank only, the storage on the form.
+    Without ``fpass.pivot`` the measurements are A·B's and there are no pivoted options."""
+    m, n = g.shape
+    low = [o for o in sens if o.tag < 1.0]
+    if not fpass.pivot:
+        return low, []
+    saved = fpass.pivot_groups
+    ab, piv = [], []
+    try:
+        for o in low:
+            fpass.pivot_groups = {**(saved or {}), g.name: True}
+            r = fpass.lowrank_rank(g, o.tag)
+            if fpass.stores_pivoted(g, r):
+                piv.append(o)
+            if r * (m + n) < m * n:
+                ab.append(Option(r * (m + n), o.error, r * (m + n) / (m * n)))
+    finally:
+        fpass.pivot_groups = saved
+    return ab, piv
+
+
+def _pivoted_int8_options(fpass: FactorizePass, g, T: np.ndarray, plmf: list[Option], gather: bool, loss_with) -> list[Option]:
+    """plmf-int8 (and plmf-int8w for untransposed MatMul weights): W_p and C quantized, loss
+    L(r) + δ with δ measured at the probe rank, as for A·B's quantized factors."""
+    from ..factorize.pivot import pivot_factors
+
+    m, n = g.shape
+    transposed = factor_orientation(g)
+    r = fpass.lowrank_rank(g, PROBE_KEEP)
+    if r < 1 or not fpass.stores_pivoted(g, r):
+        return []
+    f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
+    pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
+
+    def weight(Wp: np.ndarray, C: np.ndarray) -> np.ndarray:
+        W = np.concatenate([Wp, Wp @ C], axis=1)[:, pf.inverse]
+        return (W.T if transposed else W).astype(np.float32)
+
+    maps = 3 * fpass.pivot_map_cost(g)  # int32 index maps: 4 bytes an entry, not 1
+    base = loss_with(g.name, weight(pf.F, pf.C))
+    delta = max(0.0, loss_with(g.name, weight(int8_weight(pf.F, table=gather), int8_weight(pf.C)), not gather) - base)
+    out = [Option(o.params + maps + 2 * INT8_OVERHEAD + LMF_OVERHEAD, o.error + delta, ("plmf-int8", o.tag)) for o in plmf]
+    if not gather and not transposed:  # weight-only int8 of W_p (m×r) and C (r×(n−r)): r + n − r column scales
+        dw = max(0.0, loss_with(g.name, weight(int8w_weight(pf.F), int8w_weight(pf.C))) - base)
+        out += [Option(o.params + maps + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n, o.error + dw, ("plmf-int8w", o.tag))
+                for o in plmf]
+    return out
