@@ -14,8 +14,10 @@ tables alike; index maps count):
     wlmf / pwlmf   whitened LMF, A·B / pivoted        --calib pydoc --allocate uniform [--no-pivot]
     whmf / pwhmf   whitened HMF, A·B / pivoted rest   --method hmf --calib pydoc --allocate uniform [--no-pivot]
 
-Fidelity on held-out text the tool never sees: MiniLM, sentence-embedding cosine and Spearman on
-Shakespeare + KJV sentences; glassllm, perplexity on 20,480 tokens of each. Calibration: pydoc
+A pivoted variant whose file comes out larger than its A·B partner's (its extra nodes' names are
+bytes the parameter budget does not see) is rerun at a slightly lower keep ("keep used") until it
+is no larger: the pairs are compared at equal bytes. Fidelity on held-out text the tool never sees: MiniLM, sentence-embedding cosine and Spearman on
+Shakespeare + KJV sentences; glassllm, perplexity on 8,192 tokens of each. Calibration: pydoc
 topics (MiniLM: text + tokenizer; glassllm: 128-token windows). Latency: ORT, 1 thread, 1×128
 tokens, interleaved round-robin, as a ratio to the original. Then the margins (pivoted − A·B at
 the same keep), the fidelity-matched speed-up over pruning, and the speed of one BERT FFN
@@ -45,6 +47,24 @@ METHODS = {
     "pwhmf": ["--method", "hmf", "CALIB", "--allocate", "uniform"],
 }
 PAIRS = [("lmf", "plmf"), ("wlmf", "pwlmf"), ("hmf", "phmf"), ("whmf", "pwhmf")]
+PARTNER = {b: a for a, b in PAIRS}  # pivoted method -> its A·B counterpart
+
+
+def _run(src, p, keep, args) -> dict:
+    r = H.optimize(src, p, "--keep", f"{keep:.5f}", "--no-verify", *args)
+    r["keep"], r["bytes"] = keep, os.path.getsize(p)
+    return r
+
+
+def _equal_bytes(src, p, keep, args, r, target: int, compressible: int) -> dict:
+    """Rerun a pivoted variant at a lower keep until its file is no larger than its A·B partner's
+    (``target`` bytes): the pivoted nodes' names cost bytes that the parameter budget does not see."""
+    for i in range(4):
+        if r["bytes"] <= target:
+            return r
+        keep = r["keep"] - (r["bytes"] - target) / (4 * compressible) - 0.0005 * 2**i
+        r = _run(src, p, keep, args)
+    return r
 
 
 def _feeds(name: str) -> dict:
@@ -61,7 +81,7 @@ def _fidelity(name: str, paths: dict, n_sent: int) -> tuple[dict, dict, list[str
         fid = H.minilm_fidelity(paths, H.heldout_sentences(n_sent))
         return ({k: [f"{v['mean_cosine']:.4f}", f"{v['spearman']:.4f}"] for k, v in fid.items()},
                 {k: v["mean_cosine"] for k, v in fid.items()}, ["mean cos", "spearman"])
-    ppl = H.glassllm_perplexity(paths)
+    ppl = H.glassllm_perplexity(paths, tokens=8192)
     return ({k: [f"{v['shakespeare']:.2f}", f"{v['kjv']:.2f}"] for k, v in ppl.items()},
             {k: -(v["shakespeare"] + v["kjv"]) / 2 for k, v in ppl.items()}, ["ppl shakespeare", "ppl kjv"])
 
@@ -70,30 +90,35 @@ def methods_table(name: str, src, keeps: list[float], methods: list[str], sample
     out = H.OUT / "pivot" / name
     out.mkdir(parents=True, exist_ok=True)
     calib = calib_args(name, out, samples) if any("CALIB" in METHODS[m] for m in methods) else []
-    paths, wall, ranks = {"original": src}, {}, {}
+    paths, wall, ranks, used = {"original": src}, {}, {}, {}
     for keep in keeps:
         for meth in methods:
             args = [a for x in METHODS[meth] for a in (calib if x == "CALIB" else [x])]
             key = f"{meth} {keep}"
             p = out / f"{meth}_{keep}.onnx"
-            r = H.optimize(src, p, "--keep", keep, "--no-verify", *args)
-            paths[key], wall[key] = p, r["wall_s"]
+            r = _run(src, p, keep, args)
+            partner = f"{PARTNER.get(meth)} {keep}"
+            if partner in paths:  # at equal bytes
+                compressible = sum(s["params_before"] for s in r["report"]["sites"] if s["status"] == "rewritten")
+                r = _equal_bytes(src, p, keep, args, r, os.path.getsize(paths[partner]), compressible)
+            paths[key], wall[key], used[key] = p, r["wall_s"], r["keep"]
             sites = [s for s in r["report"]["sites"] if s["status"] == "rewritten"]
             ranks[key] = sum(s.get("rank") or 0 for s in sites)
             print(f"  {key}: {r['wall_s']:.1f} s", flush=True)
     cols, score, names = _fidelity(name, paths, n_sent)
-    lat = H.latency(paths, _feeds(name), threads=1, rounds=5, per_round=3)
+    lat = H.latency(paths, _feeds(name), threads=1, rounds=9 if name == "minilm" else 21, per_round=3 if name == "minilm" else 10)
     base = os.path.getsize(src)
-    rows = [[k, H.mb(p), f"{os.path.getsize(p) / base:.3f}", f"{ranks[k]:,}" if k in ranks else "-", *cols[k],
+    rows = [[k, f"{used[k]:.4f}" if k in used else "-", H.mb(p), f"{os.path.getsize(p) / base:.4f}",
+             f"{ranks[k]:,}" if k in ranks else "-", *cols[k],
              f"{lat[k] / lat['original']:.3f}", f"{wall[k]:.1f}" if k in wall else "-"] for k, p in paths.items()]
-    text = H.table(["variant", "MB", "size", "Σ rank", *names, "latency", "tool s"], rows)
+    text = H.table(["variant", "keep used", "MB", "size", "Σ rank", *names, "latency", "tool s"], rows)
     margins = []
     for keep in keeps:
         for a, b in PAIRS:
             ka, kb = f"{a} {keep}", f"{b} {keep}"
             if ka in paths and kb in paths:
                 d = score[kb] - score[ka]
-                margins.append([f"{b} vs {a}", keep, f"{os.path.getsize(paths[kb]) / os.path.getsize(paths[ka]):.3f}",
+                margins.append([f"{b} vs {a}", keep, f"{os.path.getsize(paths[kb]) / os.path.getsize(paths[ka]):.4f}",
                                 f"{d:+.4f}" if name == "minilm" else f"{-d:+.2f}", "yes" if d > 0 else "no"])
     what = "cosine gain" if name == "minilm" else "mean ppl change"
     text += "\n\n" + H.table(["pair", "keep", "bytes ratio", what, "pivoted wins"], margins)
@@ -169,6 +194,36 @@ def speed_table(ranks=(96, 192, 288)) -> str:
             + H.table(["variant", "params", "params ratio", "ms", "latency ratio"], rows) + "\n")
 
 
+def plan_table(name: str, src, ratios: list[float], samples: int, n_sent: int) -> str:
+    """--plan auto with pivoted treatments (the default) and without (--no-pivot: A·B only), at
+    the same target ratios: the size-versus-fidelity curve, new beside old."""
+    out = H.OUT / "pivot" / f"plan_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    calib = calib_args(name, out, samples)
+    paths, reps = {"original": src}, {}
+    for ratio in ratios:
+        for label, extra in ((f"plan {ratio} A·B", ["--no-pivot"]), (f"plan {ratio} pivoted", [])):
+            p = out / f"{label.replace(' ', '_').replace('·', '')}.onnx"
+            r = H.optimize(src, p, "--plan", "auto", "--target-ratio", ratio, "--min-cosine", "0", *calib, *extra)
+            paths[label], reps[label] = p, r["report"]["plan"]
+            print(f"  {label}: {r['wall_s']:.1f} s", flush=True)
+    cols, _, names = _fidelity(name, paths, n_sent)
+    base = os.path.getsize(src)
+    rows = []
+    for k, p in paths.items():
+        mix = "-"
+        if k in reps:
+            counts: dict[str, int] = {}
+            for site in reps[k]["sites"]:
+                kind = site["treatment"].split()[0]
+                counts[kind] = counts.get(kind, 0) + 1
+            mix = ", ".join(f"{v} {c}" for c, v in sorted(counts.items()))
+        rows.append([k, H.mb(p), f"{os.path.getsize(p) / base:.4f}", *cols[k],
+                     f"{reps[k]['heldout_fidelity']:.4f}" if k in reps else "-", mix])
+    return (f"### {name}: --plan auto with and without pivoted treatments (calibrated on pydoc, {samples} samples)\n\n"
+            + H.table(["variant", "MB", "size", *names, "calib fid", "treatments"], rows) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,glassllm")
@@ -176,7 +231,9 @@ def main() -> None:
     ap.add_argument("--methods", default="lmf,plmf,hmf,phmf,prune,wlmf,pwlmf")
     ap.add_argument("--samples", type=int, default=64, help="calibration samples")
     ap.add_argument("--sentences", type=int, default=300, help="held-out MiniLM sentences")
-    ap.add_argument("--parts", default="methods,speed")
+    ap.add_argument("--parts", default="methods,speed", help="methods, speed, plan (the planner curve; MiniLM ~7 min)")
+    ap.add_argument("--ratios", default="0.17,0.14,0.11", help="--parts plan: target ratios")
+    ap.add_argument("--plan-samples", type=int, default=256)
     args = ap.parse_args()
     t0 = time.perf_counter()
     keeps = [float(k) for k in args.keeps.split(",")]
@@ -186,6 +243,10 @@ def main() -> None:
         if "methods" in args.parts:
             src = H.ensure_minilm() if name == "minilm" else H.GLASSLLM
             print(methods_table(name, src, keeps, args.methods.split(","), args.samples, args.sentences), flush=True)
+        if "plan" in args.parts:
+            src = H.ensure_minilm() if name == "minilm" else H.GLASSLLM
+            print(plan_table(name, src, [float(r) for r in args.ratios.split(",")], args.plan_samples, args.sentences),
+                  flush=True)
     print(f"(benchmark wall time {time.perf_counter() - t0:.0f} s)")
 
 

@@ -281,3 +281,26 @@ def test_planner_picks_pivoted_where_it_wins_and_assembles_it(tmp_path):
     assert sum(1 for n in out.graph.node if n.op_type == "MatMulInteger") == 2  # X·W_p and y_p·C
     fid, _ = planner.measure(out)
     assert fid > 0.5
+
+
+def test_shared_basis_pivoted_over_the_stacked_outputs():
+    model = graphs.qkv_model(d=32, n=32, shared_rows=16)
+    keep = 0.6
+    out, rep = optimize(model, keep=keep, share_bases=True, min_cosine=None)
+    details = [s.detail for s in rep.rewritten]
+    assert all(d.startswith("shared basis") and "pivoted" in d for d in details), details
+    assert sum(s.params_after for s in rep.rewritten) <= keep * 3 * 32 * 32
+    ab, rep_ab = optimize(model, keep=keep, share_bases=True, min_cosine=None, pivot=False)
+    assert all("pivoted" not in s.detail for s in rep_ab.rewritten)
+    assert rep.rewritten[0].rank > rep_ab.rewritten[0].rank  # the same budget buys more shared rank
+    X = np.random.default_rng(1).standard_normal((2, 7, 32)).astype(np.float32)
+    ref = run_onnxruntime(model, {"X": X})
+    err = lambda m: sum(float(np.sum((ref[k] - v) ** 2)) for k, v in run_onnxruntime(m, {"X": X}).items())  # noqa: E731
+    assert err(out) < err(ab)
+    # rank 16 holds the shared row space (the rest is 1% noise); both runtimes agree
+    near, _ = optimize(graphs.qkv_model(d=32, n=32, shared_rows=16), rank=16, share_bases=True, verify=False)
+    _, a_ort, a_ref = run_both(graphs.qkv_model(d=32, n=32, shared_rows=16))
+    _, b_ort, b_ref = run_both(near)
+    for k in a_ort:
+        assert np.abs(b_ort[k] - a_ort[k]).max() < 0.01 * np.abs(a_ort[k]).max()
+        np.testing.assert_allclose(b_ref[k], b_ort[k], atol=1e-4, rtol=1e-4)

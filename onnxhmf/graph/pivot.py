@@ -12,9 +12,11 @@ output (onnxruntime's Gather on the last axis is 5–6× slower, see hybrid.py),
 Flatten(axis=-1) and the input's own Shape, so no shape constant is stored (a data file with
 every tensor external would otherwise hide Reshape's shape from onnx's shape inference).
 Gemm keeps α, β and C through hybrid._gemm_tail. A use that reads Fᵀ (a tied LM head; k = 0)
-gathers its input features instead (on the last axis: it has only the table's d features):
+gathers its input features instead, on axis 0 of the transposed input (the output shape from
+Shape's start/end attributes at opset ≥ 15, else from shape constants):
 
     y = X·Fᵀ = (X[..., p] + X[..., q]·Cᵀ)·W_pᵀ      p = order[:r], q = order[r:]
+    yᵀ = W_p·(X_pᵀ + C·X_qᵀ)
 
 so one stored pair serves a tied table's Gather and its head: the permutation is of the
 table's d feature columns, never of its V rows (no V-sized index map).
@@ -28,7 +30,7 @@ from .hybrid import Factors, _gemm_tail, drop_old_weight
 from .index import default_opset
 from .sites import Use, WeightGroup
 
-__all__ = ["rewrite_pivoted"]
+__all__ = ["rewrite_pivoted", "rewrite_shared_pivoted"]
 
 
 class _Emit:
@@ -77,20 +79,45 @@ class _Emit:
         ]
 
     def backward(self, x: str, z: str, tag: str, nodes: list) -> None:
-        """z = x·Fᵀ = (x[..., p] + x[..., q]·Cᵀ)·W_pᵀ (k = 0). The input gathers run on the last
-        axis: this is the head of a tied table, whose input has only the table's d features."""
+        """z = x·Fᵀ = (x[..., p] + x[..., q]·Cᵀ)·W_pᵀ (k = 0), in the transposed layout:
+        zᵀ = W_p·(X_pᵀ + C·X_qᵀ), the input features gathered on axis 0 of Xᵀ."""
         ed, f = self.ed, self.f
-        xp = self._fresh(z, "xp")
-        nodes.append(ed.node("Gather", [x, self.idx_p], [xp], f"{tag}/piv/Gather_pivots", axis=-1))
+        m, n = self.pf.shape
+        fr = lambda s: self._fresh(z, s)  # noqa: E731
+        x2, xt, xp, yt, y2, shape = (fr(s) for s in ("x2d", "xt", "xp", "yt", "y2d", "out_shape"))
+        if self.flatten:
+            nodes.append(ed.node("Flatten", [x], [x2], f"{tag}/piv/Flatten", axis=-1))
+        else:
+            nodes.append(ed.node("Reshape", [x, f.const_i64([-1, n])], [x2], f"{tag}/piv/Reshape_in"))
+        nodes += [
+            ed.node("Transpose", [x2], [xt], f"{tag}/piv/Transpose_in", perm=[1, 0]),
+            ed.node("Gather", [xt, self.idx_p], [xp], f"{tag}/piv/Gather_pivots", axis=0),
+        ]
         if self.C is not None:
-            xq, cx, s = self._fresh(z, "xq"), self._fresh(z, "cxq"), self._fresh(z, "sum")
+            xq, cx, s = fr("xq"), fr("cxq"), fr("sum")
             nodes += [
-                ed.node("Gather", [x, self.idx_q], [xq], f"{tag}/piv/Gather_rest", axis=-1),
-                ed.node("MatMul", [xq, f.T(self.C)], [cx], f"{tag}/piv/MatMul_C"),
+                ed.node("Gather", [xt, self.idx_q], [xq], f"{tag}/piv/Gather_rest", axis=0),
+                ed.node("MatMul", [self.C, xq], [cx], f"{tag}/piv/MatMul_C"),
                 ed.node("Add", [xp, cx], [s], f"{tag}/piv/Add"),
             ]
             xp = s
-        nodes.append(ed.node("MatMul", [xp, f.T(self.Wp)], [z], f"{tag}/piv/MatMul_F"))
+        nodes += [
+            ed.node("MatMul", [self.Wp, xp], [yt], f"{tag}/piv/MatMul_F"),
+            ed.node("Transpose", [yt], [y2], f"{tag}/piv/Transpose_out", perm=[1, 0]),
+        ]
+        lead, width = fr("lead"), fr("width")
+        if default_opset(ed.model) >= 15:  # Shape's start/end attributes: [lead..., m] without constants
+            nodes += [ed.node("Shape", [x], [lead], f"{tag}/piv/Shape_lead", end=-1),
+                      ed.node("Shape", [self.Wp], [width], f"{tag}/piv/Shape_width", end=1)]
+        else:
+            full = fr("shape")
+            nodes += [ed.node("Shape", [x], [full], f"{tag}/piv/Shape"),
+                      ed.node("Slice", [full, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag}/piv/Slice")]
+            width = f.const_i64([m])
+        nodes += [
+            ed.node("Concat", [lead, width], [shape], f"{tag}/piv/Concat_shape", axis=0),
+            ed.node("Reshape", [y2, shape], [z], f"{tag}/piv/Reshape_out"),
+        ]
 
     def use(self, use: Use, sees_f: bool, permute: bool) -> list:
         node, nodes, ed = use.node, [], self.ed
@@ -143,3 +170,66 @@ def rewrite_pivoted(editor: GraphEditor, group: WeightGroup, pf, transposed: boo
         editor.replace(use.node, emit.use(use, sees[id(use.node)], permute=id(use.node) not in folded))
     drop_old_weight(editor, group)
     return f.stored
+
+
+def rewrite_shared_pivoted(editor: GraphEditor, groups: list[WeightGroup], pf, widths: list[int]) -> list[int]:
+    """Weights that read the same activation X (Q, K, V) with [W_1 | W_2 | …] ≈ A·[B_1 | B_2 | …],
+    stored pivoted over the stacked outputs (one W_p, one C):
+
+        Y = Concat(X·W_p, (X·W_p)·C)        (all outputs, in pivot order; emitted once)
+        Y_i = Y[..., inv_i]                 (one transposed-layout Gather per weight)
+
+    Emitted in place of the first use in graph order. Returns each group's stored elements
+    (W_p and C counted with the first, each index map with its own group)."""
+    first = groups[0]
+    f = Factors(editor, first)
+    ed = editor
+    Wp = f.add(pf.F, "shared_piv_F")
+    C = f.add(pf.C, "shared_piv_C") if pf.C.shape[1] else None
+    x = first.uses[0].node.input[0]
+    fr = lambda s: ed.fresh(f"{x}.shared_piv_{s}")  # noqa: E731
+    yp, cat, c2, ct = fr("yp"), fr("cat"), fr("cat2d"), fr("catT")
+    tag0 = first.uses[0].node.name or first.uses[0].node.output[0]
+    head = [ed.node("MatMul", [x, Wp], [yp], f"{tag0}/shared_piv/MatMul_F")]
+    if C is not None:
+        yq = fr("yq")
+        head += [ed.node("MatMul", [yp, C], [yq], f"{tag0}/shared_piv/MatMul_C"),
+                 ed.node("Concat", [yp, yq], [cat], f"{tag0}/shared_piv/Concat", axis=-1)]
+    else:
+        cat = yp
+    new_opset = default_opset(ed.model) >= 15
+    head += [ed.node("Flatten", [cat], [c2], f"{tag0}/shared_piv/Flatten", axis=-1),
+             ed.node("Transpose", [c2], [ct], f"{tag0}/shared_piv/Transpose_in", perm=[1, 0])]
+    lead = fr("lead")
+    if new_opset:
+        head.append(ed.node("Shape", [cat], [lead], f"{tag0}/shared_piv/Shape_lead", end=-1))
+    else:
+        full = fr("shape")
+        head += [ed.node("Shape", [cat], [full], f"{tag0}/shared_piv/Shape"),
+                 ed.node("Slice", [full, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag0}/shared_piv/Slice")]
+    stored = [f.stored] + [0] * (len(groups) - 1)
+    inv = pf.inverse
+    start = 0
+    for i, (g, w) in enumerate(zip(groups, widths)):
+        fi = f if i == 0 else Factors(editor, g)
+        before = fi.stored
+        idx = fi.add(inv[start : start + w].astype(np.int32), "shared_piv_inv", np.int32)
+        start += w
+        node = g.uses[0].node
+        y = node.output[0]
+        tag = node.name or y
+        width = fi.const_i64([w]) if not new_opset else ed.fresh(f"{y}.piv_width")
+        g_t, y2, shape = ed.fresh(f"{y}.piv_gt"), ed.fresh(f"{y}.piv_y2d"), ed.fresh(f"{y}.piv_shape")
+        nodes = list(head) if i == 0 else []
+        if new_opset:
+            nodes.append(ed.node("Shape", [idx], [width], f"{tag}/shared_piv/Shape_width"))
+        nodes += [
+            ed.node("Gather", [ct, idx], [g_t], f"{tag}/shared_piv/Gather_perm", axis=0),
+            ed.node("Transpose", [g_t], [y2], f"{tag}/shared_piv/Transpose_out", perm=[1, 0]),
+            ed.node("Concat", [lead, width], [shape], f"{tag}/shared_piv/Concat_shape", axis=0),
+            ed.node("Reshape", [y2, shape], [y], f"{tag}/shared_piv/Reshape_out"),
+        ]
+        editor.replace(node, nodes)
+        drop_old_weight(editor, g)
+        stored[i] += fi.stored - before
+    return stored

@@ -40,7 +40,7 @@ from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex, default_opset
-from ..graph.pivot import rewrite_pivoted
+from ..graph.pivot import rewrite_pivoted, rewrite_shared_pivoted
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..report import SiteReport
@@ -206,8 +206,9 @@ class FactorizePass:
                 continue
             groups = [g for g, _, _ in items]
             m = groups[0].shape[0]
-            budget = sum(r * (m + g.shape[1]) for g, _, r in items)
+            budget = sum(self.lowrank_cost(g, r) for g, _, r in items)  # = Σ r·(m+n) without pivoting
             rank = min(budget // (m + sum(g.shape[1] for g in groups)), m)
+            pivoted, rank = self._shared_pivot_rank(groups, budget, rank)
             gram = self.stats.grams.get(x) if self.stats is not None else None
             if rank < 1:
                 continue
@@ -223,22 +224,36 @@ class FactorizePass:
                         f"{joint.residual_sq:.3g} vs {separate:.3g} separately: kept separate")
                 self.notes.append(note)
                 continue
-            stored = rewrite_shared_basis(self._editor, groups, A, Bs)
+            if pivoted:
+                pf = pivot_factors(A, np.concatenate(Bs, axis=1), joint.residual_sq, joint.total_sq)
+                shares = rewrite_shared_pivoted(self._editor, groups, pf, [g.shape[1] for g in groups])
+            else:
+                stored = rewrite_shared_basis(self._editor, groups, A, Bs)
             w = whitener(gram, self.damp) if gram is not None else None
             for i, (g, W, B) in enumerate(zip(groups, Ws, Bs)):
                 D = W - A @ B
                 num = float(np.sum(w.apply(D) ** 2)) if w is not None else float(np.sum(D**2))
                 den = float(np.sum(w.apply(W) ** 2)) if w is not None else float(np.sum(W**2))
-                params = B.size + (A.size if i == 0 else 0)
+                params = shares[i] if pivoted else B.size + (A.size if i == 0 else 0)
                 reports.append(_report(g, status="rewritten", method="lmf", rank=rank, params_after=params,
                                        rel_error=float(np.sqrt(num / den)) if den > 0 else 0.0,
                                        detail=f"shared basis with {len(groups)} weights reading {x!r} "
-                                              f"(A {A.shape[0]}x{rank} stored once{', counted here' if i == 0 else ''}); "
+                                              f"({'pivoted: W_p, C' if pivoted else 'A'} {A.shape[0]}x{rank} stored once"
+                                              f"{', counted here' if i == 0 else ''}); "
                                               f"{what} error {joint.residual_sq:.3g} vs {separate:.3g} separately"))
                 self._done.add(g.name)
                 handled.add(g.name)
-            assert stored == A.size + sum(B.size for B in Bs)
+            assert pivoted or stored == A.size + sum(B.size for B in Bs)
         return [item for item in todo if item[0].name not in handled]
+
+    def _shared_pivot_rank(self, groups: list[WeightGroup], budget: int, rank: int) -> tuple[bool, int]:
+        """(pivoted, rank) for a shared basis of ``groups`` in ``budget``: pivoted over the stacked
+        outputs, r(m + Σn − r) + Σn (index maps), where that buys more rank than A·B's ``rank``."""
+        if not all(self.pivots(g) for g in groups):
+            return False, rank
+        m, ns = groups[0].shape[0], sum(g.shape[1] for g in groups)
+        rp = min(pivoted_rank_for_budget(m, ns, budget - ns), m)
+        return (True, rp) if rp > rank and rp * rp > ns else (False, rank)
 
     # -- data-aware weighting ---------------------------------------------------------------
     def sides(self, group: WeightGroup, transposed: bool):
@@ -483,10 +498,12 @@ class FactorizePass:
         transposed = factor_orientation(group)
         n = group.shape[0] if transposed else group.shape[1]
         sees = {u.transposed == transposed for u in group.uses}
-        cost = n if False in sees else 0
+        opset = default_opset(self._index.model) if hasattr(self, "_index") else 17
+        cost = 0
+        if False in sees:  # input gathers; shape constants below opset 15 (Slice) and 11 (Reshape)
+            cost += n + (2 if opset < 15 else 0) + (1 if opset < 15 else 0) + (2 if opset < 11 else 0)
         if True in sees and not self._folds(group):
-            old = hasattr(self, "_index") and default_opset(self._index.model) < 11  # Reshape's [-1, n]
-            cost += n + (2 if old else 0)
+            cost += n + (2 if opset < 11 else 0)  # Reshape's [-1, n] below opset 11 (Flatten)
         return cost
 
     def stores_pivoted(self, group: WeightGroup, r: int) -> bool:
