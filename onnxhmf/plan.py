@@ -191,10 +191,12 @@ def _int8_bytes(model: onnx.ModelProto, plan: Plan) -> None:
     for name, nodes in takes.items():
         site = by_name.get(name)
         if site is not None and site.status == "planned":
-            if site.method != "lmf" or len(nodes) < readers.get(name, 0):
-                continue  # hmf/prune rewrites, tied factors: not predicted to shrink
+            if site.method != "lmf" or (len(nodes) < readers.get(name, 0) and not site.index_entries):
+                continue  # hmf/prune rewrites, A·B tied factors (a Transpose reads them): not predicted to shrink
             values += site.params_after - site.index_entries  # int32 index maps stay as they are
             overhead += 2 * _int8_overhead(name + ".lmf_A")
+            if len(nodes) < readers.get(name, 0):  # pivoted tied table: one more DequantizeLinear for the head
+                overhead += _int8_overhead(name + ".lmf_A")
         else:
             dims = next(t.dims for t in model.graph.initializer if t.name == name)
             values, overhead = values + int(np.prod(dims)), overhead + _int8_overhead(name)
