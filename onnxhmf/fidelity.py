@@ -41,7 +41,7 @@ import onnx
 from .errors import OnnxHmfError
 
 __all__ = ["OutputFidelity", "FidelityResult", "FidelityMeter", "vocab_sizes", "output_kind", "parse_minimums",
-           "fidelity_verdict", "compare_batches", "next_token_labels", "DEFAULT_MINIMUM", "KINDS"]
+           "fidelity_verdict", "compare_batches", "next_token_labels", "evaluate_fidelity", "DEFAULT_MINIMUM", "KINDS"]
 
 KINDS = ("logits", "embedding", "cache")
 DEFAULT_MINIMUM = {"embedding": 0.99, "logits": 0.97, "cache": 0.99}  # cosine; exp(−KL) ≈ 1/perplexity ratio
@@ -62,10 +62,24 @@ def _all_graphs(graph: onnx.GraphProto):
                     yield from _all_graphs(g)
 
 
+_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand", "Slice", "Concat"}
+
+
+def _token_id_inputs(model: onnx.ModelProto) -> set[str]:
+    """Integer graph inputs that carry token ids (by name; else every integer non-mask input)."""
+    init = {t.name for t in model.graph.initializer}
+    ints = [vi for vi in model.graph.input if vi.name not in init
+            and np.issubdtype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type or 1), np.integer)]
+    named = {vi.name for vi in ints if "ids" in vi.name.lower() and "position" not in vi.name.lower()
+             and "type" not in vi.name.lower()}
+    return named or {vi.name for vi in ints if not any(w in vi.name.lower() for w in ("mask", "position", "type"))}
+
+
 def vocab_sizes(model: onnx.ModelProto | None, config: dict | str | os.PathLike | None = None,
                 min_rows: int = 100) -> set[int]:
-    """Row counts of 2-D constant tables read by a Gather (in any subgraph: a merged decoder's
-    If branches), plus ``vocab_size`` from ``config`` (a dict or a config.json path)."""
+    """Row counts of 2-D constant tables that a Gather indexes with the token ids (in any
+    subgraph: a merged decoder's If branches), plus ``vocab_size`` from ``config`` (a dict or a
+    config.json path). Position tables (indexed by positions) are not vocabularies."""
     sizes: set[int] = set()
     if model is not None:
         consts: dict[str, tuple[int, ...]] = {}
@@ -74,12 +88,20 @@ def vocab_sizes(model: onnx.ModelProto | None, config: dict | str | os.PathLike 
             for n in g.node:
                 if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR:
                     consts[n.output[0]] = tuple(n.attribute[0].t.dims)
-        for g in _all_graphs(model.graph):
-            for n in g.node:
-                if n.op_type == "Gather" and n.input and len(consts.get(n.input[0], ())) == 2:
-                    rows = consts[n.input[0]][0]
-                    if rows >= min_rows:
-                        sizes.add(int(rows))
+        ids = _token_id_inputs(model)
+        nodes = [n for g in _all_graphs(model.graph) for n in g.node]
+        changed = True
+        while changed:  # names derived from the ids through shape-only ops
+            changed = False
+            for n in nodes:
+                if n.op_type in _PASS_THROUGH and n.input and n.input[0] in ids and n.output[0] not in ids:
+                    ids.add(n.output[0])
+                    changed = True
+        for n in nodes:
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] in ids and len(consts.get(n.input[0], ())) == 2:
+                rows = consts[n.input[0]][0]
+                if rows >= min_rows:
+                    sizes.add(int(rows))
     if isinstance(config, (str, os.PathLike)):
         try:
             config = json.loads(Path(config).read_text())
@@ -324,3 +346,59 @@ def next_token_labels(input_ids: np.ndarray, following: np.ndarray | None = None
     if following is not None:
         labels[..., -1] = following
     return labels
+
+
+def _labels(batches: list[dict[str, np.ndarray]], ids: str, pairs: bool) -> list[np.ndarray]:
+    """Next-token labels per batch; a first step's last position is labelled by its cached step."""
+    if not pairs:
+        return [next_token_labels(b[ids]) for b in batches]
+    out = []
+    for i in range(0, len(batches) - 1, 2):
+        first, cached = batches[i][ids], batches[i + 1][ids]
+        out += [next_token_labels(first, cached[:, 0]), next_token_labels(cached)]
+    return out
+
+
+def evaluate_fidelity(reference, candidate, calibration, *, kv=None, logits: str | None = None,
+                      vocab: set[int] = frozenset(), minimums: dict[str, float] | None = None,
+                      counted: Iterable[str] | None = None, top_k: int = TOP_K) -> FidelityResult:
+    """Run ``reference`` and ``candidate`` (ModelProto, path or bytes) on ``calibration``'s
+    batches (held-out ones, typically) and score every output; the verdict against ``minimums``.
+
+    ``kv`` (a KVSignature): batches are (first, cached) step pairs and each model's cached step
+    reads its own presents. ``logits``: the causal-LM output, scored with next-token perplexity
+    too (the labels are the ids themselves). Masked (padding) positions are excluded.
+    """
+    from .capture import session
+    from .kvcache import chained_outputs
+
+    def sess_of(m):
+        if isinstance(m, onnx.ModelProto):
+            return session(m)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        return ort.InferenceSession(m if isinstance(m, bytes) else str(m), so, providers=["CPUExecutionProvider"])
+
+    batches = calibration.batches
+    outs = []
+    for m in (reference, candidate):
+        s = sess_of(m)
+        names = [o.name for o in s.get_outputs()]
+        outs.append(chained_outputs(s, kv, batches) if kv is not None
+                    else [dict(zip(names, s.run(names, b))) for b in batches])
+        del s
+    masks = [b.get(calibration.mask) if calibration.mask else None for b in batches]
+    labels = None
+    if logits is not None:
+        ints = [n for n, v in batches[0].items() if np.issubdtype(v.dtype, np.integer)]
+        ids = kv.ids if kv is not None else next((n for n in ints if "ids" in n.lower() and "position" not in n.lower()
+                                                  and "type" not in n.lower()), ints[0] if len(ints) == 1 else None)
+        labels = _labels(batches, ids, kv is not None) if ids else None
+    meter = FidelityMeter(set(vocab), top_k)
+    if logits is not None:
+        meter.kinds[logits] = "logits"
+    for i, (r, c) in enumerate(zip(*outs)):
+        meter.add(r, c, masks[i], labels[i] if labels else None)
+    return fidelity_verdict(meter.outputs(), minimums, counted)
