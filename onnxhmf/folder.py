@@ -16,8 +16,7 @@ tokenizer at the top). :func:`plan_folder` lists
 and checks, before any work, that writing the out folder is safe: it is not the input folder
 (through symlinks and ``..``), its parent exists, nothing in it would be replaced unless
 ``overwrite``, only regular files would be replaced (never a symlink or a folder), no output
-is a file that an input reads, and no copied file takes the name of an output model's data
-file. :func:`copy_folder_files` then copies atomically (temp file beside the target + rename).
+is a file that an input reads; copies never end in ``.data`` (the optimized models' data files). :func:`copy_folder_files` then copies atomically (temp file beside the target + rename).
 """
 from __future__ import annotations
 
@@ -163,13 +162,10 @@ def plan_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, ove
         elif not p.name.startswith(".") and p.name != "onnx":
             skipped.append((p, why))
     inputs = onnx_files + sorted(data_files) + [s for s, _ in copies]
-    reserved = {m.dst.with_name(m.dst.name + ".data") for m in models}
     for m in models:
         _check_dst(m.dst, overwrite, inputs)
-    for s, d in copies:
+    for _, d in copies:  # (copies never end in .data, the suffix of the models' own data files)
         _check_dst(d, overwrite, inputs)
-        if d in reserved:
-            raise OnnxHmfError(f"{str(s)!r} would take the name of an optimized model's data file {d.name!r}")
     return FolderPlan(src, out, models, copies, skipped, create_out=not out.exists())
 
 
