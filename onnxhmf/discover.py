@@ -196,6 +196,14 @@ def _step(sess, model, kv: KVSignature | None, ids: np.ndarray, past=None):
     return dict(zip(names, sess.run(names, feeds))), None
 
 
+def _may_be_logits(vi: onnx.ValueInfoProto, vocab: set[int]) -> bool:
+    dims = vi.type.tensor_type.shape.dim
+    if len(dims) != 3:
+        return not dims and "logit" in vi.name.lower()  # shape unknown: trust the name
+    last = dims[-1]
+    return last.dim_value in vocab if last.HasField("dim_value") and last.dim_value > 0 else True
+
+
 def causal_lm_output(model: onnx.ModelProto, sess, kv: KVSignature | None, vocab: set[int]) -> str | None:
     """The logits output if ``model`` is a causal LM, else None.
 
@@ -205,6 +213,8 @@ def causal_lm_output(model: onnx.ModelProto, sess, kv: KVSignature | None, vocab
     """
     if _ids_input(model) is None or not vocab or (kv is None and _plain_feeds(model, np.zeros((1, 2), np.int64)) is None):
         return None
+    if not any(_may_be_logits(o, vocab) for o in model.graph.output):
+        return None  # (no session run needed: e.g. an encoder whose outputs are hidden states)
     V = min(vocab)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, V, size=(1, 8))
@@ -289,11 +299,13 @@ def _text_windows(tokenizer: Path, sentences: list[str], length: int, count: int
 def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto | None = None, *,
                          calib: str | os.PathLike | None = None, tokenizer: str | os.PathLike | None = None,
                          samples: int = 256, seq_len: int = 128, batch_size: int = 16, seed: int = 0,
-                         temperature: float = 1.0, sampled: int = SAMPLED_SEQUENCES) -> Discovery:
+                         temperature: float = 1.0, sampled: int = SAMPLED_SEQUENCES, lm_text: bool = True) -> Discovery:
     """Find calibration data for ``model`` (loaded from ``model_path`` when not given).
 
     ``samples``: rows of text (sentences, or windows for an LM); ``sampled``: sequences drawn
-    from a causal LM. Returns a :class:`Discovery` whose ``message`` says which source was used.
+    from a causal LM; ``lm_text=False``: a causal LM is sampled even with a tokenizer beside it
+    (the built-in text may be far from what it was trained on). Returns a :class:`Discovery`
+    whose ``message`` says which source was used.
     """
     if model is None:
         from .io import load_model
@@ -304,8 +316,8 @@ def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto |
     vocab = vocab_sizes(model, config)
     tok = Path(tokenizer) if tokenizer is not None else found_tok
     d = Discovery("none", "", None, tok, folder, config, kv, None, vocab, notes)
-    needs_session = kv is not None or calib is None
-    sess = session(model) if needs_session else None
+    maybe_lm = kv is not None or any(_may_be_logits(o, vocab) for o in model.graph.output)
+    sess = session(model) if maybe_lm else None
     d.logits = causal_lm_output(model, sess, kv, vocab) if sess is not None else None
     lm = d.logits is not None or kv is not None
     length = _max_length(config, seq_len)
@@ -326,7 +338,7 @@ def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto |
             d.calibration = load_calibration(p, model, tokenizer=tok, samples=samples, seq_len=seq_len, batch_size=batch_size)
         d.message = f"calibration: --calib {p} ({_describe(d.calibration, kv)})"
         return d
-    if tok is not None:
+    if tok is not None and (lm_text or not lm):
         sents = builtin_sentences(max(samples, 4 * samples if lm else samples), seed)
         if lm:
             ids = _text_windows(tok, sents, length, samples, min(vocab) if vocab else None)
@@ -346,7 +358,7 @@ def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto |
         d.calibration = ids_calibration(sess, model, kv, ids, batch_size, "sampled from the model")
         d.source = "sampled"
         d.message = (f"calibration: {ids.shape[0]} sequences of {L} tokens sampled from the model itself "
-                     f"(no text or tokenizer found; seed {seed}, temperature {temperature:g}; {_describe(d.calibration, kv)})")
+                     f"({'no text or tokenizer found' if tok is None else 'lm_text off'}; seed {seed}, temperature {temperature:g}; {_describe(d.calibration, kv)})")
         return d
     d.message = f"no calibration data (no --calib, no tokenizer beside the model, not a causal LM): {DATA_FREE_MESSAGE}"
     return d

@@ -192,3 +192,13 @@ def test_minilm_folder_uses_its_tokenizer(minilm_path, tmp_path):
     assert d.source == "tokenizer" and d.calibration.samples == 256 and d.logits is None and d.kv is None
     fit, held = d.split()
     assert held.samples == 64 and held.mask == "attention_mask"
+
+
+def test_lm_text_off_samples_a_causal_lm_despite_a_tokenizer(tmp_path):
+    p = _save(kv_merged(), tmp_path / "decoder_model_merged.onnx")
+    write_tokenizer(tmp_path / "tokenizer.json")
+    d = discover_calibration(p, sampled=4, seq_len=8, lm_text=False)
+    assert d.source == "sampled" and "lm_text off" in d.message and len(d.calibration.batches) == 2
+    e = _save(text_encoder(), tmp_path / "enc" / "model.onnx")
+    write_tokenizer(tmp_path / "enc" / "tokenizer.json")
+    assert discover_calibration(e, samples=8, lm_text=False).source == "tokenizer"  # not an LM: text still
