@@ -340,15 +340,19 @@ def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto |
         return d
     if tok is not None and (lm_text or not lm):
         sents = builtin_sentences(max(samples, 4 * samples if lm else samples), seed)
-        if lm:
-            ids = _text_windows(tok, sents, length, samples, min(vocab) if vocab else None)
-            d.calibration = ids_calibration(sess, model, kv, ids, batch_size, "built-in text sample")
+        try:
+            if lm:
+                ids = _text_windows(tok, sents, length, samples, min(vocab) if vocab else None)
+                d.calibration = ids_calibration(sess, model, kv, ids, batch_size, "built-in text sample")
+            else:
+                d.calibration = _sentence_calibration(model, tok, sents, samples, seq_len, batch_size)
+        except OnnxHmfError as e:  # found, not asked for: say why and try the next source
+            d.notes.append(f"the tokenizer beside the model was not used: {e}")
         else:
-            d.calibration = _sentence_calibration(model, tok, sents, samples, seq_len, batch_size)
-        d.source = "tokenizer"
-        d.message = (f"calibration: built-in text sample (Python's reference docs and onnxhmf's prose sample), "
-                     f"tokenized with {tok} ({_describe(d.calibration, kv)})")
-        return d
+            d.source = "tokenizer"
+            d.message = (f"calibration: built-in text sample (Python's reference docs and onnxhmf's prose sample), "
+                         f"tokenized with {tok} ({_describe(d.calibration, kv)})")
+            return d
     if d.logits is not None:
         V = min(v for v in vocab)
         bos = config.get("bos_token_id") if isinstance(config.get("bos_token_id"), int) else None
@@ -358,7 +362,7 @@ def discover_calibration(model_path: str | os.PathLike, model: onnx.ModelProto |
         d.calibration = ids_calibration(sess, model, kv, ids, batch_size, "sampled from the model")
         d.source = "sampled"
         d.message = (f"calibration: {ids.shape[0]} sequences of {L} tokens sampled from the model itself "
-                     f"({'no text or tokenizer found' if tok is None else 'lm_text off'}; seed {seed}, temperature {temperature:g}; {_describe(d.calibration, kv)})")
+                     f"({'no text or tokenizer found' if tok is None else 'no usable text'}; seed {seed}, temperature {temperature:g}; {_describe(d.calibration, kv)})")
         return d
     d.message = f"no calibration data (no --calib, no tokenizer beside the model, not a causal LM): {DATA_FREE_MESSAGE}"
     return d

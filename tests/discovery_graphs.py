@@ -106,12 +106,13 @@ def kv_merged(seed: int = 0, layers: int = 1) -> onnx.ModelProto:
     return model([node], ins, [vi(o, s) for o, s in zip(outs, shapes)], inits)
 
 
-def write_tokenizer(path: Path, vocab_size: int = V) -> Path:
-    """A word-level Hugging Face tokenizer.json: WORDS, then w0, w1, ... up to ``vocab_size``."""
+def write_tokenizer(path: Path, vocab_size: int = V, words_last: bool = False) -> Path:
+    """A word-level Hugging Face tokenizer.json: WORDS, then w0, w1, ... up to ``vocab_size``
+    (``words_last``: the fillers first, so common words get the highest ids)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["[PAD]", "[UNK]"] + WORDS
-    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    fill = [f"w{i}" for i in range(vocab_size - len(WORDS) - 2)]
+    words = ["[PAD]", "[UNK]"] + (fill + WORDS if words_last else WORDS + fill)
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(path))

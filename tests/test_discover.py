@@ -198,7 +198,18 @@ def test_lm_text_off_samples_a_causal_lm_despite_a_tokenizer(tmp_path):
     p = _save(kv_merged(), tmp_path / "decoder_model_merged.onnx")
     write_tokenizer(tmp_path / "tokenizer.json")
     d = discover_calibration(p, sampled=4, seq_len=8, lm_text=False)
-    assert d.source == "sampled" and "lm_text off" in d.message and len(d.calibration.batches) == 2
+    assert d.source == "sampled" and "no usable text" in d.message and len(d.calibration.batches) == 2
     e = _save(text_encoder(), tmp_path / "enc" / "model.onnx")
     write_tokenizer(tmp_path / "enc" / "tokenizer.json")
     assert discover_calibration(e, samples=8, lm_text=False).source == "tokenizer"  # not an LM: text still
+
+
+def test_an_unusable_tokenizer_found_beside_the_model_falls_through(tmp_path):
+    p = _save(kv_merged(), tmp_path / "decoder_model_merged.onnx")
+    write_tokenizer(tmp_path / "tokenizer.json", vocab_size=5000, words_last=True)  # ids beyond the model's 120
+    d = discover_calibration(p, sampled=4, seq_len=8)
+    assert d.source == "sampled" and "beyond the model's vocabulary" in d.notes[-1]
+    f = _save(float_model(), tmp_path / "f" / "model.onnx")  # a tokenizer, but no text inputs
+    write_tokenizer(tmp_path / "f" / "tokenizer.json")
+    d = discover_calibration(f)
+    assert d.source == "none" and "cannot feed text" in d.notes[-1]
