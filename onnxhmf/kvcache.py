@@ -23,7 +23,7 @@ import onnx
 from .calibration import input_roles
 from .errors import OnnxHmfError
 
-__all__ = ["KVSignature", "kv_signature", "step_feeds", "run_step", "two_step_batches", "chained_outputs", "text_roles"]
+__all__ = ["KVSignature", "kv_signature", "step_feeds", "run_step", "two_step_batches", "chained_outputs", "inline_branch", "text_roles"]
 
 _PAST = re.compile(r"^(past_key_values|past_key|past_value|past)([._].*)$")
 
@@ -183,3 +183,34 @@ def chained_outputs(sess, sig: KVSignature, batches: list[dict[str, np.ndarray]]
         o2, _ = run_step(sess, sig, cached)
         outs += [o1, o2]
     return outs
+
+
+def inline_branch(model: onnx.ModelProto, branch: str, value: bool) -> onnx.ModelProto:
+    """A copy of ``model`` with the ``If`` on the graph input ``branch`` replaced by its then
+    (``value`` True) or else branch, and that input removed.
+
+    The branch's tensors become main-graph tensors, so onnxruntime can return them as extra
+    outputs (activation capture cannot reach inside an ``If``). Both branches of optimum's merged
+    decoder read the same main-graph weights, so each weight's statistics are the sum over the
+    two inlined models. Feed it the step's feeds without ``branch``.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    ifs = [i for i, n in enumerate(g.node) if n.op_type == "If" and n.input[0] == branch]
+    if len(ifs) != 1 or any(n.input[0] == branch for i, n in enumerate(g.node) if i != ifs[0]) or any(
+            o.name == branch for o in g.output):
+        raise OnnxHmfError(f"input {branch!r} does not drive exactly one If (and nothing else); cannot inline it")
+    node = g.node[ifs[0]]
+    sub = next(a.g for a in node.attribute if a.name == ("then_branch" if value else "else_branch"))
+    new_nodes = list(sub.node) + [onnx.helper.make_node("Identity", [so.name], [o], name=f"{node.name}/inlined/{o}")
+                                  for so, o in zip(sub.output, node.output)]
+    nodes = list(g.node[: ifs[0]]) + new_nodes + list(g.node[ifs[0] + 1:])
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(sub.initializer)
+    g.value_info.extend(sub.value_info)
+    keep = [vi for vi in g.input if vi.name != branch]
+    del g.input[:]
+    g.input.extend(keep)
+    return m

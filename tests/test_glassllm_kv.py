@@ -60,3 +60,26 @@ def test_tokenizer_json_matches_glassllm_tokenizer(tmp_path):
     text = topics["if"] + topics["while"] + "Ünïcödé ☃ — “quoted”\n\n  spaces"
     assert hf.encode(text).ids == ours.encode(text) and hf.get_vocab_size() == 1024
     assert hf.decode(hf.encode("Once upon a time.").ids) == ours.decode(ours.encode("Once upon a time."))
+
+
+@pytest.mark.slow
+def test_inlined_branches_of_the_merged_decoder_match_and_can_be_captured(tmp_path):
+    from onnxhmf.calibration import Calibration
+    from onnxhmf.capture import capture_stats, session
+    from onnxhmf.kvcache import inline_branch, kv_signature, two_step_batches
+
+    mod = _builder()
+    out = mod.build_folder(tmp_path / "kv", verify=False)
+    merged = onnx.load(str(out / "decoder_model_merged.onnx"))
+    sig = kv_signature(merged)
+    ids = np.random.default_rng(0).integers(4, 1024, size=(2, 20))
+    pair = two_step_batches(session(merged), sig, ids)
+    want = [session(merged).run(["logits"], f)[0] for f in pair]
+    for value, feeds, scope in ((False, pair[0], "/no_past"), (True, pair[1], "/with_past")):
+        flat = inline_branch(merged, "use_cache_branch", value)
+        feeds = {k: v for k, v in feeds.items() if k != "use_cache_branch"}
+        (got,) = session(flat).run(["logits"], feeds)
+        np.testing.assert_array_equal(got, want[value])
+        act = f"{scope}/blocks.0/norm1/Mul_1_output_0"  # what blocks.0.attn.wq multiplies
+        stats = capture_stats(flat, Calibration([feeds]), [act])
+        assert stats.grams[act].shape == (128, 128) and stats.rows[act] == 20  # 2 rows × 10 tokens per step

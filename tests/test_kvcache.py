@@ -69,3 +69,26 @@ def test_split_keeps_step_pairs_whole():
     assert len(held.batches) == 1 and len(fit.batches) == 2
     with pytest.raises(OnnxHmfError, match="need at least 4"):
         Calibration(batches[:2], group=2).split(0.25)
+
+
+def test_inlined_branches_compute_what_the_if_computes():
+    import onnx
+
+    from onnxhmf.kvcache import inline_branch
+
+    m = kv_merged(layers=2)
+    sig, sess = kv_signature(m), session(m)
+    first, cached = two_step_batches(sess, sig, np.random.default_rng(2).integers(0, V, size=(2, 6)))
+    for value, feeds in ((False, first), (True, cached)):
+        flat = inline_branch(m, "use_cache_branch", value)
+        onnx.checker.check_model(flat, full_check=True)
+        assert "If" not in {n.op_type for n in flat.graph.node}
+        assert "use_cache_branch" not in {i.name for i in flat.graph.input}
+        want = sess.run(None, feeds)
+        got = session(flat).run(None, {k: v for k, v in feeds.items() if k != "use_cache_branch"})
+        for w, g in zip(want, got):
+            np.testing.assert_array_equal(w, g)
+        inner = {o for n in flat.graph.node for o in n.output}
+        assert ("wp_h" if value else "np_h") in inner  # a branch tensor, now reachable as an output
+    with pytest.raises(OnnxHmfError, match="does not drive exactly one If"):
+        inline_branch(m, "attention_mask", True)
