@@ -23,6 +23,7 @@ class SiteReport:
     dense: int = 0  # HMF: rows or columns kept dense
     detail: str = ""
     reason: str = ""
+    planned: str | None = None  # the plan's treatment (method can differ: an hmf budget stored as plain lmf)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Report:
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     plan: dict | None = None  # --plan auto: per-weight treatments, predicted and measured loss, trials
+    plan_summary: dict | None = None  # the planner's name and what it measured (calibration, search)
+    planned: dict | None = None  # the Plan the executor applied (plan.Plan.to_dict(): --save-plan writes it)
 
     @property
     def rewritten(self) -> list[SiteReport]:

@@ -493,9 +493,9 @@ def verify_models(
         report.saved = str(save_outputs)
     if cand_model is None:
         return report
-    from .api import _vocab_sizes  # (api imports this module)
+    from .graph.index import vocab_sizes
 
-    vocab = set().union(*(_vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
+    vocab = set().union(*(vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
     cand_names = [o.name for o in cand_model.graph.output]
     missing = [n for n in ref_outs if n not in cand_names]
     if missing:

@@ -13,7 +13,7 @@ from onnxhmf.calibration import load_calibration
 from onnxhmf.cli import main, parse_size
 from onnxhmf.errors import OnnxHmfError
 from onnxhmf.passes.calibrated import fidelity, reference_outputs
-from onnxhmf.passes.mixed import _fake_quant_inputs
+from onnxhmf.planners.mixed import _fake_quant_inputs
 from onnxhmf.quantize import int8_weight, int8w_weight, quantize_int8, weight_only
 
 STANDARD = ("", "ai.onnx")
