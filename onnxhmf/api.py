@@ -50,12 +50,12 @@ def _open(model, stage: OutputStage | None) -> _Input:
     return _Input(work, str(model), str(model), store, bool(external_tensors(work)), model_file_bytes(model))
 
 
-def _inline_for_calibration(inp: _Input, options: Options, plan_file_calibrated: bool = False) -> None:
+def _inline_for_calibration(inp: _Input, options: Options, plan_file_needs: bool = False) -> None:
     """Calibration runs the proto in onnxruntime and the storage AE reads weights from it: both
     need every weight inline (no lazy reads, no spilled factors)."""
     from .external import inline_external, needs_external_data
 
-    if inp.store is None or not (options.calibration.given or options.methods.storage_ae or plan_file_calibrated):
+    if inp.store is None or not (options.calibration.given or options.methods.storage_ae or plan_file_needs):
         return
     if inp.had_external:
         if needs_external_data(inp.work):
@@ -132,7 +132,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     inp = _open(model, _stage)
     report = Report(input_path=inp.path, bytes_before=inp.bytes_before)
     token_freq = _token_freq(inp.work, options)
-    _inline_for_calibration(inp, options, _plan_file_calibrated(options))
+    _inline_for_calibration(inp, options, _plan_file_needs_inline(options))
     report.params_before = count_params(inp.work)
     feeds, ref = _reference(inp, options, report) if options.verification.verify and not dry_run else (None, None)
     t = time.perf_counter()
@@ -160,12 +160,15 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     return work, report
 
 
-def _plan_file_calibrated(options: Options) -> bool:
+def _plan_file_needs_inline(options: Options) -> bool:
+    """Whether the plan file asks for what needs every weight inline: calibration statistics
+    (onnxruntime runs the proto) or the storage autoencoder (it reads the weights)."""
     if options.plan_file is None:
         return False
     try:
         with open(options.plan_file, encoding="utf-8") as f:
-            return bool((json.load(f).get("settings") or {}).get("calibration"))
+            settings = json.load(f).get("settings") or {}
+        return bool(settings.get("calibration") or settings.get("storage_ae"))
     except (OSError, ValueError, AttributeError):
         return False  # load_plan says what is wrong
 
