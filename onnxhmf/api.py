@@ -21,6 +21,7 @@ from .graph.index import count_params, vocab_sizes
 from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
 from .options import DEFAULT_KEEP, DEFAULT_MIN_COSINE, Options
 from .plan import Plan
+from .progress import no_progress
 from .report import Report
 
 __all__ = ["optimize", "optimize_file", "make_plan", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE"]
@@ -76,7 +77,7 @@ def _token_freq(work: onnx.ModelProto, options: Options):
     return None if tf is None else np.asarray(tf)
 
 
-def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | None = None, progress=lambda it: it):
+def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | None = None, progress=no_progress):
     """The plan for ``work`` (planning measures on the data where it must; nothing is written).
     Returns (Planned, Calibrated or None): the plan, the model a measuring planner already
     built, and the calibration data the executor needs."""
@@ -128,7 +129,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
         options = Options.from_kwargs(**kwargs)
     except TypeError as e:
         raise OnnxHmfError(str(e)) from None
-    progress = progress or (lambda it: it)
+    progress = progress or no_progress
     inp = _open(model, _stage)
     report = Report(input_path=inp.path, bytes_before=inp.bytes_before)
     token_freq = _token_freq(inp.work, options)

@@ -5,14 +5,14 @@ Every error is one line on stderr: exit 2 for bad input or options, 1 for failed
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import click
-
-from . import __version__
 import numpy as np
 
+from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize as optimize_model, optimize_file
 from .errors import OnnxHmfError, VerificationError
 from .io import check_output_path
@@ -22,17 +22,9 @@ from .inspect import inspect_model
 
 
 def _progress(quiet: bool):
-    def wrap(items):
-        items = list(items)
-        if quiet or not items or not sys.stderr.isatty():
-            return items
-        return _bar(items)
+    from .progress import bar, no_progress
 
-    def _bar(items):
-        with click.progressbar(items, label="working", file=sys.stderr, show_pos=True) as bar:
-            yield from bar
-
-    return wrap
+    return no_progress if quiet else bar
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -137,7 +129,9 @@ _VERIFY = _Group("Verification", [
               "min_cosine": p["min_cosine"]})
 
 _OUTPUT = _Group("Output", [
-    _o("--force", is_flag=True, help="Overwrite an existing output, and write it even if verification fails."),
+    _o("--overwrite", is_flag=True, help="Replace an existing output file (never an input)."),
+    _o("--write-unverified", is_flag=True, help="Write the output even if verification fails (the report says so)."),
+    _o("--force", is_flag=True, help="Both --overwrite and --write-unverified."),
     _o("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the report as JSON."),
     _o("--save-plan", type=click.Path(dir_okay=False, path_type=Path), default=None,
        help="Also write the plan as JSON (with --dry-run: only the plan); replay it with --plan-file."),
@@ -215,12 +209,14 @@ def optimize(input_model, output_model, **p):
             plan.save(p["save_plan"])
         return
     try:
-        report = optimize_file(input_model, output_model, force=p["force"], force_on_failure=p["force"],
+        report = optimize_file(input_model, output_model, force=p["force"] or p["overwrite"],
+                               force_on_failure=p["force"] or p["write_unverified"],
                                save_external_data=p["save_external_data"], save_plan=p["save_plan"],
                                external_data_size_threshold=p["external_data_size_threshold"], **kwargs)
     except VerificationError as e:
         if e.report is not None and not p["quiet"]:
             click.echo(e.report.format())
+            click.echo(next_command(input_model, output_model, p))
         if e.report is not None and p["report_path"] is not None:
             _write_text(p["report_path"], e.report.to_json())
         raise
@@ -236,7 +232,7 @@ def _budget(p: dict) -> dict:
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
     if rank is None and keep is None:
-        keep = DEFAULT_KEEP
+        keep = 1.0 if p["quantize"] else DEFAULT_KEEP  # --quantize int8 alone means int8 alone
     if p["min_fidelity"] is not None and rank is not None:
         raise click.UsageError("--min-fidelity searches the size; give it without --rank")
     targets = (p["target_size"], p["target_ratio"], p["target_fidelity"])
@@ -254,6 +250,21 @@ def _budget(p: dict) -> dict:
         raise click.UsageError("--plan-file applies a saved plan: give it without --plan auto")
     return {"keep": keep, "rank": rank, "rank_multiple": p["rank_multiple"], "allocation": p["allocation"],
             "min_fidelity": p["min_fidelity"], "plan": plan, "plan_file": p["plan_file"]}
+
+
+def next_command(input_model, output_model, p: dict) -> str:
+    """What to try after a failed verification: calibration data and a fidelity target."""
+    calib = ["--calib", str(p["calib"])] if p["calib"] else ["--calib", "TEXT.txt"]
+    tok = p["tokenizer"]
+    if tok is None:
+        near = [d / "tokenizer.json" for d in (Path(input_model).parent, Path(input_model).parent.parent)]
+        tok = next((t for t in near if t.is_file()), "tokenizer.json")
+    if not p["calib"] or str(p["calib"]).endswith(".txt"):
+        calib += ["--tokenizer", str(tok)]
+    keep = p["keep"] or DEFAULT_KEEP
+    more = f"a larger --keep (now {keep}), or " if p["plan_mode"] is None else ""
+    return (f"try {more}a fidelity target on calibration data:\n  onnxhmf optimize {input_model} {output_model} "
+            + " ".join(calib) + " --plan auto --target-fidelity 0.99")
 
 
 def _storage_ae(p: dict) -> dict | None:
@@ -388,12 +399,33 @@ def _write_text(path: Path, text: str) -> None:
         raise OnnxHmfError(f"cannot write report {str(path)!r}: {e.strerror or e}") from None
 
 
+_SHAPE = re.compile(r"^[^\s/\\]+:\[?\d*(,\d+)*\]?$")
+
+
+def _expand_input_shapes(args: list[str]) -> list[str]:
+    """``--input-shapes a:1,128 b:1,128`` → one ``--input-shapes`` per spec (click options take
+    one value): the specs that follow the flag, up to the next option or a token that is no
+    NAME:D0,D1 spec."""
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] == "--input-shapes" and i + 1 < len(args):
+            out.append(args[i + 1])
+            i += 2
+            while i < len(args) and _SHAPE.match(args[i]) and not args[i].startswith("-") and not Path(args[i]).exists():
+                out += ["--input-shapes", args[i]]
+                i += 1
+            continue
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
     """Entry point: run the CLI, turning every failure into one line on stderr."""
     try:
         # make_context + invoke rather than cli.main: click's main echoes a bare newline to
         # stderr on Ctrl-C before its Abort, which would break "one line per error".
-        args = sys.argv[1:] if argv is None else list(argv)
+        args = _expand_input_shapes(sys.argv[1:] if argv is None else list(argv))
         with cli.make_context("onnxhmf", args) as ctx:
             cli.invoke(ctx)
     except click.exceptions.Exit as e:

@@ -24,10 +24,11 @@ import numpy as np
 import onnx
 
 from .capture import capture_stats
+from .progress import no_progress
 from .graph.index import GraphIndex
 from .graph.sites import find_weight_groups
 from .passes.factorize import FactorizePass
-from .plan import Plan
+from .plan import TREATMENTS, Plan
 from .quantize import quantize_int8, weight_nodes, weight_only
 from .report import SiteReport
 
@@ -43,7 +44,7 @@ class ExecContext:
     stats: object = None
     calibration: object = None
     token_freq: np.ndarray | None = None
-    progress: Callable[[Iterable], Iterable] = field(default=lambda it: it)
+    progress: Callable = field(default=no_progress)
 
 
 @dataclass
@@ -95,8 +96,25 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
         model, done = quantize_int8(model, names)
         notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
+        if everything:
+            sites = _int8_everything(sites, set(done))
     sites += _store_reports(plan)
     return Built(model, sites, notes)
+
+
+def _int8_everything(sites: list[SiteReport], done: set[str]) -> list[SiteReport]:
+    """With ``quantize == "int8"``: the weights kept dense but quantized are int8 sites, and
+    low-rank sites whose factors were quantized say so."""
+    out = []
+    for s in sites:
+        if s.status == "skipped" and s.weight in done:
+            s = SiteReport(weight=s.weight, ops=s.ops, nodes=s.nodes, shape=s.shape, params_before=s.params_before,
+                           status="rewritten", method="int8", params_after=s.params_before,
+                           detail=TREATMENTS["int8"].summary, planned="int8")
+        elif s.status == "rewritten" and any(d.startswith(s.weight + ".") for d in done):
+            s.detail = (s.detail + "; " if s.detail else "") + "int8 factors"
+        out.append(s)
+    return out
 
 
 def _stored(plan: Plan, store: str) -> list:
@@ -158,7 +176,7 @@ def run_sequential(model: onnx.ModelProto, plan: Plan, fpass: FactorizePass, ctx
     by_weight = plan.by_weight
     bands = sorted({d.stage for d in plan.decisions if d.stage is not None})
     sites: list[SiteReport] = []
-    for b in ctx.progress(bands):
+    for b in ctx.progress(bands, "sequential bands"):
         names = [n for n, d in by_weight.items() if d.stage == b]
         acts, idx = calibration_targets([groups[n] for n in names])
         changed = any(s.status == "rewritten" for s in sites)  # else X_c = X_o: plain whitening

@@ -169,6 +169,8 @@ class Options:
     @classmethod
     def from_kwargs(cls, plan_file=None, **kw) -> "Options":
         """From ``optimize``'s keyword arguments (unknown names are an error)."""
+        if kw.get("quantize") and kw.get("keep", None) is None and kw.get("rank") is None:
+            kw["keep"] = 1.0  # --quantize int8 alone means int8 alone, no factorization
         known = set().union(*(names for _, names in _GROUPS.values()))
         unknown = set(kw) - known
         if unknown:

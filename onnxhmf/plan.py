@@ -229,7 +229,9 @@ class Plan:
     def format(self) -> str:
         from .report import _table
 
-        rows = [(d.ops, d.weight, f"{d.shape[0]}x{d.shape[1]}", d.treatment, d.amount,
+        from .report import display_name
+
+        rows = [(d.ops, display_name(d.weight, d.nodes), f"{d.shape[0]}x{d.shape[1]}", d.treatment, d.amount,
                  f"{d.dense_bytes:,} -> {'' if d.spec.factor not in ('hmf', 'prune', 'ae') else '≤ '}"
                  f"{d.predicted_bytes:,}" if d.predicted_bytes is not None else "-",
                  "-" if d.predicted_loss is None else f"{d.predicted_loss:.5f}", d.reason)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["SiteReport", "OutputStats", "Report"]
@@ -97,7 +98,7 @@ class Report:
         rows = [
             (
                 s.ops,
-                s.weight,
+                display_name(s.weight, s.nodes),
                 f"{s.shape[0]}x{s.shape[1]}",
                 s.method,
                 str(s.rank) if s.status == "rewritten" else "-",
@@ -157,6 +158,21 @@ class Report:
             lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+_MACHINE_NAME = re.compile(r"^(onnx::|val_\d|_val_|\d+$|tensor_\d|const_|initializer_)")
+
+
+def display_name(weight: str, nodes: list[str]) -> str:
+    """The weight's name, or where the exporter gave it a machine name (``onnx::MatMul_470``,
+    ``val_65``) the layer path of the first node that reads it."""
+    if not nodes or not _MACHINE_NAME.match(weight):
+        return weight
+    path = nodes[0].strip("/")
+    for suffix in ("/MatMul", "/Gemm", "/Gather"):
+        if path.endswith(suffix) and len(path) > len(suffix):
+            path = path[: -len(suffix)]
+    return f"{path} ({weight})"
 
 
 def _g(v, fmt: str = ".3g") -> str:

@@ -29,6 +29,7 @@ from ..factorize.whiten import reconstruct_rank, whitened_spectrum
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import WeightGroup
+from ..progress import no_progress
 from .factorize import FactorizePass  # noqa: F401 (type of ``fpass``)
 
 __all__ = [
@@ -143,7 +144,7 @@ def measure_sensitivities(
     probes: tuple[float, ...] = PROBE_KEEPS,
     max_tokens: int = 256,
     rank_multiple: int = 1,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    progress: Callable = no_progress,
 ) -> dict[str, list[Option]]:
     """{group: [Option(params, loss, keep)]}, dense (keep 1, loss 0) included.
 
@@ -165,7 +166,7 @@ def measure_sensitivities(
     data = _merged(calib, max_tokens)
     refs = [sess.run(names, feeds) for feeds in data.batches]
     out: dict[str, list[Option]] = {}
-    for g in progress(targets):
+    for g in progress(targets, "measuring weights"):
         m, n = g.shape
         transposed = factor_orientation(g)
         T = index.array(g.ref)

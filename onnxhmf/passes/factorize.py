@@ -41,6 +41,7 @@ from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybr
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
 from ..graph.sites import WeightGroup, find_weight_groups
+from ..progress import no_progress
 from ..report import SiteReport
 
 __all__ = ["FactorizePass"]
@@ -71,7 +72,7 @@ class FactorizePass:
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     # -- the pass -------------------------------------------------------------------------
-    def run(self, model: onnx.ModelProto, decisions: dict, progress: Callable[[Iterable], Iterable] = lambda it: it
+    def run(self, model: onnx.ModelProto, decisions: dict, progress: Callable = no_progress
             ) -> list[SiteReport]:
         """Apply ``decisions`` ({weight: plan.Decision}) to ``model`` in place. Groups without a
         decision are untouched and unreported; dense decisions are reported as skipped."""
@@ -97,7 +98,7 @@ class FactorizePass:
         if self.share_bases:
             todo = self._shared(todo, reports)
         self._todo = {g.name for g, _, _ in todo}
-        for group, method, amount in progress(todo):
+        for group, method, amount in progress(todo, "factorizing weights"):
             rep = getattr(self, f"_apply_{method}")(group, amount)
             reports.append(rep)
             if rep.status == "rewritten":

@@ -24,6 +24,7 @@ from ..graph.index import GraphIndex
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..passes.calibrated import calibration_targets, fidelity, measure_sensitivities, plan_keeps, reference_outputs, site_levels
 from ..plan import Plan
+from ..progress import no_progress
 from .common import Planned, candidate
 from .uniform import decisions_for, storage_decisions
 
@@ -50,7 +51,7 @@ def calibration_settings(options, cal: Calibration, held_out: float, targets: li
             "label": cal.source}
 
 
-def capture_for(model: onnx.ModelProto, cal: Calibration, groups: list[WeightGroup], progress=lambda it: it):
+def capture_for(model: onnx.ModelProto, cal: Calibration, groups: list[WeightGroup], progress=no_progress):
     acts, idx = calibration_targets(groups)
     return capture_stats(model, cal, acts, idx, progress=progress), acts
 
@@ -62,7 +63,7 @@ def load_calibration_data(model: onnx.ModelProto, options) -> Calibration:
     return load_calibration(c.calib, model, tokenizer=c.tokenizer, samples=c.samples, seq_len=c.seq_len, batch_size=c.batch)
 
 
-def load_for_plan(model: onnx.ModelProto, options, held_out: float, progress=lambda it: it) -> Calibrated:
+def load_for_plan(model: onnx.ModelProto, options, held_out: float, progress=no_progress) -> Calibrated:
     cal = load_calibration_data(model, options)
     held = None
     if held_out:
@@ -77,7 +78,7 @@ def _summary(cal: Calibration, stats, acts: int) -> dict:
             "gram_bytes": int(sum(g.nbytes for g in stats.grams.values()))}
 
 
-def measured_plan(model: onnx.ModelProto, options, progress=lambda it: it) -> Planned:
+def measured_plan(model: onnx.ModelProto, options, progress=no_progress) -> Planned:
     """The calibrated plan: measured allocation (default), uniform, or the min-fidelity search."""
     b, m = options.budget, options.methods
     held_out = 0.25 if b.min_fidelity is not None else 0.0

@@ -50,7 +50,8 @@ from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
 from ..passes.factorize import FactorizePass
-from ..plan import Decision, Plan, treatment_bytes
+from ..plan import Plan, treatment_bytes
+from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
 from .common import Planned, candidate, decision, dense
 from .measured import Calibrated, calibration_settings, load_for_plan
@@ -168,7 +169,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
         return tot / len(data.batches)
 
     out: dict[str, list[Option]] = {}
-    for g in progress([g for g in groups if g.name in sens]):
+    for g in progress([g for g in groups if g.name in sens], "measuring treatments"):
         if g.ref.data_type != onnx.TensorProto.FLOAT:
             continue
         m, n = g.shape
@@ -255,7 +256,7 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     return flags
 
 
-def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=lambda it: it):
+def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress):
     """``--plan auto``: measure every candidate's treatments, search the byte budget (or the
     fidelity target), check latency. Returns (Planned with the winning model built, Calibrated)."""
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from ..errors import OnnxHmfError
 from ..graph.index import GraphIndex
 from ..graph.sites import find_weight_groups
 from ..plan import Plan
+from ..progress import no_progress
 from .measured import Calibrated, capture_for
 
 __all__ = ["load_plan", "check_plan", "recapture"]
@@ -55,7 +56,7 @@ def check_plan(plan: Plan, model: onnx.ModelProto) -> None:
         raise OnnxHmfError("plan is sequential but records no calibration data")
 
 
-def recapture(model: onnx.ModelProto, plan: Plan, calib=None, progress=lambda it: it) -> Calibrated | None:
+def recapture(model: onnx.ModelProto, plan: Plan, calib=None, progress=no_progress) -> Calibrated | None:
     """The statistics the plan was made with: its calibration source (or ``calib``, which
     overrides it), the same samples and split, the same target weights."""
     cs = plan.settings.get("calibration")

@@ -31,8 +31,9 @@ def decisions_for(groups: list[WeightGroup], options, keeps: dict[str, float] | 
             continue
         keep = b.keep if keeps is None or g.name not in keeps else keeps[g.name]
         rank = b.rank if keeps is None or g.name not in keeps else None
-        out.append(decide(g, m.method_for(g), keep=keep, rank=rank, rank_multiple=b.rank_multiple,
-                          dense_reason=dense_reason if keeps is not None and g.name in keeps else None))
+        why_dense = dense_reason if keeps is not None and g.name in keeps else (
+            "--quantize int8 alone: int8, no factorization" if m.quantize and keep is not None and keep >= 1 else None)
+        out.append(decide(g, m.method_for(g), keep=keep, rank=rank, rank_multiple=b.rank_multiple, dense_reason=why_dense))
     return out
 
 
