@@ -245,6 +245,30 @@ def _verify(cand, feeds, ref, work, options: Options, report: Report) -> None:
     report.passed = not report.failures
     report.settings.update({"inputs": {k: list(x.shape) for k, x in feeds.items()}, "atol": v.atol or {},
                             "rtol": v.rtol or {}, "min_cosine": v.min_cosine})
+    if v.measure:
+        report.runtime = _runtime(work if not isinstance(cand, (str, os.PathLike)) else None, report.input_path, cand, feeds)
+
+
+def _runtime(proto, input_path, cand, feeds) -> dict:
+    """Resident memory (fresh processes) and interleaved latency of the input and the output."""
+    import tempfile
+
+    from .runtime import latency_ratios, resident_memory
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxhmf-measure-") as d:
+        src = input_path
+        if src is None:  # a proto given in memory
+            src = Path(d) / "input.onnx"
+            onnx.save_model(proto, src)
+        out = cand
+        if not isinstance(out, (str, os.PathLike)):
+            out = Path(d) / "output.onnx"
+            onnx.save_model(cand, out)
+        before, after = resident_memory(src, feeds), resident_memory(out, feeds)
+        ratio = latency_ratios([src, out], feeds)[1]
+    return {"memory_before": before, "memory_after": after, "latency_ratio": round(ratio, 3),
+            "threads": 1, "measure_s": round(time.perf_counter() - t, 2)}
 
 
 def _check_written(path: Path, input_path: str | None) -> None:

@@ -124,7 +124,8 @@ _VERIFY = _Group("Verification", [
     _o("--min-cosine", type=click.FloatRange(-1, 1), default=DEFAULT_MIN_COSINE, show_default=True,
        help="Fail if any float output's mean cosine to the original is below this."),
     _o("--no-verify", is_flag=True, help="Skip verification with onnxruntime."),
-], lambda p: {"verify": not p["no_verify"], "inputs": p["inputs_npz"], "input_shapes": parse_input_shapes(p["input_shapes"]),
+    _o("--no-measure", is_flag=True, help="Skip measuring resident memory and latency for the result table."),
+], lambda p: {"verify": not p["no_verify"], "measure": not (p["no_measure"] or p["quiet"]), "inputs": p["inputs_npz"], "input_shapes": parse_input_shapes(p["input_shapes"]),
               "atol": parse_tolerances(p["atol"], "--atol"), "rtol": parse_tolerances(p["rtol"], "--rtol"),
               "min_cosine": p["min_cosine"]})
 

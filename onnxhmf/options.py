@@ -143,6 +143,7 @@ class VerificationOptions:
     atol: dict | None = None
     rtol: dict | None = None
     min_cosine: float | None = DEFAULT_MIN_COSINE
+    measure: bool = False  # also measure resident memory and latency of input and output (the result table)
 
 
 _GROUPS = {
@@ -152,7 +153,7 @@ _GROUPS = {
                           "ae_options", "storage_ae", "quantize"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
-    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine"}),
+    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "measure"}),
 }
 _RENAMED = {"calib_samples": "samples", "calib_seq_len": "seq_len", "calib_batch": "batch"}
 

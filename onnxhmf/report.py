@@ -73,6 +73,7 @@ class Report:
     plan: dict | None = None  # --plan auto: per-weight treatments, predicted and measured loss, trials
     plan_summary: dict | None = None  # the planner's name and what it measured (calibration, search)
     planned: dict | None = None  # the Plan the executor applied (plan.Plan.to_dict(): --save-plan writes it)
+    runtime: dict | None = None  # resident memory (before/after) and latency ratio, when measured
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -157,7 +158,31 @@ class Report:
             lines += _table(("output", "shape", "max abs", "max rel", "cosine", "SNR dB", "top1/eq"), orows)
             lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
         lines += [f"note: {n}" for n in self.notes]
+        lines += self.result_table()
         return "\n".join(lines)
+
+    def result_table(self) -> list[str]:
+        """Input against output: file bytes, resident memory, latency, fidelity."""
+        if self.bytes_before is None or self.bytes_after is None:
+            return []
+        rows = [("file", f"{self.bytes_before:,} B", f"{self.bytes_after:,} B", f"{self.bytes_after / self.bytes_before:.3f}x")]
+        rt = self.runtime or {}
+        if rt.get("memory_before") and rt.get("memory_after") is not None:
+            mb, ma = rt["memory_before"], rt["memory_after"]
+            rows.append(("memory once loaded", f"{mb / 2**20:.1f} MiB", f"{ma / 2**20:.1f} MiB", f"{ma / mb:.3f}x"))
+        if rt.get("latency_ratio") is not None:
+            rows.append((f"latency ({rt.get('threads', 1)} thread)", "1.00", f"{rt['latency_ratio']:.2f}",
+                         f"{rt['latency_ratio']:.3f}x"))
+        fid = [o for o in self.outputs if o.mean_cosine is not None]
+        if fid:
+            worst = min(fid, key=lambda o: o.mean_cosine)
+            top = [o for o in self.outputs if o.top1 is not None]
+            text = f"cosine {worst.mean_cosine:.4f} ({worst.name})"
+            if top:
+                t = min(top, key=lambda o: o.top1)
+                text += f", top-1 {t.top1:.4f} ({t.name})"
+            rows.append(("fidelity", "1", text, ""))
+        return ["", "result:"] + _table(("", "input", "output", "ratio"), rows)
 
 
 _MACHINE_NAME = re.compile(r"^(onnx::|val_\d|_val_|\d+$|tensor_\d|const_|initializer_)")
