@@ -29,9 +29,10 @@ class ActivationStats:
     cross: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> X_cᵀX_o (sequential)
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # index tensor -> bincount
     rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows (tokens) accumulated
+    uncaptured: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no statistics
 
     def merge(self, other: "ActivationStats") -> None:
-        for attr in ("grams", "cross", "counts", "rows"):
+        for attr in ("grams", "cross", "counts", "rows", "uncaptured"):
             getattr(self, attr).update(getattr(other, attr))
 
 
@@ -78,6 +79,17 @@ def masked_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
+BODY_ONLY = ("is computed inside an If/Loop/Scan body: a body's values cannot be returned as model "
+             "outputs, so its activations are not captured and the weight is fitted unwhitened")
+
+
+def _body_only(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """{name: reason} for the names that are not values of the main graph (they live in a body)."""
+    g = model.graph
+    main = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    return {n: BODY_ONLY for n in names if n not in main}
+
+
 def capture_stats(
     model: onnx.ModelProto,
     calib: Calibration,
@@ -93,9 +105,12 @@ def capture_stats(
     """
     acts = list(dict.fromkeys(activations))
     indices = dict(indices or {})
+    hidden = _body_only(model, acts + list(indices))
+    acts = [a for a in acts if a not in hidden]
+    indices = {k: v for k, v in indices.items() if k not in hidden}
     sess = session_with_outputs(model, acts + list(indices))
     ref = session_with_outputs(reference, acts) if reference is not None and acts else None
-    stats = ActivationStats()
+    stats = ActivationStats(uncaptured=hidden)
     out_names = acts + list(indices)
     for feeds in progress(calib.batches):
         mask = feeds.get(calib.mask) if calib.mask else None

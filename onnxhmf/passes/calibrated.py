@@ -162,7 +162,8 @@ def measure_sensitivities(
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     have = {i.name for i in probe.graph.input}
-    targets = [g for g in groups if g.ref.kind == "initializer"]
+    targets = [g for g in groups if g.ref.kind == "initializer" and not g.ref.scope]  # (a body's own
+    # initializers cannot be fed as model inputs: they get the uniform keep)
     for g in targets:
         if g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
