@@ -39,16 +39,16 @@ ONLY_FLOAT = "left untouched, onnxhmf compresses float weights only"
 
 # (op_type, domain) -> {input slot: (what, scheme)}
 _READERS = {
-    ("MatMulInteger", ""): {1: ("MatMulInteger weight", "dynamic int8")},
-    ("DynamicQuantizeMatMul", "com.microsoft"): {1: ("DynamicQuantizeMatMul weight", "dynamic int8")},
-    ("QLinearMatMul", ""): {3: ("QLinearMatMul weight", "static int8, QOperator")},
-    ("QGemm", "com.microsoft"): {3: ("QGemm weight", "static int8, QOperator")},
-    ("DynamicQuantizeLSTM", "com.microsoft"): {1: ("DynamicQuantizeLSTM W", "dynamic int8"),
-                                               2: ("DynamicQuantizeLSTM R", "dynamic int8")},
+    ("MatMulInteger", ""): {1: ("MatMulInteger weight", "dynamic quantization")},
+    ("DynamicQuantizeMatMul", "com.microsoft"): {1: ("DynamicQuantizeMatMul weight", "dynamic quantization")},
+    ("QLinearMatMul", ""): {3: ("QLinearMatMul weight", "static quantization, QOperator")},
+    ("QGemm", "com.microsoft"): {3: ("QGemm weight", "static quantization, QOperator")},
+    ("DynamicQuantizeLSTM", "com.microsoft"): {1: ("DynamicQuantizeLSTM W", "dynamic quantization"),
+                                               2: ("DynamicQuantizeLSTM R", "dynamic quantization")},
     ("MatMulNBits", "com.microsoft"): {1: ("MatMulNBits weight", "block-quantized")},
     ("GatherBlockQuantized", "com.microsoft"): {0: ("GatherBlockQuantized table", "block-quantized")},
-    ("ConvInteger", ""): {1: ("ConvInteger weight", "dynamic int8")},
-    ("QLinearConv", ""): {3: ("QLinearConv weight", "static int8, QOperator")},
+    ("ConvInteger", ""): {1: ("ConvInteger weight", "dynamic quantization")},
+    ("QLinearConv", ""): {3: ("QLinearConv weight", "static quantization, QOperator")},
 }
 
 
@@ -58,7 +58,7 @@ class QuantizedWeight(WeightGroup):
 
     logical: tuple[int, int] = (0, 0)
     what: str = ""  # e.g. "MatMulInteger weight"
-    scheme: str = ""  # e.g. "dynamic int8"
+    scheme: str = ""  # e.g. "dynamic quantization"
     bits: int = 8
 
     @property
@@ -91,7 +91,8 @@ def _attr(node: onnx.NodeProto, name: str, default):
 
 
 def _reason(q: "QuantizedWeight") -> str:
-    return f"already quantized ({q.bits}-bit {_dtype(q.ref.data_type)} {q.what}, {q.scheme}): {ONLY_FLOAT}"
+    codes = f"{q.bits}-bit codes in " if q.bits != _bits(q.ref.data_type) else ""
+    return f"already quantized ({codes}{_dtype(q.ref.data_type)} {q.what}, {q.scheme}): {ONLY_FLOAT}"
 
 
 def quantized_reason(index: GraphIndex, ref: ConstRef) -> str | None:
@@ -99,7 +100,7 @@ def quantized_reason(index: GraphIndex, ref: ConstRef) -> str | None:
     embedding) is left alone, or None when ``ref`` is not a quantized dtype."""
     if ref.data_type not in QUANT_TYPES:
         return None
-    return f"already quantized ({_bits(ref.data_type)}-bit {_dtype(ref.data_type)} table read by Gather, " \
+    return f"already quantized ({_dtype(ref.data_type)} table read by Gather, " \
            f"its scale applied downstream): {ONLY_FLOAT}"
 
 
