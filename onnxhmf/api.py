@@ -44,11 +44,16 @@ DEFAULT_MIN_COSINE = 0.9
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Elements in all initializers and Constant tensors of the main graph."""
-    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    """Elements in all initializers and Constant tensors of the main graph and of every
+    If/Loop/Scan body in it."""
+    from .graph.index import iter_scopes
+
+    n = 0
+    for _, graph, _, _ in iter_scopes(model.graph):
+        n += sum(int(np.prod(t.dims)) for t in graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
     return n
 
 
