@@ -1,0 +1,151 @@
+"""Weights inside If branches: the Silero-VAD-shaped model (models/build_vad.py), compressed.
+
+Per variant: file bytes, parameters, fidelity on a streamed synthetic signal (the LSTM state
+carried from window to window, both sample rates; the reference is the original model), and
+onnxruntime CPU latency (1 thread, batch 1, 16 kHz), timed round-robin so machine noise hits
+every variant alike; ratios to the original.
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/bench_control_flow.py [--runs 300] [--windows 120]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "models"))
+
+from onnxhmf import optimize  # noqa: E402
+from onnxhmf.api import count_params  # noqa: E402
+from onnxhmf.io import save_model  # noqa: E402
+
+import build_vad  # noqa: E402
+
+WINDOW = {16000: 512, 8000: 256}
+CONTEXT = {16000: 64, 8000: 32}
+
+
+def signal(sr: int, seconds: float, seed: int = 0) -> np.ndarray:
+    """Alternating 0.6 s segments: low noise, then a voiced sound (harmonics of a gliding f0,
+    syllable-rate amplitude modulation) over noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    seg = (t // 0.6).astype(int) % 2 == 1
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
+    x = 0.003 * rng.standard_normal(t.size) + 0.3 * seg * voiced
+    return x.astype(np.float32)
+
+
+def stream(sess: ort.InferenceSession, x: np.ndarray, sr: int, windows: int):
+    """Speech probabilities and final states of ``windows`` consecutive windows (batch 1)."""
+    n, c = WINDOW[sr], CONTEXT[sr]
+    state = np.zeros((2, 1, 128), np.float32)
+    ctx = np.zeros((1, c), np.float32)
+    probs, states = [], []
+    for i in range(windows):
+        chunk = x[None, i * n:(i + 1) * n]
+        out, state = sess.run(None, {"input": np.concatenate([ctx, chunk], 1), "state": state, "sr": np.array(sr, np.int64)})
+        ctx = chunk[:, -c:]
+        probs.append(float(out[0, 0]))
+        states.append(state.ravel())
+    return np.array(probs), np.array(states)
+
+
+def session(path: Path) -> ort.InferenceSession:
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = 1
+    o.log_severity_level = 3
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def fidelity(ref: ort.InferenceSession, cand: ort.InferenceSession, windows: int) -> dict:
+    res = {}
+    for sr in (16000, 8000):
+        x = signal(sr, windows * WINDOW[sr] / sr + 0.1)
+        pr, sr_ = stream(ref, x, sr, windows)
+        pc, sc = stream(cand, x, sr, windows)
+        cos = np.sum(sr_ * sc, 1) / np.maximum(np.linalg.norm(sr_, axis=1) * np.linalg.norm(sc, axis=1), 1e-30)
+        res[sr] = {"max_abs_p": float(np.max(np.abs(pr - pc))), "agree": float(np.mean((pr > 0.5) == (pc > 0.5))),
+                   "state_cos": float(np.mean(cos)), "speech": float(np.mean(pr > 0.5))}
+    return res
+
+
+def latency(paths: dict[str, Path], runs: int) -> dict[str, float]:
+    sessions = {k: session(p) for k, p in paths.items()}
+    rng = np.random.default_rng(1)
+    feeds = {"input": (0.1 * rng.standard_normal((1, 576))).astype(np.float32), "state": np.zeros((2, 1, 128), np.float32),
+             "sr": np.array(16000, np.int64)}
+    times = {k: [] for k in sessions}
+    for _ in range(10):
+        for s in sessions.values():
+            s.run(None, feeds)
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[k].append(time.perf_counter() - t)
+    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=300)
+    ap.add_argument("--windows", type=int, default=120)
+    a = ap.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_cf_"))
+    src, outer = tmp / "vad.onnx", tmp / "vad_outer.onnx"
+    info = build_vad.build(src)
+    build_vad.build(outer, inline=False)
+    print(f"model: models/build_vad.py, weights {info['weights']}; {info['moved_into_branches']} initializers in the If branches")
+    rng = np.random.default_rng(0)
+    feeds = {"input": (0.1 * rng.standard_normal((4, 576))).astype(np.float32), "state": np.zeros((2, 4, 128), np.float32),
+             "sr": np.array(16000, np.int64)}
+    variants = {"original": (src, None), "lmf keep 0.75": (src, dict(keep=0.75)), "lmf keep 0.5": (src, dict(keep=0.5)),
+                "hmf keep 0.5": (src, dict(keep=0.5, method="hmf")), "lmf keep 0.5 (outer-scope weights)": (outer, dict(keep=0.5))}
+    paths, rows = {}, {}
+    for name, (path, kw) in variants.items():
+        if kw is None:
+            paths[name] = path
+            continue
+        t = time.perf_counter()
+        out, rep = optimize(str(path), inputs=feeds, min_cosine=0.0, **kw)
+        p = tmp / (name.replace(" ", "_").replace("(", "").replace(")", "") + ".onnx")
+        save_model(out, p)
+        paths[name] = p
+        rows[name] = {"sites": len(rep.rewritten), "secs": time.perf_counter() - t}
+    ms = latency(paths, a.runs)
+    ref = session(src)
+    base_bytes, base_params = src.stat().st_size, count_params(onnx.load(str(src)))
+    print(f"latency: 1 thread, batch 1, 16 kHz window, {a.runs} runs each, round-robin, p50; fidelity: {a.windows} "
+          "streamed windows per rate vs the original (max |Δp|, speech decision p>0.5 agreement, state cosine)")
+    head = ("variant", "sites", "bytes", "ratio", "params", "16k max|Δp|", "16k agree", "8k max|Δp|", "8k agree",
+            "state cos", "p50 ms", "ratio")
+    table = []
+    for name, p in paths.items():
+        f = fidelity(ref, session(p), a.windows)
+        params = count_params(onnx.load(str(p)))
+        table.append((name, str(rows.get(name, {}).get("sites", "-")), f"{p.stat().st_size:,}",
+                      f"{p.stat().st_size / base_bytes:.3f}x", f"{params:,}", f"{f[16000]['max_abs_p']:.4f}",
+                      f"{f[16000]['agree']:.3f}", f"{f[8000]['max_abs_p']:.4f}", f"{f[8000]['agree']:.3f}",
+                      f"{min(f[16000]['state_cos'], f[8000]['state_cos']):.4f}", f"{ms[name]:.3f}",
+                      f"{ms[name] / ms['original']:.3f}x"))
+        if name == "original":
+            speech = (f[16000]["speech"], f[8000]["speech"])
+    widths = [max(len(r[i]) for r in [head, *table]) for i in range(len(head))]
+    for r in [head, tuple("-" * w for w in widths), *table]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"original's speech share on the signal: 16k {speech[0]:.2f}, 8k {speech[1]:.2f}; params {base_params:,}")
+
+
+if __name__ == "__main__":
+    main()
