@@ -79,8 +79,43 @@ def masked_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
-BODY_ONLY = ("is computed inside an If/Loop/Scan body: a body's values cannot be returned as model "
-             "outputs, so its activations are not captured and the weight is fitted unwhitened")
+BODY_ONLY = ("is computed inside an If/Loop/Scan body and could not be returned as a model output: not "
+             "captured, the weight is fitted unwhitened")
+
+
+def _sessions(model, reference, acts, indices, calib):
+    """(session, reference session or None, {name: model output name}, {name: why not captured}).
+
+    Values inside If/Loop/Scan bodies are threaded out to model outputs (graph/expose.py); if
+    that fails for a model (a session that will not load or run), those values are skipped."""
+    from .graph.expose import expose_values
+
+    names = acts + list(indices)
+    hidden = _body_only(model, names)
+    outs: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    if hidden:
+        exposed, outs, missing = expose_values(model, list(hidden))
+        missing = {n: f"is computed inside an If/Loop/Scan body and {why}: not captured, the weight is fitted "
+                      "unwhitened" for n, why in missing.items()}
+        ref_exposed = expose_values(reference, list(outs))[0] if reference is not None else None
+        try:
+            keep = [n for n in names if n not in missing]
+            sess = session_with_outputs(exposed, [outs.get(n, n) for n in keep])
+            ref = session_with_outputs(ref_exposed, [outs.get(n, n) for n in acts if n not in missing]) \
+                if ref_exposed is not None and acts else None
+            if calib.batches:
+                sess.run([outs.get(n, n) for n in keep], calib.batches[0])
+            return sess, ref, outs, missing
+        except Exception as e:  # fall back: the main graph's values only
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            missing = {n: f"{BODY_ONLY} (threading it out of its body failed: {why})" for n in hidden}
+            outs = {}
+    keep = [n for n in names if n not in missing]
+    sess = session_with_outputs(model, keep)
+    keep_acts = [a for a in acts if a not in missing]
+    ref = session_with_outputs(reference, keep_acts) if reference is not None and keep_acts else None
+    return sess, ref, outs, missing
 
 
 def _body_only(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
@@ -105,18 +140,18 @@ def capture_stats(
     """
     acts = list(dict.fromkeys(activations))
     indices = dict(indices or {})
-    hidden = _body_only(model, acts + list(indices))
-    acts = [a for a in acts if a not in hidden]
-    indices = {k: v for k, v in indices.items() if k not in hidden}
-    sess = session_with_outputs(model, acts + list(indices))
-    ref = session_with_outputs(reference, acts) if reference is not None and acts else None
-    stats = ActivationStats(uncaptured=hidden)
-    out_names = acts + list(indices)
+    sess, ref, outs, missing = _sessions(model, reference, acts, indices, calib)
+    acts = [a for a in acts if a not in missing]
+    indices = {k: v for k, v in indices.items() if k not in missing}
+    stats = ActivationStats(uncaptured=missing)
+    out_names = [outs.get(n, n) for n in acts + list(indices)]
     for feeds in progress(calib.batches):
         mask = feeds.get(calib.mask) if calib.mask else None
         values = sess.run(out_names, feeds)
-        ref_values = ref.run(acts, feeds) if ref is not None else None
+        ref_values = ref.run(out_names[: len(acts)], feeds) if ref is not None else None
         for i, name in enumerate(acts):
+            if values[i].size == 0:  # a body value from the branch not taken: no rows
+                continue
             X = masked_rows(values[i], mask)
             g = (X.T @ X).astype(np.float64)  # one batch in float32, the sum in float64
             stats.grams[name] = stats.grams[name] + g if name in stats.grams else g
@@ -127,6 +162,8 @@ def capture_stats(
                 stats.cross[name] = stats.cross[name] + c if name in stats.cross else c
         for j, (name, size) in enumerate(indices.items()):
             ids = values[len(acts) + j]
+            if ids.size == 0:
+                continue
             ids = ids[mask.astype(bool)] if mask is not None and ids.shape == mask.shape else ids.ravel()
             ids = ids.astype(np.int64)
             ids = ids[(ids >= 0) & (ids < size)]

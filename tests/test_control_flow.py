@@ -9,6 +9,7 @@ from onnx.reference import ReferenceEvaluator
 import graphs
 from onnxhmf import optimize
 from onnxhmf.calibration import Calibration
+from onnxhmf.capture import capture_stats
 from onnxhmf.factorize.prune import magnitude_prune
 from onnxhmf.graph.index import GraphIndex
 from onnxhmf.graph.sites import find_weight_groups
@@ -84,11 +85,11 @@ def scan_model():
                         [vi("H", ["batch", M]), vi("Ys", ["seq", "batch", M])], [init(w(10), "Wh")])
 
 
-def feeds(model, cond=True, seed=0):
+def feeds(model, cond=True, seed=0, batch=3):
     rng = np.random.default_rng(seed)
     out = {}
     for i in model.graph.input:
-        dims = [d.dim_value or {"batch": 3, "seq": 5}[d.dim_param] for d in i.type.tensor_type.shape.dim]
+        dims = [d.dim_value or {"batch": batch, "seq": 5}[d.dim_param] for d in i.type.tensor_type.shape.dim]
         if i.type.tensor_type.elem_type == TensorProto.BOOL:
             out[i.name] = np.array(cond)
         elif i.type.tensor_type.elem_type == TensorProto.INT64:
@@ -198,16 +199,62 @@ def test_body_output_weight_and_other_readers_are_skipped():
     assert groups["T"].skip_reason is None
 
 
-def test_calibration_skips_body_activations_with_a_reason():
+def test_calibration_captures_body_activations():
+    """If branches: a value of the branch taken counts, the other branch adds no rows; Loop and
+    Scan: every iteration's rows. Grams checked against numpy."""
     model = if_model()
-    rng = np.random.default_rng(1)
-    cal = Calibration([{**feeds(model, True, s), "X": rng.standard_normal((8, M)).astype(np.float32)} for s in range(3)])
+    batches = [feeds(model, c, s, batch=8) for s, c in enumerate((True, False, True))]
+    st = capture_stats(model, Calibration(batches), ["X", "t1", "e0"])
+    assert not st.uncaptured
+    relu = lambda z: np.maximum(z, 0)  # noqa: E731
+    t1 = [relu(b["X"] @ w(1)) for b in batches if b["cond"]]
+    e0 = [b["X"] @ w(3) for b in batches if not b["cond"]]
+    np.testing.assert_allclose(st.grams["t1"], sum(x.T @ x for x in t1), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(st.grams["e0"], sum(x.T @ x for x in e0), rtol=1e-4, atol=1e-3)
+    assert st.rows == {"X": 24, "t1": 16, "e0": 8}
+    loop = loop_model()
+    b = feeds(loop)
+    st = capture_stats(loop, Calibration([b]), ["h_in", "h1"])
+    h = b["X"]
+    expect = {"h_in": 0, "h1": 0}
+    for _ in range(2):
+        expect["h_in"] = expect["h_in"] + h.T @ h
+        h1 = np.tanh(h @ w(8))
+        expect["h1"] = expect["h1"] + h1.T @ h1
+        h = h1 @ w(7) if b["cond"] else h1
+    for k in expect:
+        np.testing.assert_allclose(st.grams[k], expect[k], rtol=1e-4, atol=1e-3)
+    scan = scan_model()
+    b = feeds(scan)
+    st = capture_stats(scan, Calibration([b]), ["x_t"])
+    xs = b["X"].reshape(-1, M)
+    np.testing.assert_allclose(st.grams["x_t"], xs.T @ xs, rtol=1e-4, atol=1e-3)
+    assert st.rows["x_t"] == 15
+
+
+def test_calibrated_factorization_whitens_body_sites():
+    model = if_model()
+    cal = Calibration([feeds(model, c, s, batch=8) for s, c in enumerate((True, False, True))])
     out, report = optimize(model, rank=R, verify=False, calib=cal, allocation="uniform")
     by = {s.weight: s for s in report.sites}
-    assert by["Ws"].status == "rewritten"  # main_mm reads X (captured), else_mm_shared reads e0 (inside the body)
-    assert "not whitened" in by["Ws"].detail and "'e0'" in by["Ws"].detail and "If/Loop/Scan body" in by["Ws"].detail
-    assert "not whitened" not in by["vad.then_branch::Wb"].detail  # reads X, a main-graph input: whitened
-    assert "whitened" in by["vad.then_branch::Wb"].detail
+    for name in ("Ws", "vad.then_branch::Wb", "vad.else_branch::Wb", "T"):
+        assert by[name].status == "rewritten" and "whitened" in by[name].detail and "not whitened" not in by[name].detail
+    assert_exact(model, out)
+
+
+def test_uncapturable_body_activation_is_fitted_unwhitened_with_the_reason():
+    model = if_model()
+    else_g = body(model, "vad", "else_branch")
+    for n in else_g.node:  # the else branch's first MatMul now writes "t1", a name the then branch defines too
+        n.output[:] = ["t1" if o == "e0" else o for o in n.output]
+        n.input[:] = ["t1" if i == "e0" else i for i in n.input]
+    cal = Calibration([feeds(model, True, 0), feeds(model, False, 1)])
+    st = capture_stats(model, cal, ["t1"])
+    assert "several sibling bodies" in st.uncaptured["t1"]
+    out, report = optimize(model, rank=R, verify=False, calib=cal, allocation="uniform")
+    by = {s.weight: s for s in report.sites}
+    assert "not whitened: 't1'" in by["Ws"].detail and "several sibling bodies" in by["Ws"].detail
+    assert "not whitened" not in by["vad.else_branch::Wb"].detail  # reads X
     assert_exact(model, out)
 
 
