@@ -278,3 +278,26 @@ def test_tied_table_inside_a_body(method):
     assert "Transpose" in [n.op_type for n in body(out, "br", "then_branch").node]
     assert not out.graph.initializer
     assert_exact(model, out, conds=(True,))
+
+
+def test_measured_allocation_feeds_body_weights_and_scalar_inputs():
+    """The sensitivity probe lifts a body's own initializers into the main graph so they can be
+    fed; a scalar input (the If's condition) keeps the batches as they are."""
+    model = if_model()
+    cal = Calibration([feeds(model, c, s, batch=8) for s, c in enumerate((True, False, True, False))])
+    from onnxhmf.passes.calibrated import measure_sensitivities
+    from onnxhmf.passes.factorize import FactorizePass
+
+    groups = [g for g in find_weight_groups(GraphIndex(model)) if g.skip_reason is None]
+    sens = measure_sensitivities(model, FactorizePass(keep=0.5), groups, cal)
+    assert {"Ws", "T", "E"} <= set(sens) and "vad.then_branch::Wb" not in sens  # two bodies hold a "Wb"
+    m2 = if_model()
+    body(m2, "vad", "else_branch").initializer[0].name = "Wb2"
+    for n in body(m2, "vad", "else_branch").node:
+        n.input[:] = ["Wb2" if i == "Wb" else i for i in n.input]
+    groups = [g for g in find_weight_groups(GraphIndex(m2)) if g.skip_reason is None]
+    sens = measure_sensitivities(m2, FactorizePass(keep=0.5), groups, cal)
+    assert {"Wb", "Wb2"} <= set(sens)
+    assert sens["Wb"][1].error > 0 and sens["Wb2"][1].error > 0  # the probe really changed the body's weight
+    out, report = optimize(m2, keep=0.5, verify=False, calib=cal)
+    assert report.settings["calibration"]["allocation"] == "measured" and report.rewritten

@@ -121,3 +121,23 @@ def expose_values(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelP
         m.graph.output.append(_value_info(cur, None if name not in types else types[name]))
         exposed[name] = cur
     return m, exposed, failed
+
+
+def lift_initializers(model: onnx.ModelProto, refs) -> list[str]:
+    """Move body initializers (ConstRefs with a scope) into the main graph, in place: a body
+    reads a main-graph initializer of that name as before (outer scope), and a main-graph
+    initializer can be made an overridable input, which a body's own cannot. Only names that no
+    other graph defines are moved; returns them."""
+    index = GraphIndex(model)
+    moved = []
+    for ref in refs:
+        if not ref.scope or ref.kind != "initializer":
+            continue
+        if sum(s.defines(ref.name) for s in index.scopes.values()) != 1:
+            continue
+        g = index.scopes[ref.scope].graph
+        i = next(i for i, t in enumerate(g.initializer) if t.name == ref.name)
+        model.graph.initializer.append(g.initializer[i])
+        del g.initializer[i]
+        moved.append(ref.name)
+    return moved
