@@ -33,15 +33,15 @@ WINDOW = {16000: 512, 8000: 256}
 CONTEXT = {16000: 64, 8000: 32}
 
 
-def signal(sr: int, seconds: float, seed: int = 0) -> np.ndarray:
-    """Alternating 0.6 s segments: low noise, then a voiced sound (harmonics of a gliding f0,
-    syllable-rate amplitude modulation) over noise."""
+def signal(sr: int, seconds: float, seed: int = 0, f0: float = 120, seg_s: float = 0.6, am: float = 4) -> np.ndarray:
+    """Alternating ``seg_s`` segments: low noise, then a voiced sound (harmonics of an f0 gliding
+    around ``f0``, ``am`` Hz syllable-rate amplitude modulation) over noise."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(sr * seconds)) / sr
-    seg = (t // 0.6).astype(int) % 2 == 1
-    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t)
+    seg = (t // seg_s).astype(int) % 2 == 1
+    f0 = f0 + 0.5 * f0 * np.sin(2 * np.pi * 0.7 * t)
     phase = 2 * np.pi * np.cumsum(f0) / sr
-    voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12)) * (0.5 + 0.5 * np.sin(2 * np.pi * am * t) ** 2)
     x = 0.003 * rng.standard_normal(t.size) + 0.3 * seg * voiced
     return x.astype(np.float32)
 
@@ -59,6 +59,31 @@ def stream(sess: ort.InferenceSession, x: np.ndarray, sr: int, windows: int):
         probs.append(float(out[0, 0]))
         states.append(state.ravel())
     return np.array(probs), np.array(states)
+
+
+def calibration(path: Path, windows: int, batch: int = 16):
+    """Calibration batches: windows of another signal than the evaluation's (seed 7, f0 200 Hz,
+    0.45 s segments, 3 Hz modulation) with the original model's own streamed states, per sample
+    rate (sr is a scalar: one rate a batch)."""
+    from onnxhmf.calibration import Calibration
+
+    sess = session(path)
+    batches = []
+    for sr in (16000, 8000):
+        n, c = WINDOW[sr], CONTEXT[sr]
+        x = signal(sr, windows * n / sr + 0.1, seed=7, f0=200, seg_s=0.45, am=3)
+        state, ctx, rows = np.zeros((2, 1, 128), np.float32), np.zeros((1, c), np.float32), []
+        for i in range(windows):
+            chunk = x[None, i * n:(i + 1) * n]
+            inp = np.concatenate([ctx, chunk], 1)
+            rows.append((inp, state))
+            _, state = sess.run(None, {"input": inp, "state": state, "sr": np.array(sr, np.int64)})
+            ctx = chunk[:, -c:]
+        for j in range(0, windows, batch):
+            part = rows[j:j + batch]
+            batches.append({"input": np.concatenate([p[0] for p in part]), "state": np.concatenate([p[1] for p in part], 1),
+                            "sr": np.array(sr, np.int64)})
+    return Calibration(batches, None, "streamed synthetic signal (seed 7, f0 200 Hz)")
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -112,6 +137,10 @@ def main(argv=None) -> None:
              "sr": np.array(16000, np.int64)}
     variants = {"original": (src, None), "lmf keep 0.75": (src, dict(keep=0.75)), "lmf keep 0.5": (src, dict(keep=0.5)),
                 "hmf keep 0.5": (src, dict(keep=0.5, method="hmf")), "lmf keep 0.5 (outer-scope weights)": (outer, dict(keep=0.5))}
+    cal = calibration(src, a.windows)
+    variants.update({"lmf keep 0.5 whitened": (src, dict(keep=0.5, calib=cal, allocation="uniform")),
+                     "hmf keep 0.5 whitened": (src, dict(keep=0.5, method="hmf", calib=cal, allocation="uniform")),
+                     "lmf keep 0.5 measured": (src, dict(keep=0.5, calib=cal))})
     paths, rows = {}, {}
     for name, (path, kw) in variants.items():
         if kw is None:
@@ -123,6 +152,8 @@ def main(argv=None) -> None:
         save_model(out, p)
         paths[name] = p
         rows[name] = {"sites": len(rep.rewritten), "secs": time.perf_counter() - t}
+        if kw.get("calib") is not None:
+            print(f"{name}: " + "; ".join(f"{s.weight} r={s.rank} {s.detail}" for s in rep.rewritten))
     ms = latency(paths, a.runs)
     ref = session(src)
     base_bytes, base_params = src.stat().st_size, count_params(onnx.load(str(src)))
