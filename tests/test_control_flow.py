@@ -301,3 +301,19 @@ def test_measured_allocation_feeds_body_weights_and_scalar_inputs():
     assert sens["Wb"][1].error > 0 and sens["Wb2"][1].error > 0  # the probe really changed the body's weight
     out, report = optimize(m2, keep=0.5, verify=False, calib=cal)
     assert report.settings["calibration"]["allocation"] == "measured" and report.rewritten
+
+
+def test_external_data_with_body_weights(tmp_path):
+    """Body initializers stored as external data are read lazily, their factors spilled and
+    written next to the output; the result is exact."""
+    from onnxhmf.api import optimize_file
+
+    model = if_model()
+    onnx.save(if_model(), tmp_path / "in.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="in.data", size_threshold=0)
+    report = optimize_file(tmp_path / "in.onnx", tmp_path / "out.onnx", rank=R, verify=False, save_external_data=True,
+                           external_data_size_threshold=0)
+    assert len(report.rewritten) == 6 and (tmp_path / "out.onnx.data").is_file()
+    lazy = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in body(lazy, "vad", "then_branch").initializer)
+    assert_exact(model, onnx.load(tmp_path / "out.onnx"))
