@@ -317,3 +317,29 @@ def test_external_data_with_body_weights(tmp_path):
     lazy = onnx.load(tmp_path / "out.onnx", load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in body(lazy, "vad", "then_branch").initializer)
     assert_exact(model, onnx.load(tmp_path / "out.onnx"))
+
+
+def test_hmf_permutation_folded_inside_a_body():
+    """HMF with dense columns inside a branch: the column order is folded into the branch's
+    bias and next MatMul (no Gather), exact when the rest is low rank."""
+    rng = np.random.default_rng(3)
+    Wh = graphs.matrix(64, 64, seed=12, true_rank=8)
+    Wh[:, [5, 17, 30, 41, 50, 63]] += 3 * rng.standard_normal((64, 6)).astype(np.float32)  # 6 outlier columns
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "Wh"], ["a"], name="up"),
+         helper.make_node("Add", ["a", "bh"], ["b"], name="bias"),
+         helper.make_node("Relu", ["b"], ["c"], name="act"),
+         helper.make_node("MatMul", ["c", "Wd"], ["t"], name="down")],
+        "then", [], [vi("t", ["batch", 64])],
+        [init(Wh, "Wh"), init(rng.standard_normal(64).astype(np.float32), "bh"), init(graphs.matrix(64, 64, seed=13), "Wd")])
+    else_g = helper.make_graph([helper.make_node("Identity", ["X"], ["e"], name="pass")], "else", [], [vi("e", ["batch", 64])])
+    model = graphs.model([helper.make_node("If", ["cond"], ["Y"], name="br", then_branch=then_g, else_branch=else_g)],
+                         [vi("X", ["batch", 64]), vi("cond", [], TensorProto.BOOL)], [vi("Y", ["batch", 64])])
+    out, report = optimize(model, method="hmf", keep=0.4, verify=False, include=["^Wh$"])
+    (site,) = report.rewritten
+    assert site.dense >= 6 and "perm folded" in site.detail, site
+    ops = [n.op_type for n in body(out, "br", "then_branch").node]
+    assert "Gather" not in ops and "Concat" in ops
+    inits = {t.name for t in body(out, "br", "then_branch").initializer}
+    assert "bh.perm" in inits and "bh" not in inits and "Wd" in inits  # Wd's rows permuted in place
+    assert_exact(model, out, conds=(True,))
