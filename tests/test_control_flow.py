@@ -343,3 +343,13 @@ def test_hmf_permutation_folded_inside_a_body():
     inits = {t.name for t in body(out, "br", "then_branch").initializer}
     assert "bh.perm" in inits and "bh" not in inits and "Wd" in inits  # Wd's rows permuted in place
     assert_exact(model, out, conds=(True,))
+
+
+def test_report_says_where_a_body_site_lives():
+    _, report = optimize(if_model(), rank=R, verify=False)
+    by = {s.weight: s.detail for s in report.rewritten}
+    assert by["vad.then_branch::Wb"] == "in body 'vad.then_branch'"
+    assert by["Ws"] == "read in the main graph, body 'vad.else_branch'; factors in the main graph"
+    assert by["T"] == "read in body 'vad.then_branch'; factors in the main graph"
+    _, report = optimize(graphs.matmul_model(48, 40, true_rank=12), rank=12, verify=False)
+    assert report.rewritten[0].detail == ""

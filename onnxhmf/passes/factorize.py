@@ -181,7 +181,13 @@ class FactorizePass:
         what came already quantized."""
         by_name = {g.name: g for g in groups}
         for rep in reports:
-            why = self._uncaptured(by_name[rep.weight]) if rep.status == "rewritten" else None
+            g = by_name[rep.weight]
+            if rep.status != "rewritten":
+                continue
+            where = _where(g)
+            if where:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + where
+            why = self._uncaptured(g)
             if why:
                 rep.detail = (rep.detail + "; " if rep.detail else "") + f"not whitened: {why}"
         note = quantized_summary(groups, {r.weight for r in reports if r.status == "rewritten"})
@@ -456,6 +462,17 @@ class FactorizePass:
         detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
                   f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
         return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
+
+
+def _where(group: WeightGroup) -> str:
+    """Where a weight that involves an If/Loop/Scan body lives and is read ("" for main-graph only)."""
+    scopes = list(dict.fromkeys(u.scope for u in group.uses))
+    if not group.ref.scope and scopes == [""]:
+        return ""
+    name = lambda s: f"body {s!r}" if s else "the main graph"  # noqa: E731
+    if scopes == [group.ref.scope]:
+        return f"in {name(group.ref.scope)}"
+    return f"read in {', '.join(name(s) for s in scopes)}; factors in {name(group.ref.scope)}"
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):
