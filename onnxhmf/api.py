@@ -281,7 +281,9 @@ def optimize(
         report.timings["quantize_s"] = time.perf_counter() - t
     if not report.rewritten and not (quantize or planner is not None):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
-        raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
+        from .graph.quantized import all_quantized_message
+
+        raise OnnxHmfError("no compressible weights: " + (all_quantized_message(report.sites) or "; ".join(reasons)[:300]))
 
     _finish_metadata(work, report)
     report.params_after = count_params(work)

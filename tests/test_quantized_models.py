@@ -52,11 +52,13 @@ def test_quantize_dynamic_all_weights(tmp_path):
     q = onnx.load(tmp_path / "q.onnx")
     with pytest.raises(OnnxHmfError) as e:
         optimize(q, rank=8, verify=False)
-    assert "already quantized" in str(e.value) and "MatMulInteger" in str(e.value)
-    assert "is not fp32" not in str(e.value)
+    msg = str(e.value)
+    assert msg.startswith("no compressible weights: every weight is already quantized (")
+    assert "3x int8 MatMulInteger weight, dynamic quantization" in msg and "1x uint8 table read by Gather" in msg
+    assert "is not fp32" not in msg
     groups = {g.name: g for g in find_weight_groups(GraphIndex(q))}
     assert {"E_quantized", "W_quantized", "W3_quantized"} <= set(groups)
-    assert "uint8 table read by Gather" in groups["E_quantized"].skip_reason
+    assert "uint8 table read by Gather" in groups["E_quantized"].skip_reason and groups["E_quantized"].ops == "gather"
     mi = groups["W_quantized"]
     assert isinstance(mi, QuantizedWeight) and mi.ops == "matmulinteger" and mi.shape == (64, 64)
     assert "int8 MatMulInteger weight, dynamic quantization" in mi.skip_reason and "float weights only" in mi.skip_reason

@@ -28,7 +28,8 @@ import onnx
 from .index import ConstRef, GraphIndex
 from .sites import Use, WeightGroup
 
-__all__ = ["QuantizedWeight", "find_quantized_weights", "quantized_reason", "quantized_summary", "QUANT_TYPES"]
+__all__ = ["QuantizedWeight", "find_quantized_weights", "quantized_reason", "quantized_summary", "all_quantized_message",
+           "QUANT_TYPES"]
 
 QUANT_TYPES = {
     onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
@@ -96,12 +97,27 @@ def _reason(q: "QuantizedWeight") -> str:
 
 
 def quantized_reason(index: GraphIndex, ref: ConstRef) -> str | None:
-    """Why an integer table read directly by a Gather (quantize_dynamic / QOperator's quantized
-    embedding) is left alone, or None when ``ref`` is not a quantized dtype."""
+    """Why an integer (8 bits or fewer) weight read directly by a MatMul/Gemm/Gather is left
+    alone (quantize_dynamic's and QOperator's quantized embeddings: Gather of uint8 codes), or
+    None when ``ref`` is not of a quantized dtype."""
     if ref.data_type not in QUANT_TYPES:
         return None
-    return f"already quantized ({_dtype(ref.data_type)} table read by Gather, " \
-           f"its scale applied downstream): {ONLY_FLOAT}"
+    ops = sorted({n.op_type for n in index.readers(ref.name, index.scopes[ref.scope])})
+    what = "table read by Gather" if ops == ["Gather"] else f"weight read by {'/'.join(ops) or 'nothing'}"
+    return f"already quantized ({_dtype(ref.data_type)} {what}, its scale applied downstream): {ONLY_FLOAT}"
+
+
+def all_quantized_message(sites) -> str | None:
+    """The error line's text when every site was skipped as already quantized (SiteReports)."""
+    kinds = [s.reason.split(": ")[0] for s in sites if s.reason.startswith("already quantized")]
+    if not kinds or len(kinds) != len(sites):
+        return None
+    counts: dict[str, int] = {}
+    for k in kinds:
+        k = k[len("already quantized ("):-1] if k.endswith(")") else k
+        counts[k] = counts.get(k, 0) + 1
+    return (f"every weight is already quantized ({'; '.join(f'{n}x {k}' for k, n in sorted(counts.items()))}); "
+            "onnxhmf compresses float weights only")
 
 
 def _make(index: GraphIndex, ref: ConstRef, node, scope, what: str, scheme: str, kind: str) -> QuantizedWeight:

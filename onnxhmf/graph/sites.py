@@ -179,7 +179,11 @@ def _collect_uses(index: GraphIndex, group: WeightGroup) -> str | None:
     if ref.data_type not in FLOAT_TYPES:
         from .quantized import quantized_reason
 
-        return quantized_reason(index, ref) or f"dtype {onnx.TensorProto.DataType.Name(ref.data_type)} is not fp32/fp16/fp64"
+        why = quantized_reason(index, ref)
+        if why:  # its readers, for the report
+            group.uses = [Use(n, n.op_type.lower(), False, scope=index.node_scope(n).path)
+                          for n in index.readers(ref.name, index.scopes[ref.scope])]
+        return why or f"dtype {onnx.TensorProto.DataType.Name(ref.data_type)} is not fp32/fp16/fp64"
     if 0 in ref.dims:
         return "empty tensor"
     home = index.scopes[ref.scope]
