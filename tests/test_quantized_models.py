@@ -75,6 +75,7 @@ def test_quantize_dynamic_partial_compresses_the_float_part(tmp_path):
     assert "compressed 1 of the 1 float weight(s)" in note
 
 
+@pytest.mark.slow  # torch import and export: ~4 s
 def test_quantize_dynamic_lstm(tmp_path):
     torch = pytest.importorskip("torch")
 
