@@ -8,6 +8,9 @@ activation, whatever the number of tokens. Gather index tensors give token count
 
 With ``reference`` (sequential calibration), the same batch also runs through the reference
 model and we accumulate the cross term X_cᵀX_o between the two models' activations.
+
+Activations computed inside If/Loop/Scan bodies are threaded out to model outputs first
+(graph/expose.py); those that cannot be get no statistics and a reason (``uncaptured``).
 """
 from __future__ import annotations
 
@@ -84,7 +87,8 @@ BODY_ONLY = ("is computed inside an If/Loop/Scan body and could not be returned 
 
 
 def _sessions(model, reference, acts, indices, calib):
-    """(session, reference session or None, {name: model output name}, {name: why not captured}).
+    """(session, reference session or None, {name: model output name}, the same for the
+    reference, {name: why not captured}).
 
     Values inside If/Loop/Scan bodies are threaded out to model outputs (graph/expose.py); if
     that fails for a model (a session that will not load or run), those values are skipped."""
@@ -93,29 +97,32 @@ def _sessions(model, reference, acts, indices, calib):
     names = acts + list(indices)
     hidden = _body_only(model, names)
     outs: dict[str, str] = {}
+    ref_outs: dict[str, str] = {}
     missing: dict[str, str] = {}
     if hidden:
         exposed, outs, missing = expose_values(model, list(hidden))
         missing = {n: f"is computed inside an If/Loop/Scan body and {why}: not captured, the weight is fitted "
                       "unwhitened" for n, why in missing.items()}
-        ref_exposed = expose_values(reference, list(outs))[0] if reference is not None else None
+        ref_exposed, ref_outs, _ = expose_values(reference, list(outs)) if reference is not None else (None, {}, {})
         try:
             keep = [n for n in names if n not in missing]
+            ref_keep = [ref_outs.get(n, n) for n in acts if n not in missing]
             sess = session_with_outputs(exposed, [outs.get(n, n) for n in keep])
-            ref = session_with_outputs(ref_exposed, [outs.get(n, n) for n in acts if n not in missing]) \
-                if ref_exposed is not None and acts else None
+            ref = session_with_outputs(ref_exposed, ref_keep) if ref_exposed is not None and ref_keep else None
             if calib.batches:
                 sess.run([outs.get(n, n) for n in keep], calib.batches[0])
-            return sess, ref, outs, missing
+                if ref is not None:
+                    ref.run(ref_keep, calib.batches[0])
+            return sess, ref, outs, ref_outs, missing
         except Exception as e:  # fall back: the main graph's values only
             why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
             missing = {n: f"{BODY_ONLY} (threading it out of its body failed: {why})" for n in hidden}
-            outs = {}
+            outs, ref_outs = {}, {}
     keep = [n for n in names if n not in missing]
     sess = session_with_outputs(model, keep)
     keep_acts = [a for a in acts if a not in missing]
     ref = session_with_outputs(reference, keep_acts) if reference is not None and keep_acts else None
-    return sess, ref, outs, missing
+    return sess, ref, outs, ref_outs, missing
 
 
 def _body_only(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
@@ -140,7 +147,7 @@ def capture_stats(
     """
     acts = list(dict.fromkeys(activations))
     indices = dict(indices or {})
-    sess, ref, outs, missing = _sessions(model, reference, acts, indices, calib)
+    sess, ref, outs, ref_outs, missing = _sessions(model, reference, acts, indices, calib)
     acts = [a for a in acts if a not in missing]
     indices = {k: v for k, v in indices.items() if k not in missing}
     stats = ActivationStats(uncaptured=missing)
@@ -148,7 +155,7 @@ def capture_stats(
     for feeds in progress(calib.batches):
         mask = feeds.get(calib.mask) if calib.mask else None
         values = sess.run(out_names, feeds)
-        ref_values = ref.run(out_names[: len(acts)], feeds) if ref is not None else None
+        ref_values = ref.run([ref_outs.get(n, n) for n in acts], feeds) if ref is not None else None
         for i, name in enumerate(acts):
             if values[i].size == 0:  # a body value from the branch not taken: no rows
                 continue

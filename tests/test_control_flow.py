@@ -353,3 +353,14 @@ def test_report_says_where_a_body_site_lives():
     assert by["T"] == "read in body 'vad.then_branch'; factors in the main graph"
     _, report = optimize(graphs.matmul_model(48, 40, true_rank=12), rank=12, verify=False)
     assert report.rewritten[0].detail == ""
+
+
+def test_sequential_calibration_with_bodies():
+    """--sequential runs on bodies (their sites are ordered by the main graph's dataflow, so one
+    body's sites form one stage, calibrated on captured body activations); exact at true rank."""
+    model = scan_model()
+    cal = Calibration([feeds(model, True, s, batch=4) for s in range(3)])
+    out, report = optimize(model, rank=R, verify=False, calib=cal, allocation="uniform", sequential=True)
+    assert len(report.rewritten) == 2
+    assert all(s.detail.startswith("whitened") for s in report.rewritten), report.format()
+    assert_exact(model, out, conds=(True,))
