@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from .calibration import Calibration
+from .progress import no_progress
 
 __all__ = ["ActivationStats", "capture_stats", "session_with_outputs", "session", "masked_rows"]
 
@@ -139,7 +140,7 @@ def capture_stats(
     indices: dict[str, int] | None = None,
     *,
     reference: onnx.ModelProto | None = None,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    progress: Callable = no_progress,
 ) -> ActivationStats:
     """Grams XᵀX of ``activations`` and counts of ``indices`` (tensor -> table rows) over ``calib``.
 
@@ -152,7 +153,7 @@ def capture_stats(
     indices = {k: v for k, v in indices.items() if k not in missing}
     stats = ActivationStats(uncaptured=missing)
     out_names = [outs.get(n, n) for n in acts + list(indices)]
-    for feeds in progress(calib.batches):
+    for feeds in progress(calib.batches, "capturing activations"):
         mask = feeds.get(calib.mask) if calib.mask else None
         values = sess.run(out_names, feeds)
         ref_values = ref.run([ref_outs.get(n, n) for n in acts], feeds) if ref is not None else None

@@ -289,14 +289,14 @@ def test_measured_allocation_feeds_body_weights_and_scalar_inputs():
     from onnxhmf.passes.factorize import FactorizePass
 
     groups = [g for g in find_weight_groups(GraphIndex(model)) if g.skip_reason is None]
-    sens = measure_sensitivities(model, FactorizePass(keep=0.5), groups, cal)
+    sens = measure_sensitivities(model, FactorizePass(), groups, cal)
     assert {"Ws", "T", "E"} <= set(sens) and "vad.then_branch::Wb" not in sens  # two bodies hold a "Wb"
     m2 = if_model()
     body(m2, "vad", "else_branch").initializer[0].name = "Wb2"
     for n in body(m2, "vad", "else_branch").node:
         n.input[:] = ["Wb2" if i == "Wb" else i for i in n.input]
     groups = [g for g in find_weight_groups(GraphIndex(m2)) if g.skip_reason is None]
-    sens = measure_sensitivities(m2, FactorizePass(keep=0.5), groups, cal)
+    sens = measure_sensitivities(m2, FactorizePass(), groups, cal)
     assert {"Wb", "Wb2"} <= set(sens)
     assert sens["Wb"][1].error > 0 and sens["Wb2"][1].error > 0  # the probe really changed the body's weight
     out, report = optimize(m2, keep=0.5, verify=False, calib=cal)

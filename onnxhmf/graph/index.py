@@ -241,3 +241,27 @@ class GraphIndex:
             if name in s.outputs:
                 return "main graph" if not s.path else f"body {s.path!r}"
         return None
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements in all initializers and Constant tensors of the main graph and of every
+    If/Loop/Scan body in it."""
+    n = 0
+    for _, graph, _, _ in iter_scopes(model.graph):
+        n += sum(int(np.prod(t.dims)) for t in graph.initializer)
+        for node in graph.node:
+            if node.op_type == "Constant":
+                n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return n
+
+
+def vocab_sizes(model: onnx.ModelProto) -> set[int]:
+    """Row counts of the constant 2-D tables Gather reads (≥ 100 rows): the vocabularies that
+    logits-like outputs end in."""
+    index = GraphIndex(model)
+    sizes = set()
+    for node in model.graph.node:
+        if node.op_type == "Gather":
+            ref = index.const(node.input[0])
+            if ref is not None and len(ref.dims) == 2 and ref.dims[0] >= 100:
+                sizes.add(ref.dims[0])
+    return sizes

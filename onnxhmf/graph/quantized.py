@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from .index import ConstRef, GraphIndex
-from .sites import Use, WeightGroup
+from .groups import Use, WeightGroup
 
 __all__ = ["QuantizedWeight", "find_quantized_weights", "quantized_reason", "quantized_summary", "all_quantized_message",
            "QUANT_TYPES"]

@@ -15,11 +15,11 @@ graph holds them). A weight read both inside and outside a body is one group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import onnx
 
+from .groups import Use, WeightGroup  # (defined there, re-exported here)
 from .index import FLOAT_TYPES, ConstRef, GraphIndex
+from .quantized import find_quantized_weights, quantized_reason
 
 __all__ = ["Use", "WeightGroup", "find_weight_groups"]
 
@@ -29,51 +29,6 @@ def _attr(node: onnx.NodeProto, name: str, default):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
-
-
-@dataclass
-class Use:
-    """One node reading the weight T (stored m×n).
-
-    kind: "matmul" (Y = X·W), "gemm" (Y = α·X·W + β·C) or "gather" (Y = T[ids]).
-    transposed: the node multiplies by Tᵀ instead of T (via a Transpose node, Gemm's transB,
-    or both, which cancel).
-    """
-
-    node: onnx.NodeProto
-    kind: str
-    transposed: bool
-    via_transpose: str | None = None  # name of the Transpose output the node reads, if any
-    scope: str = ""  # path of the graph that holds the node ("" = the main graph)
-
-
-@dataclass
-class WeightGroup:
-    ref: ConstRef
-    uses: list[Use] = field(default_factory=list)
-    skip_reason: str | None = None
-    label: str | None = None  # "<scope>::<name>" when bodies hold several tensors of this name
-
-    @property
-    def name(self) -> str:
-        return self.label or self.ref.name
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.ref.dims  # type: ignore[return-value]
-
-    @property
-    def params(self) -> int:
-        m, n = self.shape
-        return m * n
-
-    @property
-    def ops(self) -> str:
-        return "+".join(sorted({u.kind for u in self.uses})) or "-"
-
-    @property
-    def node_names(self) -> list[str]:
-        return [u.node.name for u in self.uses]
 
 
 def _use_of(index: GraphIndex, node: onnx.NodeProto, tensor: str) -> tuple[Use | None, str | None]:
@@ -127,8 +82,6 @@ def find_weight_groups(index: GraphIndex) -> list[WeightGroup]:
 
     for group in groups.values():
         group.skip_reason = _collect_uses(index, group)
-    from .quantized import find_quantized_weights  # (it builds on Use and WeightGroup)
-
     quantized = find_quantized_weights(index, set(groups))
     seen = set(groups) | {(g.ref.scope, g.ref.name) for g in quantized}
     out = list(groups.values()) + quantized + _wrapped_weights(index, seen)
@@ -177,8 +130,6 @@ def _collect_uses(index: GraphIndex, group: WeightGroup) -> str | None:
     cannot be rewritten, or None."""
     ref = group.ref
     if ref.data_type not in FLOAT_TYPES:
-        from .quantized import quantized_reason
-
         why = quantized_reason(index, ref)
         if why:  # its readers, for the report
             group.uses = [Use(n, n.op_type.lower(), False, scope=index.node_scope(n).path)
