@@ -140,11 +140,13 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep))."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress)
+    by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
     uses = weight_nodes(work)
     probe = onnx.ModelProto()
     probe.CopyFrom(work)
     have = {i.name for i in probe.graph.input}
+    sens = {n: o for n, o in sens.items() if not by_name[n].ref.scope}  # a body's own weights: not planned (dense)
     for g in groups:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
