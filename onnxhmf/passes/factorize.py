@@ -70,6 +70,7 @@ class FactorizePass:
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
     token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     share_bases: bool = False  # LMF weights reading one activation share their first factor
+    cache: dict | None = None  # (weight, rank, orientation) -> LMF factors, shared by a planner's trial builds
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     # -- the pass -------------------------------------------------------------------------
@@ -243,7 +244,14 @@ class FactorizePass:
 
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
-        f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+        key = (group.name, r, transposed)
+        cacheable = self.cache is not None and group.name not in self._pending
+        if cacheable and key in self.cache:
+            f, how = self.cache[key]
+        else:
+            f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+            if cacheable:
+                self.cache[key] = (f, how)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
                        rel_error=f.relative_error, detail=f"{how}: error is of the layer output" if how else "")

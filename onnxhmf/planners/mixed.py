@@ -74,6 +74,7 @@ class Planner:
     rank_multiple: int = 1
     select: object = None  # the Options (selection) the candidates came from
     finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
+    cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
 
     @property
     def held(self):
@@ -115,7 +116,7 @@ class Planner:
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]):
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats))
+        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats, cache=self.cache))
         if self.finish is not None:
             self.finish(built.model, self.settings)
         return built
