@@ -176,7 +176,7 @@ def measure_sensitivities(
         transposed = factor_orientation(g)
         T = index.array(g.ref)
         rows, cols, _ = fpass.sides(g, transposed)
-        spec = whitened_spectrum(T.T if transposed else T, rows, cols, damp=fpass.damp)
+        spec = whitened_spectrum(T.T if transposed else T, fpass.whitened(rows), fpass.whitened(cols), damp=fpass.damp)
         s2 = spec[1] ** 2
         tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
         rel = np.sqrt(tail / max(tail[0], 1e-300))

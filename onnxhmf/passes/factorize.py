@@ -233,6 +233,17 @@ class FactorizePass:
         seq = acts[0] if len(set(acts)) == 1 and cols is None and acts[0] in st.cross else None
         return rows, cols, seq
 
+    def whitened(self, gram):
+        """The Whitener of a Gram matrix (or weight vector) from ``sides``, computed once per
+        array (Q, K and V read one activation: one eigendecomposition)."""
+        if gram is None:
+            return None
+        memo = self.__dict__.setdefault("_whiteners", {})
+        hit = memo.get(id(gram))
+        if hit is None or hit[0] is not gram:
+            hit = memo[id(gram)] = (gram, whitener(gram, self.damp))
+        return hit[1]
+
     def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
         rows, cols, seq = self.sides(group, transposed)
         if rows is None and cols is None:
@@ -240,7 +251,7 @@ class FactorizePass:
         if seq is not None:
             W = sequential_target(W, rows, self.stats.cross[seq], damp=self.damp)
         what = "sequential" if seq is not None else "whitened"
-        return weighted_lmf(W, r, rows, cols, damp=self.damp, seed=self.seed), what
+        return weighted_lmf(W, r, self.whitened(rows), self.whitened(cols), damp=self.damp, seed=self.seed), what
 
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)

@@ -276,8 +276,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     t = time.perf_counter()
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
-    ratio = latency_ratio(work, res.built.model, c.held)
     limit = options.budget.plan.get("max_latency_ratio")
+    ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
     fast_only = False
     if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in res.choice.values()):
         # weight-only int8 runs at float speed: plan again without it
@@ -399,7 +399,7 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
             "bytes": res.size, "predicted_loss": round(sum(o.error for o in choice.values()), 6),
             "heldout_loss": round(res.loss, 6), "heldout_fidelity": round(res.fidelity, 5),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
-            "latency_ratio": round(ratio, 3), "trials": search.tried, "sites": rows}
+            "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
     if fast_only:
         info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
     return info
