@@ -77,10 +77,12 @@ def _token_freq(work: onnx.ModelProto, options: Options):
     return None if tf is None else np.asarray(tf)
 
 
-def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | None = None, progress=no_progress):
+def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | None = None, progress=no_progress,
+              model_path: str | None = None):
     """The plan for ``work`` (planning measures on the data where it must; nothing is written).
     Returns (Planned, Calibrated or None): the plan, the model a measuring planner already
-    built, and the calibration data the executor needs."""
+    built, and the calibration data the executor needs. ``model_path``: where the model's
+    folder is (the default planner looks there for a tokenizer)."""
     from .planners.common import Planned
 
     bytes_before = work.ByteSize() if bytes_before is None else bytes_before
@@ -89,6 +91,11 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
 
         plan = load_plan(options.plan_file, work)
         planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress)
+    elif options.budget.fidelity is not None:
+        from .planners.auto import auto_plan
+
+        res = auto_plan(work, model_path, options, src_bytes=bytes_before, finish=finish_metadata, progress=progress)
+        planned, cal = res.planned, res.calibrated
     elif options.budget.plan is not None:
         from .planners.mixed import mixed_plan
 
@@ -135,13 +142,16 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     token_freq = _token_freq(inp.work, options)
     _inline_for_calibration(inp, options, _plan_file_needs_inline(options))
     report.params_before = count_params(inp.work)
-    feeds, ref = _reference(inp, options, report) if options.verification.verify and not dry_run else (None, None)
+    vocab = vocab_sizes(inp.work)
     t = time.perf_counter()
-    planned, cal = make_plan(inp.work, options, bytes_before=inp.bytes_before, progress=progress)
+    planned, cal = make_plan(inp.work, options, bytes_before=inp.bytes_before, progress=progress, model_path=inp.path)
     plan = planned.plan
     report.timings["plan_s"] = time.perf_counter() - t
     if dry_run:
         return None, plan
+    judge = planned.judge
+    feeds, ref = (_reference(inp, options, report, judge.calibration.batches[0] if judge else None)
+                  if options.verification.verify else (None, None))
     t = time.perf_counter()
     built = planned.built or execute(inp.work, plan, ExecContext(
         store=inp.store, stats=cal.stats if cal else None, calibration=cal.fit if cal else None,
@@ -156,7 +166,7 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
         report.nonzero_after = report.params_after - sum(s.params_before - s.params_after for s in pruned)
     cand = _write(work, inp, report, _stage, _save)
     if feeds is not None:
-        _verify(cand, feeds, ref, inp.work, options, report)
+        _verify(inp.src, cand, feeds, ref, vocab, options, report, judge)
     report.timings["total_s"] = time.perf_counter() - t0
     return work, report
 
@@ -174,11 +184,15 @@ def _plan_file_needs_inline(options: Options) -> bool:
         return False  # load_plan says what is wrong
 
 
-def _reference(inp: _Input, options: Options, report: Report):
+def _reference(inp: _Input, options: Options, report: Report, held_batch=None):
+    """Verification feeds (``--inputs``, else a held-out calibration batch of the default
+    planner, else generated from the signature) and the input model's outputs on them."""
     from .verify import load_inputs, make_inputs, run_onnxruntime
 
     v = options.verification
-    if isinstance(v.inputs, (str, os.PathLike)):
+    if held_batch is not None and v.inputs is None and not v.input_shapes:
+        feeds = dict(held_batch)
+    elif isinstance(v.inputs, (str, os.PathLike)):
         feeds = load_inputs(v.inputs, inp.work)
     elif v.inputs is not None:
         feeds = dict(v.inputs)
@@ -234,35 +248,52 @@ def _write(work: onnx.ModelProto, inp: _Input, report: Report, stage: OutputStag
     return stage.model_path
 
 
-def _verify(cand, feeds, ref, work, options: Options, report: Report) -> None:
+def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judge=None) -> None:
+    """The written model against the input: every output on ``feeds`` (tolerances, cosine,
+    top-1), per-output minimums, and with the default planner the fidelity verdict on all its
+    held-out calibration batches (the metric that fits each output)."""
     from .verify import check_outputs, compare_outputs, run_onnxruntime
 
     v = options.verification
     t = time.perf_counter()
     out = run_onnxruntime(cand, feeds, prepack=False)
     report.timings["verify_run_s"] = time.perf_counter() - t
-    report.outputs = compare_outputs(ref, out, vocab_sizes(work))
-    report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol, min_cosine=v.min_cosine)
+    report.outputs = compare_outputs(ref, out, vocab)
+    report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol,
+                                    min_cosine=None if judge is not None else v.min_cosine)
+    if judge is not None:
+        res = judge.score(cand)
+        report.fidelity = {"samples": judge.calibration.samples, "source": judge.calibration.source,
+                           "outputs": {n: {"kind": o.kind, "value": o.value, "minimum": res.minimums.get(n),
+                                           "counted": n in res.counted, "describe": o.describe()}
+                                       for n, o in res.outputs.items()}}
+        report.failures += res.failures
+    elif v.minimums:
+        for s in report.outputs:
+            want = v.minimums.get(s.name, v.minimums.get(""))
+            if want is not None and s.mean_cosine is not None and s.mean_cosine < want:
+                report.failures.append(f"{s.name}: mean cosine {s.mean_cosine:.5f} < --min-cosine {s.name}:{want}")
     report.verified = True
     report.passed = not report.failures
     report.settings.update({"inputs": {k: list(x.shape) for k, x in feeds.items()}, "atol": v.atol or {},
                             "rtol": v.rtol or {}, "min_cosine": v.min_cosine})
     if v.measure:
-        report.runtime = _runtime(work if not isinstance(cand, (str, os.PathLike)) else None, report.input_path, cand, feeds)
+        report.runtime = _runtime(src, cand, feeds)
 
 
-def _runtime(proto, input_path, cand, feeds) -> dict:
-    """Resident memory (fresh processes) and interleaved latency of the input and the output."""
+def _runtime(src, cand, feeds) -> dict:
+    """Resident memory (fresh processes) and interleaved latency of the input (a path, or the
+    given proto) and the output."""
     import tempfile
 
     from .runtime import latency_ratios, resident_memory
 
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnxhmf-measure-") as d:
-        src = input_path
-        if src is None:  # a proto given in memory
-            src = Path(d) / "input.onnx"
-            onnx.save_model(proto, src)
+        if isinstance(src, onnx.ModelProto):  # a proto given in memory
+            path = Path(d) / "input.onnx"
+            onnx.save_model(src, path)
+            src = path
         out = cand
         if not isinstance(out, (str, os.PathLike)):
             out = Path(d) / "output.onnx"

@@ -57,6 +57,11 @@ _SELECTION = _Group("Which weights", [
 ], lambda p: {"include": p["include"], "exclude": p["exclude"], "min_params": p["min_params"]})
 
 _BUDGET = _Group("How much to keep", [
+    _o("--fidelity", type=click.FloatRange(0, 1, min_open=True), default=None, metavar="F",
+       help="The default when no --keep, --rank, --plan, --min-fidelity, --quantize or --plan-file is given: the "
+            "smallest model whose held-out fidelity is at least F (cosine for embeddings; exp(-KL) >= 1-3(1-F) for "
+            "logits), calibrated on data found beside the model [default: 0.99]."),
+    _o("--fast", is_flag=True, help="With the default fidelity target: no slower than the input (integer kernels only)."),
     _o("--keep", type=click.FloatRange(0, 1, min_open=True), default=None,
        help=f"Fraction of each rewritten weight's parameters to keep [default: {DEFAULT_KEEP}]; with --calib, a "
             "budget for all of them together."),
@@ -121,13 +126,15 @@ _VERIFY = _Group("Verification", [
        help="Bind an input's shape for generated inputs, e.g. input_ids:1,128 (repeatable)."),
     _o("--atol", multiple=True, metavar="[OUT:]VAL", help="Absolute tolerance, for all outputs or one (repeatable)."),
     _o("--rtol", multiple=True, metavar="[OUT:]VAL", help="Relative tolerance, for all outputs or one (repeatable)."),
-    _o("--min-cosine", type=click.FloatRange(-1, 1), default=DEFAULT_MIN_COSINE, show_default=True,
-       help="Fail if any float output's mean cosine to the original is below this."),
+    _o("--min-cosine", multiple=True, metavar="[OUT:]C",
+       help=f"Fail if a float output's fidelity is below C, for all outputs or one (repeatable) [default: "
+            f"{DEFAULT_MIN_COSINE} on generated inputs; with the fidelity target, the target's minimums]."),
+    _o("--outputs", multiple=True, metavar="NAME", help="The outputs whose fidelity counts (repeatable) [default: all]."),
     _o("--no-verify", is_flag=True, help="Skip verification with onnxruntime."),
     _o("--no-measure", is_flag=True, help="Skip measuring resident memory and latency for the result table."),
-], lambda p: {"verify": not p["no_verify"], "measure": not (p["no_measure"] or p["quiet"]), "inputs": p["inputs_npz"], "input_shapes": parse_input_shapes(p["input_shapes"]),
-              "atol": parse_tolerances(p["atol"], "--atol"), "rtol": parse_tolerances(p["rtol"], "--rtol"),
-              "min_cosine": p["min_cosine"]})
+], lambda p: {**_min_cosine(p["min_cosine"]), "outputs": p["outputs"],
+              "verify": not p["no_verify"], "measure": not (p["no_measure"] or p["quiet"]), "inputs": p["inputs_npz"], "input_shapes": parse_input_shapes(p["input_shapes"]),
+              "atol": parse_tolerances(p["atol"], "--atol"), "rtol": parse_tolerances(p["rtol"], "--rtol")})
 
 _OUTPUT = _Group("Output", [
     _o("--overwrite", is_flag=True, help="Replace an existing output file (never an input)."),
@@ -228,7 +235,42 @@ def optimize(input_model, output_model, **p):
         _write_text(p["report_path"], report.to_json())
 
 
+def _min_cosine(specs) -> dict:
+    """``--min-cosine 0.95 --min-cosine logits:0.9`` → the global minimum and per-output ones."""
+    found: dict[str, float] = {}
+    for spec in specs:
+        name, _, val = str(spec).rpartition(":")
+        try:
+            v = float(val)
+            if not -1.0 <= v <= 1.0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(f"{spec!r}: expected a number in [-1, 1] or OUTPUT:number", param_hint="--min-cosine")
+        found[name] = v
+    named = {k: v for k, v in found.items() if k}
+    return {"min_cosine": found.get("", DEFAULT_MIN_COSINE), "minimums": ({**named, **({"": found[""]} if "" in found else {})}
+                                                                        if found else None)}
+
+
+_EXPLICIT = ("keep", "rank", "plan_mode", "min_fidelity", "quantize", "plan_file", "method", "embedding_method",
+             "storage_ae_include", "allocation", "sequential", "share_bases", "target_size", "target_ratio",
+             "target_fidelity", "max_latency_ratio")
+
+
+def _default_mode(p: dict) -> bool:
+    """No option says how much to keep or how: the default fidelity target applies."""
+    ctx = click.get_current_context()
+    given = [n for n in _EXPLICIT if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+    return not given
+
+
 def _budget(p: dict) -> dict:
+    if _default_mode(p):
+        return {"fidelity": 0.99 if p["fidelity"] is None else p["fidelity"], "fast": p["fast"], "keep": None,
+                "rank": None}
+    if p["fidelity"] is not None or p["fast"]:
+        raise click.UsageError("--fidelity and --fast are the default planner's: give them without --keep, --rank, "
+                               "--plan, --method or --quantize")
     keep, rank = p["keep"], p["rank"]
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")

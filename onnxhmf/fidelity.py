@@ -41,7 +41,7 @@ import onnx
 from .errors import OnnxHmfError
 
 __all__ = ["OutputFidelity", "FidelityResult", "FidelityMeter", "vocab_sizes", "output_kind", "parse_minimums",
-           "fidelity_verdict", "compare_batches", "next_token_labels", "evaluate_fidelity", "DEFAULT_MINIMUM", "KINDS"]
+           "fidelity_verdict", "compare_batches", "next_token_labels", "evaluate_fidelity", "FidelityJudge", "DEFAULT_MINIMUM", "KINDS"]
 
 KINDS = ("logits", "embedding", "cache")
 DEFAULT_MINIMUM = {"embedding": 0.99, "logits": 0.97, "cache": 0.99}  # cosine; exp(−KL) ≈ 1/perplexity ratio
@@ -359,6 +359,61 @@ def _labels(batches: list[dict[str, np.ndarray]], ids: str, pairs: bool) -> list
     return out
 
 
+def _session(m):
+    from .capture import session
+
+    if isinstance(m, onnx.ModelProto):
+        return session(m)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m if isinstance(m, bytes) else str(m), so, providers=["CPUExecutionProvider"])
+
+
+class FidelityJudge:
+    """The reference's outputs on ``calibration`` computed once; :meth:`score` runs a candidate
+    (ModelProto, path or bytes) on the same batches and gives the verdict (see
+    :func:`evaluate_fidelity`)."""
+
+    def __init__(self, reference, calibration, *, kv=None, logits: str | None = None, vocab: set[int] = frozenset(),
+                 minimums: dict[str, float] | None = None, counted: Iterable[str] | None = None, top_k: int = TOP_K):
+        self.calibration, self.kv, self.logits = calibration, kv, logits
+        self.vocab, self.minimums, self.top_k = set(vocab), minimums, top_k
+        self.counted = None if counted is None else list(counted)
+        batches = calibration.batches
+        self.ref = self._outputs(reference)
+        self.masks = [b.get(calibration.mask) if calibration.mask else None for b in batches]
+        self.labels = None
+        if logits is not None:
+            ints = [n for n, v in batches[0].items() if np.issubdtype(v.dtype, np.integer)]
+            ids = kv.ids if kv is not None else next((n for n in ints if "ids" in n.lower() and "position" not in n.lower()
+                                                      and "type" not in n.lower()), ints[0] if len(ints) == 1 else None)
+            self.labels = _labels(batches, ids, kv is not None) if ids else None
+
+    def _outputs(self, m) -> list[dict[str, np.ndarray]]:
+        from .kvcache import chained_outputs
+
+        s = _session(m)
+        names = [o.name for o in s.get_outputs()]
+        batches = self.calibration.batches
+        return chained_outputs(s, self.kv, batches) if self.kv is not None else [dict(zip(names, s.run(names, b)))
+                                                                                 for b in batches]
+
+    def score(self, candidate) -> FidelityResult:
+        meter = FidelityMeter(self.vocab, self.top_k)
+        if self.logits is not None:
+            meter.kinds[self.logits] = "logits"
+        for i, (r, c) in enumerate(zip(self.ref, self._outputs(candidate))):
+            meter.add(r, c, self.masks[i], self.labels[i] if self.labels else None)
+        return fidelity_verdict(meter.outputs(), self.minimums, self.counted)
+
+    def kinds(self) -> dict[str, str]:
+        """{output: kind} of the reference's outputs (None for non-float ones)."""
+        return {n: output_kind(n, r.shape, r.dtype, self.vocab) if n != self.logits else "logits"
+                for n, r in self.ref[0].items()}
+
+
 def evaluate_fidelity(reference, candidate, calibration, *, kv=None, logits: str | None = None,
                       vocab: set[int] = frozenset(), minimums: dict[str, float] | None = None,
                       counted: Iterable[str] | None = None, top_k: int = TOP_K) -> FidelityResult:
@@ -369,36 +424,6 @@ def evaluate_fidelity(reference, candidate, calibration, *, kv=None, logits: str
     reads its own presents. ``logits``: the causal-LM output, scored with next-token perplexity
     too (the labels are the ids themselves). Masked (padding) positions are excluded.
     """
-    from .capture import session
-    from .kvcache import chained_outputs
-
-    def sess_of(m):
-        if isinstance(m, onnx.ModelProto):
-            return session(m)
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        return ort.InferenceSession(m if isinstance(m, bytes) else str(m), so, providers=["CPUExecutionProvider"])
-
-    batches = calibration.batches
-    outs = []
-    for m in (reference, candidate):
-        s = sess_of(m)
-        names = [o.name for o in s.get_outputs()]
-        outs.append(chained_outputs(s, kv, batches) if kv is not None
-                    else [dict(zip(names, s.run(names, b))) for b in batches])
-        del s
-    masks = [b.get(calibration.mask) if calibration.mask else None for b in batches]
-    labels = None
-    if logits is not None:
-        ints = [n for n, v in batches[0].items() if np.issubdtype(v.dtype, np.integer)]
-        ids = kv.ids if kv is not None else next((n for n in ints if "ids" in n.lower() and "position" not in n.lower()
-                                                  and "type" not in n.lower()), ints[0] if len(ints) == 1 else None)
-        labels = _labels(batches, ids, kv is not None) if ids else None
-    meter = FidelityMeter(set(vocab), top_k)
-    if logits is not None:
-        meter.kinds[logits] = "logits"
-    for i, (r, c) in enumerate(zip(*outs)):
-        meter.add(r, c, masks[i], labels[i] if labels else None)
-    return fidelity_verdict(meter.outputs(), minimums, counted)
+    judge = FidelityJudge(reference, calibration, kv=kv, logits=logits, vocab=vocab, minimums=minimums,
+                          counted=counted, top_k=top_k)
+    return judge.score(candidate)

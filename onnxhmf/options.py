@@ -71,9 +71,11 @@ class Budget:
     allocation: str = "auto"  # with calibration: auto (= measured unless --rank), measured, uniform
     min_fidelity: float | None = None
     plan: dict | None = None  # --plan auto: target_size, target_ratio, target_fidelity, max_latency_ratio
+    fidelity: float | None = None  # the default planner: the smallest model keeping this fidelity (planners/auto.py)
+    fast: bool = False  # the default planner: no slower than the input
 
     def __post_init__(self):
-        if self.rank is None and self.keep is None:
+        if self.rank is None and self.keep is None and self.fidelity is None:
             _fail("give keep or rank")
         if self.keep is not None and not 0.0 < self.keep <= 1.0:
             _fail(f"keep must be in (0, 1], got {self.keep}")
@@ -83,6 +85,8 @@ class Budget:
             _fail(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
         if self.allocation not in ("auto", "uniform", "measured"):
             _fail(f"allocation must be auto, uniform or measured, got {self.allocation!r}")
+        if self.fidelity is not None and not 0.0 < self.fidelity <= 1.0:
+            _fail(f"--fidelity must be in (0, 1], got {self.fidelity}")
 
 
 @dataclass(frozen=True)
@@ -144,16 +148,19 @@ class VerificationOptions:
     rtol: dict | None = None
     min_cosine: float | None = DEFAULT_MIN_COSINE
     measure: bool = False  # also measure resident memory and latency of input and output (the result table)
+    outputs: tuple[str, ...] = ()  # the outputs whose fidelity counts (default: every float output but caches)
+    minimums: dict | None = None  # per-output minimum fidelity {output or "": value} (--min-cosine OUT:V)
 
 
 _GROUPS = {
     "selection": (Selection, {"include", "exclude", "min_params"}),
-    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan"}),
+    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
-    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "measure"}),
+    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "measure",
+                                           "outputs", "minimums"}),
 }
 _RENAMED = {"calib_samples": "samples", "calib_seq_len": "seq_len", "calib_batch": "batch"}
 
@@ -179,7 +186,7 @@ class Options:
         parts = {}
         for key, (klass, names) in _GROUPS.items():
             args = {_RENAMED.get(k, k): kw[k] for k in names if k in kw}
-            for k in ("include", "exclude"):
+            for k in ("include", "exclude", "outputs"):
                 if k in args:
                     args[k] = tuple(args[k] or ())
             if "ae_options" in args:
@@ -196,6 +203,12 @@ class Options:
             _fail(f"seed must be in [0, 2^32), got {m.seed}")
         if not np.isfinite(m.damp) or m.damp < 0 or m.damp > 1e6:
             _fail(f"damping must be a finite number in [0, 1e6], got {m.damp}")
+        if b.fidelity is not None and (b.rank is not None or b.plan is not None or b.min_fidelity is not None
+                                       or m.quantize or m.sequential or m.storage_ae or self.plan_file is not None):
+            _fail("the fidelity target is the default planner's: it does not combine with --rank, --plan, --min-fidelity, "
+                  "--quantize, --sequential, --plan-file or the storage autoencoder")
+        if b.fast and b.fidelity is None:
+            _fail("--fast goes with the default fidelity target (give no --keep, --rank or --plan)")
         if b.rank is not None and m.method != "lmf":
             _fail("--rank is only for --method lmf; use --keep")
         if m.embedding_method == "ae" and b.keep is None:
@@ -239,5 +252,5 @@ class Options:
             "allocation": b.allocation if c.given else None, "sequential": m.sequential or None,
             "share_bases": m.share_bases or None, "min_fidelity": b.min_fidelity, "quantize": m.quantize,
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
-            "damp": m.damp,
+            "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
         }

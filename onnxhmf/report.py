@@ -74,6 +74,7 @@ class Report:
     plan_summary: dict | None = None  # the planner's name and what it measured (calibration, search)
     planned: dict | None = None  # the Plan the executor applied (plan.Plan.to_dict(): --save-plan writes it)
     runtime: dict | None = None  # resident memory (before/after) and latency ratio, when measured
+    fidelity: dict | None = None  # the default planner: per-output fidelity on its held-out calibration samples
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -117,7 +118,9 @@ class Report:
             lines.append(f"plan: {p['planned_bytes']:,} B planned ({p['fixed_bytes']:,} B outside the planned weights), "
                          f"file {p['bytes']:,} B" + (f" for a target of {p['target_size']:,} B" if p.get("target_size") else "")
                          + f"; loss predicted {p['predicted_loss']:.4f}, measured {p['heldout_loss']:.4f}; held-out "
-                         f"fidelity {p['heldout_fidelity']:.4f} on {p['heldout_samples']} samples"
+                         + (f"fidelity {p['heldout_fidelity']:.4f}" if "heldout_fidelity" in p else
+                            f"margin over the fidelity minimums {p['heldout_margin']:+.4f}")
+                         + f" on {p['heldout_samples']} samples"
                          + (f"; latency {p['latency_ratio']:.2f}x the input's" if p.get("latency_ratio") is not None else ""))
         elif rows:
             lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err", "detail"), rows)
@@ -126,7 +129,7 @@ class Report:
             lines.append(f"skipped {len(skipped)} site(s):")
             lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
         cal = self.settings.get("calibration")
-        if cal:
+        if cal and "tokens" in cal:  # a calibrated planner's summary (--plan auto reports its own line)
             dense = cal.get("dense_by_allocation") or []
             lines.append(f"calibration: {cal['samples']} samples, {cal['tokens']:,} tokens from {cal['source']}; "
                          f"{cal['activations']} activation Grams ({cal['gram_bytes'] / 1e6:.1f} MB); allocation "
@@ -174,7 +177,12 @@ class Report:
             rows.append((f"latency ({rt.get('threads', 1)} thread)", "1.00", f"{rt['latency_ratio']:.2f}",
                          f"{rt['latency_ratio']:.3f}x"))
         fid = [o for o in self.outputs if o.mean_cosine is not None]
-        if fid:
+        if self.fidelity:
+            counted = {n: o for n, o in self.fidelity["outputs"].items() if o["counted"]}
+            for n, o in counted.items():
+                rows.append((f"fidelity: {n}", "1", f"{o['describe']} (minimum {o['minimum']:.4g})", ""))
+            rows.append(("", "", f"on {self.fidelity['samples']} held-out samples of {self.fidelity['source']}", ""))
+        elif fid:
             worst = min(fid, key=lambda o: o.mean_cosine)
             top = [o for o in self.outputs if o.top1 is not None]
             text = f"cosine {worst.mean_cosine:.4f} ({worst.name})"

@@ -21,6 +21,7 @@ class Planned:
 
     plan: Plan
     built: tuple | None = None
+    judge: object = None  # the default planner: fidelity.FidelityJudge on its held-out calibration batches
 
 
 def decision(group: WeightGroup, treatment: str, **kw) -> Decision:

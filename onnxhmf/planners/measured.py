@@ -63,11 +63,15 @@ def load_calibration_data(model: onnx.ModelProto, options) -> Calibration:
     return load_calibration(c.calib, model, tokenizer=c.tokenizer, samples=c.samples, seq_len=c.seq_len, batch_size=c.batch)
 
 
-def load_for_plan(model: onnx.ModelProto, options, held_out: float, progress=no_progress) -> Calibrated:
-    cal = load_calibration_data(model, options)
-    held = None
-    if held_out:
-        cal, held = cal.split(held_out)
+def load_for_plan(model: onnx.ModelProto, options, held_out: float, progress=no_progress, split=None) -> Calibrated:
+    """``split``: (fit, held-out) given already (the default planner's discovered data)."""
+    if split is not None:
+        cal, held = split
+    else:
+        cal = load_calibration_data(model, options)
+        held = None
+        if held_out:
+            cal, held = cal.split(held_out)
     groups = [g for g in find_weight_groups(GraphIndex(model)) if candidate(g, options) is None]
     stats, _ = capture_for(model, cal, groups, progress)
     return Calibrated(cal, held, stats, groups)

@@ -75,6 +75,7 @@ class Planner:
     select: object = None  # the Options (selection) the candidates came from
     finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
     cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
+    meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
 
     @property
     def held(self):
@@ -123,7 +124,10 @@ class Planner:
 
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
-        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine)."""
+        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine); or
+        what ``meter`` says (the default planner: the margin over per-output minimums)."""
+        if self.meter is not None:
+            return self.meter(model)
         sess = session(model)
         names = [o.name for o in model.graph.output]
         sums, n = np.zeros(len(names)), 0
@@ -259,19 +263,27 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     return flags
 
 
-def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress):
+def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress, meter=None,
+               split=None, fast: bool = False):
     """``--plan auto``: measure every candidate's treatments, search the byte budget (or the
-    fidelity target), check latency. Returns (Planned with the winning model built, Calibrated)."""
+    fidelity target), check latency. Returns (Planned with the winning model built, Calibrated).
+
+    ``meter``: (held-out fidelity, loss) of a model, instead of the cosines; ``split``: (fit,
+    held-out) calibration already split; ``fast``: leave out the treatments that run as float
+    MatMuls (weight-only integers) from the start."""
     t0 = time.perf_counter()
-    c = load_for_plan(work, options, 0.25, progress)
+    c = load_for_plan(work, options, 0.25, progress, split=split)
     settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
     opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress)
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    if fast:
+        opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
     planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
-                      reference_outputs(work, c.held), options.budget.rank_multiple, options, finish)
+                      [] if meter is not None else reference_outputs(work, c.held), options.budget.rank_multiple,
+                      options, finish, meter=meter)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
     search = _Search(planner, work, options.budget.plan, src_bytes)
@@ -397,7 +409,9 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
     info = {"target_size": search.target, "target_fidelity": search.goal.get("target_fidelity"),
             "fixed_bytes": planner.fixed, "planned_bytes": planner.fixed + sum(o.cost for o in choice.values()),
             "bytes": res.size, "predicted_loss": round(sum(o.error for o in choice.values()), 6),
-            "heldout_loss": round(res.loss, 6), "heldout_fidelity": round(res.fidelity, 5),
+            "heldout_loss": round(res.loss, 6),
+            **({"heldout_margin": round(res.fidelity, 5)} if planner.meter is not None
+               else {"heldout_fidelity": round(res.fidelity, 5)}),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
     if fast_only:
@@ -411,7 +425,8 @@ def _note(info: dict, res: _Trial) -> str:
         counts[o.tag[0]] = counts.get(o.tag[0], 0) + 1
     return (f"plan auto: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; planned {info['planned_bytes']:,} B, "
             f"assembled {res.size:,} B; loss predicted {info['predicted_loss']:.4f}, measured {res.loss:.4f} "
-            f"(held-out fidelity {res.fidelity:.4f} on {info['heldout_samples']} samples)")
+            + (f"(held-out fidelity {res.fidelity:.4f} on {info['heldout_samples']} samples)" if "heldout_fidelity" in info
+               else f"(held-out margin over the fidelity minimums {res.fidelity:+.4f} on {info['heldout_samples']} samples)"))
 
 
 def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:
