@@ -98,6 +98,7 @@ def optimize(
     damp: float = DEFAULT_DAMP,
     quantize: str | None = None,
     plan: dict | None = None,
+    lower_recurrent: bool = False,
     _stage: OutputStage | None = None,
     _save: tuple[bool | None, int] = (None, 1024),
 ) -> tuple[onnx.ModelProto, Report]:
@@ -120,6 +121,8 @@ def optimize(
     ``sequential``: calibrate each stage of sites on the already-compressed model.
     ``share_bases``: LMF weights that read the same activation (Q, K, V) share one first
     factor where that lowers the predicted error at the same parameter count.
+    ``lower_recurrent``: LSTM/GRU/RNN ops become Scan with explicit MatMuls, so R is factorized
+    too (otherwise only W, in the op; passes/recurrent.py).
 
     Returns the optimized model (a new proto; a given proto is not modified) and a Report.
     Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
@@ -214,6 +217,7 @@ def optimize(
         "min_fidelity": min_fidelity,
         "quantize": quantize,
         "plan": {k: v for k, v in plan.items() if v is not None} if plan else None,
+        "lower_recurrent": lower_recurrent or None,
     }
     report.params_before = count_params(work)
     if report.bytes_before is None:
@@ -251,6 +255,9 @@ def optimize(
     else:
         report.sites = fpass.run(work, progress)
     report.notes.extend(fpass.notes)
+    if plan is None:  # LSTM/GRU/RNN weights (passes/recurrent.py)
+        from .passes.recurrent import run_recurrent
+        report.sites += run_recurrent(work, fpass, cal, lower_recurrent)
     if spass is not None:  # its reports replace the other pass's for the weights it took or skipped
         ssites = spass.run(work)
         done = {s.weight for s in report.sites if s.status == "rewritten"}

@@ -122,6 +122,9 @@ def cli():
               help="--plan auto: the smallest plan whose outputs keep this mean cosine on held-out calibration data.")
 @click.option("--max-latency-ratio", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
               help="--plan auto: fail unless the plan runs within X times the input's onnxruntime latency.")
+@click.option("--lower-recurrent", is_flag=True,
+              help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the "
+                   "fused op on onnxruntime CPU; see docs/recurrent.md). Without it only W is rewritten, in the op.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no tables; errors only.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (sites, method, rank or budget, predicted size); factorize and write nothing.")
 def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
@@ -129,7 +132,8 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
              input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
              allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
-             quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, quiet, dry_run):
+             quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, lower_recurrent, quiet,
+             dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")
@@ -163,7 +167,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
                      "options": {} if storage_ae_epochs is None else {"epochs": storage_ae_epochs}}
                     if storage_ae_include else None),
-        quantize=quantize, plan=plan,
+        quantize=quantize, plan=plan, lower_recurrent=lower_recurrent,
     )
     if dry_run:  # nothing is written, --report included
         click.echo(plan_optimize(input_model, **kwargs).format())

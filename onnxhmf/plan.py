@@ -130,6 +130,7 @@ def plan_optimize(
     exclude: Iterable[str] = (),
     min_params: int = 0,
     quantize: str | None = None,
+    lower_recurrent: bool = False,
     **_ignored,
 ) -> Plan:
     """``optimize``'s plan for the same options (options that do not change the plan, such as
@@ -148,12 +149,27 @@ def plan_optimize(
     except ValueError as e:
         raise OnnxHmfError(str(e)) from None
     plan = plan_groups(model, fpass, bytes_before=bytes_before)
+    _plan_recurrent(model, fpass, plan, lower_recurrent)
     plan.settings = {"method": method, "embedding_method": embedding_method, "keep": keep if rank is None else None,
                      "rank": rank, "rank_multiple": rank_multiple, "include": list(include), "exclude": list(exclude),
                      "min_params": min_params, "quantize": quantize}
     if quantize == "int8" and plan.bytes_after is not None:
         _int8_bytes(model, plan)
     return plan
+
+
+def _plan_recurrent(model: onnx.ModelProto, fpass: FactorizePass, plan: Plan, lower: bool) -> None:
+    """Add the recurrent ops' W and R (passes/recurrent.py) to ``plan``."""
+    from .passes.recurrent import recurrent_plan
+
+    for kw in recurrent_plan(model, fpass, lower):
+        site = SitePlan(**kw)
+        plan.sites.append(site)
+        if site.status == "planned":
+            plan.exact = plan.exact and site.method == "lmf"
+            plan.params_after -= site.params - site.params_after
+            if plan.bytes_after is not None:
+                plan.bytes_after -= (site.params - site.params_after) * site.itemsize
 
 
 def _int8_overhead(name: str) -> int:

@@ -80,6 +80,10 @@ class RecurrentSite:
     def params(self) -> int:
         return int(np.prod(self.W.dims))
 
+    @property
+    def node_names(self) -> list[str]:
+        return [self.node.name]
+
 
 def _only_reader(index: GraphIndex, ref: ConstRef, node: onnx.NodeProto, what: str) -> str | None:
     if ref.data_type not in FLOAT_TYPES:
