@@ -13,13 +13,15 @@ def rnn_model(op: str = "LSTM", *, dirs: int = 1, I: int = 24, H: int = 16, layo
               low_rank: int | None = None) -> onnx.ModelProto:
     """X [seq, batch, I] (layout 0) or [batch, seq, I] (layout 1) -> one recurrent op -> Y, Y_h (, Y_c).
 
-    ``low_rank``: W has this rank (a model a rank-r rewrite reproduces exactly)."""
+    ``low_rank``: W and R have this rank (a model a rank-r rewrite reproduces exactly)."""
     rng = np.random.default_rng(seed)
     G = GATES[op]
     W = rng.standard_normal((dirs, G * H, I)).astype(np.float32) * 0.3
     if low_rank:
         W = (rng.standard_normal((dirs, G * H, low_rank)) @ rng.standard_normal((low_rank, I)) * 0.1).astype(np.float32)
     R = rng.standard_normal((dirs, G * H, H)).astype(np.float32) * 0.3
+    if low_rank:
+        R = (rng.standard_normal((dirs, G * H, low_rank)) @ rng.standard_normal((low_rank, H)) * 0.1).astype(np.float32)
     B = rng.standard_normal((dirs, 2 * G * H)).astype(np.float32) * 0.1
     inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")]
     ins = ["X", "W", "R"]
