@@ -117,7 +117,8 @@ class RecurrentPass:
         amount, why = self.budget(site.name, *M.shape) if self.why_not(site) is None else (0, self.why_not(site))
         if why:
             wproj = Projection("dense", T=M)
-            reps.append(self._report(site, "skipped", lowered=True, reason=why, detail="lowered to Scan"))
+            reps.append(self._report(site, "rewritten", lowered=True, method="dense", params_after=site.params,
+                                     rel_error=0.0, detail=f"lowered to Scan, kept dense: {why}"))
         else:
             wproj, info = self._lowrank(M, amount, site.dirs * site.gates, self.grams.get(site.node.input[0]))
             reps.append(self._report(site, "rewritten", lowered=True, method=self.method, rank=info["rank"], params_after=wproj.params,
@@ -142,11 +143,12 @@ class RecurrentPass:
         lower_to_scan(editor, index, site, wproj, rprojs)
         rrep = SiteReport(weight=site.R.name, ops=f"{site.op.lower()}→scan", nodes=[site.node.name],
                           shape=(site.dirs * site.gates * site.hidden, site.hidden), params_before=int(R.size),
-                          status="skipped", reason="dense in the Scan body (keep or selection)")
+                          status="rewritten", method="dense", params_after=int(R.size), rel_error=0.0,
+                          detail="lowered to Scan, kept dense in the body (keep or selection)")
         if infos:
             names = GATE_NAMES[site.op]
             share = ", ".join(f"{g} {s / site.dirs:.0%}" for g, s in zip(names, sens)) if sens.any() else ""
-            rrep = SiteReport(**{**rrep.__dict__, "status": "rewritten", "reason": "", "method": self.method,
+            rrep = SiteReport(**{**rrep.__dict__, "method": self.method,
                                  "rank": max(i["rank"] for i in infos), "dense": sum(i["dense"] for i in infos),
                                  "params_after": sum(p.params for ps in rprojs for p in ps),
                                  "rel_error": _rel({"res": sum(i["res"] for i in infos), "tot": sum(i["tot"] for i in infos)}),
