@@ -151,6 +151,11 @@ def hmf_variants(src: Path, tmp: Path, include: list[str], calib: Calibration | 
         for k in keeps:
             runs += [(f"lowered lmf W+R k{k}", dict(method="lmf", keep=k, lower_recurrent=True)),
                      (f"lowered hmf W+R k{k}", dict(method="hmf", keep=k, lower_recurrent=True))]
+            if calib is not None:
+                runs.append((f"lowered lmf W+R whitened k{k}",
+                             dict(method="lmf", keep=k, lower_recurrent=True, calib=calib, allocation="uniform")))
+        runs.append((f"lowered lmf W+R k{keeps[0]} + int8", dict(method="lmf", keep=keeps[0], lower_recurrent=True,
+                                                                   quantize="int8")))
     out = {}
     for name, kw in runs:
         dst = tmp / f"{src.stem}.{name.replace(' ', '_')}.onnx"
@@ -200,6 +205,99 @@ def bench_model(name: str, variants: dict[str, Path], details: dict[str, str], f
     table(name, rows, ("variant", "bytes", "size", "fidelity", "ms p50", "latency", "sites (weight: method rank dense err)"))
 
 
+def analysis(name: str, path: Path, keeps) -> None:
+    """Per recurrent matrix and keep: relative error (Frobenius) of LMF, of HMF with dense input
+    features (the op form), of gate HMF (dense gate rows, the lowering), and each gate's share
+    of the LMF error."""
+    from onnx import numpy_helper
+
+    from onnxhmf.factorize.recurrent import GATE_NAMES, GATES, gate_errors, gate_hmf, input_hmf, stack_inputs
+    from onnxhmf.factorize.svd import lmf
+
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    rows = []
+    for node in m.graph.node:
+        if node.op_type not in GATES:
+            continue
+        G = GATES[node.op_type]
+        for label, key in (("W", node.input[1]), ("R", node.input[2])):
+            A = numpy_helper.to_array(inits[key]).astype(np.float64)
+            M = stack_inputs(A)
+            blocks = A.shape[0] * G
+            for k in keeps:
+                budget = int(k * M.size)
+                f = lmf(M, budget // sum(M.shape))
+                ih = input_hmf(A, budget - M.shape[0])
+                gh = gate_hmf(M, budget - M.shape[1], blocks)
+                share = gate_errors(M, f.rank, blocks)
+                names = [f"{g}{d}" if A.shape[0] > 1 else g for d in range(A.shape[0]) for g in GATE_NAMES[node.op_type]]
+                rows.append((f"{node.op_type} {label} {M.shape[1]}x{M.shape[0]}", k, f"{f.relative_error:.4f}",
+                             f"{ih.relative_error:.4f} (k={ih.k})", f"{gh.factors.relative_error:.4f} (k={gh.factors.k}, {gh.label})",
+                             " ".join(f"{n}:{x:.0%}" for n, x in zip(names, share))))
+    table(f"{name}: factorization error of the recurrent matrices (Frobenius, same parameter budget)", rows,
+          ("matrix", "keep", "LMF", "HMF dense inputs", "HMF dense gate rows", "gate share of LMF error"))
+
+
+def gate_sensitivity(name: str, path: Path, fidelity, keep: float = 0.5) -> None:
+    """End-to-end effect of truncating one gate block at a time: the block (H rows of W or R,
+    per direction) replaced by its best rank-r fit, r = ⌊keep·rows·cols/(rows+cols)⌋, the rest
+    exact; the op is unchanged (weights edited in place)."""
+    from onnx import numpy_helper
+
+    from onnxhmf.factorize.recurrent import GATE_NAMES, GATES
+    from onnxhmf.factorize.svd import lmf
+
+    m = onnx.load(str(path))
+    node = next(n for n in m.graph.node if n.op_type in GATES)
+    names = GATE_NAMES[node.op_type]
+    rows = []
+    for label, key in (("W", node.input[1]), ("R", node.input[2])):
+        idx = next(i for i, t in enumerate(m.graph.initializer) if t.name == key)
+        orig = numpy_helper.to_array(m.graph.initializer[idx])
+        H = orig.shape[1] // len(names)
+        for g, gname in enumerate(names):
+            A = orig.copy()
+            for d in range(A.shape[0]):
+                blk = A[d, g * H:(g + 1) * H].astype(np.float64)
+                r = max(1, int(keep * blk.size / sum(blk.shape)))
+                f = lmf(blk, r)
+                A[d, g * H:(g + 1) * H] = (f.A @ f.B).astype(A.dtype)
+            m.graph.initializer[idx].CopyFrom(numpy_helper.from_array(A, key))
+            rows.append((f"{label} gate {gname}", r, f"{f.relative_error:.3f}", fidelity(session(m))))
+        m.graph.initializer[idx].CopyFrom(numpy_helper.from_array(orig, key))
+    table(f"{name}: one gate block at a time at keep {keep} (rank r), the rest exact", rows,
+          ("block", "rank", "block rel err", "fidelity"))
+    rows = []
+    from onnxhmf.factorize.hmf import hmf_fixed
+
+    for label, key in (("W", node.input[1]), ("R", node.input[2])):
+        idx = next(i for i, t in enumerate(m.graph.initializer) if t.name == key)
+        orig = numpy_helper.to_array(m.graph.initializer[idx])
+        GH, n = orig.shape[1:]
+        H = GH // len(names)
+        P = int(keep * GH * n)
+        for choice in ["lmf"] + list(names):
+            A = orig.copy()
+            for d in range(A.shape[0]):
+                blk = A[d].astype(np.float64)
+                if choice == "lmf":
+                    r = P // (GH + n)
+                    f = lmf(blk, r)
+                    A[d], err, params = f.A @ f.B, f.relative_error, f.params
+                else:
+                    g = names.index(choice)
+                    r = (P - H * n) // (GH - H + n)
+                    hf = hmf_fixed(blk, np.arange(g * H, (g + 1) * H), r, axis=0)
+                    A[d], err, params = hf.reconstruct(), hf.relative_error, hf.params
+            m.graph.initializer[idx].CopyFrom(numpy_helper.from_array(A.astype(orig.dtype), key))
+            rows.append((label, "LMF" if choice == "lmf" else f"gate {choice} dense", r, f"{params:,}", f"{err:.3f}",
+                         fidelity(session(m))))
+        m.graph.initializer[idx].CopyFrom(numpy_helper.from_array(orig, key))
+    table(f"{name}: HMF with one whole gate block dense vs LMF, same parameters (keep {keep} of the matrix)", rows,
+          ("matrix", "split", "rank", "params/dir", "rel err", "fidelity"))
+
+
 def g2p_calibration(n: int = 512) -> Calibration:
     ws = words(corpora.pydoc_topics_text(), n, seed=1)
     return Calibration([{"chars": G2P.encode(b)} for b in by_length(ws, 32)], source="pydoc words")
@@ -223,6 +321,9 @@ def run_g2p(name: str, tmp: Path, keeps, n_words: int) -> None:
     variants.update({k: v[0] for k, v in extra.items()})
     eight = [w for w in ws if len(w) == 8][:16]
     feeds = {"chars": G2P.encode(eight)}
+    analysis(name, src, keeps)
+    if name == "g2p":
+        gate_sensitivity(name, src, lambda sess: g2p_fidelity(sess, ref))
     bench_model(f"{name} ({len(ws)} Shakespeare words vs g2p-en numpy; latency: 16 words of 8 letters)",
                 variants, {k: v[1] for k, v in extra.items()}, lambda s: g2p_fidelity(s, ref), feeds)
 
@@ -238,6 +339,8 @@ def run_lm(tmp: Path, keeps) -> None:
     extra = hmf_variants(src, tmp, recurrent_w(src), lm_calibration(), keeps, None)
     variants.update({k: v[0] for k, v in extra.items()})
     feeds = {"ids": sh[:1, :128]}
+    analysis("lstm_lm", src, keeps)
+    gate_sensitivity("lstm_lm", src, fid)
     bench_model("lstm_lm (char LSTM; perplexity on 48 held-out windows of 128 chars; latency: 1x128 chars)",
                 variants, {k: v[1] for k, v in extra.items()}, fid, feeds)
     # the unrolled shape: the W/R MatMuls of every step, one weight each

@@ -228,3 +228,25 @@ def test_cli_lower_recurrent(tmp_path, capsys):
     out = onnx.load(dst)
     assert "Scan" in {n.op_type for n in out.graph.node} and "LSTM" not in {n.op_type for n in out.graph.node}
     assert "lstm→scan" in text
+
+
+def test_calibrated_pass_whitens_w_by_x_and_r_by_y():
+    from onnxhmf.calibration import Calibration
+
+    m = rnn_model("GRU", dirs=1, I=32, H=16)
+    rng = np.random.default_rng(5)
+    basis = rng.standard_normal((3, 32)).astype(np.float32)  # X lives in a 3-D subspace
+    cal = Calibration([{"X": (rng.standard_normal((6, 4, 3)) @ basis).astype(np.float32)} for _ in range(4)])
+    rp = RecurrentPass(keep=0.3, lower=True)
+    rp.calibrate(m, cal)
+    assert set(rp.grams) == {"X", "Y"} and rp.grams["X"].shape == (32, 32) and rp.grams["Y"].shape == (16, 16)
+    m2 = onnx.ModelProto.FromString(m.SerializeToString())
+    reps = {r.weight: r for r in rp.run(m2)}
+    assert "whitened by the Gram of Y" in reps["R"].detail
+    test = {"X": (rng.standard_normal((5, 2, 3)) @ basis).astype(np.float32)}
+    plain = onnx.ModelProto.FromString(m.SerializeToString())
+    plain_reps = {r.weight: r for r in RecurrentPass(keep=0.3, lower=True).run(plain)}
+    # rank 5 covers the 3-D input subspace: the (damped) output error is far below the Frobenius one
+    assert reps["W"].rel_error < 0.2 * plain_reps["W"].rel_error
+    err = lambda c: np.abs(_ort(c, test)[0] - _ort(m, test)[0]).max()  # noqa: E731
+    assert err(m2) < err(plain)

@@ -6,7 +6,8 @@ or dense input features plus a low-rank rest (``hmf``, see factorize/recurrent.p
 the fused kernel. ``lower=True`` (``--lower-recurrent``): the op becomes Scan with explicit
 MatMuls (graph/recurrent_scan.py), the input projection of both directions is one MatMul and
 each direction's h·Rᵀ another, each factorized with the same method and keep (``hmf`` = dense
-gate rows, gate_hmf); slower than the fused kernel on onnxruntime CPU (docs/recurrent.md).
+gate rows, gate_hmf); with calibration data R is whitened by the Gram of the op's Y (the states
+h_t, directions pooled). Off by default: see docs/recurrent.md for its latency.
 
 Same budget rules as FactorizePass: ``keep``·params per weight (or ``keeps[name]``), or
 ``rank`` for LMF; a weight whose factors would not save parameters stays dense. HMF is
@@ -127,15 +128,17 @@ class RecurrentPass:
                                             + (f"; {info['detail']}" if info["detail"] else "")))
         rprojs, infos = [], []
         sens = np.zeros(site.gates)
+        hgram = self.grams.get(site.node.output[0]) if site.node.output else None
         for d in range(site.dirs):
             parts = []
-            for T in r_parts(site, R[d]):
+            for j, T in enumerate(r_parts(site, R[d])):
                 amt, why_r = self.budget(site.R.name, *T.shape)
                 if why_r is None and self.selection.why_not(_Named(site.R.name, site)) is None:
-                    p, info = self._lowrank(T, amt, T.shape[1] // site.hidden, None)
+                    g = hgram if j == 0 else None  # GRU with linear_before_reset 0: R_h reads r⊙h, not h
+                    p, info = self._lowrank(T, amt, T.shape[1] // site.hidden, g)
                     infos.append(info)
                     if T.shape[1] == site.gates * site.hidden:
-                        sens += gate_errors(T, info["rank"], site.gates)
+                        sens += gate_errors(T, info["rank"], site.gates, g, damp=self.damp)
                 else:
                     p = Projection("dense", T=T)
                 parts.append(p)
@@ -153,6 +156,7 @@ class RecurrentPass:
                                  "params_after": sum(p.params for ps in rprojs for p in ps),
                                  "rel_error": _rel({"res": sum(i["res"] for i in infos), "tot": sum(i["tot"] for i in infos)}),
                                  "detail": "h·Rᵀ per direction in the Scan body"
+                                           + (", whitened by the Gram of Y (h_t)" if hgram is not None else "")
                                            + (f"; rank-r error by gate: {share}" if share else "")
                                            + "".join(f"; {i['detail']}" for i in infos[:1] if i["detail"])})
         return reps + [rrep]
@@ -165,7 +169,10 @@ class RecurrentPass:
         """Grams XᵀX of every recurrent op's input over ``calib`` (a calibration.Calibration)."""
         from ..capture import capture_stats
 
-        xs = [s.node.input[0] for s in self.sites(model) if self.why_not(s) is None]
+        sites = [s for s in self.sites(model) if self.why_not(s) is None]
+        xs = [s.node.input[0] for s in sites]
+        if self.lower:  # Y: the hidden states h_t that multiply R (directions pooled)
+            xs += [s.node.output[0] for s in sites if s.node.output and s.node.output[0]]
         if xs:
             self.grams = dict(capture_stats(model, calib, xs).grams)
 
