@@ -59,7 +59,7 @@ def reference_g2p():
         tokenize.TweetTokenizer = lambda: types.SimpleNamespace(tokenize=str.split)
         nltk.corpus, nltk.tokenize = corpus, tokenize
         sys.modules.update({"nltk": nltk, "nltk.corpus": corpus, "nltk.tokenize": tokenize})
-    if importlib.util.find_spec("inflect") is None and "inflect" not in sys.modules:  # number spelling only
+    if "inflect" not in sys.modules and importlib.util.find_spec("inflect") is None:  # number spelling only
         inflect = types.ModuleType("inflect")
         inflect.engine = lambda: types.SimpleNamespace(number_to_words=str)
         sys.modules["inflect"] = inflect
