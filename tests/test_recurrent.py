@@ -250,3 +250,17 @@ def test_calibrated_pass_whitens_w_by_x_and_r_by_y():
     assert reps["W"].rel_error < 0.2 * plain_reps["W"].rel_error
     err = lambda c: np.abs(_ort(c, test)[0] - _ort(m, test)[0]).max()  # noqa: E731
     assert err(m2) < err(plain)
+
+
+def test_shared_or_computed_w_is_not_rewritten():
+    m = rnn_model("GRU")
+    second = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y2"], name="gru1", hidden_size=16)
+    m.graph.node.append(second)
+    m.graph.output.append(onnx.helper.make_tensor_value_info("Y2", onnx.TensorProto.FLOAT, [None] * 4))
+    sites = find_recurrent_sites(GraphIndex(m))
+    assert len(sites) == 2 and all("also read by GRU" in s.skip_reason for s in sites)
+    reps = RecurrentPass(keep=0.5).run(m)
+    assert all(r.status == "skipped" for r in reps)
+    m2 = rnn_model("LSTM")
+    m2.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [1, 64, 24]))
+    assert find_recurrent_sites(GraphIndex(m2)) == []  # an overridable W is not a constant

@@ -41,6 +41,7 @@ __all__ = [
     "stack_inputs",
     "shared_input_lmf",
     "input_hmf",
+    "GateHMF",
     "gate_hmf",
     "gate_errors",
 ]

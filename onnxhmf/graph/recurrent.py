@@ -6,8 +6,9 @@ op gets W = U ``[dirs, G·H, r]``: it infers input_size from W's shape, so nothi
 (B, R, sequence_lens, initial states, every attribute, layout 0 or 1: the MatMul acts on the
 last axis, which is the feature axis in both layouts). The fused kernel is kept.
 
-The hybrid form (dense input features S, rank r for the rest) feeds the op
-Z = Concat(Gather(X, S, axis=-1), MatMul(Gather(X, R, axis=-1), Aᵀ... )) and W_d = [D_d | U_d].
+The hybrid form (dense input features S, rank r for the rest; an HMF with dense rows of the
+stacked M = [W_0ᵀ | …]) feeds the op Z = Concat(Gather(X, S, axis=-1), MatMul(Gather(X, R,
+axis=-1), A)) and W_d = [D_dᵀ | B_dᵀ].
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .edit import GraphEditor
-from .index import FLOAT_TYPES, GraphIndex, default_opset
+from .index import FLOAT_TYPES, GraphIndex
 from .recurrent import RecurrentSite, attr
 
 __all__ = ["Projection", "lowering_blocker", "lower_to_scan", "r_parts"]
@@ -241,7 +241,3 @@ def lower_to_scan(editor: GraphEditor, index: GraphIndex, site: RecurrentSite, w
     for ref in (site.W, site.R, site.B):
         if ref is not None:
             editor.remove_tensor(ref.name)
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    return default_opset(model)
