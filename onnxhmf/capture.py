@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 
 from .calibration import Calibration
+from .progress import no_progress
 
 __all__ = ["ActivationStats", "capture_stats", "session_with_outputs", "session", "masked_rows"]
 
@@ -85,7 +86,7 @@ def capture_stats(
     indices: dict[str, int] | None = None,
     *,
     reference: onnx.ModelProto | None = None,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    progress: Callable = no_progress,
 ) -> ActivationStats:
     """Grams XᵀX of ``activations`` and counts of ``indices`` (tensor -> table rows) over ``calib``.
 
@@ -97,7 +98,7 @@ def capture_stats(
     ref = session_with_outputs(reference, acts) if reference is not None and acts else None
     stats = ActivationStats()
     out_names = acts + list(indices)
-    for feeds in progress(calib.batches):
+    for feeds in progress(calib.batches, "capturing activations"):
         mask = feeds.get(calib.mask) if calib.mask else None
         values = sess.run(out_names, feeds)
         ref_values = ref.run(acts, feeds) if ref is not None else None

@@ -14,7 +14,6 @@ from onnxhmf.graph.index import GraphIndex
 from onnxhmf.graph.recurrent import find_recurrent_sites, rewrite_input_hybrid, rewrite_input_lowrank
 from onnxhmf.graph.recurrent_scan import Projection, lower_to_scan, lowering_blocker, r_parts
 from onnxhmf.passes.recurrent import RecurrentPass
-from onnxhmf.plan import plan_optimize
 from recurrent_graphs import feeds, rnn_model
 
 ATOL = 1e-5
@@ -199,20 +198,23 @@ def test_optimize_api_and_dry_run_list_recurrent_weights():
     assert rep.passed
     assert [(s.weight, s.status) for s in rep.sites] == [("W", "rewritten"), ("R", "skipped")]
     assert "--lower-recurrent" in rep.sites[1].reason
-    plan = plan_optimize(m, keep=0.5, lower_recurrent=True)
-    planned = {s.weight: s for s in plan.planned}
+    _, plan = onnxhmf.optimize(m, keep=0.5, lower_recurrent=True, dry_run=True)
+    planned = {d.weight: d for d in plan.decisions if d.changes}
     assert set(planned) == {"W", "R"} and planned["W"].params_after == planned["W"].rank * (32 + 96)
+    assert planned["W"].ops == "gru→scan" and "W" in plan.format() and "R" in plan.format()
     assert plan.params_after < plan.params_before
-    skipped = plan_optimize(m, keep=1.0)
-    assert not skipped.planned
+    _, kept = onnxhmf.optimize(m, keep=1.0, dry_run=True)
+    assert not [d for d in kept.decisions if d.changes]
+    _, fused = onnxhmf.optimize(m, keep=0.5, dry_run=True)
+    assert {d.weight: d.changes for d in fused.decisions} == {"W": True, "R": False}
 
 
 def test_prune_and_selection_skip_recurrent_weights():
     m = rnn_model("LSTM")
     reps = RecurrentPass(method="prune").run(onnx.ModelProto.FromString(m.SerializeToString()))
     assert reps[0].status == "skipped" and "not implemented" in reps[0].reason
-    from onnxhmf.passes.select import SiteSelection
-    reps = RecurrentPass(selection=SiteSelection(exclude=["^lstm0$"])).run(onnx.ModelProto.FromString(m.SerializeToString()))
+    from onnxhmf.options import Selection
+    reps = RecurrentPass(selection=Selection(exclude=("^lstm0$",))).run(onnx.ModelProto.FromString(m.SerializeToString()))
     assert reps[0].status == "skipped" and "exclude" in reps[0].reason
 
 
@@ -222,7 +224,8 @@ def test_cli_lower_recurrent(tmp_path, capsys):
     m = rnn_model("LSTM", dirs=2, I=32, H=16, low_rank=6)
     src, dst = tmp_path / "in.onnx", tmp_path / "out.onnx"
     onnx.save(m, src)
-    code = main(["optimize", str(src), str(dst), "--rank", "6", "--lower-recurrent", "--input-shapes", "X:5,2,32"])
+    code = main(["optimize", str(src), str(dst), "--rank", "6", "--lower-recurrent", "--input-shapes", "X:5,2,32",
+                 "--no-measure"])
     text = capsys.readouterr().out
     assert code == 0, text
     out = onnx.load(dst)

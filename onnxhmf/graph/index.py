@@ -123,3 +123,25 @@ class GraphIndex:
 
     def is_used_outside_main(self, name: str) -> bool:
         return name in self.in_subgraphs or name in self.graph_outputs
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements in all initializers and Constant tensors of the main graph."""
+    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return n
+
+
+def vocab_sizes(model: onnx.ModelProto) -> set[int]:
+    """Row counts of the constant 2-D tables Gather reads (≥ 100 rows): the vocabularies that
+    logits-like outputs end in."""
+    index = GraphIndex(model)
+    sizes = set()
+    for node in model.graph.node:
+        if node.op_type == "Gather":
+            ref = index.const(node.input[0])
+            if ref is not None and len(ref.dims) == 2 and ref.dims[0] >= 100:
+                sizes.add(ref.dims[0])
+    return sizes

@@ -29,12 +29,12 @@ from ..factorize.whiten import reconstruct_rank, whitened_spectrum
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import WeightGroup
-from .factorize import FactorizePass
+from ..progress import no_progress
+from .factorize import FactorizePass  # noqa: F401 (type of ``fpass``)
 
 __all__ = [
     "KEEP_GRID",
     "calibration_targets",
-    "candidate_groups",
     "measure_sensitivities",
     "plan_keeps",
     "output_loss",
@@ -44,12 +44,6 @@ __all__ = [
 
 KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # candidate keeps per site
 PROBE_KEEPS = (0.2, 0.5)  # where the end-to-end loss is measured
-
-
-def candidate_groups(fpass: FactorizePass, groups: list[WeightGroup]) -> list[WeightGroup]:
-    """Groups the pass may rewrite (selection, skip reasons and --embedding-method skip applied)."""
-    return [g for g in groups if g.skip_reason is None and fpass.selection.why_not(g) is None
-            and fpass.method_for(g) != "skip"]
 
 
 def calibration_targets(groups: list[WeightGroup]) -> tuple[list[str], dict[str, int]]:
@@ -149,7 +143,8 @@ def measure_sensitivities(
     grid: tuple[float, ...] = KEEP_GRID,
     probes: tuple[float, ...] = PROBE_KEEPS,
     max_tokens: int = 256,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    rank_multiple: int = 1,
+    progress: Callable = no_progress,
 ) -> dict[str, list[Option]]:
     """{group: [Option(params, loss, keep)]}, dense (keep 1, loss 0) included.
 
@@ -171,7 +166,7 @@ def measure_sensitivities(
     data = _merged(calib, max_tokens)
     refs = [sess.run(names, feeds) for feeds in data.batches]
     out: dict[str, list[Option]] = {}
-    for g in progress(targets):
+    for g in progress(targets, "measuring weights"):
         m, n = g.shape
         transposed = factor_orientation(g)
         T = index.array(g.ref)
@@ -182,7 +177,7 @@ def measure_sensitivities(
         rel = np.sqrt(tail / max(tail[0], 1e-300))
 
         def rank(keep: float) -> int:
-            return rank_for_keep(m, n, keep, fpass.rank_multiple)
+            return rank_for_keep(m, n, keep, rank_multiple)
 
         measured = []
         for keep in probes:
