@@ -167,7 +167,7 @@ def hmf_variants(src: Path, tmp: Path, include: list[str], calib: Calibration | 
                                       verify=False, **kw)
         onnx.save(model, str(dst))
         sites = "; ".join(f"{s.weight[-12:]}:{s.method} r{s.rank}" + (f" k{s.dense}" if s.dense else "") +
-                          f" e{s.rel_error:.3f}" for s in rep.rewritten)
+                          (f" e{s.rel_error:.3f}" if s.rel_error is not None else "") for s in rep.rewritten)
         out[name] = (dst, f"{sites} ({time.perf_counter() - t:.1f} s)")
     return out
 
