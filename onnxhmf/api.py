@@ -207,7 +207,9 @@ def _fill_report(report: Report, plan: Plan, built) -> None:
     report.planned = plan.to_dict()
     if not report.rewritten and not (plan.settings.get("quantize") or plan.planner == "mixed"):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
-        raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
+        from .graph.quantized import all_quantized_message
+
+        raise OnnxHmfError("no compressible weights: " + (all_quantized_message(report.sites) or "; ".join(reasons)[:300]))
 
 
 def _write(work: onnx.ModelProto, inp: _Input, report: Report, stage: OutputStage | None, save) -> object:

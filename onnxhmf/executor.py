@@ -45,6 +45,7 @@ class ExecContext:
     calibration: object = None
     token_freq: np.ndarray | None = None
     progress: Callable = field(default=no_progress)
+    cache: dict | None = None  # LMF factors by (weight, rank, orientation): a planner building many trials
 
 
 @dataclass
@@ -59,7 +60,7 @@ def factorizer(plan: Plan, ctx: ExecContext) -> FactorizePass:
     return FactorizePass(fold=bool(s.get("fold", True)) and not s.get("sequential"), seed=int(s.get("seed", 0)),
                          store=ctx.store, ae_options=dict(s.get("ae_options") or {}), stats=ctx.stats,
                          damp=float(s.get("damp", 0.01)), share_bases=bool(s.get("share_bases")),
-                         token_freq=None if ctx.token_freq is None else np.asarray(ctx.token_freq))
+                         token_freq=None if ctx.token_freq is None else np.asarray(ctx.token_freq), cache=ctx.cache)
 
 
 def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) -> Built:

@@ -117,8 +117,8 @@ class Report:
             lines.append(f"plan: {p['planned_bytes']:,} B planned ({p['fixed_bytes']:,} B outside the planned weights), "
                          f"file {p['bytes']:,} B" + (f" for a target of {p['target_size']:,} B" if p.get("target_size") else "")
                          + f"; loss predicted {p['predicted_loss']:.4f}, measured {p['heldout_loss']:.4f}; held-out "
-                         f"fidelity {p['heldout_fidelity']:.4f} on {p['heldout_samples']} samples; latency "
-                         f"{p['latency_ratio']:.2f}x the input's")
+                         f"fidelity {p['heldout_fidelity']:.4f} on {p['heldout_samples']} samples"
+                         + (f"; latency {p['latency_ratio']:.2f}x the input's" if p.get("latency_ratio") is not None else ""))
         elif rows:
             lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err", "detail"), rows)
         skipped = [s for s in self.sites if s.status != "rewritten"]

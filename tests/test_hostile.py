@@ -288,18 +288,25 @@ def loop_model(m=32):
     return graphs.model(nodes, [graphs.vi("X", ["batch", m])], [graphs.vi("Y", ["batch", m])], inits)
 
 
-def test_weight_read_in_subgraphs_left_untouched(tmp_path, capsys):
+def test_weight_read_in_subgraphs_is_rewritten(tmp_path, capsys):
+    """W read by a main-graph MatMul and inside a Loop body is one site, factorized once."""
     p = tmp_path / "in.onnx"
     onnx.save(loop_model(), p)
-    refused(capsys, p, tmp_path / "o.onnx", needle="If/Loop/Scan subgraph")
-    onnx.save(graphs.if_model(), p)  # W in the If branch, W2 in the main graph
     rep = tmp_path / "r.json"
-    code, _, err = cli(capsys, "optimize", p, tmp_path / "o.onnx", "--rank", "4", "--min-cosine", "0", "-q", "--report", rep)
+    code, _, err = cli(capsys, "optimize", p, tmp_path / "o.onnx", "--rank", "4", "--no-verify", "-q", "--report", rep)
+    assert code == 0, err
+    sites = json.loads(rep.read_text())["sites"]
+    assert [(s["weight"], s["status"], s["ops"], len(s["nodes"])) for s in sites] == [("W", "rewritten", "matmul", 2)]
+    out = onnx.load(tmp_path / "o.onnx")
+    assert "W" not in {t.name for t in out.graph.initializer}
+    body = next(n for n in out.graph.node if n.op_type == "Loop").attribute[0].g
+    assert [n.op_type for n in body.node].count("MatMul") == 2
+    onnx.save(graphs.if_model(), p)  # W in the If branch, W2 in the main graph
+    code, _, err = cli(capsys, "optimize", p, tmp_path / "o.onnx", "--rank", "4", "--no-verify", "-q", "--report", rep,
+                       "--force")
     assert code == 0, err
     sites = {s["weight"]: s for s in json.loads(rep.read_text())["sites"]}
-    assert sites["W2"]["status"] == "rewritten" and "W" not in sites  # W has no main-graph use at all
-    out = {t.name: t for t in onnx.load(tmp_path / "o.onnx").graph.initializer}
-    assert out["W"] == next(t for t in onnx.load(p).graph.initializer if t.name == "W")
+    assert sites["W2"]["status"] == "rewritten" and sites["W"]["status"] == "rewritten"
 
 
 def custom_model(reads_weight):

@@ -174,7 +174,7 @@ def test_plan_respects_the_budget_and_reports_its_fidelity(tmodel, calib_npz, tm
     cal = load_calibration(calib_npz, tmodel, samples=256)
     _, held = cal.split(0.25)
     assert fidelity(model, reference_outputs(tmodel, held), held) == pytest.approx(rep.plan["heldout_fidelity"], abs=1e-5)
-    assert rep.plan["latency_ratio"] > 0
+    assert rep.plan["latency_ratio"] is None  # measured only for --max-latency-ratio
     meta = json.loads({p.key: p.value for p in model.metadata_props}["onnxhmf"])
     assert meta["plan"] == {"target_size": target}
 

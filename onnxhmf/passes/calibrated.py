@@ -26,6 +26,7 @@ from ..capture import masked_rows, session
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..factorize.whiten import reconstruct_rank, whitened_spectrum
+from ..graph.expose import lift_initializers
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import WeightGroup
@@ -94,6 +95,8 @@ def reference_outputs(model: onnx.ModelProto, calib: Calibration) -> list[list[n
 def _merged(calib: Calibration, max_tokens: int) -> Calibration:
     """About ``max_tokens`` real tokens as one batch (one run per trial). With a mask, the rows
     are sentences of similar length around the median, so little of the batch is padding."""
+    if any(np.ndim(v) == 0 for b in calib.batches for v in b.values()):  # a scalar input (a sample rate):
+        return Calibration(calib.batches, calib.mask, calib.source)  # rows cannot be pooled across batches
     rows = [{k: v[i : i + 1] for k, v in b.items()} for b in calib.batches for i in range(next(iter(b.values())).shape[0])]
     if not calib.mask:
         n = max(1, max_tokens // max(1, int(np.prod(next(iter(rows[0].values())).shape[1:2]))))
@@ -158,6 +161,8 @@ def measure_sensitivities(
     probe.CopyFrom(model)
     have = {i.name for i in probe.graph.input}
     targets = [g for g in groups if g.ref.kind == "initializer"]
+    lifted = set(lift_initializers(probe, [g.ref for g in targets if g.ref.scope]))  # a body's own can't be fed
+    targets = [g for g in targets if not g.ref.scope or g.ref.name in lifted]  # (the rest get the uniform keep)
     for g in targets:
         if g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
@@ -171,7 +176,7 @@ def measure_sensitivities(
         transposed = factor_orientation(g)
         T = index.array(g.ref)
         rows, cols, _ = fpass.sides(g, transposed)
-        spec = whitened_spectrum(T.T if transposed else T, rows, cols, damp=fpass.damp)
+        spec = whitened_spectrum(T.T if transposed else T, fpass.whitened(rows), fpass.whitened(cols), damp=fpass.damp)
         s2 = spec[1] ** 2
         tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
         rel = np.sqrt(tail / max(tail[0], 1e-300))

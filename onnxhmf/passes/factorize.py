@@ -40,6 +40,7 @@ from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
+from ..graph.quantized import quantized_summary
 from ..graph.sites import WeightGroup, find_weight_groups
 from ..progress import no_progress
 from ..report import SiteReport
@@ -69,6 +70,7 @@ class FactorizePass:
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
     token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     share_bases: bool = False  # LMF weights reading one activation share their first factor
+    cache: dict | None = None  # (weight, rank, orientation) -> LMF factors, shared by a planner's trial builds
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
     # -- the pass -------------------------------------------------------------------------
@@ -110,9 +112,40 @@ class FactorizePass:
         self._editor.commit()
         for rep in reports:
             rep.planned = planned.get(rep.weight, rep.planned)
+        self._control_flow_notes(groups, reports)
         order = {g.name: i for i, g in enumerate(groups)}
         reports.sort(key=lambda s: order[s.weight])
         return reports
+
+    def _control_flow_notes(self, groups: list[WeightGroup], reports: list[SiteReport]) -> None:
+        """Say which rewritten sites were fitted unwhitened (activations inside a body), and
+        what came already quantized."""
+        by_name = {g.name: g for g in groups}
+        for rep in reports:
+            g = by_name[rep.weight]
+            if rep.status != "rewritten":
+                continue
+            where = _where(g)
+            if where:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + where
+            why = self._uncaptured(g)
+            if why:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + f"not whitened: {why}"
+        note = quantized_summary(groups, {r.weight for r in reports if r.status == "rewritten"})
+        if note:
+            self.notes.append(note)
+
+    def _uncaptured(self, group: WeightGroup) -> str | None:
+        """Why calibration has no statistics for one of the group's uses (an activation inside
+        an If/Loop/Scan body), or None."""
+        missing = getattr(self.stats, "uncaptured", None)
+        if not missing:
+            return None
+        for u in group.uses:
+            t = u.node.input[1] if u.kind == "gather" else u.node.input[0]
+            if t in missing:
+                return f"{t!r} {missing[t]}"
+        return None
 
     def _weight(self, group: WeightGroup, transposed: bool) -> np.ndarray:
         W = self._index.array(group.ref)
@@ -178,7 +211,7 @@ class FactorizePass:
         multiply F (rows) or Fᵀ (cols, a tied head), token weights for Gather uses; and the
         activation whose sequential cross term applies (or None)."""
         st = self.stats
-        if st is None:
+        if st is None or self._uncaptured(group):
             return None, None, None
         rows = cols = None
         acts = []
@@ -200,6 +233,17 @@ class FactorizePass:
         seq = acts[0] if len(set(acts)) == 1 and cols is None and acts[0] in st.cross else None
         return rows, cols, seq
 
+    def whitened(self, gram):
+        """The Whitener of a Gram matrix (or weight vector) from ``sides``, computed once per
+        array (Q, K and V read one activation: one eigendecomposition)."""
+        if gram is None:
+            return None
+        memo = self.__dict__.setdefault("_whiteners", {})
+        hit = memo.get(id(gram))
+        if hit is None or hit[0] is not gram:
+            hit = memo[id(gram)] = (gram, whitener(gram, self.damp))
+        return hit[1]
+
     def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
         rows, cols, seq = self.sides(group, transposed)
         if rows is None and cols is None:
@@ -207,11 +251,18 @@ class FactorizePass:
         if seq is not None:
             W = sequential_target(W, rows, self.stats.cross[seq], damp=self.damp)
         what = "sequential" if seq is not None else "whitened"
-        return weighted_lmf(W, r, rows, cols, damp=self.damp, seed=self.seed), what
+        return weighted_lmf(W, r, self.whitened(rows), self.whitened(cols), damp=self.damp, seed=self.seed), what
 
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
-        f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+        key = (group.name, r, transposed)
+        cacheable = self.cache is not None and group.name not in self._pending
+        if cacheable and key in self.cache:
+            f, how = self.cache[key]
+        else:
+            f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+            if cacheable:
+                self.cache[key] = (f, how)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
                        rel_error=f.relative_error, detail=f"{how}: error is of the layer output" if how else "")
@@ -344,6 +395,8 @@ class FactorizePass:
 
     def _apply_ae(self, group: WeightGroup, budget: int) -> SiteReport:
         """Embedding autoencoder (factorize/autoencoder.py): codes + decoder within the budget."""
+        if group.ref.scope or any(u.scope for u in group.uses):
+            return _report(group, status="skipped", reason="AE: not supported for tables in or read inside If/Loop/Scan bodies")
         E = self._weight(group, False)
         V, d = E.shape
         opts = dict(self.ae_options)
@@ -368,6 +421,17 @@ class FactorizePass:
         detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
                   f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
         return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
+
+
+def _where(group: WeightGroup) -> str:
+    """Where a weight that involves an If/Loop/Scan body lives and is read ("" for main-graph only)."""
+    scopes = list(dict.fromkeys(u.scope for u in group.uses))
+    if not group.ref.scope and scopes == [""]:
+        return ""
+    name = lambda s: f"body {s!r}" if s else "the main graph"  # noqa: E731
+    if scopes == [group.ref.scope]:
+        return f"in {name(group.ref.scope)}"
+    return f"read in {', '.join(name(s) for s in scopes)}; factors in {name(group.ref.scope)}"
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):

@@ -139,13 +139,14 @@ def _search_keep(model, plan: Plan, options, sens, shapes, c: Calibrated, taken)
     target = options.budget.min_fidelity
     refs = reference_outputs(model, c.held)
     groups = find_weight_groups(GraphIndex(model))
+    cache: dict = {}  # LMF factors shared by the trials
 
     def trial(k: float):
         m = onnx.ModelProto()
         m.CopyFrom(model)
         p = Plan(decisions_for(groups, options, plan_keeps(sens, shapes, k), DENSE_BY_ALLOCATION, taken),
                  plan.settings, plan.planner)
-        built = execute(m, p, ExecContext(stats=c.stats))
+        built = execute(m, p, ExecContext(stats=c.stats, cache=cache))
         return fidelity(built.model, refs, c.held), built
 
     lo, hi, best, best_built = 0.0, 1.0, 1.0, None

@@ -74,6 +74,7 @@ class Planner:
     rank_multiple: int = 1
     select: object = None  # the Options (selection) the candidates came from
     finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
+    cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
 
     @property
     def held(self):
@@ -115,7 +116,7 @@ class Planner:
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]):
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats))
+        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats, cache=self.cache))
         if self.finish is not None:
             self.finish(built.model, self.settings)
         return built
@@ -140,11 +141,13 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep))."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress)
+    by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
     uses = weight_nodes(work)
     probe = onnx.ModelProto()
     probe.CopyFrom(work)
     have = {i.name for i in probe.graph.input}
+    sens = {n: o for n, o in sens.items() if not by_name[n].ref.scope}  # a body's own weights: not planned (dense)
     for g in groups:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
@@ -273,8 +276,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     t = time.perf_counter()
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
-    ratio = latency_ratio(work, res.built.model, c.held)
     limit = options.budget.plan.get("max_latency_ratio")
+    ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
     fast_only = False
     if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in res.choice.values()):
         # weight-only int8 runs at float speed: plan again without it
@@ -396,7 +399,7 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
             "bytes": res.size, "predicted_loss": round(sum(o.error for o in choice.values()), 6),
             "heldout_loss": round(res.loss, 6), "heldout_fidelity": round(res.fidelity, 5),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
-            "latency_ratio": round(ratio, 3), "trials": search.tried, "sites": rows}
+            "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
     if fast_only:
         info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
     return info
