@@ -108,6 +108,10 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         from .planners.uniform import uniform_plan
 
         planned, cal = Planned(uniform_plan(work, options)), None
+    if options.plan_file is None and options.budget.plan is None and planned.built is None:
+        from .passes.recurrent import recurrent_decisions  # LSTM/GRU/RNN W and R
+
+        planned.plan.decisions += recurrent_decisions(work, options)
     planned.plan.bytes_before = bytes_before
     planned.plan.params_before = count_params(work)
     if planned.plan.settings.get("quantize") == "int8":

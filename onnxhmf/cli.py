@@ -100,8 +100,12 @@ _METHODS = _Group("How weights are stored", [
        help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that lowers the "
             "predicted error at the same size."),
     _o("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD."),
+    _o("--lower-recurrent", is_flag=True,
+       help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
+            "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
-              "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"]})
+              "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"],
+              "lower_recurrent": p["lower_recurrent"]})
 
 _CALIBRATION = _Group("Calibration data", [
     _o("--calib", type=click.Path(path_type=Path), default=None,

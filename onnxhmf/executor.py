@@ -74,6 +74,9 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     else:
         sites = fpass.run(model, plan.by_weight, ctx.progress)
     notes += fpass.notes
+    from .passes.recurrent import apply_recurrent  # LSTM/GRU/RNN decisions
+
+    sites += apply_recurrent(model, plan, ctx)
     storage = [d.weight for d in plan.with_treatment("storage-ae")]
     if storage:
         sites = _storage_ae(model, plan, storage, sites)

@@ -101,6 +101,7 @@ class Methods:
     ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields
     storage_ae: dict | None = None  # StorageAEPass fields: include, keep, options
     quantize: str | None = None
+    lower_recurrent: bool = False  # LSTM/GRU/RNN lowered to Scan so R is factorized too (passes/recurrent.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -156,7 +157,7 @@ _GROUPS = {
     "selection": (Selection, {"include", "exclude", "min_params"}),
     "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
-                          "ae_options", "storage_ae", "quantize"}),
+                          "ae_options", "storage_ae", "quantize", "lower_recurrent"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "measure",
@@ -253,4 +254,5 @@ class Options:
             "share_bases": m.share_bases or None, "min_fidelity": b.min_fidelity, "quantize": m.quantize,
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
             "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
+            "lower_recurrent": m.lower_recurrent or None,
         }

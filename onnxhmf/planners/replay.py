@@ -29,6 +29,9 @@ def check_plan(plan: Plan, model: onnx.ModelProto) -> None:
     a treatment the weight cannot take, a weight named twice."""
     index = GraphIndex(model)
     groups = {g.name: g for g in find_weight_groups(index)}
+    from ..passes.recurrent import recurrent_groups  # LSTM/GRU/RNN W and R
+
+    groups.update({g.name: g for g in recurrent_groups(model, bool(plan.settings.get("lower_recurrent")))})
     seen = set()
     for d in plan.decisions:
         if d.weight in seen:
