@@ -108,7 +108,8 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         from .planners.uniform import uniform_plan
 
         planned, cal = Planned(uniform_plan(work, options)), None
-    if options.plan_file is None and options.budget.plan is None and planned.built is None:
+    if options.plan_file is None and options.budget.plan is None and options.budget.fidelity is None \
+            and planned.built is None:
         from .passes.recurrent import recurrent_decisions  # LSTM/GRU/RNN W and R
 
         planned.plan.decisions += recurrent_decisions(work, options)
