@@ -5,6 +5,7 @@ Every error is one line on stderr: exit 2 for bad input or options, 1 for failed
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -202,15 +203,22 @@ def _grouped(f):
 
 
 @cli.command(cls=_GroupedCommand)
-@click.argument("input_model", type=click.Path(dir_okay=False, path_type=Path))
-@click.argument("output_model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("input_model", type=click.Path(path_type=Path))
+@click.argument("output_model", type=click.Path(path_type=Path))
 @_grouped
 def optimize(input_model, output_model, **p):
-    """Compress INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
+    """Compress INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL.
+
+    INPUT_MODEL may be a folder as exporters write it (model.onnx, or encoder/decoder files, with
+    tokenizer.json and config.json): then OUTPUT_MODEL is a folder too, with every model optimized
+    and the tokenizer and config files copied.
+    """
     kwargs = {}
     for group in OPTIMIZE_GROUPS:
         kwargs.update(group.build(p))
     kwargs["progress"] = _progress(p["quiet"])
+    if input_model.is_dir():
+        return _optimize_folder(input_model, output_model, p, kwargs)
     for path in (p["report_path"], p["save_plan"]):
         if path is not None:
             check_output_path(path, force=True, inputs=(input_model,))
@@ -297,6 +305,40 @@ def _budget(p: dict) -> dict:
         raise click.UsageError("--plan-file applies a saved plan: give it without --plan auto")
     return {"keep": keep, "rank": rank, "rank_multiple": p["rank_multiple"], "allocation": p["allocation"],
             "min_fidelity": p["min_fidelity"], "plan": plan, "plan_file": p["plan_file"]}
+
+
+def _optimize_folder(src: Path, out: Path, p: dict, kwargs: dict) -> None:
+    """Every model of an exporter's folder, then the tokenizer/config files. A new out folder is
+    built beside it under a temporary name and renamed into place only when every model passed."""
+    import shutil
+    import tempfile
+
+    from .folder import copy_folder_files, plan_folder
+
+    if p["report_path"] or p["save_plan"] or p["dry_run"] or p["plan_file"]:
+        raise click.UsageError("a folder input takes no --report, --save-plan, --plan-file or --dry-run (give one model)")
+    overwrite = p["force"] or p["overwrite"]
+    plan = plan_folder(src, out, overwrite=overwrite)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".onnxhmf-tmp", dir=out.parent)) if plan.create_out else None
+    try:
+        target = plan if stage is None else plan_folder(src, stage / "out", overwrite=False)
+        for m in target.models:
+            m.dst.parent.mkdir(parents=True, exist_ok=True)
+            if not p["quiet"]:
+                click.echo(f"== {m.src} ({m.role})")
+            report = optimize_file(m.src, m.dst, force=overwrite, force_on_failure=p["force"] or p["write_unverified"],
+                                   save_external_data=p["save_external_data"],
+                                   external_data_size_threshold=p["external_data_size_threshold"], **kwargs)
+            if not p["quiet"]:
+                click.echo(report.format())
+        copy_folder_files(target, overwrite=overwrite)
+        if stage is not None:
+            os.replace(stage / "out", out)
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+    if not p["quiet"]:
+        click.echo(f"wrote {out}: {len(plan.models)} model(s), {len(plan.copies)} file(s) copied")
 
 
 def next_command(input_model, output_model, p: dict) -> str:
