@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..factorize.pivot import pivoted_params, pivoted_rank_for_budget
+from ..factorize.svd import rank_for_keep, round_rank
 from .edit import GraphEditor
 from .hybrid import Factors, _gemm_tail, drop_old_weight
 from .index import default_opset
 from .sites import Use, WeightGroup
 
-__all__ = ["rewrite_pivoted", "rewrite_shared_pivoted"]
+__all__ = ["rewrite_pivoted", "rewrite_shared_pivoted", "PivotCosts"]
 
 
 class _Emit:
@@ -233,3 +235,67 @@ def rewrite_shared_pivoted(editor: GraphEditor, groups: list[WeightGroup], pf, w
         drop_old_weight(editor, g)
         stored[i] += fi.stored - before
     return stored
+
+
+class PivotCosts:
+    """What pivoted storage costs for each weight group of one model, before any rewrite:
+    r(m+n−r) plus the int32 index maps, n for the output permutation of uses reading F unless
+    it folds into their consumers (fold.py, predicted on the graph as the executor does it) and
+    n for the input gathers of uses reading Fᵀ (a tied head), plus shape constants at old opsets.
+    ``pivot`` False: A·B everywhere (r(m+n))."""
+
+    def __init__(self, index, groups, *, fold: bool = True, pivot: bool = True):
+        self.index, self.fold, self.pivot = index, fold, pivot
+        self.by_node = {id(u.node): g for g in groups for u in g.uses}
+        self.opset = default_opset(index.model)
+
+    def folds(self, group: WeightGroup) -> bool:
+        """Every use reading F is a MatMul whose output permutation folds into consumers we may permute."""
+        from .fold import plan_fold
+        from .rewrite import factor_orientation
+
+        if not self.fold:
+            return False
+        transposed = factor_orientation(group)
+        n = group.shape[0] if transposed else group.shape[1]
+        uses = [u for u in group.uses if u.transposed == transposed]
+        for u in uses:
+            plan = plan_fold(self.index, u.node.output[0], n) if u.kind == "matmul" else None
+            if plan is None:
+                return False
+            for g in (self.by_node.get(id(t)) for t in plan.terminals):
+                if not (g is not None and g.skip_reason is None and len(g.uses) == 1 and g.uses[0].kind == "matmul"
+                        and not g.uses[0].transposed and g.ref.kind == "initializer" and g.name != group.name):
+                    return False
+        return bool(uses)
+
+    def map_cost(self, group: WeightGroup) -> int:
+        from .rewrite import factor_orientation
+
+        transposed = factor_orientation(group)
+        n = group.shape[0] if transposed else group.shape[1]
+        sees = {u.transposed == transposed for u in group.uses}
+        cost = 0
+        if False in sees:  # input gathers; shape constants below opset 15 (Slice) and 11 (Reshape)
+            cost += n + (3 if self.opset < 15 else 0) + (2 if self.opset < 11 else 0)
+        if True in sees and not self.folds(group):
+            cost += n + (2 if self.opset < 11 else 0)
+        return cost
+
+    def stores_pivoted(self, group: WeightGroup, r: int) -> bool:
+        """Pivoted is smaller than A·B at rank r: r² > its index maps."""
+        return self.pivot and r * r > self.map_cost(group)
+
+    def cost(self, group: WeightGroup, r: int) -> int:
+        m, n = group.shape
+        return pivoted_params(m, n, r) + self.map_cost(group) if self.stores_pivoted(group, r) else r * (m + n)
+
+    def rank(self, group: WeightGroup, keep: float, multiple: int = 1) -> int:
+        """The larger of the pivoted rank (maps included) and A·B's rank for ``keep``."""
+        m, n = group.shape
+        r_ab = rank_for_keep(m, n, keep, multiple)
+        if not self.pivot:
+            return r_ab
+        r = pivoted_rank_for_budget(m, n, int(np.floor(keep * m * n + 1e-6)) - self.map_cost(group))
+        r = round_rank(r, multiple) if r >= multiple else 0
+        return max(r, r_ab)

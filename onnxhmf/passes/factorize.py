@@ -1,11 +1,12 @@
-"""The factorization pass: pick each weight group's method and budget, factorize, rewrite.
+"""The executor's factorization step: apply a plan's lmf/hmf/prune/ae decisions, rewrite.
 
-Methods for linear sites (MatMul/Gemm weights): ``lmf`` (truncated SVD), ``hmf`` (hybrid:
-dense columns or rows plus a low-rank rest), ``prune`` (magnitude pruning, stored dense
-with zeros, the baseline). Embedding tables (groups with a Gather use) follow the same
-method unless ``embedding_method`` says otherwise (``svd`` = lmf, ``hmf``, ``prune``,
-``skip``). The budget is ``keep``·m·n parameters per group, index maps included, or the
-group's own keep from ``keeps`` (a measured allocation; 1 keeps it dense).
+Treatments for linear sites (MatMul/Gemm weights): ``lmf`` (truncated SVD at the decision's
+rank), ``hmf`` (hybrid: dense columns or rows plus a low-rank rest, within the decision's
+parameter budget, index maps included), ``prune`` (magnitude pruning, stored dense with zeros,
+the baseline). Embedding tables (groups with a Gather use) get embedding HMF (dense rows of
+frequent tokens) and ``ae`` (an autoencoder). HMF falls back to plain LMF at the same budget
+where that fits better (reported as lmf). The cross-weight state lives here too: HMF column
+permutations folded into the next weights, shared first factors (``share_bases``).
 
 With calibration ``stats`` (see capture.py) the factorizations are data-aware: each side of
 a weight is weighted by the Gram matrix of the activations that multiply it, and an embedding
@@ -23,9 +24,9 @@ import onnx
 
 from ..factorize.autoencoder import EmbeddingAEConfig, embedding_ae_rank, frequency_weights, train_embedding_ae
 from ..factorize.hmf import hmf, hmf_fixed
-from ..factorize.pivot import pivot_factors, pivot_hybrid, pivoted_params, pivoted_rank_for_budget
+from ..factorize.pivot import pivot_factors, pivot_hybrid, pivoted_rank_for_budget
 from ..factorize.prune import magnitude_prune
-from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
+from ..factorize.svd import lmf
 from ..graph.autoencoder import rewrite_embedding_ae
 from ..factorize.whiten import (
     DEFAULT_DAMP,
@@ -39,17 +40,15 @@ from ..factorize.whiten import (
 from ..graph.edit import GraphEditor
 from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
-from ..graph.index import GraphIndex, default_opset
-from ..graph.pivot import rewrite_pivoted, rewrite_shared_pivoted
+from ..graph.index import GraphIndex
+from ..graph.pivot import PivotCosts, rewrite_pivoted, rewrite_shared_pivoted
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
+from ..graph.quantized import quantized_summary
 from ..graph.sites import WeightGroup, find_weight_groups
+from ..progress import no_progress
 from ..report import SiteReport
-from .select import SiteSelection
 
-__all__ = ["FactorizePass", "METHODS", "EMBEDDING_METHODS"]
-
-METHODS = ("lmf", "hmf", "prune")
-EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip", "ae")
+__all__ = ["FactorizePass"]
 
 
 def _report(group: WeightGroup, **kw) -> SiteReport:
@@ -59,91 +58,29 @@ def _report(group: WeightGroup, **kw) -> SiteReport:
 
 @dataclass
 class FactorizePass:
-    method: str = "lmf"
-    embedding_method: str | None = None
-    keep: float | None = 0.75
-    rank: int | None = None
-    rank_multiple: int = 1
-    selection: SiteSelection = field(default_factory=SiteSelection)
-    token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
+    """The factorization step of the executor: applies a plan's lmf/hmf/prune/ae decisions.
+
+    Holds how weights are factorized (seed, whitening statistics and damping, folding, shared
+    bases, AE options); what to do to each weight comes from the decisions given to ``run``.
+    """
+
     fold: bool = True
     seed: int = 0
     store: object = None  # onnxhmf.external.TensorStore: lazy weights, factors spilled to disk
-    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for embedding_method "ae"
+    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for the "ae" treatment
     stats: object | None = None  # capture.ActivationStats: data-aware factorization
     damp: float = DEFAULT_DAMP
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
-    keeps: dict[str, float] | None = None  # per-group keep (allocation); ≥ 1 keeps it dense
-    only: set[str] | None = None  # touch only these groups (sequential stages); others unreported
+    token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     share_bases: bool = False  # LMF weights reading one activation share their first factor
-    pivot: bool = True  # store low-rank results pivoted (W_p, C: r(m+n−r)); False keeps A·B
-    pivot_groups: dict[str, bool] | None = None  # per-group override of ``pivot`` (the mixed planner)
+    cache: dict | None = None  # (weight, rank, orientation) -> LMF factors, shared by a planner's trial builds
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
-            raise ValueError(f"embedding method must be one of {', '.join(EMBEDDING_METHODS)}, got {self.embedding_method!r}")
-        if self.rank is None and self.keep is None:
-            raise ValueError("give keep or rank")
-        if self.keep is not None and not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.rank is not None and self.method != "lmf":
-            raise ValueError("--rank is only for --method lmf; use --keep")
-        if self.embedding_method == "ae":
-            if self.keep is None:
-                raise ValueError("--embedding-method ae needs --keep, not --rank")
-            try:
-                EmbeddingAEConfig(rank=1, **self.ae_options)
-            except TypeError as e:
-                raise ValueError(f"bad AE option: {e}") from None
-        if self.rank_multiple < 1:
-            raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
-
-    def method_for(self, group: WeightGroup) -> str:
-        if any(u.kind == "gather" for u in group.uses):
-            m = self.embedding_method or ("svd" if self.method == "lmf" else self.method)
-            return "lmf" if m == "svd" else m
-        return self.method
-
-    # -- planning -------------------------------------------------------------------------
-    def plan(self, group: WeightGroup, method: str) -> tuple[int, str | None]:
-        """(rank for lmf, or parameter budget otherwise), or (0, reason to skip)."""
-        m, n = group.shape
-        if method == "skip":
-            return 0, "--embedding-method skip"
-        keep = self.keep
-        if self.keeps is not None and group.name in self.keeps:
-            keep = self.keeps[group.name]
-            if keep >= 1.0:
-                return 0, "the measured allocation keeps it dense"
-        elif keep is not None and keep >= 1.0 and self.rank is None:
-            return 0, "--keep 1 keeps every weight dense"
-        if method == "lmf" and self.pivots(group):
-            return self._plan_pivoted(group, keep)
-        if method == "lmf":
-            limit = breakeven_rank(m, n)
-            if self.rank is not None:
-                r = round_rank(min(self.rank, min(m, n)), self.rank_multiple)
-            else:
-                r = rank_for_keep(m, n, keep, self.rank_multiple)
-            if r < 1:
-                return 0, f"keep {keep:.3g} leaves rank 0 (break-even rank {limit})"
-            if lmf_params(m, n, r) >= m * n:
-                return 0, f"rank {r} would not save parameters (break-even rank {limit})"
-            return r, None
-        budget = int(np.floor(keep * m * n + 1e-9))
-        if budget >= m * n:
-            return 0, f"keep {keep:.3g} saves nothing"
-        if budget < 1:
-            return 0, f"keep {keep:.3g} leaves nothing"
-        return budget, None
-
     # -- the pass -------------------------------------------------------------------------
-    def run(self, model: onnx.ModelProto, progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[SiteReport]:
+    def run(self, model: onnx.ModelProto, decisions: dict, progress: Callable = no_progress
+            ) -> list[SiteReport]:
+        """Apply ``decisions`` ({weight: plan.Decision}) to ``model`` in place. Groups without a
+        decision are untouched and unreported; dense decisions are reported as skipped."""
         index = GraphIndex(model, self.store)
         groups = find_weight_groups(index)
         self._index, self._editor = index, GraphEditor(model, self.store)
@@ -151,24 +88,24 @@ class FactorizePass:
         self._pending: dict[str, np.ndarray] = {}  # group name -> row permutation to apply
         self._done: set[str] = set()
         reports: list[SiteReport] = []
-        todo = []
-        if self.only is not None:
-            groups = [g for g in groups if g.name in self.only]
+        todo, planned = [], {}
+        self._pivot = {n: bool(getattr(d, "pivot", False)) for n, d in decisions.items()}  # pivoted storage
         for group in groups:
-            method = self.method_for(group)
-            reason = group.skip_reason or self.selection.why_not(group)
-            plan = 0
-            if reason is None:
-                plan, reason = self.plan(group, method)
-            if reason is not None:
-                reports.append(_report(group, status="skipped", reason=reason))
-            else:
-                todo.append((group, method, plan))
+            d = decisions.get(group.name)
+            if d is None:
+                continue
+            factor = d.spec.factor
+            if factor is None:
+                if d.treatment == "dense":
+                    reports.append(_report(group, status="skipped", reason=d.reason))
+                continue
+            todo.append((group, factor, d.rank if factor == "lmf" else d.budget))
+            planned[group.name] = d.treatment
         if self.share_bases:
             todo = self._shared(todo, reports)
         self._todo = {g.name for g, _, _ in todo}
-        for group, method, plan in progress(todo):
-            rep = getattr(self, f"_apply_{method}")(group, plan)
+        for group, method, amount in progress(todo, "factorizing weights"):
+            rep = getattr(self, f"_apply_{method}")(group, amount)
             reports.append(rep)
             if rep.status == "rewritten":
                 self._done.add(group.name)
@@ -178,9 +115,42 @@ class FactorizePass:
                 rewrite_dense(self._editor, group, index.array(group.ref)[perm])
         self._pending = {}  # (sides() permutes a folded weight's Gram only during the run)
         self._editor.commit()
+        for rep in reports:
+            rep.planned = planned.get(rep.weight, rep.planned)
+        self._control_flow_notes(groups, reports)
         order = {g.name: i for i, g in enumerate(groups)}
         reports.sort(key=lambda s: order[s.weight])
         return reports
+
+    def _control_flow_notes(self, groups: list[WeightGroup], reports: list[SiteReport]) -> None:
+        """Say which rewritten sites were fitted unwhitened (activations inside a body), and
+        what came already quantized."""
+        by_name = {g.name: g for g in groups}
+        for rep in reports:
+            g = by_name[rep.weight]
+            if rep.status != "rewritten":
+                continue
+            where = _where(g)
+            if where:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + where
+            why = self._uncaptured(g)
+            if why:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + f"not whitened: {why}"
+        note = quantized_summary(groups, {r.weight for r in reports if r.status == "rewritten"})
+        if note:
+            self.notes.append(note)
+
+    def _uncaptured(self, group: WeightGroup) -> str | None:
+        """Why calibration has no statistics for one of the group's uses (an activation inside
+        an If/Loop/Scan body), or None."""
+        missing = getattr(self.stats, "uncaptured", None)
+        if not missing:
+            return None
+        for u in group.uses:
+            t = u.node.input[1] if u.kind == "gather" else u.node.input[0]
+            if t in missing:
+                return f"{t!r} {missing[t]}"
+        return None
 
     def _weight(self, group: WeightGroup, transposed: bool) -> np.ndarray:
         W = self._index.array(group.ref)
@@ -206,7 +176,8 @@ class FactorizePass:
                 continue
             groups = [g for g, _, _ in items]
             m = groups[0].shape[0]
-            budget = sum(self.lowrank_cost(g, r) for g, _, r in items)  # = Σ r·(m+n) without pivoting
+            costs = PivotCosts(self._index, list({id(g): g for g in self._by_node.values()}.values()), fold=self.fold)
+            budget = sum(costs.cost(g, r) if self._pivot.get(g.name) else r * (m + g.shape[1]) for g, _, r in items)
             rank = min(budget // (m + sum(g.shape[1] for g in groups)), m)
             pivoted, rank = self._shared_pivot_rank(groups, budget, rank)
             gram = self.stats.grams.get(x) if self.stats is not None else None
@@ -248,8 +219,9 @@ class FactorizePass:
 
     def _shared_pivot_rank(self, groups: list[WeightGroup], budget: int, rank: int) -> tuple[bool, int]:
         """(pivoted, rank) for a shared basis of ``groups`` in ``budget``: pivoted over the stacked
-        outputs, r(m + Σn − r) + Σn (index maps), where that buys more rank than A·B's ``rank``."""
-        if not all(self.pivots(g) for g in groups):
+        outputs, r(m + Σn − r) + Σn (index maps), where the decisions are pivoted and that buys
+        more rank than A·B's ``rank``."""
+        if not all(self._pivot.get(g.name) for g in groups):
             return False, rank
         m, ns = groups[0].shape[0], sum(g.shape[1] for g in groups)
         rp = min(pivoted_rank_for_budget(m, ns, budget - ns), m)
@@ -261,7 +233,7 @@ class FactorizePass:
         multiply F (rows) or Fᵀ (cols, a tied head), token weights for Gather uses; and the
         activation whose sequential cross term applies (or None)."""
         st = self.stats
-        if st is None:
+        if st is None or self._uncaptured(group):
             return None, None, None
         rows = cols = None
         acts = []
@@ -286,6 +258,17 @@ class FactorizePass:
             rows = rows[perm] if rows.ndim == 1 else rows[np.ix_(perm, perm)]
         return rows, cols, seq
 
+    def whitened(self, gram):
+        """The Whitener of a Gram matrix (or weight vector) from ``sides``, computed once per
+        array (Q, K and V read one activation: one eigendecomposition)."""
+        if gram is None:
+            return None
+        memo = self.__dict__.setdefault("_whiteners", {})
+        hit = memo.get(id(gram))
+        if hit is None or hit[0] is not gram:
+            hit = memo[id(gram)] = (gram, whitener(gram, self.damp))
+        return hit[1]
+
     def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
         rows, cols, seq = self.sides(group, transposed)
         if rows is None and cols is None:
@@ -293,12 +276,19 @@ class FactorizePass:
         if seq is not None:
             W = sequential_target(W, rows, self.stats.cross[seq], damp=self.damp)
         what = "sequential" if seq is not None else "whitened"
-        return weighted_lmf(W, r, rows, cols, damp=self.damp, seed=self.seed), what
+        return weighted_lmf(W, r, self.whitened(rows), self.whitened(cols), damp=self.damp, seed=self.seed), what
 
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
-        f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
-        if self.stores_pivoted(group, f.rank):
+        key = (group.name, r, transposed)
+        cacheable = self.cache is not None and group.name not in self._pending
+        if cacheable and key in self.cache:
+            f, how = self.cache[key]
+        else:
+            f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+            if cacheable:
+                self.cache[key] = (f, how)
+        if self._pivot.get(group.name):
             return self._apply_pivoted(group, f, how, transposed)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
@@ -315,7 +305,7 @@ class FactorizePass:
         if any(u.kind == "gather" for u in group.uses):
             return self._apply_embedding_hmf(group, budget)
         transposed = factor_orientation(group)
-        if self.pivots(group) and all(u.transposed == transposed for u in group.uses):
+        if self._pivot.get(group.name) and all(u.transposed == transposed for u in group.uses):
             return self._apply_pivoted_hmf(group, budget, transposed)
         W = self._weight(group, transposed)
         m, n = W.shape
@@ -349,8 +339,8 @@ class FactorizePass:
         if plain is None:
             return None
         rewrite_lowrank(self._editor, group, plain.A, plain.B, transposed)
-        return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
-                       rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
+        return _report(group, status="rewritten", method="lmf", rank=plain.rank, params_after=plain.params,
+                       rel_error=plain.relative_error, detail="hmf budget: plain low rank (k=0) fits best")
 
     def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None,
                          gram: np.ndarray | None = None):
@@ -405,7 +395,7 @@ class FactorizePass:
         E = self._weight(group, False)
         if any(u.kind != "gather" and not u.transposed for u in group.uses):  # dense rows need heads reading Eᵀ
             rep = self._lmf_instead(group, E, budget, None, False)
-            rep.detail = rep.detail and "plain low rank: a MatMul reads the table untransposed"
+            rep.detail = rep.detail and "hmf budget: plain low rank, a MatMul reads the table untransposed"
             return rep
         V, d = E.shape
         head = any(u.kind != "gather" for u in group.uses)
@@ -434,6 +424,8 @@ class FactorizePass:
 
     def _apply_ae(self, group: WeightGroup, budget: int) -> SiteReport:
         """Embedding autoencoder (factorize/autoencoder.py): codes + decoder within the budget."""
+        if group.ref.scope or any(u.scope for u in group.uses):
+            return _report(group, status="skipped", reason="AE: not supported for tables in or read inside If/Loop/Scan bodies")
         E = self._weight(group, False)
         V, d = E.shape
         opts = dict(self.ae_options)
@@ -460,86 +452,6 @@ class FactorizePass:
         return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
 
     # -- pivoted storage (factorize/pivot.py, graph/pivot.py) ---------------------------------
-    def pivots(self, group: WeightGroup) -> bool:
-        """Whether this group's low-rank result is stored pivoted (W_p, C) rather than as A·B."""
-        if self.pivot_groups is not None and group.name in self.pivot_groups:
-            return bool(self.pivot_groups[group.name])
-        return self.pivot
-
-    def prepare(self, model: onnx.ModelProto) -> None:
-        """Index ``model`` for planning outside :meth:`run` (which indexes it itself): the
-        pivoted costs depend on which output permutations fold into their consumers."""
-        self._index = GraphIndex(model, self.store)
-        self._by_node = {id(u.node): g for g in find_weight_groups(self._index) for u in g.uses}
-
-    def _folds(self, group: WeightGroup) -> bool:
-        """Whether every use reading F is a MatMul whose output permutation fold.py absorbs
-        into consumers we may permute (predicted on the graph before any rewrite)."""
-        index = getattr(self, "_index", None)
-        if index is None or not self.fold:
-            return False
-        transposed = factor_orientation(group)
-        n = group.shape[0] if transposed else group.shape[1]
-        uses = [u for u in group.uses if u.transposed == transposed]
-        for u in uses:
-            plan = plan_fold(index, u.node.output[0], n) if u.kind == "matmul" else None
-            if plan is None:
-                return False
-            for g in (self._by_node.get(id(t)) for t in plan.terminals):
-                if not (g is not None and g.skip_reason is None and len(g.uses) == 1 and g.uses[0].kind == "matmul"
-                        and not g.uses[0].transposed and g.ref.kind == "initializer" and g.name != group.name):
-                    return False
-        return bool(uses)
-
-    def pivot_map_cost(self, group: WeightGroup) -> int:
-        """Entries of the int32 index maps a pivoted rewrite of ``group`` stores (counted in the
-        budget as parameters): n for the output permutation of uses reading F unless it folds
-        into their consumers, n for the input gathers of uses reading Fᵀ (a tied head)."""
-        transposed = factor_orientation(group)
-        n = group.shape[0] if transposed else group.shape[1]
-        sees = {u.transposed == transposed for u in group.uses}
-        opset = default_opset(self._index.model) if hasattr(self, "_index") else 17
-        cost = 0
-        if False in sees:  # input gathers; shape constants below opset 15 (Slice) and 11 (Reshape)
-            cost += n + (2 if opset < 15 else 0) + (1 if opset < 15 else 0) + (2 if opset < 11 else 0)
-        if True in sees and not self._folds(group):
-            cost += n + (2 if opset < 11 else 0)  # Reshape's [-1, n] below opset 11 (Flatten)
-        return cost
-
-    def stores_pivoted(self, group: WeightGroup, r: int) -> bool:
-        """Pivoted storage of rank r is the group's storage when pivoting is on and it is
-        smaller than A·B: r² > its index maps (r(m+n−r) + map < r(m+n))."""
-        return self.pivots(group) and r * r > self.pivot_map_cost(group)
-
-    def lowrank_cost(self, group: WeightGroup, r: int) -> int:
-        """Parameters of the group's rank-r low-rank storage (pivoted with maps, or A·B)."""
-        m, n = group.shape
-        return pivoted_params(m, n, r) + self.pivot_map_cost(group) if self.stores_pivoted(group, r) else lmf_params(m, n, r)
-
-    def lowrank_rank(self, group: WeightGroup, keep: float) -> int:
-        """The rank a keep buys in the group's storage currency (0: none that saves): the
-        larger of the pivoted rank (maps included) and the A·B rank."""
-        m, n = group.shape
-        r_ab = rank_for_keep(m, n, keep, self.rank_multiple)
-        if not self.pivots(group):
-            return r_ab
-        budget = int(np.floor(keep * m * n + 1e-6)) - self.pivot_map_cost(group)
-        r = pivoted_rank_for_budget(m, n, budget)
-        r = round_rank(r, self.rank_multiple) if r >= self.rank_multiple else 0
-        return max(r, r_ab)
-
-    def _plan_pivoted(self, group: WeightGroup, keep: float | None) -> tuple[int, str | None]:
-        m, n = group.shape
-        if self.rank is not None:
-            r = round_rank(min(self.rank, min(m, n)), self.rank_multiple)
-        else:
-            r = self.lowrank_rank(group, keep)
-        if r < 1:
-            return 0, f"keep {keep:.3g} leaves rank 0 in the pivoted form"
-        if self.lowrank_cost(group, r) >= m * n:
-            return 0, f"rank {r} would not save parameters (pivoted with its {self.pivot_map_cost(group)}-entry index map, or A·B)"
-        return r, None
-
     def _apply_pivoted(self, group: WeightGroup, f, how: str, transposed: bool) -> SiteReport:
         """Store the low-rank result ``f`` (A·B) as pivot columns and coefficients."""
         pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
@@ -561,7 +473,8 @@ class FactorizePass:
         plus pivots and coefficients for the rest; k = 0 (pivoted LMF) is among the candidates."""
         W = self._weight(group, transposed)
         m, n = W.shape
-        room = budget - self.pivot_map_cost(group)
+        groups = list({id(g): g for g in self._by_node.values()}.values())
+        room = budget - PivotCosts(self._index, groups, fold=self.fold).map_cost(group)
         rows, cols, seq = self.sides(group, transposed)
         gram = rows if rows is not None and rows.ndim == 2 and cols is None else None
         if gram is not None and seq is not None:
@@ -575,6 +488,17 @@ class FactorizePass:
         pf = pivot_hybrid(hf.D, hf.dense_idx, hf.rest_idx, hf.A, hf.B, hf.residual_sq, hf.total_sq)
         return self._rewrite_pivoted(group, pf, transposed, "hmf", "whitened: error is of the layer output; " if gram is not None else "")
 
+
+
+def _where(group: WeightGroup) -> str:
+    """Where a weight that involves an If/Loop/Scan body lives and is read ("" for main-graph only)."""
+    scopes = list(dict.fromkeys(u.scope for u in group.uses))
+    if not group.ref.scope and scopes == [""]:
+        return ""
+    name = lambda s: f"body {s!r}" if s else "the main graph"  # noqa: E731
+    if scopes == [group.ref.scope]:
+        return f"in {name(group.ref.scope)}"
+    return f"read in {', '.join(name(s) for s in scopes)}; factors in {name(group.ref.scope)}"
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):
