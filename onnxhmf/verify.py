@@ -332,14 +332,18 @@ def run_runtime(runtime: str, model, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 
 def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str | os.PathLike | None,
-                 shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for a text model from the first lines of ``text``, tokenized with ``tokenizer``.
+                 shapes: dict[str, list[int]] | None = None, seed: int = 0, samples: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Feeds for a text model from the first sentences of ``text`` (titles — fewer than three
+    words — and blank lines skipped), tokenized with ``tokenizer``.
 
-    input_ids (padded with 0 to the longest line, at most CALIB_MAX_SEQUENCE tokens; batch = at
-    most CALIB_MAX_BATCH lines), attention_mask (1 on tokens, 0 on padding) and token_type_ids
-    (0). ``shapes["input_ids"] = [B, S]`` fixes the batch and the (padded) length. Other inputs
-    are generated as by make_inputs.
+    input_ids (padded with 0 to the longest sentence, at most CALIB_MAX_SEQUENCE tokens; batch =
+    ``samples`` sentences, default at most CALIB_MAX_BATCH), attention_mask (1 on tokens, 0 on
+    padding) and token_type_ids (0). ``shapes["input_ids"] = [B, S]`` fixes the batch and the
+    (padded) length. Other inputs are generated as by make_inputs.
     """
+    from .calibration import _sentences
+
     if tokenizer is None:
         raise OnnxHmfError("--calib needs --tokenizer tokenizer.json")
     try:
@@ -360,10 +364,12 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     fixed = shapes.get("input_ids")
     if fixed is not None and len(fixed) != 2:
         raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
-    lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = _sentences(p.read_text(errors="replace"))
     if not lines:
-        raise OnnxHmfError(f"--calib {str(p)!r}: no text")
-    batch = fixed[0] if fixed else min(len(lines), CALIB_MAX_BATCH)
+        raise OnnxHmfError(f"--calib {str(p)!r}: no sentence of three words or more")
+    if samples is not None and samples < 1:
+        raise OnnxHmfError(f"--calib-samples must be ≥ 1, got {samples}")
+    batch = fixed[0] if fixed else (samples if samples is not None else min(len(lines), CALIB_MAX_BATCH))
     lines = (lines * (batch // len(lines) + 1))[:batch]
     tok.no_padding()
     tok.no_truncation()
@@ -424,7 +430,7 @@ def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     return feeds, outs
 
 
-def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed) -> dict[str, np.ndarray]:
+def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed, samples=None) -> dict[str, np.ndarray]:
     """``inputs`` (.npz or dict), else the saved golden inputs, else text, else generated."""
     if isinstance(inputs, (str, os.PathLike)):
         return load_inputs(inputs, sig)
@@ -433,7 +439,7 @@ def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, see
     if golden_feeds:
         return golden_feeds
     if calib is not None:
-        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
+        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed, samples=samples)
     return make_inputs(sig, input_shapes, seed=seed)
 
 
@@ -455,6 +461,7 @@ def verify_models(
     quantile: float = 0.99,
     top_k: int = 5,
     seed: int = 0,
+    calib_samples: int | None = None,
 ):
     """Run ``ref`` (onnxruntime; or take its outputs from ``load_outputs``) and ``cand`` (on
     each of ``runtimes``) on the same inputs and compare every output.
@@ -486,7 +493,7 @@ def verify_models(
     sig = ref_model if ref_model is not None else cand_model
     if sig is None:
         raise OnnxHmfError("nothing to run: give a model")
-    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed)
+    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed, calib_samples)
     report.inputs = {k: list(v.shape) for k, v in feeds.items()}
     if golden_outs is not None:
         ref_outs = golden_outs
