@@ -1,0 +1,201 @@
+"""Run-time integer treatments, each a small object the planner (or a script) can call.
+
+An :class:`IntTreatment` says how one weight is stored; for a planner it gives
+
+* ``nbytes(shape, site)``: the bytes it stores (values, scales, zero points, factors);
+* ``weight(W, gram, site)``: what the weight becomes, as a float numpy array (for loss probes);
+* :func:`apply_treatments` (model, {weight: treatment}, calibration): the rewritten model.
+
+Kinds (``site`` is 'matmul', 'table' or 'tied', see graph/qdq.site_kind):
+
+  int4b / int8b   blocked DequantizeLinear(block_size, axis 0) → MatMul (fused by onnxruntime
+                  into MatMulNBits); tables: gathered integer rows, dequantized after the Gather.
+                  ``method``: rtn (round to nearest), clip (per-block clipping search on the
+                  activation Gram), gptq (error feedback with the Gram; clip search per block).
+  lqer            W ≈ Q + L·R: Q blocked ``bits``, L·R rank ``rank`` (rounded to the block) in
+                  blocked int8, fitted on the Gram (matmul sites).
+  lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
+  int8pc          onnxruntime's dynamic per-channel int8 (DynamicQuantizeLinear → MatMulInteger,
+                  any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
+                  quantizer's own scales (matmul sites).
+
+Every kind but int8pc needs opset 21; :func:`apply_treatments` raises the opset only when one
+is applied and the model passes graph/qdq.upgrade_opset's check, else it skips them and says why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..capture import capture_stats
+from ..errors import OnnxHmfError
+from ..factorize import quant as Q
+from ..graph import qdq
+from ..graph.index import default_opset
+
+__all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment"]
+
+
+@dataclass(frozen=True)
+class IntTreatment:
+    kind: str  # int4b | int8b | lqer | lmf-b | int8pc
+    bits: int = 4
+    block: int = 32
+    symmetric: bool = True
+    method: str = "rtn"  # rtn | clip | gptq
+    rank: int = 0
+
+    @property
+    def name(self) -> str:
+        core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
+        base = core.get(self.kind, f"int{self.bits}b")
+        blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
+        return f"{base}{blk}-{self.method}"
+
+    @property
+    def opset(self) -> int:
+        return 11 if self.kind == "int8pc" else qdq.QDQ_OPSET
+
+    def sites(self) -> tuple[str, ...]:
+        return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else ("matmul",)
+
+    def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
+        """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
+        W = np.asarray(W, np.float64)
+        if site != "matmul":
+            M, G = W.T, (None if site == "table" or G is None else G / max(np.mean(np.diag(G)), 1e-30) + np.eye(len(G)))
+            return Q.clip_search(M, G, self.bits, self.block, self.symmetric) if self.method != "rtn" else \
+                Q.quantize_blocked(M, self.bits, self.block, self.symmetric)
+        if self.kind == "int8pc":
+            if self.method == "gptq" and G is not None:
+                s = np.abs(W).max(axis=0, keepdims=True) / 127.0
+                return Q.gptq(W, G, 8, W.shape[0], True, scale=np.where(s > 0, s, 1.0))
+            return Q.per_channel_int8(W)
+        if self.kind == "lqer":
+            return Q.lowrank_residual(W, G, self.rank, self.bits, self.block, self.symmetric,
+                                      method=self.method if G is not None else "rtn")
+        if self.kind == "lmf-b":
+            return Q.lowrank_blocked(W, G, self.rank, self.bits, self.block)
+        if self.method == "gptq" and G is not None:
+            return Q.gptq(W, G, self.bits, self.block, self.symmetric)
+        if self.method in ("clip", "gptq"):
+            return Q.clip_search(W, G, self.bits, self.block, self.symmetric)
+        return Q.quantize_blocked(W, self.bits, self.block, self.symmetric)
+
+    def weight(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul") -> np.ndarray:
+        """What W (K×N for MatMul B; V×D for tables) becomes, as float32."""
+        f = self.fit(W, G, site)
+        if isinstance(f, np.ndarray):
+            return f.astype(np.float32)
+        if isinstance(f, tuple):
+            return (f[0].dequantize() @ f[1].dequantize()).astype(np.float32)
+        out = f.dequantize()
+        return (out.T if site != "matmul" else out).astype(np.float32)
+
+    def nbytes(self, shape: tuple[int, int], site: str = "matmul") -> int:
+        K, N = shape if site == "matmul" else shape[::-1]
+        if self.kind == "int8pc":
+            return K * N + 5 * N
+        if self.kind in ("lqer", "lmf-b"):
+            r = Q.round_to_block(self.rank, self.block, min(K, N))
+            lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
+                Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
+            return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
+        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric)
+        return 2 * one if site == "tied" and self.bits == 4 else one  # int4 tied: head + packed rows
+
+
+def parse_treatment(text: str) -> IntTreatment:
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq]'."""
+    p = text.split(":")
+    try:
+        if p[0] in ("int4b", "int8b"):
+            return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
+        if p[0] in ("lqer", "lmf-b"):
+            return IntTreatment(p[0], int(p[1]), int(p[2]), True, p[4] if len(p) > 4 else "clip", int(p[3].lstrip("r")))
+        if p[0] == "int8pc":
+            return IntTreatment("int8pc", 8, 0, True, p[1] if len(p) > 1 else "rtn")
+    except (IndexError, ValueError):
+        pass
+    raise OnnxHmfError(f"bad integer treatment {text!r}")
+
+
+def _activation(model: onnx.ModelProto, name: str, site: str) -> str | None:
+    """The tensor whose Gram the weight's fit uses: its (first) MatMul's input, or the tied head's."""
+    read = name
+    if site == "tied":
+        read = next(n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == name)
+    elif site == "table":
+        return None
+    return next((n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == read), None)
+
+
+def weight_grams(model: onnx.ModelProto, weights: list[str], calib) -> dict[str, np.ndarray]:
+    """{weight: XᵀX of the activation it multiplies} over ``calib`` (one onnxruntime pass)."""
+    acts = {w: _activation(model, w, qdq.site_kind(model, w)) for w in weights}
+    acts = {w: a for w, a in acts.items() if a}
+    if not acts or calib is None:
+        return {}
+    stats = capture_stats(model, calib, sorted(set(acts.values())))
+    return {w: stats.grams[a] for w, a in acts.items() if a in stats.grams}
+
+
+def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], calib=None,
+                     grams: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with each weight of ``plan`` stored by its treatment; notes list what
+    was skipped and why, and the opset change. ``calib`` (a Calibration) gives the Grams of the
+    methods that use them (or pass ``grams``)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    sites = {w: qdq.site_kind(out, w) for w in plan}
+    todo = {}
+    for w, t in plan.items():
+        if sites[w] not in t.sites():
+            notes.append(f"{w}: {t.name} skipped ({sites[w] or 'not a plain MatMul/Gather weight'})")
+        else:
+            todo[w] = t
+    if any(t.opset > default_opset(out) for t in todo.values()):
+        old = default_opset(out)
+        try:
+            notes += qdq.upgrade_opset(out)
+            notes.append(f"opset {old} -> {qdq.QDQ_OPSET} (blocked DequantizeLinear)")
+        except OnnxHmfError as e:
+            notes.append(f"blocked treatments skipped: {e}")
+            todo = {w: t for w, t in todo.items() if t.opset <= old}
+    need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
+    if grams is None:
+        grams = weight_grams(model, need, calib)
+    arrays = {t.name: t for t in out.graph.initializer if t.name in todo}
+    pc = []
+    for w, t in todo.items():
+        W = numpy_helper.to_array(arrays[w]).astype(np.float64)
+        f = t.fit(W, grams.get(w), sites[w])
+        if t.kind == "int8pc":
+            pc.append((w, f))
+        elif sites[w] != "matmul":
+            qdq.blocked_table(out, w, f)
+        elif t.kind == "lqer":
+            qdq.residual_matmul(out, w, f)
+        elif t.kind == "lmf-b":
+            qdq.lowrank_matmul(out, w, *f)
+        else:
+            qdq.blocked_matmul(out, w, f)
+    if pc:
+        out = _per_channel(out, pc)
+    return out, notes
+
+
+def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> onnx.ModelProto:
+    """onnxruntime's per-channel MatMulInteger on the weights; GPTQ-refitted integers replace its own."""
+    from ..quantize import quantize_int8
+
+    q, done = quantize_int8(model, [w for w, _ in fitted], per_channel=True)
+    refit = {f"{w}_quantized": f for w, f in fitted if w in done and isinstance(f, Q.Blocked)}
+    for i, t in enumerate(q.graph.initializer):
+        if t.name in refit:
+            q.graph.initializer[i].CopyFrom(numpy_helper.from_array(refit[t.name].q.astype(np.int8), t.name))
+    return q
