@@ -148,13 +148,13 @@ def clip_search(W: np.ndarray, G: np.ndarray | None = None, bits: int = 4, block
     Δᵀ·G_bb·Δ, G_bb the block's diagonal block of the Gram G (None: identity, i.e. MSE)."""
     W = np.asarray(W, np.float64)
     Wb = _padded_blocks(W, block)
-    Gb = _block_grams(G, W.shape[0], block)
+    Gb = None if G is None else _block_grams(G, W.shape[0], block)
     best_err = np.full((Wb.shape[0], Wb.shape[2]), np.inf)
     best = np.ones_like(best_err)
     for a in grid:
         s, z = _scales(Wb, bits, symmetric, a)
         D = Wb - _deq(_quant(Wb, s, z, bits, symmetric), s, z)
-        err = np.einsum("bkn,bkl,bln->bn", D, Gb, D, optimize=True)
+        err = (D * D).sum(axis=1) if G is None else np.einsum("bkn,bkl,bln->bn", D, Gb, D, optimize=True)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, a, best)

@@ -1,0 +1,182 @@
+"""Blocked integer weights in the graph (onnxhmf/graph/qdq.py) and the treatments (passes/intquant.py)."""
+import collections
+import os
+import tempfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import gather_model, matmul_model, model, tied_model, token_batches, token_mlp_model, vi
+from onnxhmf.calibration import Calibration
+from onnxhmf.errors import OnnxHmfError
+from onnxhmf.factorize import quant as Q
+from onnxhmf.graph import qdq
+from onnxhmf.passes.intquant import IntTreatment, apply_treatments, parse_treatment
+
+
+def _run(m, feeds, optimized=None, level=None):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if level is not None:
+        so.graph_optimization_level = level
+    if optimized:
+        so.optimized_model_filepath = optimized
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _fused_ops(m, feeds):
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "opt.onnx")
+        _run(m, feeds, optimized=p)
+        return collections.Counter(n.op_type for n in onnx.load(p).graph.node)
+
+
+EXACT = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no MatMulNBits (it quantizes activations)
+
+
+def _upgraded(m):
+    qdq.upgrade_opset(m)
+    return m
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_blocked_matmul_exact_and_fused(bits, sym):
+    m = _upgraded(matmul_model(64, 40, ndim=3))
+    W = numpy_helper.to_array(m.graph.initializer[0])
+    bq = Q.quantize_blocked(W, bits, 32, sym)
+    assert qdq.site_kind(m, "W") == "matmul"
+    assert qdq.blocked_matmul(m, "W", bq) == 1
+    onnx.checker.check_model(m, full_check=True)
+    X = np.random.default_rng(0).standard_normal((2, 3, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(m, {"X": X}, level=EXACT), X @ bq.dequantize(), rtol=1e-4, atol=1e-4)
+    assert not any(t.data_type == TensorProto.FLOAT and tuple(t.dims) == (64, 40) for t in m.graph.initializer)
+    assert _fused_ops(m, {"X": X})["MatMulNBits"] == 1
+    assert m.ByteSize() < bq.nbytes() + 600
+
+
+def test_blocked_matmul_needs_opset21():
+    m = matmul_model(64, 40)
+    with pytest.raises(OnnxHmfError, match="opset 21"):
+        qdq.blocked_matmul(m, "W", Q.quantize_blocked(np.zeros((64, 40)), 4, 32))
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_blocked_table_gathers_integer_rows(bits, sym):
+    m = gather_model(200, 64)
+    E = numpy_helper.to_array(m.graph.initializer[0])
+    bq = Q.quantize_blocked(E.T, bits, 32, sym)
+    info = qdq.blocked_table(m, "E", bq)
+    assert info == {"gathers": 1, "head": False, "shared": False, "nodes": 1}
+    onnx.checker.check_model(m, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 200, (3, 7))
+    np.testing.assert_allclose(_run(m, {"ids": ids}), bq.dequantize().T[ids], rtol=1e-6, atol=1e-7)
+    # nothing float of table size is stored (the rows stay integer until gathered)
+    big = [t for t in m.graph.initializer if np.prod(t.dims) >= 200 * 64 // 2]
+    assert all(t.data_type in (TensorProto.INT8, TensorProto.UINT8) for t in big)
+    assert m.ByteSize() < bq.nbytes() + 1200
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tied_head(bits):
+    m = _upgraded(tied_model(256, 64))
+    E = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "E"))
+    assert qdq.site_kind(m, "E") == "tied"
+    bq = Q.quantize_blocked(E.T, bits, 32)
+    info = qdq.blocked_table(m, "E", bq)
+    assert info["shared"] == (bits == 8) and info["head"]
+    onnx.checker.check_model(m, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 5))
+    Eq = bq.dequantize().T
+    ref = (Eq[ids] * 0.5) @ Eq.T
+    np.testing.assert_allclose(_run(m, {"ids": ids}, level=EXACT), ref, rtol=1e-4, atol=1e-4)
+    ints = [t for t in m.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4)
+            and np.prod(t.dims) >= 256 * 64 // 4]
+    assert len(ints) == (1 if bits == 8 else 2)  # int8: one stored tensor read by both
+
+
+def _reduce_model(extra=None):
+    inits = [numpy_helper.from_array(np.ones(2, np.float32), "sc")] if extra is not None else []
+    nodes = [helper.make_node("ReduceMean", ["X"], ["m"], name="rm", axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["X", "m"], ["Y"], name="sub")]
+    if extra is not None:
+        nodes.append(extra)
+    outs = [vi("Y", ["b", 8])] + ([vi("Z", ["b", 8])] if extra is not None else [])
+    return model(nodes, [vi("X", ["b", 8])], outs, inits)
+
+
+def test_upgrade_opset_adapts_reduce_axes():
+    m = _reduce_model()
+    X = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    before = _run(m, {"X": X})
+    notes = qdq.upgrade_opset(m)
+    assert qdq.default_opset(m) == 21 and any("axes" in n for n in notes)
+    onnx.checker.check_model(m, full_check=True)
+    np.testing.assert_array_equal(_run(m, {"X": X}), before)
+
+
+def test_upgrade_opset_refuses_changed_ops():
+    m = _reduce_model(helper.make_node("Resize", ["X", "", "sc"], ["Z"], name="rs"))
+    with pytest.raises(OnnxHmfError, match="Resize changes at opset"):
+        qdq.upgrade_opset(m)
+    assert qdq.default_opset(m) == 17  # refused: nothing changed
+
+
+def test_lowrank_and_residual_fuse():
+    # 3-D activations: on 2-D ones onnxruntime first fuses the residual's MatMul + Add into a Gemm
+    m = _upgraded(matmul_model(64, 64, ndim=3))
+    W = numpy_helper.to_array(m.graph.initializer[0]).astype(np.float64)
+    X = np.random.default_rng(0).standard_normal((2, 5, 64)).astype(np.float32)
+    a = onnx.ModelProto()
+    a.CopyFrom(m)
+    A, B = Q.lowrank_blocked(W, None, 32, 8, 32)
+    qdq.lowrank_matmul(a, "W", A, B)
+    np.testing.assert_allclose(_run(a, {"X": X}, level=EXACT), X @ A.dequantize() @ B.dequantize(), rtol=1e-4, atol=1e-4)
+    assert _fused_ops(a, {"X": X})["MatMulNBits"] == 2
+    lr = Q.lowrank_residual(W, None, 32, 4, 32)
+    qdq.residual_matmul(m, "W", lr)
+    np.testing.assert_allclose(_run(m, {"X": X}, level=EXACT), X @ lr.dequantize(), rtol=1e-4, atol=1e-4)
+    assert _fused_ops(m, {"X": X})["MatMulNBits"] == 3
+
+
+def test_treatments_weight_matches_model_and_gptq_helps():
+    m = token_mlp_model(vocab=300, d=32, h=64)
+    cal = Calibration([token_batches(300, 64, 12, seed=s) for s in range(2)], mask="attention_mask")
+    feeds = token_batches(300, 16, 12, seed=9)
+    ref = _run(m, feeds)
+    W = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    errs = {}
+    for meth in ("rtn", "gptq"):
+        t = IntTreatment("int4b", 4, 32, True, meth)
+        out, notes = apply_treatments(m, {"W1": t, "W2": t, "E": t}, calib=cal)
+        assert "opset 17 -> 21 (blocked DequantizeLinear)" in notes
+        assert all(n.domain == "" for n in out.graph.node)
+        got = _run(out, feeds, level=EXACT)
+        errs[meth] = float(np.mean((got - ref) ** 2))
+        if meth == "rtn":  # the probe's numpy weight is what the graph computes
+            assert abs(out.ByteSize() - sum(t.nbytes(W[w].shape, "table" if w == "E" else "matmul")
+                                            for w in ("W1", "W2", "E")) - 200) < 1500
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_int8pc_gptq_is_matmulinteger():
+    m = token_mlp_model(vocab=300, d=32, h=64)
+    cal = Calibration([token_batches(300, 64, 12, seed=s) for s in range(2)], mask="attention_mask")
+    out, _ = apply_treatments(m, {"W1": parse_treatment("int8pc:gptq"), "W2": parse_treatment("int8pc")}, calib=cal)
+    ops = collections.Counter(n.op_type for n in out.graph.node)
+    assert ops["MatMulInteger"] == 2 and qdq.default_opset(out) == 17
+    W1 = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "W1"))
+    q = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W1_quantized"))
+    s = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "W1_scale"))
+    np.testing.assert_allclose(s, np.abs(W1).max(axis=0) / 127, rtol=1e-5)  # GPTQ kept onnxruntime's scales
+    plain = np.clip(np.round(W1 / s), -127, 127)
+    assert np.any(q != plain)  # ... and refitted the integers
+
+
+def test_parse_treatment():
+    assert parse_treatment("int4b:64:a:clip") == IntTreatment("int4b", 4, 64, False, "clip")
+    assert parse_treatment("lqer:4:32:r32:gptq") == IntTreatment("lqer", 4, 32, True, "gptq", 32)
+    with pytest.raises(OnnxHmfError):
+        parse_treatment("int3b")
