@@ -180,3 +180,22 @@ def test_parse_treatment():
     assert parse_treatment("lqer:4:32:r32:gptq") == IntTreatment("lqer", 4, 32, True, "gptq", 32)
     with pytest.raises(OnnxHmfError):
         parse_treatment("int3b")
+
+
+def test_planner_offers_blocked_treatments_and_writes_them_integer(tmp_path):
+    from onnxhmf.api import optimize
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    p = tmp_path / "calib.npz"
+    np.savez(p, **token_batches(320, 128, 12, seed=1))
+    # a budget int8w cannot meet everywhere: blocked int4 is the only integer-at-run-time way there
+    out, rep = optimize(m, calib=p, plan={"target_size": int(0.2 * m.ByteSize())}, verify=False)
+    kinds = {r["weight"]: r["treatment"] for r in rep.plan["sites"]}
+    blocked = [w for w, k in kinds.items() if k.startswith("int4b") or k.startswith("int8b")]
+    assert blocked, kinds
+    assert qdq.default_opset(out) == 21 and any("opset 17 -> 21" in n for n in rep.notes)
+    dq = [n for n in out.graph.node if n.op_type == "DequantizeLinear"]
+    assert any(a.name == "block_size" and a.i > 0 for n in dq for a in n.attribute) or "E" in blocked
+    assert not any(t.name in blocked and t.data_type == TensorProto.FLOAT for t in out.graph.initializer)
+    disk = [r for r in rep.plan["sites"] if r["treatment"].split()[0] in ("int8w", "int4w", "lmf-int8w")]
+    assert all(r.get("run_time") == "disk only" for r in disk)

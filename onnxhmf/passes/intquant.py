@@ -199,3 +199,57 @@ def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> on
         if t.name in refit:
             q.graph.initializer[i].CopyFrom(numpy_helper.from_array(refit[t.name].q.astype(np.int8), t.name))
     return q
+
+
+# -------------------------------------------------------------------------- planner hook
+
+PLANNED = (IntTreatment("int4b", 4, 32, True, "gptq"), IntTreatment("int8b", 8, 128, True, "clip"))
+
+
+def can_upgrade(model: onnx.ModelProto) -> bool:
+    """Whether the blocked treatments (opset 21) may be planned for ``model``."""
+    if default_opset(model) >= qdq.QDQ_OPSET:
+        return True
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.initializer[:]  # the check only reads nodes
+    try:
+        qdq.upgrade_opset(probe)
+        return True
+    except OnnxHmfError:
+        return False
+
+
+def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dict[str, np.ndarray], loss_with,
+                    make_option, overhead: int = 0) -> list:
+    """Options (bytes, measured loss, (kind name, 1.0)) for the planned integer treatments of the
+    weight ``name`` (W as stored: K×N, or V×D for tables). ``grams``: {activation: XᵀX} (a
+    capture's ActivationStats.grams); ``loss_with(name, W′)``: the planner's probe;
+    ``make_option(bytes, loss, tag)`` builds its Option."""
+    site = qdq.site_kind(model, name)
+    if site is None:
+        return []
+    act = _activation(model, name, site)
+    G = grams.get(act) if act else None
+    out = []
+    for t in PLANNED:
+        if site not in t.sites() or (site != "matmul" and W.shape[1] % t.block):
+            continue
+        out.append(make_option(t.nbytes(W.shape, site) + overhead, loss_with(name, t.weight(W, G, site)), (t.name, 1.0)))
+    return out
+
+
+def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Apply the planner's choice {weight: kind name} of PLANNED treatments (others ignored)."""
+    by_name = {t.name: t for t in PLANNED}
+    plan = {w: by_name[k] for w, k in tags.items() if k in by_name}
+    if not plan:
+        return model
+    per_weight = {}
+    for w in plan:
+        site = qdq.site_kind(model, w)
+        act = _activation(model, w, site) if site else None
+        if act in grams:
+            per_weight[w] = grams[act]
+    out, _ = apply_treatments(model, plan, grams=per_weight)
+    return out
