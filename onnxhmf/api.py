@@ -34,6 +34,7 @@ from .passes.storage_ae import StorageAEPass
 from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
 from .quantize import quantize_int8
+from .graph.index import default_opset
 from .report import Report
 from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
 
@@ -274,6 +275,11 @@ def optimize(
         report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                             "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         report.timings["quantize_s"] = time.perf_counter() - t
+    if planner is not None:  # blocked int4/int8 (issue 15): DQ(block) → MatMul at opset 21
+        before = default_opset(work)
+        work = planner.store_blocked(work)
+        if default_opset(work) != before:
+            report.notes.append(f"blocked int weights: opset {before} -> {default_opset(work)} (DequantizeLinear block_size)")
     if not report.rewritten and not (quantize or planner is not None):
         reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
         raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])

@@ -53,6 +53,7 @@ from ..quantize import (INT8_OVERHEAD, int4_axis, int8_bytes, int8_weight, int8w
 from .calibrated import (_merged, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
                          reference_outputs)
 from .factorize import FactorizePass
+from .intquant import apply_planned, can_upgrade, planner_options
 
 __all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
 
@@ -109,6 +110,12 @@ class Planner:
         return (weight_only(model, self.quantized(model, choice, "int8w"), 8)
                 + weight_only(model, self.quantized(model, choice, "int4w"), 4))
 
+    def store_blocked(self, model: onnx.ModelProto, choice: dict[str, Option] | None = None) -> onnx.ModelProto:
+        """The blocked int4/int8 treatments of ``choice`` (intquant.PLANNED: DQ → MatMul, gathered
+        integer rows; opset raised to 21), applied last: integer at run time, not disk only."""
+        choice = self.choice if choice is None else choice
+        return apply_planned(model, {n: o.tag[0] for n, o in choice.items()}, self.fpass.stats.grams if self.fpass.stats else {})
+
     def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]) -> onnx.ModelProto:
         m = onnx.ModelProto()
         m.CopyFrom(model)
@@ -120,6 +127,7 @@ class Planner:
             self.fpass.keeps = saved
         self.store_weight_only(m, choice)
         q, _ = quantize_int8(m, self.quantized(m, choice))
+        q = self.store_blocked(q, choice)
         if self.finish is not None:
             self.finish(q)
         return q
@@ -154,6 +162,7 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
     int4 = default_opset(work) >= 11  # BitShift
+    blocked = can_upgrade(work)  # opset 21 for blocked DequantizeLinear
     sess = session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
@@ -194,6 +203,9 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
             if int4 and int4_axis((m, n)) is not None:
                 opts.append(Option(int8_bytes(m * n // 2) + 4 * n + INT4_OVERHEAD, loss_with(g.name, int8w_weight(T, 4)),
                                    ("int4w", 1.0)))
+        if blocked and g.ref.kind == "initializer":
+            opts += planner_options(work, g.name, T, fpass.stats.grams if fpass.stats else {}, loss_with, Option,
+                                    INT8_OVERHEAD)
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
@@ -361,7 +373,8 @@ def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib
         m, n = planner.shapes[name]
         r = rank_for_keep(m, n, keep, fpass.rank_multiple) if kind.startswith("lmf") else None
         rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.params),
-                     "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
+                     "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6),
+                     **({"run_time": "disk only"} if kind in SLOW else {})})
     report.timings["plan_search_s"] = time.perf_counter() - t
     info = {"target_size": target, "target_fidelity": plan.get("target_fidelity"), "fixed_bytes": fixed,
             "planned_bytes": fixed + sum(o.params for o in choice.values()), "bytes": size,
