@@ -215,13 +215,14 @@ def round_to_block(r: int, block: int, limit: int | None = None) -> int:
     return min(r, limit) if limit is not None else r
 
 
-def _whitened_lowrank(E: np.ndarray, G: np.ndarray | None, rank: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
-    """L (K×r), R (r×N) minimising ‖X(E − L·R)‖ (plain SVD when G is None), √σ on each side."""
+def _whitened_lowrank(E: np.ndarray, G, rank: int, damp: float) -> tuple[np.ndarray, np.ndarray]:
+    """L (K×r), R (r×N) minimising ‖X(E − L·R)‖ (plain SVD when G is None; G may also be a
+    precomputed Whitener), √σ on each side."""
     if G is None:
         U, s, Vt = np.linalg.svd(E, full_matrices=False)
         r = min(rank, s.size)
         return U[:, :r] * np.sqrt(s[:r]), np.sqrt(s[:r])[:, None] * Vt[:r]
-    w = whitener(G, damp)
+    w = G if hasattr(G, "apply") else whitener(G, damp)
     U, s, Vt = np.linalg.svd(w.apply(E), full_matrices=False)
     r = min(rank, s.size)
     return w.undo(U[:, :r] * np.sqrt(s[:r])), np.sqrt(s[:r])[:, None] * Vt[:r]
@@ -251,7 +252,7 @@ def _quantizer(G, bits, block, symmetric, method):
 
 
 def lowrank_residual(W: np.ndarray, G: np.ndarray | None, rank: int, bits: int = 4, block: int = 32,
-                     symmetric: bool = True, iters: int = 3, method: str = "clip",
+                     symmetric: bool = True, iters: int = 2, method: str = "clip",
                      damp: float = DEFAULT_DAMP) -> LowRankResidual:
     """W ≈ Q + L·R fitted alternately (module docstring); r is rounded to ``block``; ``method``:
     how Q is chosen (rtn, clip, gptq)."""
@@ -260,9 +261,10 @@ def lowrank_residual(W: np.ndarray, G: np.ndarray | None, rank: int, bits: int =
     quant = _quantizer(G, bits, block, symmetric, method)
     LR = np.zeros_like(W)
     best = None
+    wh = whitener(G, damp) if G is not None else None
     for _ in range(max(iters, 1)):
         Q = quant(W - LR)
-        L, R = _whitened_lowrank(W - Q.dequantize(), G, r, damp)
+        L, R = _whitened_lowrank(W - Q.dequantize(), wh, r, damp)
         Lq, Rq = clip_search(L, None, 8, block), clip_search(R, None, 8, block)
         LR = Lq.dequantize() @ Rq.dequantize()
         cand = LowRankResidual(Q, Lq, Rq)
