@@ -199,3 +199,13 @@ def test_planner_offers_blocked_treatments_and_writes_them_integer(tmp_path):
     assert not any(t.name in blocked and t.data_type == TensorProto.FLOAT for t in out.graph.initializer)
     disk = [r for r in rep.plan["sites"] if r["treatment"].split()[0] in ("int8w", "int4w", "lmf-int8w")]
     assert all(r.get("run_time") == "disk only" for r in disk)
+
+
+def test_plain_tables_and_int8pc_keep_the_opset():
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    cal = Calibration([token_batches(320, 64, 12, seed=1)], mask="attention_mask")
+    out, notes = apply_treatments(m, {"E": IntTreatment("int4b", 4, 32, True, "clip"), "W1": parse_treatment("int8pc")},
+                                  calib=cal)
+    assert qdq.default_opset(out) == 17 and not any("opset" in n for n in notes)
+    feeds = token_batches(320, 8, 12, seed=5)
+    assert np.mean((_run(out, feeds) - _run(m, feeds)) ** 2) < 5e-2 * np.mean(_run(m, feeds) ** 2)

@@ -19,8 +19,11 @@ Kinds (``site`` is 'matmul', 'table' or 'tied', see graph/qdq.site_kind):
                   any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
                   quantizer's own scales (matmul sites).
 
-Every kind but int8pc needs opset 21; :func:`apply_treatments` raises the opset only when one
-is applied and the model passes graph/qdq.upgrade_opset's check, else it skips them and says why.
+Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
+gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
+opset only when a treatment applied needs it and the model passes graph/qdq.upgrade_opset's
+check, else it skips those and says why. Raising it is not free: onnxruntime 1.32 matches several
+of its fusions on op versions, and MiniLM at opset 21 runs 1.15x slower in float (bench_runtime.py).
 """
 from __future__ import annotations
 
@@ -55,9 +58,10 @@ class IntTreatment:
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
         return f"{base}{blk}-{self.method}"
 
-    @property
-    def opset(self) -> int:
-        return 11 if self.kind == "int8pc" else qdq.QDQ_OPSET
+    def opset(self, site: str = "matmul") -> int:
+        """The opset the treatment needs on ``site``: blocked DQ needs 21; gathered table rows
+        (Cast, BitShift, Mul) and MatMulInteger need only 11."""
+        return 11 if self.kind == "int8pc" or site == "table" else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
         return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else ("matmul",)
@@ -158,14 +162,14 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
             notes.append(f"{w}: {t.name} skipped ({sites[w] or 'not a plain MatMul/Gather weight'})")
         else:
             todo[w] = t
-    if any(t.opset > default_opset(out) for t in todo.values()):
+    if any(t.opset(sites[w]) > default_opset(out) for w, t in todo.items()):
         old = default_opset(out)
         try:
             notes += qdq.upgrade_opset(out)
             notes.append(f"opset {old} -> {qdq.QDQ_OPSET} (blocked DequantizeLinear)")
         except OnnxHmfError as e:
             notes.append(f"blocked treatments skipped: {e}")
-            todo = {w: t for w, t in todo.items() if t.opset <= old}
+            todo = {w: t for w, t in todo.items() if t.opset(sites[w]) <= old}
     need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
     if grams is None:
         grams = weight_grams(model, need, calib)
