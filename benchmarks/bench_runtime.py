@@ -1,6 +1,6 @@
 """Issue 15 benchmark: integer treatments that pay at run time, against onnxruntime's quantizers.
 
-    python benchmarks/bench_runtime.py [--models minilm,glassllm] [--samples 128] [--rounds 7]
+    python benchmarks/bench_runtime.py [--models minilm,glassllm] [--samples 512] [--rounds 9]
 
 Calibration on Python's pydoc topics; fidelity on held-out text from other domains (MiniLM: mean
 cosine of sentence embeddings on Shakespeare + KJV sentences; glassllm: perplexity on Shakespeare
@@ -20,6 +20,10 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
     hmf int8b128                 blocked int8, block 128 (DQ → MatMul, MatMulNBits 8-bit)
     hmf lqer                     int4 block 32 + rank-32 blocked-int8 residual L·R (matmuls), GPTQ Q
     hmf pc gptq + t4             per-channel MatMulInteger with GPTQ-refitted integers, tables int4
+                                 (block 32, clip; gathered rows, opset unchanged)
+    hmf plan @nbits4             intquant.integer_plan at the file size of "ort nbits4": per weight
+                                 int4 b32 GPTQ, int8 b128 or int4 b128 (or dense), one knapsack over
+                                 measured losses
 
 Columns: size (ratio to the original file), fidelity, latency at 1 and 2 threads (ratio to the
 original, interleaved), resident memory (RSS growth of a fresh process that loads the model and
@@ -45,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
-from onnxhmf.passes.intquant import IntTreatment, apply_treatments, weight_grams  # noqa: E402
+from onnxhmf.passes.intquant import IntTreatment, apply_treatments, integer_plan, weight_grams  # noqa: E402
 
 _RSS = r"""
 import sys, numpy as np, onnxruntime as ort
@@ -83,7 +87,7 @@ def peers(src: Path, out: Path, cal) -> dict[str, Path]:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.it = iter(cal.batches[:8])
+            self.it = iter(cal.batches[:16])
 
         def get_next(self):
             return next(self.it, None)
@@ -98,14 +102,17 @@ def peers(src: Path, out: Path, cal) -> dict[str, Path]:
         cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=fmt,
                                            op_types_to_quantize=("MatMul", "Gather") if fmt == QuantFormat.QOperator
                                            else ("MatMul",))
-        q = MatMulNBitsQuantizer(src21, block_size=32, is_symmetric=True, quant_format=fmt,
+        fresh = onnx.ModelProto()
+        fresh.CopyFrom(src21)  # the quantizer edits its input in place
+        q = MatMulNBitsQuantizer(fresh, block_size=32, is_symmetric=True, quant_format=fmt,
                                  op_types_to_quantize=cfg.op_types_to_quantize, algo_config=cfg)
         q.process()
         q.model.save_model_to_file(str(p[key]), False)
     return p
 
 
-def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str]) -> tuple[dict[str, Path], dict[str, float]]:
+def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
+         targets: dict[str, int]) -> tuple[dict[str, Path], dict[str, float], list[str]]:
     m = onnx.load(str(src))
     t0 = time.perf_counter()
     grams = weight_grams(m, matmuls + tables, cal)
@@ -130,7 +137,18 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str]) -> tu
         onnx.save(model, str(paths[label]))
         skipped = [n for n in notes if "skip" in n]
         print(f"  {label}: {secs[label]:.1f} s{'; ' + '; '.join(skipped) if skipped else ''}", flush=True)
-    return paths, secs
+    menu = [i4("gptq"), IntTreatment("int8b", 8, 128, True, "clip"), IntTreatment("int4b", 4, 128, True, "clip")]
+    mixes = []
+    for label, target in targets.items():
+        t = time.perf_counter()
+        model, plan, info = integer_plan(m, cal, target, menu, grams=grams, batches=1)
+        secs[label] = time.perf_counter() - t + gram_s
+        paths[label] = out / (label.replace(" ", "_").replace("@", "at_") + ".onnx")
+        onnx.save(model, str(paths[label]))
+        mixes.append(f"{label}: " + ", ".join(f"{v} {k}" for k, v in sorted(info["counts"].items())) +
+                     f", {info['dense']} dense; predicted loss {info['predicted_loss']:.4f}")
+        print(f"  {label}: {secs[label]:.1f} s", flush=True)
+    return paths, secs, mixes
 
 
 def run(name: str, samples: int, rounds: int) -> str:
@@ -158,7 +176,7 @@ def run(name: str, samples: int, rounds: int) -> str:
               next(t for t in m.graph.initializer if t.name == w).dims[1] % 32 == 0 and
               np.prod(next(t for t in m.graph.initializer if t.name == w).dims) >= 4096]
     paths = {"original": src, **peers(src, out, cal)}
-    mine, secs = ours(src, out, cal, tables, matmuls)
+    mine, secs, mixes = ours(src, out, cal, tables, matmuls, {"hmf plan @nbits4": os.path.getsize(paths["ort nbits4"])})
     paths.update(mine)
     if name == "minilm":
         fid = H.minilm_fidelity(paths, H.heldout_sentences(300))
@@ -180,14 +198,15 @@ def run(name: str, samples: int, rounds: int) -> str:
     header = ["variant", "size", *cols, "lat 1t", "lat 2t", "mem MB", "std", "fit s"]
     shape = "×".join(str(d) for d in next(iter(feeds.values())).shape)
     return (f"### {name} ({size0 / 1e6:.2f} MB; original latency {lat1['original'] * 1e3:.1f} ms at 1 thread, "
-            f"{lat2['original'] * 1e3:.1f} ms at 2, on {shape} tokens)\n\n" + H.table(header, rows) + "\n")
+            f"{lat2['original'] * 1e3:.1f} ms at 2, on {shape} tokens)\n\n" + H.table(header, rows) + "\n\n"
+            + "\n".join(mixes) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="minilm,glassllm")
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     for name in args.models.split(","):
         print(run(name, args.samples, args.rounds), flush=True)
