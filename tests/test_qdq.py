@@ -209,3 +209,20 @@ def test_plain_tables_and_int8pc_keep_the_opset():
     assert qdq.default_opset(out) == 17 and not any("opset" in n for n in notes)
     feeds = token_batches(320, 8, 12, seed=5)
     assert np.mean((_run(out, feeds) - _run(m, feeds)) ** 2) < 5e-2 * np.mean(_run(m, feeds) ** 2)
+
+
+@pytest.mark.slow
+def test_glassllm_int4_gptq_is_fused_small_and_faithful(glassllm_path):
+    m = onnx.load(glassllm_path)
+    ids = np.random.default_rng(0).integers(0, 1024, (8, 128)).astype(np.int64)
+    cal = Calibration([{"input_ids": ids[i:i + 4]} for i in (0, 4)])
+    weights = [t.name for t in m.graph.initializer if qdq.site_kind(m, t.name)]
+    out, notes = apply_treatments(m, {w: IntTreatment("int4b", 4, 32, True, "gptq") for w in weights}, calib=cal)
+    assert "opset 17 -> 21 (blocked DequantizeLinear)" in notes
+    onnx.checker.check_model(out)
+    feeds = {"input_ids": np.random.default_rng(1).integers(0, 1024, (2, 64)).astype(np.int64)}
+    ops = _fused_ops(out, feeds)
+    assert ops["MatMulNBits"] == 29 and ops.get("DequantizeLinear", 0) == 0  # 28 MatMuls + the tied head
+    assert out.ByteSize() < 0.21 * m.ByteSize()
+    a, b = _run(m, feeds).ravel(), _run(out, feeds).ravel()
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
