@@ -21,7 +21,7 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
     hmf lqer                     int4 block 32 + rank-32 blocked-int8 residual L·R (matmuls), GPTQ Q
     hmf pc gptq + t4             per-channel MatMulInteger with GPTQ-refitted integers, tables int4
                                  (block 32, clip; gathered rows, opset unchanged)
-    hmf plan @nbits4             intquant.integer_plan at the file size of "ort nbits4": per weight
+    hmf plan @nbits4             planners.integer.integer_plan at the file size of "ort nbits4": per weight
                                  int4 b32 GPTQ, int8 b128 or int4 b128 (or dense), one knapsack over
                                  measured losses
 
@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
-from onnxhmf.passes.intquant import IntTreatment, apply_treatments, integer_plan, weight_grams  # noqa: E402
+from onnxhmf.passes.intquant import IntTreatment, apply_treatments, weight_grams  # noqa: E402
+from onnxhmf.planners.integer import integer_plan  # noqa: E402
 
 _RSS = r"""
 import sys, numpy as np, onnxruntime as ort

@@ -30,12 +30,17 @@ _ONNX_TO_NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int3
 
 @dataclass
 class Calibration:
-    """Batches of feeds; ``mask`` names the input whose zeros mark padding (or None)."""
+    """Batches of feeds; ``mask`` names the input whose zeros mark padding (or None).
+
+    ``group``: consecutive batches that belong together (2 for a KV-cache decoder: a first step
+    with an empty past, then the cached step fed its presents); split() keeps groups whole.
+    """
 
     batches: list[dict[str, np.ndarray]]
     mask: str | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    group: int = 1
 
     @property
     def samples(self) -> int:
@@ -49,12 +54,14 @@ class Calibration:
 
     def split(self, holdout: float) -> tuple["Calibration", "Calibration"]:
         """(fit, held-out): the last ``holdout`` fraction of batches (at least one) held out."""
-        if len(self.batches) < 2:
-            raise OnnxHmfError(f"calibration data has {len(self.batches)} batch(es); need at least 2 to hold some out "
+        g = max(1, self.group)
+        if len(self.batches) < 2 * g:
+            raise OnnxHmfError(f"calibration data has {len(self.batches)} batch(es); need at least {2 * g} to hold some out "
                                "(give more samples or a smaller batch)")
-        k = min(len(self.batches) - 1, max(1, int(round(len(self.batches) * holdout))))
-        return (Calibration(self.batches[:-k], self.mask, self.source),
-                Calibration(self.batches[-k:], self.mask, self.source))
+        n = len(self.batches) // g
+        k = g * min(n - 1, max(1, int(round(n * holdout))))
+        return (Calibration(self.batches[:-k], self.mask, self.source, group=g),
+                Calibration(self.batches[-k:], self.mask, self.source, group=g))
 
 
 def input_roles(model: onnx.ModelProto) -> dict[str, str]:

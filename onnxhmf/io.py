@@ -21,7 +21,7 @@ from .errors import OnnxHmfError
 from .external import TensorStore, needs_external_data, write_model
 
 __all__ = ["load_model", "save_model", "max_ir_version_for_onnxruntime", "model_file_bytes", "OutputStage",
-           "external_data_paths", "check_model_path"]
+           "external_data_paths", "check_model_path", "write_text_atomic"]
 
 MIN_OPSET = 7  # Gemm/MatMul broadcasting semantics the rewrites rely on
 
@@ -295,3 +295,21 @@ def save_model(
         n = stage.write(model, store, external=external, threshold=threshold)
         stage.commit()
     return n
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file beside it and a rename (no partial file)."""
+    p = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+    except OSError as e:
+        raise OnnxHmfError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, p)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OnnxHmfError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
+        raise

@@ -424,6 +424,19 @@ def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     return feeds, outs
 
 
+def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed) -> dict[str, np.ndarray]:
+    """``inputs`` (.npz or dict), else the saved golden inputs, else text, else generated."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return load_inputs(inputs, sig)
+    if inputs is not None:
+        return dict(inputs)
+    if golden_feeds:
+        return golden_feeds
+    if calib is not None:
+        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
+    return make_inputs(sig, input_shapes, seed=seed)
+
+
 def verify_models(
     ref: str | os.PathLike | None,
     cand: str | os.PathLike | None,
@@ -473,16 +486,7 @@ def verify_models(
     sig = ref_model if ref_model is not None else cand_model
     if sig is None:
         raise OnnxHmfError("nothing to run: give a model")
-    if isinstance(inputs, (str, os.PathLike)):
-        feeds = load_inputs(inputs, sig)
-    elif inputs is not None:
-        feeds = dict(inputs)
-    elif golden_feeds:
-        feeds = golden_feeds
-    elif calib is not None:
-        feeds = calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
-    else:
-        feeds = make_inputs(sig, input_shapes, seed=seed)
+    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed)
     report.inputs = {k: list(v.shape) for k, v in feeds.items()}
     if golden_outs is not None:
         ref_outs = golden_outs
@@ -493,9 +497,9 @@ def verify_models(
         report.saved = str(save_outputs)
     if cand_model is None:
         return report
-    from .api import _vocab_sizes  # (api imports this module)
+    from .graph.index import vocab_sizes
 
-    vocab = set().union(*(_vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
+    vocab = set().union(*(vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
     cand_names = [o.name for o in cand_model.graph.output]
     missing = [n for n in ref_outs if n not in cand_names]
     if missing:

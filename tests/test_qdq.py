@@ -226,3 +226,18 @@ def test_glassllm_int4_gptq_is_fused_small_and_faithful(glassllm_path):
     assert out.ByteSize() < 0.21 * m.ByteSize()
     a, b = _run(m, feeds).ravel(), _run(out, feeds).ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.99
+
+
+def test_integer_plan_meets_the_budget_with_integer_treatments():
+    from onnxhmf.planners.integer import integer_plan
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    cal = Calibration([token_batches(320, 64, 12, seed=s) for s in range(2)], mask="attention_mask")
+    menu = [IntTreatment("int4b", 4, 32, True, "gptq"), IntTreatment("int8b", 8, 32, True, "clip")]
+    target = int(0.3 * m.ByteSize())
+    out, plan, info = integer_plan(m, cal, target, menu, batches=1)
+    assert out.ByteSize() <= target and set(plan) == {"E", "W1", "W2"}
+    loose, plan2, _ = integer_plan(m, cal, int(0.6 * m.ByteSize()), menu, batches=1)
+    assert any(t.bits == 8 for t in plan2.values()) or len(plan2) < 3  # more bytes buy int8 or dense
+    with pytest.raises(OnnxHmfError, match="fits"):
+        integer_plan(m, cal, 1000, menu, batches=1)

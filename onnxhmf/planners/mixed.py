@@ -1,0 +1,447 @@
+"""``--plan auto``: per weight, one of dense fp32, int8, weight-only int8 or int4, whitened LMF,
+or LMF with int8 / weight-only int8 factors, under one byte budget (or the smallest plan meeting a
+held-out fidelity).
+
+Candidates of a weight group of shape m×n (bytes; loss = Σ_outputs (1 − mean cosine) when
+only that group is changed, as in calibrated.measure_sensitivities):
+
+* dense: 4·m·n, loss 0.
+* int8 (MatMulInteger; Gather + DequantizeLinear for tables): m·n + c, c = quantize.INT8_OVERHEAD.
+  Loss *measured* with the weight the quantizer stores (quantize.int8_weight) and, for MatMuls,
+  the input switched through DynamicQuantizeLinear → DequantizeLinear in the probe graph, which
+  is exactly what MatMulInteger computes (tests/test_plan.py checks it).
+* int8w (weight-only: int8 + per-column scales, Cast·Mul → float MatMul): m·n + 4n + c, loss
+  measured with quantize.int8w_weight. Accurate, but runs at float speed.
+* int4w (the same with 4 bits, two values per byte, unpacked by BitShift/Sub/Concat): m·n/2 +
+  4n + c', opset ≥ 11 and an even side. Both are folded by onnxruntime at load, tables included.
+* LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
+* LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
+  loss of the quantized factors at the probe rank − the same with float factors); the
+  quantization noise of the factors is taken as independent of r.
+
+The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
+Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
+The plan is then assembled on a copy (FactorizePass with per-group keeps, weight-only int8,
+then the int8 quantizer on exactly the chosen weights and factors, then the metadata) and
+measured on held-out calibration batches: file bytes and fidelity. If the file overshoots the
+target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
+Plans of one treatment (all int8w, int8 or int4w where the weight allows) that fit are measured
+too, and the lowest measured loss wins: the knapsack adds per-weight losses, the model need not.
+``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
+held-out fidelity meets the target. ``--max-latency-ratio``: when the plan is too slow, plan
+again without the weight-only treatments (float MatMuls), and fail if still slow.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from ..capture import session
+from ..errors import OnnxHmfError
+from ..executor import ExecContext, execute
+from ..factorize.allocate import Option, allocate
+from ..factorize.svd import rank_for_keep
+from ..graph.index import GraphIndex, default_opset
+from ..graph.rewrite import factor_orientation
+from ..graph.sites import find_weight_groups
+from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
+from ..passes.factorize import FactorizePass
+from ..passes.intquant import can_upgrade, planner_options
+from ..plan import Plan, treatment_bytes
+from ..progress import no_progress
+from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
+from .common import Planned, candidate, decision, dense
+from .measured import Calibrated, calibration_settings, load_for_plan
+
+__all__ = ["Planner", "mixed_plan", "latency_ratio"]
+
+PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
+SLOW = ("int8w", "int4w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+
+
+@dataclass
+class Planner:
+    options: dict[str, list[Option]]  # per weight: Option(bytes, loss, (treatment, keep))
+    groups: dict  # candidate name -> WeightGroup
+    all_groups: list  # every WeightGroup of the model
+    settings: dict  # the plan's settings (what the executor and the metadata need)
+    calibrated: Calibrated
+    fixed: int  # bytes outside the candidate groups
+    refs: list
+    rank_multiple: int = 1
+    select: object = None  # the Options (selection) the candidates came from
+    finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
+    cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
+    meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
+
+    @property
+    def held(self):
+        return self.calibrated.held
+
+    # -- the plan -------------------------------------------------------------------------
+    def allocate(self, budget: int) -> dict[str, Option]:
+        names = list(self.options)
+        picked = allocate([self.options[n] for n in names], max(int(budget) - self.fixed, 0))
+        return dict(zip(names, picked))
+
+    def floor(self) -> int:
+        return self.fixed + sum(min(o.cost for o in opts) for opts in self.options.values())
+
+    def ceiling(self) -> int:
+        return self.fixed + sum(max(o.cost for o in opts) for opts in self.options.values())
+
+    def plan(self, choice: dict[str, Option]) -> Plan:
+        """The Plan of one knapsack choice: chosen treatments for the planned weights, dense
+        (with the reason) for the others."""
+        out = []
+        for g in self.all_groups:
+            why = candidate(g, self.select)
+            o = choice.get(g.name)
+            if why is not None:
+                out.append(dense(g, why))
+            elif o is None:
+                out.append(dense(g, "not planned (not a float initializer)"))
+            elif o.tag[0] == "dense":
+                out.append(dense(g, "the plan keeps it dense"))
+            else:
+                kind, keep = o.tag
+                m, n = g.shape
+                rank = rank_for_keep(m, n, keep, self.rank_multiple) if kind.startswith("lmf") else None
+                out.append(decision(g, kind, rank=rank, keep=float(keep), predicted_loss=float(o.error),
+                                    reason="--plan auto"))
+        return Plan(out, self.settings, "mixed")
+
+    def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]):
+        m = onnx.ModelProto()
+        m.CopyFrom(model)
+        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats, cache=self.cache))
+        if self.finish is not None:
+            self.finish(built.model, self.settings)
+        return built
+
+    def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
+        """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
+        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine); or
+        what ``meter`` says (the default planner: the margin over per-output minimums)."""
+        if self.meter is not None:
+            return self.meter(model)
+        sess = session(model)
+        names = [o.name for o in model.graph.output]
+        sums, n = np.zeros(len(names)), 0
+        for feeds, ref in zip(self.held.batches, self.refs):
+            mask = feeds.get(self.held.mask) if self.held.mask else None
+            out = sess.run(names, feeds)
+            sums += [1.0 - output_loss([r], [c], mask) if np.issubdtype(r.dtype, np.floating) else 1.0
+                     for r, c in zip(ref, out)]
+            n += 1
+        cos = sums / max(n, 1)
+        return float(np.min(cos)), float(np.sum(1.0 - cos))
+
+
+def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, list[Option]]:
+    """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
+    loss, (treatment, keep))."""
+    sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress)
+    by_name = {g.name: g for g in groups}
+    index = GraphIndex(work)
+    uses = weight_nodes(work)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(work)
+    have = {i.name for i in probe.graph.input}
+    sens = {n: o for n, o in sens.items() if not by_name[n].ref.scope}  # a body's own weights: not planned (dense)
+    for g in groups:
+        if g.name in sens and g.name not in have:
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
+    flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
+    int4 = default_opset(work) >= 11  # BitShift
+    blocked, grams = can_upgrade(work), (fpass.stats.grams if fpass.stats else {})  # int4b/int8b (passes/intquant.py)
+    sess = session(probe)
+    names = [o.name for o in work.graph.output]
+    data = _merged(fit, 256)
+    off = {f: np.array(False) for f in flags.values()}
+    refs = [sess.run(names, {**feeds, **off}) for feeds in data.batches]
+
+    def loss_with(name: str, W: np.ndarray, quantized_input: bool = False) -> float:
+        """Loss with ``name`` := W; ``quantized_input``: its MatMuls also see their input as the
+        run-time uint8 quantization of MatMulInteger would (DynamicQuantizeLinear → Dequantize)."""
+        extra = {name: W, **off}
+        if quantized_input and name in flags:
+            extra[flags[name]] = np.array(True)
+        tot = 0.0
+        for feeds, ref in zip(data.batches, refs):
+            mask = feeds.get(data.mask) if data.mask else None
+            tot += output_loss(ref, sess.run(names, {**feeds, **extra}), mask)
+        return tot / len(data.batches)
+
+    out: dict[str, list[Option]] = {}
+    for g in progress([g for g in groups if g.name in sens], "measuring treatments"):
+        if g.ref.data_type != onnx.TensorProto.FLOAT:
+            continue
+        m, n = g.shape
+        T = index.array(g.ref)
+        cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r)  # noqa: E731
+        opts = [Option(cost("dense"), 0.0, ("dense", 1.0))]
+        lmf = [o for o in sens[g.name] if o.tag < 1.0]
+        opts += [Option(cost("lmf", o.cost // (m + n)), o.error, ("lmf", o.tag)) for o in lmf]
+        # int8 only where every use is a MatMul's B or a Gather's table (the quantizer takes those)
+        direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
+        gather = any(u.kind == "gather" for u in g.uses)
+        if direct:
+            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
+        only_gather = all(u.kind == "gather" for u in g.uses)
+        # weight-only int8/int4: any use; the weight is rebuilt by a constant subgraph that
+        # onnxruntime folds at load, so the graph's own ops run in float as before
+        if g.ref.kind == "initializer":
+            opts.append(Option(cost("int8w"), loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
+            if int4 and int4_axis((m, n)) is not None:
+                opts.append(Option(cost("int4w"), loss_with(g.name, int8w_weight(T, 4)),
+                                   ("int4w", 1.0)))
+        opts += planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n) if blocked else []
+        if direct and (only_gather or not gather) and lmf:
+            transposed = factor_orientation(g)
+            r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
+            if 1 <= r and r * (m + n) < m * n:
+                f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
+                Wq = int8_weight(f.A, table=gather) @ int8_weight(f.B)
+                Wq = (Wq.T if transposed else Wq).astype(np.float32)
+                Wr = (f.A @ f.B)
+                Wr = (Wr.T if transposed else Wr).astype(np.float32)
+                base = loss_with(g.name, Wr)
+                delta = max(0.0, loss_with(g.name, Wq, not gather) - base)
+                opts += [Option(cost("lmf-int8", o.cost // (m + n)), o.error + delta, ("lmf-int8", o.tag))
+                         for o in lmf]
+                if not gather and not transposed:  # factors stored as A (m×r), B (r×n): weight-only int8
+                    Ww = (int8w_weight(f.A) @ int8w_weight(f.B)).astype(np.float32)
+                    dw = max(0.0, loss_with(g.name, Ww) - base)
+                    opts += [Option(cost("lmf-int8w", o.cost // (m + n)),
+                                    o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
+        out[g.name] = opts
+    return out
+
+
+def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, str]:
+    """Give each MatMul that reads one of ``weights`` as B a switchable quantized input:
+    A ← Where(flag, DequantizeLinear(DynamicQuantizeLinear(A)), A), flag a bool graph input.
+    What MatMulInteger computes, (A_q − z_A)·W_q·s_A·s_W, equals DequantizeLinear(A_q)·W_q·s_W
+    exactly up to float rounding, so the probe sees the int8 site's activation error too.
+    Returns {weight: flag input name}; empty below opset 11 (no DynamicQuantizeLinear)."""
+    if default_opset(model) < 11:
+        return {}
+    want = set(weights)
+    flags: dict[str, str] = {}
+    added = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in want:
+            continue
+        w = node.input[1]
+        flag = flags.setdefault(w, f"onnxhmf_fq_flag_{len(flags)}")
+        base = f"onnxhmf_fq_{len(added)}"
+        x = node.input[0]
+        added += [
+            onnx.helper.make_node("DynamicQuantizeLinear", [x], [base + "_q", base + "_s", base + "_z"]),
+            onnx.helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_z"], [base + "_dq"]),
+            onnx.helper.make_node("Where", [flag, base + "_dq", x], [base + "_x"]),
+        ]
+        node.input[0] = base + "_x"
+    for flag in flags.values():
+        model.graph.input.append(onnx.helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
+    # nodes only need to come before their consumers: put them first, after their inputs' producers
+    order = list(model.graph.node)
+    del model.graph.node[:]
+    produced = {o: i for i, n in enumerate(order) for o in n.output}
+    at: dict[int, list] = {}
+    for i in range(0, len(added), 3):
+        x = added[i].input[0]
+        at.setdefault(produced.get(x, -1), []).append(added[i : i + 3])
+    for trio in at.get(-1, []):
+        model.graph.node.extend(trio)
+    for i, n in enumerate(order):
+        model.graph.node.append(n)
+        for trio in at.get(i, []):
+            model.graph.node.extend(trio)
+    return flags
+
+
+def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress, meter=None,
+               split=None, fast: bool = False):
+    """``--plan auto``: measure every candidate's treatments, search the byte budget (or the
+    fidelity target), check latency. Returns (Planned with the winning model built, Calibrated).
+
+    ``meter``: (held-out fidelity, loss) of a model, instead of the cosines; ``split``: (fit,
+    held-out) calibration already split; ``fast``: leave out the treatments that run as float
+    MatMuls (weight-only integers) from the start."""
+    t0 = time.perf_counter()
+    c = load_for_plan(work, options, 0.25, progress, split=split)
+    settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
+    fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
+    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress)
+    if not opts:
+        raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
+    fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    if fast:
+        opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
+    planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
+                      [] if meter is not None else reference_outputs(work, c.held), options.budget.rank_multiple,
+                      options, finish, meter=meter)
+    timings = {"plan_measure_s": time.perf_counter() - t0}
+    t = time.perf_counter()
+    search = _Search(planner, work, options.budget.plan, src_bytes)
+    res = search.run()
+    limit = options.budget.plan.get("max_latency_ratio")
+    ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
+    fast_only = False
+    if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in res.choice.values()):
+        # weight-only int8 runs at float speed: plan again without it
+        planner.options = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in planner.options.items()}
+        res = search.run()
+        ratio, fast_only = latency_ratio(work, res.built.model, c.held), True
+    if limit is not None and ratio > limit:
+        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
+                           f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
+    timings["plan_search_s"] = time.perf_counter() - t
+    plan = planner.plan(res.choice)
+    plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
+    plan.summary["timings"] = timings
+    plan.summary["notes"] = [_note(plan.summary["plan_auto"], res)]
+    return Planned(plan, res.built), c
+
+
+@dataclass
+class _Trial:
+    choice: dict
+    size: int
+    fidelity: float
+    loss: float
+    built: object
+
+
+@dataclass
+class _Search:
+    """The budget search of ``--plan auto`` over one Planner."""
+
+    planner: Planner
+    work: onnx.ModelProto
+    goal: dict  # target_size | target_ratio | target_fidelity
+    src_bytes: int
+    tried: list = field(default_factory=list)
+    target: int | None = None
+
+    def trial(self, budget: int) -> _Trial:
+        choice = self.planner.allocate(budget)
+        return self._measure(choice, {"budget": int(budget)})
+
+    def _measure(self, choice, row: dict) -> _Trial:
+        built = self.planner.assemble(self.work, choice)
+        size = built.model.ByteSize()
+        fid, loss = self.planner.measure(built.model)
+        self.tried.append({**row, "bytes": size, "fidelity": round(fid, 5)})
+        return _Trial(choice, size, fid, loss, built)
+
+    def best_of(self, res: _Trial, target: int) -> _Trial:
+        """The knapsack's plan, or a one-treatment plan (every weight int8w, int8 or int4w where
+        it can be, the knapsack's choice elsewhere) that fits ``target`` and measures a lower
+        held-out loss: the prediction adds per-weight losses, which the whole model need not."""
+        p = self.planner
+        for kind in ("int8w", "int8", "int4w"):
+            alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
+            if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
+                continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
+            built = p.assemble(self.work, alt)
+            size = built.model.ByteSize()
+            if size > target:
+                continue
+            fid, loss = p.measure(built.model)
+            self.tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
+            if loss < res.loss:
+                res = _Trial(alt, size, fid, loss, built)
+        return res
+
+    def run(self) -> _Trial:
+        if self.goal.get("target_fidelity") is None:
+            return self._fit_size()
+        return self._fit_fidelity()
+
+    def _fit_size(self) -> _Trial:
+        g, p = self.goal, self.planner
+        target = g["target_size"] if g.get("target_size") else int(g["target_ratio"] * self.src_bytes)
+        self.target = target
+        if target < p.floor():
+            raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({p.floor():,} B: every "
+                               "weight at its cheapest option)")
+        budget = target
+        for i in range(6):
+            res = self.trial(budget)
+            if res.size <= target:
+                return self.best_of(res, target)
+            # the overhead estimate was short: spend that much less, and a growing margin more
+            budget -= res.size - target + int(0.001 * target * 2**i)
+        raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res.size:,} B)")
+
+    def _fit_fidelity(self) -> _Trial:
+        goal, p = self.goal["target_fidelity"], self.planner
+        lo, hi = p.floor(), p.ceiling()
+        ceiling = hi
+        best = self.trial(hi)
+        if best.fidelity < goal:
+            raise OnnxHmfError(f"--plan auto: even the largest plan gives held-out fidelity {best.fidelity:.4f} < {goal}")
+        for _ in range(8):
+            mid = (lo + hi) // 2
+            res = self.trial(mid)
+            if res.fidelity >= goal:
+                hi, best = mid, res
+            else:
+                lo = mid
+            if hi - lo < 0.01 * ceiling:
+                break
+        return best
+
+
+def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_only: bool) -> dict:
+    choice = res.choice
+    rows = []
+    for name, o in choice.items():
+        kind, keep = o.tag
+        m, n = planner.groups[name].shape
+        r = rank_for_keep(m, n, keep, planner.rank_multiple) if kind.startswith("lmf") else None
+        rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.cost),
+                     "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
+    info = {"target_size": search.target, "target_fidelity": search.goal.get("target_fidelity"),
+            "fixed_bytes": planner.fixed, "planned_bytes": planner.fixed + sum(o.cost for o in choice.values()),
+            "bytes": res.size, "predicted_loss": round(sum(o.error for o in choice.values()), 6),
+            "heldout_loss": round(res.loss, 6),
+            **({"heldout_margin": round(res.fidelity, 5)} if planner.meter is not None
+               else {"heldout_fidelity": round(res.fidelity, 5)}),
+            "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
+            "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
+    if fast_only:
+        info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
+    return info
+
+
+def _note(info: dict, res: _Trial) -> str:
+    counts: dict[str, int] = {}
+    for o in res.choice.values():
+        counts[o.tag[0]] = counts.get(o.tag[0], 0) + 1
+    return (f"plan auto: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; planned {info['planned_bytes']:,} B, "
+            f"assembled {res.size:,} B; loss predicted {info['predicted_loss']:.4f}, measured {res.loss:.4f} "
+            + (f"(held-out fidelity {res.fidelity:.4f} on {info['heldout_samples']} samples)" if "heldout_fidelity" in info
+               else f"(held-out margin over the fidelity minimums {res.fidelity:+.4f} on {info['heldout_samples']} samples)"))
+
+
+def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:
+    """Median onnxruntime latency of ``model`` over ``base`` on the first batch of ``data``
+    (one intra-op thread, runs interleaved so that machine noise hits both alike)."""
+    feeds = data.batches[0]
+    a, b = session(base, threads=1), session(model, threads=1)
+    a.run(None, feeds), b.run(None, feeds)
+    ta, tb = [], []
+    for _ in range(repeats):
+        for sess, out in ((a, ta), (b, tb)):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            out.append(time.perf_counter() - t)
+    return float(np.median(tb) / max(np.median(ta), 1e-9))
