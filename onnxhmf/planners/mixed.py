@@ -50,6 +50,7 @@ from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
 from ..passes.factorize import FactorizePass
+from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
@@ -157,6 +158,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
     int4 = default_opset(work) >= 11  # BitShift
+    blocked, grams = can_upgrade(work), (fpass.stats.grams if fpass.stats else {})  # int4b/int8b (passes/intquant.py)
     sess = session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
@@ -198,6 +200,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
             if int4 and int4_axis((m, n)) is not None:
                 opts.append(Option(cost("int4w"), loss_with(g.name, int8w_weight(T, 4)),
                                    ("int4w", 1.0)))
+        opts += planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n) if blocked else []
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
