@@ -236,3 +236,37 @@ def test_shared_basis_pivoted_over_the_stacked_outputs():
     for k in a_ort:
         assert np.abs(b_ort[k] - a_ort[k]).max() < 0.01 * np.abs(a_ort[k]).max()
         np.testing.assert_allclose(b_ref[k], b_ort[k], atol=1e-4, rtol=1e-4)
+
+
+def test_plan_auto_offers_and_assembles_pivoted_treatments(tmp_path):
+    """The mixed planner measures pivoted LMF (plmf, plmf-int8, plmf-int8w) beside A·B from one
+    measurement per rank: at a rank both forms store, the pivoted one costs fewer bytes; ranks
+    above A·B's break-even exist only pivoted. A plan using them assembles and runs."""
+    from onnxhmf.graph.index import GraphIndex
+    from onnxhmf.graph.sites import find_weight_groups
+    from onnxhmf.options import Options
+    from onnxhmf.planners.common import pivot_costs
+    from onnxhmf.planners.measured import load_for_plan
+    from onnxhmf.planners.mixed import _options
+    from onnxhmf.passes.factorize import FactorizePass
+
+    model = graphs.token_mlp_model(vocab=300, d=32, h=64)
+    p = tmp_path / "calib.npz"
+    np.savez(p, **graphs.token_batches(n=128, seed=1))
+    options = Options.from_kwargs(calib=str(p), plan={"target_ratio": 0.4})
+    c = load_for_plan(model, options, 0.25)
+    fpass = FactorizePass(stats=c.stats)
+    costs = pivot_costs(model, find_weight_groups(GraphIndex(model)), options)
+    opts = _options(model, fpass, c.groups, c.fit, 1, lambda it, *a: it, costs)
+    for name, o in opts.items():
+        kinds = {x.tag[0] for x in o}
+        assert {"lmf", "plmf", "plmf-int8"} <= kinds, (name, kinds)
+        ab = {round(x.error, 12): x.cost for x in o if x.tag[0] == "lmf"}
+        piv = {round(x.error, 12): x.cost for x in o if x.tag[0] == "plmf"}
+        shared = set(ab) & set(piv)
+        assert shared and all(piv[e] < ab[e] for e in shared)
+        assert min(piv) < min(ab)  # the lowest low-rank loss is at a rank only the pivoted form affords
+    out, rep = optimize(model, calib=p, plan={"target_ratio": 0.4}, verify=False)
+    _, rep_ab = optimize(model, calib=p, plan={"target_ratio": 0.4}, verify=False, pivot=False)
+    assert not any(s["treatment"].startswith("plmf") for s in rep_ab.plan["sites"])
+    assert out.ByteSize() <= 0.4 * model.ByteSize() + 1

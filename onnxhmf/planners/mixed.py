@@ -54,13 +54,13 @@ from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
-from .common import Planned, candidate, decision, dense
+from .common import Planned, candidate, decision, dense, pivot_costs
 from .measured import Calibrated, calibration_settings, load_for_plan
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
-SLOW = ("int8w", "int4w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Planner:
     finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
     cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
     meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
+    costs: object = None  # graph/pivot.PivotCosts: the pivoted treatments' ranks and maps (None: --no-pivot)
 
     @property
     def held(self):
@@ -110,6 +111,11 @@ class Planner:
             else:
                 kind, keep = o.tag
                 m, n = g.shape
+                if kind.startswith("plmf"):  # pivoted low-rank storage (a Decision of the lmf treatment)
+                    out.append(decision(g, kind[1:], rank=self.costs.rank(g, keep, self.rank_multiple), keep=float(keep),
+                                        predicted_loss=float(o.error), reason="--plan auto", pivot=True,
+                                        index=self.costs.map_cost(g)))
+                    continue
                 rank = rank_for_keep(m, n, keep, self.rank_multiple) if kind.startswith("lmf") else None
                 out.append(decision(g, kind, rank=rank, keep=float(keep), predicted_loss=float(o.error),
                                     reason="--plan auto"))
@@ -142,10 +148,10 @@ class Planner:
         return float(np.min(cos)), float(np.sum(1.0 - cos))
 
 
-def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, list[Option]]:
+def _options(work, fpass, groups, fit, rank_multiple, progress, costs=None) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep))."""
-    sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress)
+    sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
     by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
     uses = weight_nodes(work)
@@ -185,8 +191,9 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
         T = index.array(g.ref)
         cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r)  # noqa: E731
         opts = [Option(cost("dense"), 0.0, ("dense", 1.0))]
-        lmf = [o for o in sens[g.name] if o.tag < 1.0]
+        lmf, plmf = _lowrank_options(costs, g, sens[g.name], rank_multiple)
         opts += [Option(cost("lmf", o.cost // (m + n)), o.error, ("lmf", o.tag)) for o in lmf]
+        opts += [Option(o.cost, o.error, ("plmf", o.tag)) for o in plmf]
         # int8 only where every use is a MatMul's B or a Gather's table (the quantizer takes those)
         direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
         gather = any(u.kind == "gather" for u in g.uses)
@@ -197,6 +204,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n) if blocked else []
         opts += fused or _weight_only(g, T, loss_with, cost, int4)
+        if direct and (only_gather or not gather) and plmf:
+            opts += _pivoted_int8_options(costs, fpass, g, T, plmf, gather, loss_with, rank_multiple, not fused)
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
@@ -286,7 +295,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     c = load_for_plan(work, options, 0.25, progress, split=split)
     settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
-    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress)
+    costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
+    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, costs)
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
@@ -294,7 +304,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
     planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
                       [] if meter is not None else reference_outputs(work, c.held), options.budget.rank_multiple,
-                      options, finish, meter=meter)
+                      options, finish, meter=meter, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
     search = _Search(planner, work, options.budget.plan, src_bytes)
@@ -414,7 +424,8 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
     for name, o in choice.items():
         kind, keep = o.tag
         m, n = planner.groups[name].shape
-        r = rank_for_keep(m, n, keep, planner.rank_multiple) if kind.startswith("lmf") else None
+        r = (planner.costs.rank(planner.groups[name], keep, planner.rank_multiple) if kind.startswith("plmf")
+             else rank_for_keep(m, n, keep, planner.rank_multiple) if kind.startswith("lmf") else None)
         rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.cost),
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
     info = {"target_size": search.target, "target_fidelity": search.goal.get("target_fidelity"),
@@ -453,3 +464,57 @@ def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibrati
             sess.run(None, feeds)
             out.append(time.perf_counter() - t)
     return float(np.median(tb) / max(np.median(ta), 1e-9))
+
+
+def _lowrank_options(costs, g, sens: list[Option], rank_multiple: int) -> tuple[list[Option], list[Option]]:
+    """The measured low-rank options of ``g`` as (A·B, pivoted) Options: the loss depends on the
+    rank only, the storage on the form. A·B's carry cost r·(m+n) (params) and their A·B keep;
+    the pivoted ones their bytes (plan.treatment_bytes) and pivoted keep. Without ``costs``
+    (--no-pivot) the measurements are A·B's and there are no pivoted options."""
+    m, n = g.shape
+    low = [o for o in sens if o.tag < 1.0]
+    if costs is None:
+        return low, []
+    ab, piv = [], []
+    for o in low:
+        r = costs.rank(g, o.tag, rank_multiple)
+        pb = treatment_bytes("lmf", (m, n), rank=r, pivot=True, index=costs.map_cost(g))
+        fits_ab = r * (m + n) < m * n
+        if costs.stores_pivoted(g, r) and (not fits_ab or pb < treatment_bytes("lmf", (m, n), rank=r)):
+            piv.append(Option(pb, o.error, o.tag))  # only where it is the smaller file
+        if fits_ab:
+            ab.append(Option(r * (m + n), o.error, r * (m + n) / (m * n)))
+    return ab, piv
+
+
+def _pivoted_int8_options(costs, fpass, g, T: np.ndarray, plmf: list[Option], gather: bool, loss_with, rank_multiple: int,
+                          weight_only: bool) -> list[Option]:
+    """plmf-int8 (and plmf-int8w for untransposed MatMul weights): W_p and C quantized, loss
+    L(r) + δ with δ measured at the probe rank, as for A·B's quantized factors."""
+    from ..factorize.pivot import pivot_factors
+
+    m, n = g.shape
+    transposed = factor_orientation(g)
+    r = costs.rank(g, PROBE_KEEP, rank_multiple)
+    if r < 1 or not costs.stores_pivoted(g, r):
+        return []
+    f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
+    pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
+
+    def weight(Wp: np.ndarray, C: np.ndarray) -> np.ndarray:
+        W = np.concatenate([Wp, Wp @ C], axis=1)[:, pf.inverse]
+        return (W.T if transposed else W).astype(np.float32)
+
+    def rank_of(o: Option) -> int:
+        return costs.rank(g, o.tag, rank_multiple)
+
+    index = costs.map_cost(g)
+    base = loss_with(g.name, weight(pf.F, pf.C))
+    delta = max(0.0, loss_with(g.name, weight(int8_weight(pf.F, table=gather), int8_weight(pf.C)), not gather) - base)
+    out = [Option(treatment_bytes("lmf-int8", (m, n), rank=rank_of(o), pivot=True, index=index), o.error + delta,
+                  ("plmf-int8", o.tag)) for o in plmf]
+    if weight_only and not gather and not transposed:  # weight-only int8 of W_p (m×r) and C (r×(n−r))
+        dw = max(0.0, loss_with(g.name, weight(int8w_weight(pf.F), int8w_weight(pf.C))) - base)
+        out += [Option(treatment_bytes("lmf-int8w", (m, n), rank=rank_of(o), pivot=True, index=index), o.error + dw,
+                       ("plmf-int8w", o.tag)) for o in plmf]
+    return out
