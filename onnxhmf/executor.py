@@ -117,7 +117,8 @@ def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: 
     from .passes.intquant import apply_planned
 
     before = default_opset(model)
-    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {})
+    fitted = ctx.cache.setdefault("blocked fits", {}) if ctx.cache is not None else None
+    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {}, fitted)
     notes.append(f"blocked int4/int8: {len(blocked)} weights as DequantizeLinear(block_size) → MatMul or gathered "
                  "integer rows (integer at run time)" + (f"; opset {before} -> {default_opset(model)}"
                                                           if default_opset(model) != before else ""))
