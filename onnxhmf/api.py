@@ -15,7 +15,7 @@ from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .graph.index import GraphIndex
 from .external import TensorStore, external_tensors, inline_external, needs_external_data
-from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
+from .io import OutputStage, check_model_path, named_reads, load_model, max_ir_version_for_onnxruntime, model_file_bytes
 from .calibration import Calibration, load_calibration
 from .capture import capture_stats
 from .graph.sites import find_weight_groups
@@ -481,7 +481,8 @@ def optimize_file(
     """
     location = save_external_data if isinstance(save_external_data, str) and save_external_data else None
     external = None if save_external_data is None else True
-    with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location) as stage:
+    reads = named_reads(**{k: kwargs.get(k) for k in ("inputs", "calib", "tokenizer", "token_freq")})
+    with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location, reads=reads) as stage:
         model, report = optimize(input_path, _stage=stage, _save=(external, external_data_size_threshold), **kwargs)
         report.output_path = str(output_path)
         if report.verified and not report.passed and not force_on_failure:

@@ -13,7 +13,7 @@ import click
 from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize_file
 from .errors import OnnxHmfError, VerificationError
-from .io import check_output_path
+from .io import check_optimize_paths, check_paths, named_reads, write_atomic
 from .plan import plan_optimize
 from .verify import parse_input_shapes, parse_tolerances, verify_models
 from .bench import bench_models
@@ -151,7 +151,8 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         plan = {"target_size": parse_size(target_size) if target_size else None, "target_ratio": target_ratio,
                 "target_fidelity": target_fidelity, "max_latency_ratio": max_latency_ratio}
     if report_path is not None and not dry_run:
-        check_output_path(report_path, force=True, inputs=(input_model,))
+        check_optimize_paths(input_model, output_model, report=report_path, force=force, save_external_data=save_external_data,
+                             reads=named_reads(inputs=inputs_npz, calib=calib, tokenizer=tokenizer, token_freq=token_freq))
     kwargs = dict(
         method=method, embedding_method=embedding_method, token_freq=token_freq, tokenizer=tokenizer, fold=not no_fold,
         keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
@@ -270,9 +271,9 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check
         ref, cand = models[0], None
     else:
         ref, cand = models
-    for p in (save_outputs, json_path):
-        if p is not None:
-            check_output_path(p, force=True, inputs=tuple(models))
+    check_paths(named_reads(inputs=inputs_npz, calib=calib, tokenizer=tokenizer, load_outputs=load_outputs),
+                [("--save-outputs", save_outputs, True), ("--report", json_path, True)],
+                models=[(("reference" if i == 0 and ref is not None else "candidate") + " model", m) for i, m in enumerate(models)])
     stats = {}
     for spec in check_error_stat:
         name, _, val = spec.rpartition(":")
@@ -305,10 +306,7 @@ def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
 
 
 def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text + "\n")
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write report {str(path)!r}: {e.strerror or e}") from None
+    write_atomic(path, lambda f: f.write((text + "\n").encode()), label="report")
 
 
 def main(argv=None) -> int:

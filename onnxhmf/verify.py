@@ -388,23 +388,10 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
 
 def save_golden(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
     """Write inputs and outputs to one .npz (keys "input/NAME" and "output/NAME"), atomically."""
-    import tempfile
+    from .io import write_atomic
 
-    out = Path(path)
     arrays = {f"input/{k}": v for k, v in feeds.items()} | {f"output/{k}": v for k, v in outputs.items()}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.npz", dir=out.parent if str(out.parent) else ".")
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write to {str(out.parent)!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda f: np.savez(f, **arrays), label="--save-outputs")
 
 
 def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
