@@ -347,7 +347,7 @@ def check_paths(reads, writes, *, models=()) -> None:
                 raise OnnxHmfError(f"{lab} {str(p)!r} would be read as {rlab} {str(rp)!r} (its *.npz files)")
         for wlab, wp, wid in seen_writes:
             if wid == ident:
-                raise OnnxHmfError(f"{lab} {str(p)!r} would be the {wlab} {str(wp)!r} itself; give different paths")
+                raise OnnxHmfError(f"{lab} {str(p)!r} would be the {wlab} itself ({str(wp)!r}); give different paths")
         seen_writes.append((lab, p, ident))
         _check_writable(lab, p, consent)
 
