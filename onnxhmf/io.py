@@ -324,7 +324,8 @@ def check_paths(reads, writes, *, models=()) -> None:
         if p is None:
             continue
         read_list.append((lab, Path(p)))
-        read_list += [(f"{lab.split()[0]}'s data file", d) for d in external_data_paths(p)]
+        if Path(p).is_file() and not Path(p).is_fifo():  # (is_file follows symlinks; never open a FIFO)
+            read_list += [(f"{lab.split()[0]}'s data file", d) for d in external_data_paths(p)]
     for lab, p in read_list:
         try:
             st = os.stat(p)
