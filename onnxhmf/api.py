@@ -35,9 +35,9 @@ from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
 from .quantize import quantize_int8
 from .report import Report
-from .verify import check_outputs, compare_outputs, load_inputs, make_inputs, run_onnxruntime
+from .verify import DEFAULT_MIN_TOP1, check_outputs, compare_outputs, criterion_text, load_inputs, make_inputs, run_onnxruntime
 
-__all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE"]
+__all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_TOP1"]
 
 DEFAULT_KEEP = 0.75
 DEFAULT_MIN_COSINE = 0.9
@@ -83,6 +83,7 @@ def optimize(
     atol: dict[str, float] | None = None,
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = DEFAULT_MIN_COSINE,
+    min_top1: float | None = DEFAULT_MIN_TOP1,
     seed: int = 0,
     ae_options: dict | None = None,
     storage_ae: dict | None = None,
@@ -310,7 +311,8 @@ def optimize(
         cand = run_onnxruntime(cand_src, feeds, prepack=False)
         report.timings["verify_run_s"] = time.perf_counter() - t
         report.outputs = compare_outputs(ref, cand, vocab)
-        report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine)
+        report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine,
+                                        min_top1=min_top1)
         report.verified = True
         report.passed = not report.failures
         report.settings.update(
@@ -319,6 +321,8 @@ def optimize(
                 "atol": atol or {},
                 "rtol": rtol or {},
                 "min_cosine": min_cosine,
+                "min_top1": min_top1,
+                "criterion": criterion_text(atol, rtol, min_cosine, min_top1),
             }
         )
     report.timings["total_s"] = time.perf_counter() - t0

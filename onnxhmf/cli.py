@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize_file
+from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1, optimize_file
 from .errors import OnnxHmfError, VerificationError
 from .io import check_optimize_paths, check_paths, named_reads, write_atomic
 from .plan import plan_optimize
@@ -82,6 +82,8 @@ def cli():
 @click.option("--rtol", multiple=True, metavar="[OUT:]VAL", help="Relative tolerance, for all outputs or one (repeatable).")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=DEFAULT_MIN_COSINE, show_default=True,
               help="Fail if any float output's mean cosine to the original is below this.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=DEFAULT_MIN_TOP1, show_default=True,
+              help="Fail if a logits-like output's top-1 agreement with the original is below this.")
 @click.option("--no-verify", is_flag=True, help="Skip verification with onnxruntime.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output, and write it even if verification fails.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -103,7 +105,7 @@ def cli():
                    "lowers the predicted error at the same size.")
 @click.option("--damp", type=click.FloatRange(min=0), default=0.01, show_default=True,
               help="Whitening damping, as a fraction of the mean activation energy.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs and randomized SVD.")
 @click.option("--save-external-data", "save_external_data", is_flag=False, flag_value="", default=None, metavar="[LOCATION]",
               help="Store weights in a data file next to the output (default name: <output>.data). "
                    "Done anyway when the input has external data or the output would pass protobuf's 2 GB limit.")
@@ -127,7 +129,7 @@ def cli():
 def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs,
              ae_batch_size, ae_lr, ae_loss_weights, storage_ae_include, storage_ae_keep, storage_ae_epochs, token_freq, tokenizer,
              no_fold, keep, rank, rank_multiple, include, exclude, min_params, inputs_npz,
-             input_shapes, atol, rtol, min_cosine, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
+             input_shapes, atol, rtol, min_cosine, min_top1, no_verify, force, report_path, calib, calib_samples, calib_seq_len, calib_batch,
              allocation, min_fidelity, sequential, share_bases, damp, seed, save_external_data, external_data_size_threshold,
              quantize, plan_mode, target_size, target_ratio, target_fidelity, max_latency_ratio, quiet, dry_run):
     """Factorize INPUT_MODEL's weights and write a smaller, verified OUTPUT_MODEL."""
@@ -158,7 +160,7 @@ def optimize(input_model, output_model, method, embedding_method, ae_decoder, ae
         keep=keep, rank=rank, rank_multiple=rank_multiple, include=include, exclude=exclude, min_params=min_params,
         verify=not no_verify, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
-        seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
+        min_top1=min_top1, seed=seed, progress=_progress(quiet), calib=calib, calib_samples=calib_samples, calib_seq_len=calib_seq_len,
         calib_batch=calib_batch, allocation=allocation, min_fidelity=min_fidelity, sequential=sequential, share_bases=share_bases, damp=damp,
         ae_options=_ae_options(ae_decoder, ae_activation, ae_hidden, ae_init, ae_epochs, ae_batch_size, ae_lr, ae_loss_weights),
         storage_ae=({"include": list(storage_ae_include), "keep": storage_ae_keep,
@@ -241,6 +243,9 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--error-quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.99, show_default=True,
               help="The quantile reported and checked by --check-error-stat quantile.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail if an output's mean cosine is below this.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+              help="Fail if a logits-like output's top-1 agreement is below this. With no criterion given: "
+                   "mean cosine >= 0.9 and top-1 >= 0.9.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k for top-k agreement of logits-like outputs.")
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["ort", "reference"]),
               help="Run CAND on onnxruntime (ort, default) and/or onnx.reference (repeatable).")
@@ -249,9 +254,9 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--load-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Compare CAND with golden outputs saved by --save-outputs instead of running REF.")
 @click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the result as JSON.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
 def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check_error_stat, error_quantile, min_cosine,
-           top_k, runtimes, save_outputs, load_outputs, json_path, seed):
+           min_top1, top_k, runtimes, save_outputs, load_outputs, json_path, seed):
     """Compare CAND's outputs with REF's on the same inputs; exit 1 when a tolerance is missed.
 
     \b
@@ -282,7 +287,7 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check
         ref, cand, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes), calib=calib, tokenizer=tokenizer,
         load_outputs=load_outputs, save_outputs=save_outputs, runtimes=tuple(runtimes) or ("ort",),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
-        check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed)
+        check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed, min_top1=min_top1)
     click.echo(report.format())
     if json_path is not None:
         _write_text(json_path, report.to_json())
@@ -296,7 +301,7 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check
 @click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs of each model.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads [default: ort's].")
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
     """Size, parameters and CPU latency of MODELS side by side, with ratios to the first."""
