@@ -271,7 +271,10 @@ def optimize(
             if needs_external_data(work):
                 raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
             inline_external(work, store)
-        work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights)
+        work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights, notes=report.notes)
+        if not done and not report.rewritten:
+            why = "; ".join(n for n in report.notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
+            raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
         report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                             "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         report.timings["quantize_s"] = time.perf_counter() - t

@@ -172,12 +172,12 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = No
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
         dims, guessed = _dims(vi, shapes)
         _generated(vi.name, dims, dtype)
-        if not dims and tt.HasField("shape") and dtype != np.bool_:
+        lname = vi.name.lower()
+        vocab = None if np.issubdtype(dtype, np.floating) or dtype == np.bool_ else _gather_vocab(index, vi.name)
+        if not dims and tt.HasField("shape") and dtype != np.bool_ and not vocab:
             raise OnnxHmfError(f"input {vi.name!r} is a scalar ({np.dtype(dtype).name}: a parameter such as a sample rate "
                                f"or a length, whose value cannot be guessed); give it with --inputs feeds.npz "
                                f"(an array named {vi.name!r})")
-        lname = vi.name.lower()
-        vocab = None if np.issubdtype(dtype, np.floating) or dtype == np.bool_ else _gather_vocab(index, vi.name)
         try:
             if np.issubdtype(dtype, np.floating):
                 feeds[vi.name], how = rng.standard_normal(dims).astype(dtype), "random normal"

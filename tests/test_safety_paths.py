@@ -23,6 +23,7 @@ import graphs
 from onnxhmf.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+SCALE = float(os.environ.get("ONNXHMF_FUZZ_SCALE", "1"))  # more examples for a longer hunt
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -286,7 +287,7 @@ def spelled(setup: Path, target: Path, how: str, tag: str) -> Path:
     return target
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=int(60 * SCALE), deadline=None, suppress_health_check=list(HealthCheck))
 @given(command=st.sampled_from(["optimize", "verify"]), data=st.data())
 def test_property_no_write_onto_a_read_path(tmp_path_factory, command, data):
     """Any written path spelled as any read path (or the other written path) is refused with one

@@ -59,7 +59,8 @@ class GraphEditor:
         """A TensorProto for ``array``, spilled to disk as external data when a store says so."""
         if self.store is not None:
             return self.store.tensor(array, name)
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.asarray(array)
+        return numpy_helper.from_array(np.ascontiguousarray(array).reshape(array.shape), name)  # (a 0-d array stays 0-d)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
         return onnx.helper.make_node(op, inputs, outputs, name=self.fresh(base), **attrs)

@@ -91,4 +91,6 @@ def apply_vector_permutations(editor: GraphEditor, index: GraphIndex, plan: Fold
         new.CopyFrom(editor.replacement(node))
         new.input[slot] = name
         editor.replace(node, [new])
-        editor.remove_tensor(ref.name)
+        others = [c for c in index.consumers.get(ref.name, []) if c is not node]
+        if not others and not index.is_used_outside_main(ref.name):  # a graph output or a subgraph's read keeps it
+            editor.remove_tensor(ref.name)
