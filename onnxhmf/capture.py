@@ -65,7 +65,7 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str], threads: int 
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
     """A quiet onnxruntime CPU session for ``model`` (``threads``: intra-op threads, None = ORT's)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failed run is raised, once; ORT's own ERROR line would repeat it on stderr
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -99,8 +99,16 @@ def capture_stats(
     out_names = acts + list(indices)
     for feeds in progress(calib.batches):
         mask = feeds.get(calib.mask) if calib.mask else None
-        values = sess.run(out_names, feeds)
-        ref_values = ref.run(acts, feeds) if ref is not None else None
+        try:
+            values = sess.run(out_names, feeds)
+            ref_values = ref.run(acts, feeds) if ref is not None else None
+        except Exception as e:  # data the model rejects: one line, not onnxruntime's traceback
+            import re
+
+            from .errors import OnnxHmfError
+
+            msg = re.sub(r"\s+", " ", str(e)).strip()[:300]
+            raise OnnxHmfError(f"calibration data {calib.source!r}: onnxruntime failed on it: {msg}") from None
         for i, name in enumerate(acts):
             X = masked_rows(values[i], mask)
             g = (X.T @ X).astype(np.float64)  # one batch in float32, the sum in float64

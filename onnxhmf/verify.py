@@ -483,7 +483,10 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     fixed = shapes.get("input_ids")
     if fixed is not None and len(fixed) != 2:
         raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
-    lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+    from .calibration import _check_tokenizer_vocab, _read_text
+
+    _check_tokenizer_vocab(tok, model, "input_ids", tokenizer)
+    lines = [ln for ln in _read_text(p).splitlines() if ln.strip()]
     if not lines:
         raise OnnxHmfError(f"--calib {str(p)!r}: no text")
     batch = fixed[0] if fixed else min(len(lines), CALIB_MAX_BATCH)

@@ -27,6 +27,7 @@ from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, roun
 from ..graph.autoencoder import rewrite_embedding_ae
 from ..factorize.whiten import (
     DEFAULT_DAMP,
+    check_damp,
     sequential_target,
     shared_basis_lmf,
     token_weights,
@@ -97,6 +98,7 @@ class FactorizePass:
                 raise ValueError(f"bad AE option: {e}") from None
         if self.rank_multiple < 1:
             raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
+        check_damp(self.damp)
 
     def method_for(self, group: WeightGroup) -> str:
         if any(u.kind == "gather" for u in group.uses):
