@@ -125,4 +125,18 @@ def capture_stats(
             ids = ids[(ids >= 0) & (ids < size)]
             c = np.bincount(ids, minlength=size)
             stats.counts[name] = stats.counts[name] + c if name in stats.counts else c
+    _check_finite(stats, calib.source)
     return stats
+
+
+def _check_finite(stats: ActivationStats, source: str) -> None:
+    """Non-finite activations would reach the whitening's eigen/SVD routines: one clear error."""
+    from .errors import OnnxHmfError
+
+    for kind, table in (("activation", stats.grams), ("activation (sequential cross term)", stats.cross)):
+        bad = sorted(n for n, g in table.items() if not np.isfinite(g).all())
+        if bad:
+            raise OnnxHmfError(f"calibration on {source!r}: the {kind} {bad[0]!r}"
+                               f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} has NaN or Inf values "
+                               "(a non-finite weight upstream, or an overflow); calibrated factorization needs finite "
+                               "activations: fix the model, or run without --calib")

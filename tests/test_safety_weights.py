@@ -146,3 +146,31 @@ def test_property_weights_x_methods(tmp_path_factory, capfd, kind, method, shape
     got, want = run_onnxruntime(result, feeds), run_onnxruntime(model, feeds)
     for k in want:  # nothing non-finite where the original is finite
         assert not (np.isfinite(want[k]) & ~np.isfinite(got[k])).any()
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequential"], ["--plan", "auto", "--target-ratio", "0.5"], ["--method", "hmf"]])
+def test_calibrated_paths_with_a_non_finite_weight_one_line(tmp_path, capfd, extra):
+    """NaN in W1 makes W2's activations NaN: they never reach the whitening's eigen/SVD routines."""
+    model = relu_model()
+    W1 = weight(model, "W1").copy()
+    W1[0, 0] = np.nan
+    set_weight(model, "W1", W1)
+    np.savez(tmp_path / "c.npz", X=np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32))
+    code, err, out, rep = run(capfd, tmp_path, model, "--calib", tmp_path / "c.npz", "--calib-batch", "4", *extra)
+    assert code == 2 and err.startswith("onnxhmf: error: calibration") and err.count("\n") == 1, err
+    assert "NaN or Inf" in err and not out.exists()
+
+
+def test_storage_ae_leaves_a_non_finite_weight(tmp_path, capfd):
+    model = relu_model(32, 32)
+    W1 = weight(model, "W1").copy()
+    W1[0, 0] = np.inf
+    set_weight(model, "W1", W1)
+    code, err, out, rep = run(capfd, tmp_path, model, "--storage-ae-include", "W.*", "--storage-ae-epochs", "1",
+                              "--min-cosine", "0")
+    if code == 0:
+        np.testing.assert_array_equal(weight(onnx.load(out), "W1"), W1)
+        site = next(s for s in json.loads(rep.read_text())["sites"] if s["weight"] == "W1")
+        assert site["status"] == "skipped" and "NaN or Inf" in site["reason"], site
+    else:
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
