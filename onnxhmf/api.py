@@ -35,7 +35,7 @@ from .factorize.whiten import DEFAULT_DAMP
 from .frequency import token_counts
 from .quantize import quantize_int8
 from .report import Report
-from .verify import DEFAULT_MIN_TOP1, check_outputs, compare_outputs, criterion_text, load_inputs, make_inputs, run_onnxruntime
+from .verify import DEFAULT_MIN_TOP1, check_outputs, check_thresholds, compare_outputs, criterion_text, load_inputs, make_inputs, run_onnxruntime
 
 __all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_TOP1"]
 
@@ -152,6 +152,7 @@ def optimize(
         token_freq = token_counts(token_freq, rows, tokenizer)
     if quantize not in (None, "int8"):
         raise OnnxHmfError(f"quantize must be int8 or None, got {quantize!r}")
+    check_thresholds(min_cosine, min_top1)
     if plan is not None:
         if calib is None:
             raise OnnxHmfError("--plan auto needs calibration data (--calib)")

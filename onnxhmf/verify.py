@@ -353,6 +353,7 @@ def check_outputs(
     "median", "quantile": that statistic of the abs error must be ≤ atol, or that of the rel error
     ≤ rtol (as in Polygraphy, either suffices when both are given; a missing one does not count).
     """
+    check_thresholds(min_cosine, min_top1)
     atol, rtol = atol or {}, rtol or {}
     stat_of = check_error_stat if isinstance(check_error_stat, dict) else {"": check_error_stat}
     stat_of = {k: "elementwise" if v == "elemwise" else v for k, v in stat_of.items()}  # Polygraphy's spelling
@@ -392,6 +393,13 @@ def check_outputs(
         if min_top1 is not None and s.top1 is not None and not s.top1 >= min_top1:
             failures.append(f"{s.name}: top-1 agreement {s.top1:.4f} < --min-top1 {min_top1}")
     return failures
+
+
+def check_thresholds(min_cosine: float | None, min_top1: float | None) -> None:
+    """--min-cosine in [-1, 1], --min-top1 in [0, 1] (NaN refused: it would fail everything)."""
+    for opt, v, lo in (("--min-cosine", min_cosine, -1.0), ("--min-top1", min_top1, 0.0)):
+        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= 1.0):
+            raise OnnxHmfError(f"{opt} must be a number in [{lo:g}, 1], got {v!r}")
 
 
 def _always_checked(name: str, r: np.ndarray, c: np.ndarray) -> list[str]:
@@ -568,6 +576,7 @@ def verify_models(
     ≥ DEFAULT_MIN_COSINE and top-1 agreement ≥ DEFAULT_MIN_TOP1 for logits-like outputs; the
     report states the criterion used.
     """
+    check_thresholds(min_cosine, min_top1)
     if not atol and not rtol and min_cosine is None and min_top1 is None:
         min_cosine, min_top1 = DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
     from .io import load_model

@@ -243,3 +243,39 @@ def test_quiet_has_no_numpy_warnings_on_exact_zeros(tmp_path, capfd):
     assert code == 0 and err == "", err
     code, out, err = run(capfd, "verify", p, tmp_path / "o.onnx", "--min-cosine", "0")
     assert code == 0 and err == "", err
+
+
+# -- the property: hostile option values -------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FLOAT_OPTIONS = {  # option: extra arguments it needs
+    "--keep": [], "--min-cosine": [], "--min-top1": [], "--damp": ["CALIB"], "--min-fidelity": ["CALIB"],
+    "--ae-lr": ["--embedding-method", "ae", "--ae-epochs", "1"], "--storage-ae-keep": ["--storage-ae-include", "W1"],
+    "--target-ratio": ["CALIB", "--plan", "auto"], "--target-fidelity": ["CALIB", "--plan", "auto"],
+    "--max-latency-ratio": ["CALIB", "--plan", "auto", "--target-ratio", "0.5"], "--atol": [], "--rtol": [],
+}
+HOSTILE = ["nan", "-nan", "inf", "-inf", "1e308", "-1e308", "-1", "0", "1e-320", "2", "x", ""]
+
+
+@settings(max_examples=int(40 * float(__import__("os").environ.get("ONNXHMF_FUZZ_SCALE", "1"))), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(option=st.sampled_from(sorted(FLOAT_OPTIONS)), value=st.sampled_from(HOSTILE))
+def test_property_hostile_option_values(tmp_path_factory, capfd, option, value):
+    """Any value of any numeric option: exit 0, or one error line (exit 1 or 2); no traceback,
+    and never an input or stray file changed."""
+    tmp = tmp_path_factory.mktemp("opt")
+    p = tmp / "tok.onnx"
+    onnx.save(graphs.token_mlp_model(300, 32, 64), p)
+    np.savez(tmp / "c.npz", **graphs.token_batches(300, 32, 8))
+    extra = [str(tmp / "c.npz") if a == "CALIB" else a for a in FLOAT_OPTIONS[option]]
+    extra = [x for a in extra for x in (["--calib", a] if a.endswith("c.npz") else [a])]
+    before = sorted(tmp.iterdir())
+    code, out, err = run(capfd, "optimize", p, tmp / "o.onnx", "-q", "--calib-batch", "8", *extra, f"{option}={value}")
+    assert "Traceback" not in err and "Warning" not in err, err
+    if code != 0:
+        assert code in (1, 2) and err.startswith("onnxhmf: error:") and err.count("\n") == 1, err
+        assert sorted(tmp.iterdir()) == before
+    else:
+        assert err == "" and (tmp / "o.onnx").exists()

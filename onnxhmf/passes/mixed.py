@@ -259,11 +259,23 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     return flags
 
 
+def check_targets(plan: dict) -> None:
+    """The plan's targets as numbers in range (a NaN would compare false everywhere)."""
+    import math
+
+    ranges = {"target_size": (1, math.inf), "target_ratio": (0, 1), "target_fidelity": (-1, 1), "max_latency_ratio": (0, math.inf)}
+    for key, (lo, hi) in ranges.items():
+        v = plan.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi and (key != "target_ratio" or v > 0)):
+            raise OnnxHmfError(f"--{key.replace('_', '-')} must be a number in [{lo}, {hi}], got {v!r}")
+
+
 def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib, tokenizer, samples, seq_len, batch,
                       plan: dict, *, src_bytes: int, finish=None, progress=lambda it: it) -> "Planner":
     """Measure, choose and check a plan; leave ``fpass`` set up to factorize it (keeps, stats).
     Returns the Planner with ``choice`` set: the caller factorizes ``work`` with ``fpass`` and
     then quantizes ``planner.quantized(work, planner.choice)``."""
+    check_targets(plan)
     t0 = time.perf_counter()
     cal = calib if isinstance(calib, Calibration) else load_calibration(
         calib, work, tokenizer=tokenizer, samples=samples, seq_len=seq_len, batch_size=batch)
