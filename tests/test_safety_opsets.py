@@ -114,6 +114,8 @@ def feeds_for(model, rng):
     for vi in model.graph.input:
         tt = vi.type.tensor_type
         dims = [d.dim_value or 3 for d in tt.shape.dim]
+        if vi.name in {t.name for t in model.graph.initializer}:
+            continue
         if tt.elem_type == TensorProto.INT64:
             feeds[vi.name] = rng.integers(0, 160, dims).astype(np.int64)
         elif tt.elem_type == TensorProto.BOOL:
@@ -188,12 +190,20 @@ def test_quantize_on_ir3_model_told_why(tmp_path, capsys):
 
 @settings(max_examples=int(40 * SCALE), deadline=None, suppress_health_check=list(HealthCheck))
 @given(opset=st.integers(7, 21), treatment=st.sampled_from(sorted(TREATMENTS)),
-       kind=st.sampled_from(["mlp2", "mlp3", "gather", "tied", "scalar"]), embed=st.sampled_from(["svd", "hmf", "prune"]),
-       seed=st.integers(0, 50))
-def test_property_every_opset_and_treatment(tmp_path_factory, capsys, opset, treatment, kind, embed, seed):
+       kind=st.sampled_from(["mlp2", "mlp3", "gather", "tied", "scalar", "gemm"]), embed=st.sampled_from(["svd", "hmf", "prune"]),
+       seed=st.integers(0, 50), gemm=st.tuples(st.sampled_from(["none", "vector", "matrix"]), st.integers(0, 1), st.booleans()))
+def test_property_every_opset_and_treatment(tmp_path_factory, capsys, opset, treatment, kind, embed, seed, gemm):
     tmp = tmp_path_factory.mktemp("o")
-    model = (mlp(opset, 2 if kind == "mlp2" else 3, seed) if kind.startswith("mlp")
-             else embedding(opset, tied=kind == "tied", scalar=kind == "scalar", seed=seed))
+    if kind == "gemm":  # Gemm with C absent / a vector / a matrix, transB, B behind a Transpose
+        model = graphs.gemm_model(48, 40, trans_b=gemm[1], c=gemm[0], via_transpose=gemm[2], seed=seed)
+        model.opset_import[0].version = opset
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except onnx.checker.ValidationError:  # (C is optional only from opset 11)
+            return
+    else:
+        model = (mlp(opset, 2 if kind == "mlp2" else 3, seed) if kind.startswith("mlp")
+                 else embedding(opset, tied=kind == "tied", scalar=kind == "scalar", seed=seed))
     onnx.checker.check_model(model, full_check=True)
     args = TREATMENTS[treatment] + (["--embedding-method", embed] if "int8" not in treatment else [])
     code, err, out, rep = run_cli(capsys, tmp, model, *args)

@@ -264,7 +264,7 @@ def test_stale_stage_of_killed_run_removed_by_next_run(tmp_path, capsys):
 
 # -- the property: paths x commands --------------------------------------------------------------
 
-READS = ["model", "model_data", "cand", "feeds", "calib"]
+READS = ["model", "model_data", "cand", "feeds", "calib", "tokenizer", "token_freq"]
 WRITES = {"optimize": ["out", "report"], "verify": ["save", "report"]}
 SPELLINGS = ["plain", "dot", "dotdot", "symlink", "hardlink", "relative"]
 
@@ -298,11 +298,14 @@ def test_property_no_write_onto_a_read_path(tmp_path_factory, command, data):
     onnx.save(graphs.matmul_model(32, 32, ndim=2, seed=1), setup / "cand.onnx")
     np.savez(setup / "feeds.npz", X=np.ones((2, 32), np.float32))
     np.savez(setup / "calib.npz", X=np.ones((4, 32), np.float32))
+    (setup / "tok.json").write_text("{}")
+    np.savez(setup / "freq.npz", ids=np.arange(10))
     (setup / "sub").mkdir()
     files = {"model": setup / "in.onnx", "model_data": setup / "in.data", "cand": setup / "cand.onnx",
-             "feeds": setup / "feeds.npz", "calib": setup / "calib.npz"}
+             "feeds": setup / "feeds.npz", "calib": setup / "calib.npz", "tokenizer": setup / "tok.json",
+             "token_freq": setup / "freq.npz"}
     role = data.draw(st.sampled_from(WRITES[command]), label="write")
-    reads = [r for r in READS if r != ("cand" if command == "optimize" else "calib")]  # what each command reads here
+    reads = [r for r in READS if r not in (("cand",) if command == "optimize" else ("calib", "token_freq"))]  # what each reads
     clash = data.draw(st.sampled_from(reads + ["other_write"]), label="onto")
     how = data.draw(st.sampled_from(SPELLINGS), label="spelling")
     other = {"out": setup / "o.onnx", "report": setup / "r.json", "save": setup / "g.npz"}
@@ -322,10 +325,10 @@ def test_property_no_write_onto_a_read_path(tmp_path_factory, command, data):
         before = snapshot(setup)
         if command == "optimize":
             args = ["optimize", files["model"], paths["out"], "--report", paths["report"], "--inputs", files["feeds"],
-                    "--calib", files["calib"], "--force"]
+                    "--calib", files["calib"], "--tokenizer", files["tokenizer"], "--token-freq", files["token_freq"], "--force"]
         else:
-            args = ["verify", files["model"], files["cand"], "--inputs", files["feeds"], "--save-outputs", paths["save"],
-                    "--report", paths["report"]]
+            args = ["verify", files["model"], files["cand"], "--inputs", files["feeds"], "--tokenizer", files["tokenizer"],
+                    "--save-outputs", paths["save"], "--report", paths["report"]]
         import io as _io
         from contextlib import redirect_stderr, redirect_stdout
 
