@@ -209,3 +209,17 @@ def test_property_every_opset_and_treatment(tmp_path_factory, capsys, opset, tre
     code, err, out, rep = run_cli(capsys, tmp, model, *args)
     feeds = feeds_for(model, np.random.default_rng(seed)) if kind != "scalar" else {"ids": np.array(seed, np.int64)}
     check_result(model, code, err, out, rep, feeds)
+
+
+@pytest.mark.parametrize("method", ["lmf", "hmf", "prune"])
+@pytest.mark.parametrize("opset", [7, 8])
+def test_ir3_constant_weights_factorized_as_constants(method, opset, tmp_path, capsys):
+    """IR 3 wants every initializer to be a graph input: new factors become Constant nodes."""
+    model = graphs.matmul_model(32, 32, ndim=2, source="constant")
+    model.ir_version, model.opset_import[0].version = 3, opset
+    onnx.checker.check_model(model, full_check=True)
+    code, err, out, rep = run_cli(capsys, tmp_path, model, "--method", method)
+    report = check_result(model, code, err, out, rep, {"X": np.ones((2, 32), np.float32)})
+    assert report is not None and report["sites"][0]["status"] == "rewritten"
+    m = onnx.load(out)
+    assert m.ir_version == 3 and all(t.name in {i.name for i in m.graph.input} for t in m.graph.initializer)

@@ -86,6 +86,12 @@ class GraphEditor:
 
     def commit(self) -> None:
         g = self.graph
+        if self.model.ir_version < 4 and self._new_inits:
+            # IR 3: every initializer must also be a graph input (overridable); new tensors are
+            # emitted as Constant nodes instead, so they stay constants
+            self._prepend[:0] = [onnx.helper.make_node("Constant", [], [t.name], name=self.fresh(f"{t.name}/Constant"), value=t)
+                                 for t in self._new_inits]
+            self._new_inits = []
         nodes: list[onnx.NodeProto] = [onnx.NodeProto() for _ in self._prepend]
         for dst, src in zip(nodes, self._prepend):
             dst.CopyFrom(src)
