@@ -410,6 +410,7 @@ def write_atomic(path: str | os.PathLike, write, *, label: str = "file", replace
     (a regular file or nothing is replaced; interrupted writes leave nothing)."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
+    remove_stale_stages(parent)
     with signals_as_errors():
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX, dir=parent)

@@ -31,6 +31,7 @@ probes feed to predict the loss of a site's int8 treatment.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -136,8 +137,11 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
     """onnxruntime's quantize_dynamic on the MatMul/Gather nodes that read ``chosen``."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .io import TMP_SUFFIX, remove_stale_stages
+
     nodes = sorted({n for w in chosen for n in uses[w]})
-    with tempfile.TemporaryDirectory(prefix="onnxhmf-q-") as d:
+    remove_stale_stages(tempfile.gettempdir())  # copies left by killed runs
+    with tempfile.TemporaryDirectory(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX) as d:
         src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
         onnx.save_model(work, str(src))
         quiet = logging.getLogger().level
