@@ -259,6 +259,7 @@ FLOAT_OPTIONS = {  # option: extra arguments it needs
 HOSTILE = ["nan", "-nan", "inf", "-inf", "1e308", "-1e308", "-1", "0", "1e-320", "2", "x", ""]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy noise on stderr counts as a failure
 @settings(max_examples=int(40 * float(__import__("os").environ.get("ONNXHMF_FUZZ_SCALE", "1"))), deadline=None,
           suppress_health_check=list(HealthCheck))
 @given(option=st.sampled_from(sorted(FLOAT_OPTIONS)), value=st.sampled_from(HOSTILE))

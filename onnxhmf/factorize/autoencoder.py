@@ -337,7 +337,7 @@ def train_embedding_ae(E: np.ndarray, cfg: EmbeddingAEConfig, weights: np.ndarra
                        callback=None) -> EmbeddingAE:
     """Train the embedding AE on table E (V×d); ``weights``: per-row loss weights (e.g.
     :func:`frequency_weights`), default 1. Deterministic for a given ``cfg.seed``."""
-    with _one_blas_thread():
+    with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # (a huge table: the result says so)
         return _train_embedding_ae(E, cfg, weights, callback)
 
 
@@ -443,7 +443,7 @@ class StorageAE:
 
 def train_storage_ae(X: np.ndarray, cfg: StorageAEConfig, callback=None) -> StorageAE:
     """Train the storage AE on stacked rows X (N×m); keeps the best epoch's parameters."""
-    with _one_blas_thread():
+    with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # (a huge table: the result says so)
         return _train_storage_ae(X, cfg, callback)
 
 
