@@ -1,336 +1,315 @@
-"""The Python API: ``optimize`` (model in, model + report out) and ``optimize_file``."""
+"""The Python API: ``optimize`` (model in, model + report out), ``optimize_file`` and ``make_plan``.
+
+Data flows one way: options → model → sites → (calibration statistics) → planner → Plan →
+executor → verification → report → write.
+"""
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import onnx
 
 from . import __version__
 from .errors import OnnxHmfError, VerificationError
-from .graph.index import GraphIndex
-from .external import TensorStore, external_tensors, inline_external, needs_external_data
-from .io import OutputStage, check_model_path, named_reads, load_model, max_ir_version_for_onnxruntime, model_file_bytes
-from .calibration import Calibration, load_calibration
-from .capture import capture_stats
-from .graph.sites import find_weight_groups
-from .passes.calibrated import (
-    calibration_targets,
-    candidate_groups,
-    fidelity,
-    measure_sensitivities,
-    plan_keeps,
-    reference_outputs,
-    site_levels,
-)
-from .passes.factorize import FactorizePass
-from .passes.select import SiteSelection
-from .passes.storage_ae import StorageAEPass
-from .factorize.whiten import DEFAULT_DAMP
-from .frequency import token_counts
-from .quantize import quantize_int8
+from .executor import ExecContext, execute
+from .graph.index import count_params, vocab_sizes
+from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes, named_reads
+from .options import DEFAULT_KEEP, DEFAULT_MIN_COSINE, Options
+from .plan import Plan
+from .progress import no_progress
 from .report import Report
-from .verify import DEFAULT_MIN_TOP1, check_outputs, check_thresholds, compare_outputs, criterion_text, load_inputs, make_inputs, run_onnxruntime
 
-__all__ = ["optimize", "optimize_file", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE", "DEFAULT_MIN_TOP1"]
-
-DEFAULT_KEEP = 0.75
-DEFAULT_MIN_COSINE = 0.9
+__all__ = ["optimize", "optimize_file", "make_plan", "count_params", "DEFAULT_KEEP", "DEFAULT_MIN_COSINE"]
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """Elements in all initializers and Constant tensors of the main graph."""
-    n = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            n += sum(int(np.prod(a.t.dims)) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-    return n
+@dataclass
+class _Input:
+    """The model being optimized: ``work`` (a copy, or loaded lazily from ``path``)."""
+
+    work: onnx.ModelProto
+    src: object  # the given proto, or the path (what the reference run reads)
+    path: str | None
+    store: object  # TensorStore for lazy external weights, or None
+    had_external: bool
+    bytes_before: int
 
 
-def _vocab_sizes(model: onnx.ModelProto) -> set[int]:
-    index = GraphIndex(model)
-    sizes = set()
-    for node in model.graph.node:
-        if node.op_type == "Gather":
-            ref = index.const(node.input[0])
-            if ref is not None and len(ref.dims) == 2 and ref.dims[0] >= 100:
-                sizes.add(ref.dims[0])
-    return sizes
+def _open(model, stage: OutputStage | None) -> _Input:
+    from .external import TensorStore, external_tensors
+
+    if isinstance(model, onnx.ModelProto):
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        return _Input(work, model, None, None, False, model.ByteSize())
+    work = load_model(model, lazy=True)
+    store = TensorStore(Path(model).parent, spill_dir=None if stage is None else stage.dir)
+    return _Input(work, str(model), str(model), store, bool(external_tensors(work)), model_file_bytes(model))
 
 
-def optimize(
-    model: onnx.ModelProto | str | os.PathLike,
-    *,
-    method: str = "lmf",
-    embedding_method: str | None = None,
-    keep: float | None = DEFAULT_KEEP,
-    rank: int | None = None,
-    token_freq: np.ndarray | str | os.PathLike | None = None,
-    tokenizer: str | os.PathLike | None = None,
-    fold: bool = True,
-    rank_multiple: int = 1,
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    min_params: int = 0,
-    verify: bool = True,
-    inputs: dict[str, np.ndarray] | str | os.PathLike | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    atol: dict[str, float] | None = None,
-    rtol: dict[str, float] | None = None,
-    min_cosine: float | None = DEFAULT_MIN_COSINE,
-    min_top1: float | None = DEFAULT_MIN_TOP1,
-    seed: int = 0,
-    ae_options: dict | None = None,
-    storage_ae: dict | None = None,
-    progress: Callable[[Iterable], Iterable] | None = None,
-    calib: str | os.PathLike | Calibration | None = None,
-    calib_samples: int = 256,
-    calib_seq_len: int = 128,
-    calib_batch: int = 16,
-    allocation: str = "auto",
-    min_fidelity: float | None = None,
-    sequential: bool = False,
-    share_bases: bool = False,
-    damp: float = DEFAULT_DAMP,
-    quantize: str | None = None,
-    plan: dict | None = None,
-    _stage: OutputStage | None = None,
-    _save: tuple[bool | None, int] = (None, 1024),
-) -> tuple[onnx.ModelProto, Report]:
-    """Factorize the model's constant MatMul/Gemm weights and Gather tables.
+def _inline_for_calibration(inp: _Input, options: Options, plan_file_needs: bool = False) -> None:
+    """Calibration runs the proto in onnxruntime and the storage AE reads weights from it: both
+    need every weight inline (no lazy reads, no spilled factors)."""
+    from .external import inline_external, needs_external_data
 
-    ``method``: "lmf" (truncated SVD), "hmf" (hybrid) or "prune" (magnitude pruning, the
-    baseline); ``embedding_method`` overrides it for Gather tables ("svd", "hmf", "prune",
-    "skip"). ``token_freq``: per-token counts for the largest embedding table (HMF keeps the
-    frequent tokens' rows dense); or a path: an .npz of token ids, or text with ``tokenizer``.
-    ``fold``: fold HMF output permutations into consumers. ``ae_options``: EmbeddingAEConfig
-    fields for ``embedding_method="ae"``. ``storage_ae``: StorageAEPass fields (``include``,
-    ``keep``, ``options``): those weights get a shared storage autoencoder instead.
+    if inp.store is None or not (options.calibration.given or options.methods.storage_ae or plan_file_needs):
+        return
+    if inp.had_external:
+        if needs_external_data(inp.work):
+            raise OnnxHmfError("--calib and the storage autoencoder need the model in memory: not supported past 2 GB")
+        inline_external(inp.work, inp.store)
+    inp.store.spill_dir = None
 
-    Calibration (``calib``: an .npz of feeds, a folder of them, or text with ``tokenizer``)
-    makes every factorization data-aware (whitened by the Gram matrix of the activations each
-    weight multiplies; embedding rows weighted by token frequency). ``allocation``: "measured"
-    (the default with calibration) spends the global budget keep·Σ m·n where the measured
-    end-to-end loss is lowest; "uniform" gives every weight the same keep. ``min_fidelity``:
-    the smallest keep whose model reaches this cosine on held-out calibration batches.
-    ``sequential``: calibrate each stage of sites on the already-compressed model.
-    ``share_bases``: LMF weights that read the same activation (Q, K, V) share one first
-    factor where that lowers the predicted error at the same parameter count.
 
-    Returns the optimized model (a new proto; a given proto is not modified) and a Report.
-    Verification failures are recorded in ``report.passed``/``report.failures``, not raised:
-    the caller decides (the CLI refuses to write the output).
+def _token_freq(work: onnx.ModelProto, options: Options):
+    tf = options.calibration.token_freq
+    if isinstance(tf, (str, os.PathLike)):  # counted for the largest embedding table
+        from .frequency import token_counts
+
+        rows = max(vocab_sizes(work) or {0})
+        if rows == 0:
+            raise OnnxHmfError("--token-freq given, but the model has no embedding table")
+        return token_counts(tf, rows, options.calibration.tokenizer)
+    return None if tf is None else np.asarray(tf)
+
+
+def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | None = None, progress=no_progress,
+              model_path: str | None = None):
+    """The plan for ``work`` (planning measures on the data where it must; nothing is written).
+    Returns (Planned, Calibrated or None): the plan, the model a measuring planner already
+    built, and the calibration data the executor needs. ``model_path``: where the model's
+    folder is (the default planner looks there for a tokenizer)."""
+    from .planners.common import Planned
+
+    bytes_before = work.ByteSize() if bytes_before is None else bytes_before
+    if options.plan_file is not None:
+        from .planners.replay import load_plan, recapture
+
+        plan = load_plan(options.plan_file, work)
+        planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress)
+    elif options.budget.fidelity is not None:
+        from .planners.auto import auto_plan
+
+        res = auto_plan(work, model_path, options, src_bytes=bytes_before, finish=finish_metadata, progress=progress)
+        planned, cal = res.planned, res.calibrated
+    elif options.budget.plan is not None:
+        from .planners.mixed import mixed_plan
+
+        planned, cal = mixed_plan(work, options, src_bytes=bytes_before, finish=finish_metadata, progress=progress)
+    elif options.calibration.given:
+        from .planners.measured import measured_plan
+
+        planned, cal = measured_plan(work, options, progress)
+    else:
+        from .planners.uniform import uniform_plan
+
+        planned, cal = Planned(uniform_plan(work, options)), None
+    if options.plan_file is None and options.budget.plan is None and options.budget.fidelity is None \
+            and planned.built is None:
+        from .passes.recurrent import recurrent_decisions  # LSTM/GRU/RNN W and R
+
+        planned.plan.decisions += recurrent_decisions(work, options)
+    planned.plan.bytes_before = bytes_before
+    planned.plan.params_before = count_params(work)
+    if planned.plan.settings.get("quantize") == "int8":
+        from .planners.common import predict_int8
+
+        predict_int8(work, planned.plan)
+    return planned, cal
+
+
+def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_run: bool = False,
+             _stage: OutputStage | None = None, _save: tuple[bool | None, int] = (None, 1024), **kwargs):
+    """Plan and apply the compression of the model's MatMul/Gemm weights and Gather tables.
+
+    Keyword options are those of :class:`onnxhmf.options.Options` (``method``, ``keep``,
+    ``calib``, ``plan``, ``plan_file``, ...; see ``onnxhmf optimize --help`` for their meaning).
+    Returns (the optimized model — a new proto, a given one is not modified — and a Report);
+    with ``dry_run``, (None, the Plan). Verification failures are recorded in
+    ``report.passed``/``report.failures``, not raised: the caller decides.
 
     A model given by path is read lazily: external weights stay on disk and are memory-mapped
     one at a time. (``_stage``/``_save`` are for :func:`optimize_file`: new factors are spilled
     to the stage folder and the model is written, checked and verified there, by path.)
     """
     t0 = time.perf_counter()
-    report = Report()
-    store, had_external = None, False
-    if isinstance(model, onnx.ModelProto):
-        src = model
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-    else:
-        report.input_path = str(model)
-        src = None
-        work = load_model(model, lazy=True)
-        had_external = bool(external_tensors(work))
-        store = TensorStore(Path(model).parent, spill_dir=None if _stage is None else _stage.dir)
-        report.bytes_before = model_file_bytes(model)
-    freq_given = token_freq is not None
-    if isinstance(token_freq, (str, os.PathLike)):  # counted for the largest embedding table
-        rows = max(_vocab_sizes(work) or {0})
-        if rows == 0:
-            raise OnnxHmfError("--token-freq given, but the model has no embedding table")
-        token_freq = token_counts(token_freq, rows, tokenizer)
-    if quantize not in (None, "int8"):
-        raise OnnxHmfError(f"quantize must be int8 or None, got {quantize!r}")
-    check_thresholds(min_cosine, min_top1)
-    if plan is not None:
-        if calib is None:
-            raise OnnxHmfError("--plan auto needs calibration data (--calib)")
-        if quantize is not None:
-            raise OnnxHmfError("--plan auto chooses int8 per weight itself: give it without --quantize")
-        if min_fidelity is not None or sequential or rank is not None or storage_ae:
-            raise OnnxHmfError("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
-                               "--rank or the storage autoencoder")
-    if allocation not in ("auto", "uniform", "measured"):
-        raise OnnxHmfError(f"allocation must be auto, uniform or measured, got {allocation!r}")
-    if calib is None and (allocation == "measured" or min_fidelity is not None or sequential):
-        raise OnnxHmfError("--allocate measured, --min-fidelity and --sequential need calibration data (--calib)")
-    if rank is not None and (min_fidelity is not None or allocation == "measured"):
-        raise OnnxHmfError("--min-fidelity and --allocate measured choose the ranks; they do not combine with --rank")
     try:
-        spass = StorageAEPass(seed=seed, **storage_ae) if storage_ae else None
-        taken = sorted(spass.names(work)) if spass else []
-        selection = SiteSelection(list(include), list(exclude) + [f"^{re.escape(n)}$" for n in taken], min_params)
-        fpass = FactorizePass(
-            method=method,
-            embedding_method=embedding_method,
-            keep=keep,
-            rank=rank,
-            rank_multiple=rank_multiple,
-            selection=selection,
-            token_freq=None if token_freq is None else np.asarray(token_freq),
-            fold=fold and not sequential,
-            seed=seed,
-            store=store,
-            ae_options=dict(ae_options or {}),
-            damp=damp,
-            share_bases=share_bases,
-        )
-    except (ValueError, TypeError) as e:
+        options = Options.from_kwargs(**kwargs)
+    except TypeError as e:
         raise OnnxHmfError(str(e)) from None
-    if store is not None and (calib is not None or spass is not None):
-        # calibration runs the proto in onnxruntime and the storage AE reads weights from it:
-        # both need every weight inline (no lazy reads, no spilled factors)
-        if had_external:
-            if needs_external_data(work):
-                raise OnnxHmfError("--calib and the storage autoencoder need the model in memory: not supported past 2 GB")
-            inline_external(work, store)
-        store.spill_dir = None
-    report.settings = {
-        "method": method,
-        "embedding_method": embedding_method,
-        "token_freq": freq_given,
-        "fold": fold,
-        "keep": keep if rank is None else None,
-        "rank": rank,
-        "rank_multiple": rank_multiple,
-        "include": list(include),
-        "exclude": list(exclude),
-        "min_params": min_params,
-        "seed": seed,
-        **({"ae_options": dict(ae_options)} if ae_options else {}),
-        **({"storage_ae": {k: v for k, v in storage_ae.items()}} if storage_ae else {}),
-        "allocation": allocation if calib is not None else None,
-        "sequential": sequential or None,
-        "share_bases": share_bases or None,
-        "min_fidelity": min_fidelity,
-        "quantize": quantize,
-        "plan": {k: v for k, v in plan.items() if v is not None} if plan else None,
-    }
-    report.params_before = count_params(work)
-    if report.bytes_before is None:
-        report.bytes_before = (src or work).ByteSize()
-
-    feeds = ref = None
-    if verify:
-        if isinstance(inputs, (str, os.PathLike)):
-            feeds = load_inputs(inputs, work)
-        elif inputs is not None:
-            feeds = dict(inputs)
-        else:
-            feeds = make_inputs(work, input_shapes, seed=seed)
-        vocab = _vocab_sizes(work)
-        t = time.perf_counter()
-        ref = run_onnxruntime(report.input_path or src, feeds, prepack=False)
-        report.timings["reference_run_s"] = time.perf_counter() - t
-
-    progress = progress or (lambda it: it)
-    cal = None
-    qweights, planner = None, None  # None: every weight MatMul/Gather when --quantize int8
-    if plan is not None:
-        from .passes.mixed import plan_and_assemble
-
-        planner = plan_and_assemble(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
-                                     plan, src_bytes=report.bytes_before, progress=progress,
-                                     finish=lambda m: _finish_metadata(m, report, notes=False))
-    elif calib is not None:
-        keep, cal = _calibrate(work, fpass, report, calib, tokenizer, calib_samples, calib_seq_len, calib_batch,
-                          allocation, min_fidelity, keep, rank, progress)
+    progress = progress or no_progress
+    inp = _open(model, _stage)
+    report = Report(input_path=inp.path, bytes_before=inp.bytes_before)
+    token_freq = _token_freq(inp.work, options)
+    _inline_for_calibration(inp, options, _plan_file_needs_inline(options))
+    report.params_before = count_params(inp.work)
+    vocab = vocab_sizes(inp.work)
     t = time.perf_counter()
-    fpass.notes.clear()
-    if sequential:
-        report.sites = _run_sequential(work, fpass, cal, progress)
-    else:
-        report.sites = fpass.run(work, progress)
-    report.notes.extend(fpass.notes)
-    if spass is not None:  # its reports replace the other pass's for the weights it took or skipped
-        ssites = spass.run(work)
-        done = {s.weight for s in report.sites if s.status == "rewritten"}
-        ssites = [s for s in ssites if s.weight not in done]
-        names = {s.weight for s in ssites}
-        report.sites = [s for s in report.sites if s.weight not in names and s.weight not in taken] + ssites
-    report.timings["factorize_s"] = time.perf_counter() - t
-    if planner is not None:
-        wonly = planner.store_weight_only(work, planner.choice)
-        if wonly:
-            report.notes.append(f"weight-only int8/int4: {len(wonly)} weights stored as integers + per-column scales, "
-                                "rebuilt by a constant subgraph that onnxruntime folds at load (float MatMuls)")
-        qweights = planner.quantized(work, planner.choice)
-    if quantize == "int8" or qweights:
-        t = time.perf_counter()
-        if store is not None:
-            if needs_external_data(work):
-                raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
-            inline_external(work, store)
-        work, done = quantize_int8(work, None if quantize == "int8" and plan is None else qweights, notes=report.notes)
-        if not done and not report.rewritten:
-            why = "; ".join(n for n in report.notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
-            raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
-        report.notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
-                            "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
-        report.timings["quantize_s"] = time.perf_counter() - t
-    if not report.rewritten and not (quantize or planner is not None):
-        reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
-        raise OnnxHmfError("no compressible weights: " + "; ".join(reasons)[:300])
-
-    _finish_metadata(work, report)
+    planned, cal = make_plan(inp.work, options, bytes_before=inp.bytes_before, progress=progress, model_path=inp.path)
+    plan = planned.plan
+    report.timings["plan_s"] = time.perf_counter() - t
+    if dry_run:
+        return None, plan
+    judge = planned.judge
+    feeds, ref = (_reference(inp, options, report, judge.calibration.batches[0] if judge else None)
+                  if options.verification.verify else (None, None))
+    t = time.perf_counter()
+    built = planned.built or execute(inp.work, plan, ExecContext(
+        store=inp.store, stats=cal.stats if cal else None, calibration=cal.fit if cal else None,
+        token_freq=token_freq, progress=progress))
+    report.timings["execute_s"] = time.perf_counter() - t
+    work = built.model
+    _fill_report(report, plan, built)
+    finish_metadata(work, plan.settings, report)
     report.params_after = count_params(work)
     pruned = [s for s in report.rewritten if s.method == "prune"]
     if pruned:
         report.nonzero_after = report.params_after - sum(s.params_before - s.params_after for s in pruned)
-    if _stage is None:
-        if store is not None:
-            inline_external(work, store)
+    cand = _write(work, inp, report, _stage, _save)
+    if feeds is not None:
+        _verify(inp.src, cand, feeds, ref, vocab, options, report, judge)
+    report.timings["total_s"] = time.perf_counter() - t0
+    return work, report
+
+
+def _plan_file_needs_inline(options: Options) -> bool:
+    """Whether the plan file asks for what needs every weight inline: calibration statistics
+    (onnxruntime runs the proto) or the storage autoencoder (it reads the weights)."""
+    if options.plan_file is None:
+        return False
+    try:
+        with open(options.plan_file, encoding="utf-8") as f:
+            settings = json.load(f).get("settings") or {}
+        return bool(settings.get("calibration") or settings.get("storage_ae"))
+    except (OSError, ValueError, AttributeError):
+        return False  # load_plan says what is wrong
+
+
+def _reference(inp: _Input, options: Options, report: Report, held_batch=None):
+    """Verification feeds (``--inputs``, else a held-out calibration batch of the default
+    planner, else generated from the signature) and the input model's outputs on them."""
+    from .verify import load_inputs, make_inputs, run_onnxruntime
+
+    v = options.verification
+    if held_batch is not None and v.inputs is None and not v.input_shapes:
+        feeds = dict(held_batch)
+    elif isinstance(v.inputs, (str, os.PathLike)):
+        feeds = load_inputs(v.inputs, inp.work)
+    elif v.inputs is not None:
+        feeds = dict(v.inputs)
+    else:
+        feeds = make_inputs(inp.work, v.input_shapes, seed=options.methods.seed)
+    t = time.perf_counter()
+    ref = run_onnxruntime(inp.src, feeds, prepack=False)
+    report.timings["reference_run_s"] = time.perf_counter() - t
+    return feeds, ref
+
+
+def _fill_report(report: Report, plan: Plan, built) -> None:
+    report.settings = dict(plan.settings)
+    report.plan_summary = {"planner": plan.planner, **{k: v for k, v in plan.summary.items() if k not in ("notes", "timings")}}
+    report.sites = built.sites
+    report.notes.extend(plan.summary.get("notes", []))
+    report.notes.extend(built.notes)
+    report.timings.update(plan.summary.get("timings", {}))
+    if "calibration" in plan.summary:
+        report.settings["calibration"] = {**(plan.settings.get("calibration") or {}), **plan.summary["calibration"]}
+    report.plan = plan.summary.get("plan_auto")
+    report.planned = plan.to_dict()
+    if not report.rewritten and not (plan.settings.get("quantize") or plan.planner == "mixed"):
+        reasons = sorted({s.reason for s in report.sites}) or ["the graph has no MatMul/Gemm/Gather with a constant 2-D weight"]
+        from .graph.quantized import all_quantized_message
+
+        raise OnnxHmfError("no compressible weights: " + (all_quantized_message(report.sites) or "; ".join(reasons)[:300]))
+
+
+def _write(work: onnx.ModelProto, inp: _Input, report: Report, stage: OutputStage | None, save) -> object:
+    """Check (and, with a stage, write) the result; what the verification run reads."""
+    from .external import inline_external
+
+    if stage is None:
+        if inp.store is not None:
+            inline_external(work, inp.store)
         try:
             onnx.checker.check_model(work)
         except onnx.checker.ValidationError as e:  # a bug in a rewrite, never the user's fault
             raise OnnxHmfError(f"internal error: rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from None
         report.bytes_after = work.ByteSize()
-        cand_src = work
-    else:  # write into the stage folder, then check and verify by path (works past 2 GB)
-        external, threshold = _save
-        if external is None and had_external:  # keep the input's layout: no whole-model copy in memory
-            external = True
-        t = time.perf_counter()
-        report.bytes_after = _stage.write(work, store, external=external, threshold=threshold)
-        report.timings["write_s"] = time.perf_counter() - t
-        store.close()
-        if _stage.data_location and external is None:
-            report.notes.append(f"saved with external data ({_stage.data_location}): the model would pass protobuf's 2 GB limit")
-        _check_written(_stage.model_path, report.input_path)
-        cand_src = _stage.model_path
+        return work
+    external, threshold = save
+    if external is None and inp.had_external:  # keep the input's layout: no whole-model copy in memory
+        external = True
+    t = time.perf_counter()
+    report.bytes_after = stage.write(work, inp.store, external=external, threshold=threshold)
+    report.timings["write_s"] = time.perf_counter() - t
+    inp.store.close()
+    if stage.data_location and external is None:
+        report.notes.append(f"saved with external data ({stage.data_location}): the model would pass protobuf's 2 GB limit")
+    _check_written(stage.model_path, inp.path)
+    return stage.model_path
 
-    if verify:
-        t = time.perf_counter()
-        cand = run_onnxruntime(cand_src, feeds, prepack=False)
-        report.timings["verify_run_s"] = time.perf_counter() - t
-        report.outputs = compare_outputs(ref, cand, vocab)
-        report.failures = check_outputs(ref, cand, report.outputs, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                                        min_top1=min_top1)
-        report.verified = True
-        report.passed = not report.failures
-        report.settings.update(
-            {
-                "inputs": {k: list(v.shape) for k, v in feeds.items()},
-                "atol": atol or {},
-                "rtol": rtol or {},
-                "min_cosine": min_cosine,
-                "min_top1": min_top1,
-                "criterion": criterion_text(atol, rtol, min_cosine, min_top1),
-            }
-        )
-    report.timings["total_s"] = time.perf_counter() - t0
-    return work, report
+
+def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judge=None) -> None:
+    """The written model against the input: every output on ``feeds`` (tolerances, cosine,
+    top-1), per-output minimums, and with the default planner the fidelity verdict on all its
+    held-out calibration batches (the metric that fits each output)."""
+    from .verify import check_outputs, compare_outputs, criterion_text, run_onnxruntime
+
+    v = options.verification
+    t = time.perf_counter()
+    out = run_onnxruntime(cand, feeds, prepack=False)
+    report.timings["verify_run_s"] = time.perf_counter() - t
+    report.outputs = compare_outputs(ref, out, vocab)
+    report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol,
+                                    min_cosine=None if judge is not None else v.min_cosine,
+                                    min_top1=None if judge is not None else v.min_top1)  # (the judge scores logits itself)
+    if judge is not None:
+        res = judge.score(cand)
+        report.fidelity = {"samples": judge.calibration.samples, "source": judge.calibration.source,
+                           "outputs": {n: {"kind": o.kind, "value": o.value, "minimum": res.minimums.get(n),
+                                           "counted": n in res.counted, "describe": o.describe()}
+                                       for n, o in res.outputs.items()}}
+        report.failures += res.failures
+    elif v.minimums:
+        for s in report.outputs:
+            want = v.minimums.get(s.name, v.minimums.get(""))
+            if want is not None and s.mean_cosine is not None and s.mean_cosine < want:
+                report.failures.append(f"{s.name}: mean cosine {s.mean_cosine:.5f} < --min-cosine {s.name}:{want}")
+    report.verified = True
+    report.passed = not report.failures
+    report.settings.update({"inputs": {k: list(x.shape) for k, x in feeds.items()}, "atol": v.atol or {},
+                            "rtol": v.rtol or {}, "min_cosine": v.min_cosine,
+                            **({} if judge is not None else {"min_top1": v.min_top1, "criterion": criterion_text(
+                                v.atol, v.rtol, v.min_cosine, v.min_top1)})})
+    if v.measure:
+        report.runtime = _runtime(src, cand, feeds)
+
+
+def _runtime(src, cand, feeds) -> dict:
+    """Resident memory (fresh processes) and interleaved latency of the input (a path, or the
+    given proto) and the output."""
+    import tempfile
+
+    from .runtime import latency_ratios, resident_memory
+
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="onnxhmf-measure-") as d:
+        if isinstance(src, onnx.ModelProto):  # a proto given in memory
+            path = Path(d) / "input.onnx"
+            onnx.save_model(src, path)
+            src = path
+        out = cand
+        if not isinstance(out, (str, os.PathLike)):
+            out = Path(d) / "output.onnx"
+            onnx.save_model(cand, out)
+        before, after = resident_memory(src, feeds), resident_memory(out, feeds)
+        ratio = latency_ratios([src, out], feeds)[1]
+    return {"memory_before": before, "memory_after": after, "latency_ratio": round(ratio, 3),
+            "threads": 1, "measure_s": round(time.perf_counter() - t, 2)}
 
 
 def _check_written(path: Path, input_path: str | None) -> None:
@@ -348,110 +327,12 @@ def _check_written(path: Path, input_path: str | None) -> None:
             check_model_path(path, what=what)
             return
         raise
-def _calibrate(work, fpass, report, calib, tokenizer, samples, seq_len, batch, allocation, min_fidelity, keep, rank,
-               progress) -> tuple[float | None, Calibration]:
-    """Capture statistics into ``fpass``; plan per-group keeps (measured allocation, or the
-    smallest keep meeting ``min_fidelity``). Returns (the keep used, the fitting data)."""
-    t = time.perf_counter()
-    cal = calib if isinstance(calib, Calibration) else load_calibration(
-        calib, work, tokenizer=tokenizer, samples=samples, seq_len=seq_len, batch_size=batch)
-    held = None
-    if min_fidelity is not None:
-        cal, held = cal.split(0.25)
-    groups = candidate_groups(fpass, find_weight_groups(GraphIndex(work)))
-    acts, idx = calibration_targets(groups)
-    fpass.stats = capture_stats(work, cal, acts, idx, progress=progress)
-    report.timings["calibration_s"] = time.perf_counter() - t
-    info = {"source": cal.source, "samples": cal.samples, "tokens": cal.tokens, "activations": len(acts),
-            "gram_bytes": int(sum(g.nbytes for g in fpass.stats.grams.values()))}
-    measured = allocation == "measured" or (allocation == "auto" and rank is None)
-    if measured and rank is None and groups:
-        t = time.perf_counter()
-        sens = measure_sensitivities(work, fpass, groups, cal, progress=progress)
-        shapes = {g.name: g.shape for g in groups}
-        report.timings["sensitivity_s"] = time.perf_counter() - t
-        if min_fidelity is not None:
-            t = time.perf_counter()
-            keep, reached, tried = _search_keep(work, fpass, sens, shapes, held, min_fidelity)
-            report.timings["fidelity_search_s"] = time.perf_counter() - t
-            info.update({"min_fidelity": min_fidelity, "keep_found": keep, "heldout_fidelity": reached,
-                         "heldout_samples": held.samples, "search": tried})
-            report.notes.append(f"--min-fidelity {min_fidelity}: keep {keep:.3f} of the compressible parameters reaches "
-                                f"cosine {reached:.4f} on {held.samples} held-out calibration samples")
-        fpass.keeps = plan_keeps(sens, shapes, keep)
-        info["allocation"] = "measured"
-        info["dense_by_allocation"] = sorted(n for n, k in fpass.keeps.items() if k >= 1.0)
-    else:
-        info["allocation"] = "uniform"
-    report.settings["calibration"] = info
-    return keep, cal
 
 
-def _search_keep(work, fpass, sens, shapes, held, target) -> tuple[float, float, list]:
-    """Bisection on the global keep for the smallest model whose held-out fidelity ≥ target."""
-    refs = reference_outputs(work, held)
-
-    def trial(k: float) -> float:
-        m = onnx.ModelProto()
-        m.CopyFrom(work)
-        saved = fpass.keeps
-        fpass.keeps = plan_keeps(sens, shapes, k)
-        try:
-            fpass.run(m)
-        finally:
-            fpass.keeps = saved
-        return fidelity(m, refs, held)
-
-    lo, hi, best = 0.0, 1.0, 1.0
-    tried = []
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        f = trial(mid)
-        tried.append([round(mid, 4), round(f, 5)])
-        if f >= target:
-            hi, best = mid, f
-        else:
-            lo = mid
-    if hi >= 1.0:
-        raise OnnxHmfError(f"no compressed model reaches --min-fidelity {target} on held-out calibration data "
-                           f"(best tried: keep {tried[-1][0]} gives {tried[-1][1]})")
-    return hi, best, tried
-
-
-SEQUENTIAL_STAGES = 8  # at most this many calibration passes (each runs the model twice)
-
-
-def _run_sequential(work, fpass, cal, progress, stages: int = SEQUENTIAL_STAGES):
-    """Stage by stage, each stage calibrated on the model compressed so far, with the cross
-    term against the original model's activations (sequential least squares). The site levels
-    (site_levels) are cut into at most ``stages`` consecutive bands: one band is one pass over
-    the calibration data."""
-    original = onnx.ModelProto()
-    original.CopyFrom(work)
-    groups = find_weight_groups(GraphIndex(work))
-    todo = candidate_groups(fpass, groups)
-    levels = site_levels(work, todo)
-    distinct = sorted(set(levels.values()))
-    per = max(1, -(-len(distinct) // stages))
-    band = {lvl: i // per for i, lvl in enumerate(distinct)}
-    sites = []
-    for b in progress(sorted(set(band.values()))):
-        stage = [g for g in todo if band[levels[g.name]] == b]
-        acts, idx = calibration_targets(stage)
-        changed = any(s.status == "rewritten" for s in sites)  # else X_c = X_o: plain whitening
-        fpass.stats = capture_stats(work, cal, acts, idx, reference=original if changed else None)
-        fpass.only = {g.name for g in stage}
-        sites += fpass.run(work)
-    fpass.only = {g.name for g in groups} - {g.name for g in todo}
-    sites += fpass.run(work)  # the skipped ones, for the report
-    fpass.only = None
-    order = {g.name: i for i, g in enumerate(groups)}
-    return sorted(sites, key=lambda s: order.get(s.weight, len(order)))
-
-
-def _finish_metadata(model: onnx.ModelProto, report: Report, *, notes: bool = True) -> None:
-    """Record what onnxhmf did; keep IR version unless onnxruntime could not read it."""
-    entry = {"version": __version__, **{k: v for k, v in report.settings.items() if v not in (None, [], {})}}
+def finish_metadata(model: onnx.ModelProto, settings: dict, report: Report | None = None) -> None:
+    """Record what onnxhmf did (the plan's settings); keep the IR version unless onnxruntime
+    could not read it."""
+    entry = {"version": __version__, **{k: v for k, v in settings.items() if v not in (None, [], {})}}
     for prop in model.metadata_props:
         if prop.key == "onnxhmf":
             prop.value = json.dumps(entry)
@@ -460,27 +341,20 @@ def _finish_metadata(model: onnx.ModelProto, report: Report, *, notes: bool = Tr
         model.metadata_props.add(key="onnxhmf", value=json.dumps(entry))
     limit = max_ir_version_for_onnxruntime()
     if model.ir_version > limit:
-        if notes:
+        if report is not None:
             report.notes.append(f"IR version {model.ir_version} lowered to {limit}, the most the installed onnxruntime reads")
         model.ir_version = limit
 
 
-def optimize_file(
-    input_path: str | os.PathLike,
-    output_path: str | os.PathLike,
-    *,
-    force: bool = False,
-    force_on_failure: bool = False,
-    save_external_data: bool | str | None = None,
-    external_data_size_threshold: int = 1024,
-    **kwargs,
-) -> Report:
+def optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike, *, force: bool = False,
+                  force_on_failure: bool = False, save_external_data: bool | str | None = None,
+                  external_data_size_threshold: int = 1024, save_plan: str | os.PathLike | None = None, **kwargs) -> Report:
     """Optimize ``input_path`` and write ``output_path`` atomically.
 
     ``save_external_data``: True (or a file name) stores tensors of at least
     ``external_data_size_threshold`` bytes in a data file next to the output (default name
     ``<output name>.data``); None does so when the input has external data or the output
-    would pass protobuf's 2 GB limit.
+    would pass protobuf's 2 GB limit. ``save_plan``: also write the plan as JSON.
     The model and data file are written to a temp folder beside the output, checked and
     verified there, then renamed into place; nothing is left behind on failure or Ctrl-C.
 
@@ -489,13 +363,15 @@ def optimize_file(
     """
     location = save_external_data if isinstance(save_external_data, str) and save_external_data else None
     external = None if save_external_data is None else True
-    reads = named_reads(**{k: kwargs.get(k) for k in ("inputs", "calib", "tokenizer", "token_freq")})
+    reads = named_reads(**{k: kwargs.get(k) for k in ("inputs", "calib", "tokenizer", "token_freq", "plan_file")})
     with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location, reads=reads) as stage:
         model, report = optimize(input_path, _stage=stage, _save=(external, external_data_size_threshold), **kwargs)
         report.output_path = str(output_path)
         if report.verified and not report.passed and not force_on_failure:
             raise VerificationError("verification failed, no output written: " + "; ".join(report.failures), report=report)
         stage.commit()
+        if save_plan is not None:
+            Plan.from_dict(report.planned).save(save_plan)
         if stage.data_location:
             report.notes.append(f"weights saved to {stage.data_location} next to the output")
     return report

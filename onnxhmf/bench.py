@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .api import count_params
+from .graph.index import count_params
 from .errors import OnnxHmfError
 from .io import load_model, model_file_bytes
 from .verify import make_inputs

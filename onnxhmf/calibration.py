@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
+from .verify import check_tokenizer_vocab, read_text_file
 
 __all__ = ["Calibration", "load_calibration", "input_roles"]
 
@@ -30,12 +31,17 @@ _ONNX_TO_NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int3
 
 @dataclass
 class Calibration:
-    """Batches of feeds; ``mask`` names the input whose zeros mark padding (or None)."""
+    """Batches of feeds; ``mask`` names the input whose zeros mark padding (or None).
+
+    ``group``: consecutive batches that belong together (2 for a KV-cache decoder: a first step
+    with an empty past, then the cached step fed its presents); split() keeps groups whole.
+    """
 
     batches: list[dict[str, np.ndarray]]
     mask: str | None = None
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    group: int = 1
 
     @property
     def samples(self) -> int:
@@ -49,12 +55,14 @@ class Calibration:
 
     def split(self, holdout: float) -> tuple["Calibration", "Calibration"]:
         """(fit, held-out): the last ``holdout`` fraction of batches (at least one) held out."""
-        if len(self.batches) < 2:
-            raise OnnxHmfError(f"calibration data has {len(self.batches)} batch(es); need at least 2 to hold some out "
+        g = max(1, self.group)
+        if len(self.batches) < 2 * g:
+            raise OnnxHmfError(f"calibration data has {len(self.batches)} batch(es); need at least {2 * g} to hold some out "
                                "(give more samples or a smaller batch)")
-        k = min(len(self.batches) - 1, max(1, int(round(len(self.batches) * holdout))))
-        return (Calibration(self.batches[:-k], self.mask, self.source),
-                Calibration(self.batches[-k:], self.mask, self.source))
+        n = len(self.batches) // g
+        k = g * min(n - 1, max(1, int(round(n * holdout))))
+        return (Calibration(self.batches[:-k], self.mask, self.source, group=g),
+                Calibration(self.batches[-k:], self.mask, self.source, group=g))
 
 
 def input_roles(model: onnx.ModelProto) -> dict[str, str]:
@@ -141,8 +149,8 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
     if len(ids_names) != 1 or other:
         raise OnnxHmfError(f"cannot feed text to inputs {sorted(roles)}: expected one token-id input plus optional "
                            "attention mask / token types / positions; give an .npz of feeds instead")
-    text = _read_text(path)
-    _check_tokenizer_vocab(tok, model, ids_names[0], tokenizer)
+    text = read_text_file(path)
+    check_tokenizer_vocab(tok, model, ids_names[0], tokenizer)
     mask = next((n for n, r in roles.items() if r == "mask"), None)
     pad = tok.token_to_id("[PAD]") or 0
 
@@ -182,32 +190,6 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
         windows = flat[: n * seq_len].reshape(n, seq_len)
         for i in range(0, n, batch_size):
             yield feeds(windows[i : i + batch_size], np.ones_like(windows[i : i + batch_size]))
-
-
-def _read_text(path: Path) -> str:
-    """The file as text, refusing binary data (NUL bytes, or mostly undecodable)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
-    head = raw[: 1 << 16]
-    text = raw.decode("utf-8", errors="replace")
-    bad = text[: 1 << 16].count("\ufffd")
-    if b"\0" in head or bad > 0.05 * max(1, len(head)):
-        raise OnnxHmfError(f"--calib {str(path)!r}: binary data, not text (give a UTF-8 text file, or an .npz of feeds)")
-    return text
-
-
-def _check_tokenizer_vocab(tok, model: onnx.ModelProto, ids_name: str, tokenizer) -> None:
-    """A tokenizer whose ids pass the model's embedding table belongs to another model."""
-    from .verify import _gather_vocab
-    from .graph.index import GraphIndex
-
-    rows = _gather_vocab(GraphIndex(model), ids_name)
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if rows is not None and size > rows:
-        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r} has {size} tokens but the model's embedding table has {rows} "
-                           f"rows: ids past {rows - 1} would index nothing (is it this model's tokenizer?)")
 
 
 def check_batch(model: onnx.ModelProto, batch: dict[str, np.ndarray], source: str, limits: dict[str, int]) -> None:

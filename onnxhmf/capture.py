@@ -8,6 +8,9 @@ activation, whatever the number of tokens. Gather index tensors give token count
 
 With ``reference`` (sequential calibration), the same batch also runs through the reference
 model and we accumulate the cross term X_cᵀX_o between the two models' activations.
+
+Activations computed inside If/Loop/Scan bodies are threaded out to model outputs first
+(graph/expose.py); those that cannot be get no statistics and a reason (``uncaptured``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from .calibration import Calibration
+from .progress import no_progress
 
 __all__ = ["ActivationStats", "capture_stats", "session_with_outputs", "session", "masked_rows"]
 
@@ -29,9 +33,10 @@ class ActivationStats:
     cross: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> X_cᵀX_o (sequential)
     counts: dict[str, np.ndarray] = field(default_factory=dict)  # index tensor -> bincount
     rows: dict[str, int] = field(default_factory=dict)  # tensor -> rows (tokens) accumulated
+    uncaptured: dict[str, str] = field(default_factory=dict)  # tensor -> why it has no statistics
 
     def merge(self, other: "ActivationStats") -> None:
-        for attr in ("grams", "cross", "counts", "rows"):
+        for attr in ("grams", "cross", "counts", "rows", "uncaptured"):
             getattr(self, attr).update(getattr(other, attr))
 
 
@@ -78,6 +83,56 @@ def masked_rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
 
 
+BODY_ONLY = ("is computed inside an If/Loop/Scan body and could not be returned as a model output: not "
+             "captured, the weight is fitted unwhitened")
+
+
+def _sessions(model, reference, acts, indices, calib):
+    """(session, reference session or None, {name: model output name}, the same for the
+    reference, {name: why not captured}).
+
+    Values inside If/Loop/Scan bodies are threaded out to model outputs (graph/expose.py); if
+    that fails for a model (a session that will not load or run), those values are skipped."""
+    from .graph.expose import expose_values
+
+    names = acts + list(indices)
+    hidden = _body_only(model, names)
+    outs: dict[str, str] = {}
+    ref_outs: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    if hidden:
+        exposed, outs, missing = expose_values(model, list(hidden))
+        missing = {n: f"is computed inside an If/Loop/Scan body and {why}: not captured, the weight is fitted "
+                      "unwhitened" for n, why in missing.items()}
+        ref_exposed, ref_outs, _ = expose_values(reference, list(outs)) if reference is not None else (None, {}, {})
+        try:
+            keep = [n for n in names if n not in missing]
+            ref_keep = [ref_outs.get(n, n) for n in acts if n not in missing]
+            sess = session_with_outputs(exposed, [outs.get(n, n) for n in keep])
+            ref = session_with_outputs(ref_exposed, ref_keep) if ref_exposed is not None and ref_keep else None
+            if calib.batches:
+                sess.run([outs.get(n, n) for n in keep], calib.batches[0])
+                if ref is not None:
+                    ref.run(ref_keep, calib.batches[0])
+            return sess, ref, outs, ref_outs, missing
+        except Exception as e:  # fall back: the main graph's values only
+            why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            missing = {n: f"{BODY_ONLY} (threading it out of its body failed: {why})" for n in hidden}
+            outs, ref_outs = {}, {}
+    keep = [n for n in names if n not in missing]
+    sess = session_with_outputs(model, keep)
+    keep_acts = [a for a in acts if a not in missing]
+    ref = session_with_outputs(reference, keep_acts) if reference is not None and keep_acts else None
+    return sess, ref, outs, ref_outs, missing
+
+
+def _body_only(model: onnx.ModelProto, names: list[str]) -> dict[str, str]:
+    """{name: reason} for the names that are not values of the main graph (they live in a body)."""
+    g = model.graph
+    main = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    return {n: BODY_ONLY for n in names if n not in main}
+
+
 def capture_stats(
     model: onnx.ModelProto,
     calib: Calibration,
@@ -85,7 +140,7 @@ def capture_stats(
     indices: dict[str, int] | None = None,
     *,
     reference: onnx.ModelProto | None = None,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    progress: Callable = no_progress,
 ) -> ActivationStats:
     """Grams XᵀX of ``activations`` and counts of ``indices`` (tensor -> table rows) over ``calib``.
 
@@ -93,15 +148,16 @@ def capture_stats(
     """
     acts = list(dict.fromkeys(activations))
     indices = dict(indices or {})
-    sess = session_with_outputs(model, acts + list(indices))
-    ref = session_with_outputs(reference, acts) if reference is not None and acts else None
-    stats = ActivationStats()
-    out_names = acts + list(indices)
-    for feeds in progress(calib.batches):
+    sess, ref, outs, ref_outs, missing = _sessions(model, reference, acts, indices, calib)
+    acts = [a for a in acts if a not in missing]
+    indices = {k: v for k, v in indices.items() if k not in missing}
+    stats = ActivationStats(uncaptured=missing)
+    out_names = [outs.get(n, n) for n in acts + list(indices)]
+    for feeds in progress(calib.batches, "capturing activations"):
         mask = feeds.get(calib.mask) if calib.mask else None
         try:
             values = sess.run(out_names, feeds)
-            ref_values = ref.run(acts, feeds) if ref is not None else None
+            ref_values = ref.run([ref_outs.get(n, n) for n in acts], feeds) if ref is not None else None
         except Exception as e:  # data the model rejects: one line, not onnxruntime's traceback
             import re
 
@@ -110,6 +166,8 @@ def capture_stats(
             msg = re.sub(r"\s+", " ", str(e)).strip()[:300]
             raise OnnxHmfError(f"calibration data {calib.source!r}: onnxruntime failed on it: {msg}") from None
         for i, name in enumerate(acts):
+            if values[i].size == 0:  # a body value from the branch not taken: no rows
+                continue
             X = masked_rows(values[i], mask)
             g = (X.T @ X).astype(np.float64)  # one batch in float32, the sum in float64
             stats.grams[name] = stats.grams[name] + g if name in stats.grams else g
@@ -120,6 +178,8 @@ def capture_stats(
                 stats.cross[name] = stats.cross[name] + c if name in stats.cross else c
         for j, (name, size) in enumerate(indices.items()):
             ids = values[len(acts) + j]
+            if ids.size == 0:
+                continue
             ids = ids[mask.astype(bool)] if mask is not None and ids.shape == mask.shape else ids.ravel()
             ids = ids.astype(np.int64)
             ids = ids[(ids >= 0) & (ids < size)]

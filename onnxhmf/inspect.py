@@ -15,14 +15,15 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .api import count_params
+from .graph.index import count_params
 from .factorize.spectrum import energy_rank, singular_values
 from .factorize.svd import breakeven_rank
 from .graph.index import GraphIndex
 from .graph.sites import find_weight_groups
 from .io import load_model, model_file_bytes
-from .passes.factorize import FactorizePass
-from .plan import Plan, plan_groups
+from .options import Options
+from .plan import Plan
+from .planners.uniform import uniform_plan
 
 __all__ = ["SiteInfo", "Inspection", "inspect_model", "HUGE_SHORT_SIDE", "HUGE_ELEMENTS"]
 
@@ -64,8 +65,8 @@ class Inspection:
         d["plan"] = None if self.plan is None else {
             "keep": self.keep, "method": "lmf",
             "params_before": self.plan.params_before, "params_after": self.plan.params_after,
-            "bytes_before": self.plan.bytes_before, "bytes_after": self.plan.bytes_after,
-            "sites_rewritten": len(self.plan.planned),
+            "bytes_before": self.plan.bytes_before, "bytes_after": self.plan.predicted_bytes,
+            "sites_rewritten": sum(d.changes for d in self.plan.decisions),
         }
         return d
 
@@ -90,9 +91,9 @@ class Inspection:
         if self.plan is not None:
             p = self.plan
             lines.append(
-                f"at --keep {self.keep} (lmf): {len(p.planned)} site(s) rewritten, params {p.params_before:,} -> "
-                f"{p.params_after:,} ({p.params_after / max(p.params_before, 1):.3f}x), file ~{p.bytes_after:,} bytes "
-                f"({p.bytes_after / max(p.bytes_before, 1):.3f}x)")
+                f"at --keep {self.keep} (lmf): {sum(d.changes for d in p.decisions)} site(s) rewritten, params "
+                f"{p.params_before:,} -> {p.params_after:,} ({p.params_after / max(p.params_before, 1):.3f}x), file "
+                f"~{p.predicted_bytes:,} bytes ({p.predicted_bytes / max(p.bytes_before, 1):.3f}x)")
         return "\n".join(lines)
 
 
@@ -130,7 +131,8 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike, *, keep: float = 0
                 s = singular_values(index.array(g.ref))
                 info.rank90, info.rank99 = (energy_rank(s, q) for q in ENERGY_SHARES)
         out.sites.append(info)
-    out.plan = plan_groups(model, FactorizePass(method="lmf", keep=keep), groups, bytes_before=nbytes)
+    out.plan = uniform_plan(model, Options.from_kwargs(keep=keep), groups)
+    out.plan.bytes_before, out.plan.params_before = nbytes, total
     out.seconds = time.perf_counter() - t0
     if not math.isfinite(out.seconds):  # pragma: no cover
         out.seconds = 0.0

@@ -22,7 +22,7 @@ from .errors import OnnxHmfError
 from .external import TensorStore, needs_external_data, write_model
 
 __all__ = ["load_model", "save_model", "max_ir_version_for_onnxruntime", "model_file_bytes", "OutputStage",
-           "external_data_paths", "check_model_path", "check_paths",
+           "external_data_paths", "check_model_path", "check_paths", "write_text_atomic",
            "write_atomic", "place_file", "signals_as_errors", "Interrupted", "remove_stale_stages"]
 
 MIN_OPSET = 7  # Gemm/MatMul broadcasting semantics the rewrites rely on
@@ -518,7 +518,7 @@ def _alive(pid: int) -> bool:
 
 
 _OPTION_OF = {"inputs": "--inputs", "calib": "--calib", "tokenizer": "--tokenizer", "token_freq": "--token-freq",
-              "load_outputs": "--load-outputs"}
+              "load_outputs": "--load-outputs", "plan_file": "--plan-file"}
 
 
 def named_reads(**paths) -> tuple:
@@ -526,12 +526,16 @@ def named_reads(**paths) -> tuple:
     return tuple((f"{_OPTION_OF.get(k, k)} file", Path(v)) for k, v in paths.items() if isinstance(v, (str, os.PathLike)))
 
 
-def check_optimize_paths(input_model, output_model, *, report=None, force: bool = False, save_external_data=None,
-                         reads: tuple = ()) -> None:
-    """Every path ``optimize`` writes (model, its data file, the report) against every path it
-    reads (the model, its data files, ``reads``) and each other, before any work."""
+def check_optimize_paths(input_model, output_model, *, report=None, save_plan=None, dry_run: bool = False,
+                         force: bool = False, save_external_data=None, reads: tuple = ()) -> None:
+    """Every path ``optimize`` writes (model, its data file, the report, the saved plan) against
+    every path it reads (the model, its data files, ``reads``) and each other, before any work.
+    ``dry_run``: only the plan is written."""
     out = Path(output_model)
     parent = out.parent if str(out.parent) else Path(".")
+    if dry_run:
+        check_paths(reads, [("--save-plan", save_plan, True)], models=[("input model", input_model)])
+        return
     writes = [("output model", out, force)]
     if isinstance(save_external_data, str) and save_external_data:
         writes.append(("external data file", parent / check_data_location(save_external_data), force))
@@ -539,4 +543,12 @@ def check_optimize_paths(input_model, output_model, *, report=None, force: bool 
         writes.append(("external data file", parent / f"{out.name}.data", force))
     if report is not None:
         writes.append(("--report", Path(report), True))
+    if save_plan is not None:
+        writes.append(("--save-plan", Path(save_plan), True))
     check_paths(reads, writes, models=[("input model", input_model)])
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file beside it and a rename (no partial file;
+    see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), label="file")

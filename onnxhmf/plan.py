@@ -1,188 +1,279 @@
-"""What optimize would do, without doing it: per site the method, rank or budget, and the
-predicted parameters and bytes (``optimize --dry-run``, and the size line of ``inspect``).
+"""The Plan: one decision per weight group, plus the settings that produced it.
 
-For LMF the prediction is exact: rank r stores r·(m+n) parameters. For HMF and pruning the
-plan is a parameter budget ⌊keep·m·n⌋; the rewrite stores at most that many (HMF picks its
-split only when it factorizes), so the prediction is an upper bound. (One exception for LMF: a
-tall table whose numerical rank is below the planned rank gets that lower rank, see
-svd._gram_svd, and so fewer parameters than predicted.)
+Every planner (``onnxhmf/planners/``) returns a Plan and the executor (``executor.py``) applies
+one, so a plan printed by ``--dry-run``, saved by ``--save-plan`` and replayed by
+``--plan-file`` is the same object the run itself used.
+
+A :class:`Decision` names the weight, its treatment (:data:`TREATMENTS`), the treatment's
+amount (``rank`` for low-rank treatments, a parameter ``budget`` for hmf/prune/ae, both
+resolved by the planner), why (``reason``), and what it predicts (bytes, loss) and measured.
+Predicted bytes come from one cost model, :func:`treatment_bytes`.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from dataclasses import asdict, dataclass, field, fields
 
-import numpy as np
-import onnx
-
-from .api import count_params
 from .errors import OnnxHmfError
-from .graph.index import FLOAT_TYPES, GraphIndex
-from .graph.sites import WeightGroup, find_weight_groups
-from .passes.factorize import FactorizePass
-from .passes.select import SiteSelection
-from .factorize.svd import lmf_params
 
-__all__ = ["SitePlan", "Plan", "plan_groups", "plan_optimize"]
+__all__ = ["Treatment", "TREATMENTS", "Decision", "Plan", "treatment_bytes", "LMF_OVERHEAD", "INT8_OVERHEAD",
+           "INT4_OVERHEAD", "PLAN_FORMAT"]
+
+PLAN_FORMAT = 1
+
+# bytes a rewrite adds besides its values (names, nodes, value infos, scales' own names);
+# measured on MiniLM's and glassllm's sites
+LMF_OVERHEAD = 300  # an LMF rewrite: two factor initializers and one more MatMul
+INT8_OVERHEAD = 400  # one quantized tensor: scale and zero point initializers and the extra nodes
+INT4_OVERHEAD = 400  # the int4 unpacking subgraph's nodes and constants
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """``factor``: what the factorization step does (None: the weight keeps its values);
+    ``store``: how the result is stored afterwards (None: float)."""
+
+    name: str
+    factor: str | None
+    store: str | None
+    summary: str
+
+
+TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
+    Treatment("dense", None, None, "kept as it is"),
+    Treatment("lmf", "lmf", None, "truncated SVD (whitened with calibration): A·B at rank r"),
+    Treatment("hmf", "hmf", None, "hybrid: dense rows/columns + low rank, within a parameter budget"),
+    Treatment("prune", "prune", None, "magnitude pruning, stored dense with zeros (the baseline)"),
+    Treatment("ae", "ae", None, "embedding autoencoder: codes + decoder, within a parameter budget"),
+    Treatment("storage-ae", None, "storage-ae", "rebuilt from codes and a decoder shared across layers"),
+    Treatment("int8", None, "int8", "int8 weight, MatMulInteger / Gather + DequantizeLinear"),
+    Treatment("int8w", None, "int8w", "weight-only int8 + per-column scales (Cast·Mul, folded at load: disk only)"),
+    Treatment("int4w", None, "int4w", "weight-only int4 + per-column scales (folded at load: disk only)"),
+    Treatment("lmf-int8", "lmf", "int8", "LMF with int8 factors (MatMulInteger)"),
+    Treatment("lmf-int8w", "lmf", "int8w", "LMF with weight-only int8 factors (disk only)"),
+)}
+
+
+def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None = None, budget: int | None = None,
+                    itemsize: int = 4) -> int:
+    """Predicted file bytes of one weight under ``treatment`` (the one cost model)."""
+    m, n = shape
+    r = rank or 0
+    cost = {
+        "dense": lambda: itemsize * m * n,
+        "lmf": lambda: itemsize * r * (m + n) + LMF_OVERHEAD,
+        "hmf": lambda: itemsize * (budget or 0),  # at most
+        "ae": lambda: itemsize * (budget or 0),  # at most
+        "prune": lambda: itemsize * m * n,  # stored dense with zeros
+        "storage-ae": lambda: itemsize * (budget or 0),
+        "int8": lambda: m * n + INT8_OVERHEAD,
+        "int8w": lambda: m * n + 4 * n + INT8_OVERHEAD,
+        "int4w": lambda: m * n // 2 + 4 * n + INT8_OVERHEAD + INT4_OVERHEAD,
+        "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,
+        "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
+    }
+    if treatment not in cost:
+        raise OnnxHmfError(f"unknown treatment {treatment!r} (known: {', '.join(TREATMENTS)})")
+    return int(cost[treatment]())
 
 
 @dataclass
-class SitePlan:
+class Decision:
     weight: str
-    ops: str
-    nodes: list[str]
+    treatment: str
     shape: tuple[int, int]
-    params: int
-    itemsize: int
-    status: str  # "planned" | "skipped"
-    method: str = "-"
-    rank: int = 0  # lmf
-    budget: int = 0  # hmf / prune: at most this many parameters
-    params_after: int | None = None  # exact for lmf, an upper bound for hmf and prune
-    reason: str = ""
+    ops: str = ""
+    nodes: list[str] = field(default_factory=list)
+    rank: int | None = None  # low-rank treatments
+    budget: int | None = None  # hmf, prune, ae: at most this many parameters
+    keep: float | None = None  # the fraction the planner asked for
+    stage: int | None = None  # sequential calibration: the band this weight is fitted in
+    reason: str = ""  # why this treatment (for "dense": why it is not compressed)
+    itemsize: int = 4
+    predicted_bytes: int | None = None
+    predicted_loss: float | None = None
+    measured_loss: float | None = None
+
+    @property
+    def spec(self) -> Treatment:
+        return TREATMENTS[self.treatment]
+
+    @property
+    def changes(self) -> bool:
+        return self.treatment != "dense"
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.itemsize * self.shape[0] * self.shape[1]
+
+    def predict(self) -> "Decision":
+        self.predicted_bytes = treatment_bytes(self.treatment, self.shape, rank=self.rank, budget=self.budget,
+                                               itemsize=self.itemsize)
+        return self
+
+    @property
+    def params_after(self) -> int:
+        """Stored elements (an upper bound for hmf, prune and ae; pruning stores zeros too, so
+        its count is the non-zeros)."""
+        m, n = self.shape
+        if self.spec.factor == "lmf":
+            return self.rank * (m + n)
+        if self.spec.factor in ("hmf", "prune", "ae") or (self.treatment == "storage-ae" and self.budget):
+            return self.budget
+        return m * n
+
+    @property
+    def amount(self) -> str:
+        if self.rank:
+            return f"r={self.rank}"
+        if self.budget:
+            return f"budget {self.budget:,}"
+        return ""
 
 
 @dataclass
 class Plan:
-    sites: list[SitePlan] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
-    bytes_before: int | None = None
-    bytes_after: int | None = None
-    exact: bool = True  # False when some prediction is an upper bound (hmf, prune)
+    """Decisions (one per weight group the planner looked at), the settings the executor needs
+    to reproduce the run (seed, damping, folding, calibration source, ...), the planner's name
+    and what it measured (``summary``: calibration, search trials, fidelity)."""
+
+    decisions: list[Decision] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    planner: str = "uniform"
+    summary: dict = field(default_factory=dict)
+    bytes_before: int | None = None
+    params_before: int | None = None
+
+    def __post_init__(self):
+        self.settings = _jsonable(self.settings)
 
     @property
-    def planned(self) -> list[SitePlan]:
-        return [s for s in self.sites if s.status == "planned"]
+    def by_weight(self) -> dict[str, Decision]:
+        return {d.weight: d for d in self.decisions}
 
+    def with_treatment(self, *names: str) -> list[Decision]:
+        return [d for d in self.decisions if d.treatment in names]
+
+    def stored_as(self, store: str) -> list[Decision]:
+        return [d for d in self.decisions if d.spec.store == store]
+
+    @property
+    def exact(self) -> bool:
+        """True when every predicted size is exact (no hmf/prune/ae upper bounds)."""
+        return not any(d.spec.factor in ("hmf", "prune", "ae") for d in self.decisions)
+
+    @property
+    def params_after(self) -> int | None:
+        if self.params_before is None:
+            return None
+        return self.params_before - sum(d.shape[0] * d.shape[1] - d.params_after for d in self.decisions)
+
+    @property
+    def predicted_bytes(self) -> int | None:
+        if self.bytes_before is None:
+            return None
+        return self.bytes_before - sum(d.dense_bytes - (d.predicted_bytes or d.dense_bytes) for d in self.decisions)
+
+    # -- JSON -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        return _jsonable({"format": PLAN_FORMAT, "planner": self.planner, "settings": self.settings,
+                          "bytes_before": self.bytes_before, "params_before": self.params_before, "summary": self.summary,
+                          "decisions": [asdict(d) for d in self.decisions]})
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        if not isinstance(d, dict) or d.get("format") != PLAN_FORMAT or not isinstance(d.get("decisions"), list):
+            raise OnnxHmfError(f"not an onnxhmf plan (format {PLAN_FORMAT}): expected an object with 'format' and 'decisions'")
+        known = {f.name for f in fields(Decision)}
+        out = []
+        for i, row in enumerate(d["decisions"]):
+            if not isinstance(row, dict) or not {"weight", "treatment", "shape"} <= set(row):
+                raise OnnxHmfError(f"plan decision {i}: needs 'weight', 'treatment' and 'shape'")
+            extra = set(row) - known
+            if extra:
+                raise OnnxHmfError(f"plan decision {i} ({row['weight']}): unknown field(s) {', '.join(sorted(extra))}")
+            if row["treatment"] not in TREATMENTS:
+                raise OnnxHmfError(f"plan decision {i} ({row['weight']}): unknown treatment {row['treatment']!r} "
+                                   f"(known: {', '.join(TREATMENTS)})")
+            dec = Decision(**{**row, "shape": tuple(row["shape"])})
+            _check_amount(dec, i)
+            out.append(dec)
+        settings = d.get("settings") or {}
+        if not isinstance(settings, dict):
+            raise OnnxHmfError("plan 'settings' must be an object")
+        return cls(out, settings, str(d.get("planner", "file")), d.get("summary") or {}, d.get("bytes_before"),
+                   d.get("params_before"))
+
+    def save(self, path: str | os.PathLike) -> None:
+        from .io import write_text_atomic
+
+        write_text_atomic(path, self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as e:
+            raise OnnxHmfError(f"cannot read plan {path}: {e.strerror or e}") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise OnnxHmfError(f"plan {path} is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    # -- console ---------------------------------------------------------------------------
     def format(self) -> str:
         from .report import _table
 
-        rows = [(s.ops, s.weight, f"{s.shape[0]}x{s.shape[1]}", s.method,
-                 str(s.rank) if s.method == "lmf" else f"budget {s.budget:,}",
-                 f"{s.params:,} -> {'' if s.method == 'lmf' else '≤ '}{s.params_after:,}")
-                for s in self.planned]
-        lines = _table(("op", "weight", "shape", "method", "rank", "params"), rows) if rows else ["no site would be rewritten"]
-        skipped = [s for s in self.sites if s.status != "planned"]
-        if skipped:
-            lines.append(f"skipped {len(skipped)} site(s):")
-            lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
+        from .report import display_name
+
+        rows = [(d.ops, display_name(d.weight, d.nodes), f"{d.shape[0]}x{d.shape[1]}", d.treatment, d.amount,
+                 f"{d.dense_bytes:,} -> {'' if d.spec.factor not in ('hmf', 'prune', 'ae') else '≤ '}"
+                 f"{d.predicted_bytes:,}" if d.predicted_bytes is not None else "-",
+                 "-" if d.predicted_loss is None else f"{d.predicted_loss:.5f}", d.reason)
+                for d in self.decisions if d.changes]
+        lines = [f"plan ({self.planner}):"]
+        if rows:
+            lines += _table(("op", "weight", "shape", "treatment", "amount", "bytes", "pred. loss", "why"), rows)
+        else:
+            lines.append("no weight would be changed")
+        kept = [d for d in self.decisions if not d.changes]
+        if kept:
+            lines.append(f"kept dense: {len(kept)} weight(s):")
+            lines += [f"  {d.weight} ({d.ops}, {d.shape[0]}x{d.shape[1]}): {d.reason}" for d in kept]
+        after = self.predicted_bytes
         le = "" if self.exact else "≤ "
-        ratio = self.params_after / self.params_before if self.params_before else 1.0
-        lines.append(f"params: {self.params_before:,} -> {le}{self.params_after:,} ({ratio:.3f}x, predicted)")
-        if self.bytes_before is not None and self.bytes_after is not None:
-            lines.append(f"file:   {self.bytes_before:,} -> {le}~{self.bytes_after:,} bytes "
-                         f"({self.bytes_after / self.bytes_before:.3f}x, predicted)")
+        if self.params_before:
+            pa = self.params_after
+            lines.append(f"params: {self.params_before:,} -> {le}{pa:,} ({pa / self.params_before:.3f}x, predicted)")
+        if after is not None and self.bytes_before:
+            lines.append(f"file: {self.bytes_before:,} -> {le}~{after:,} bytes ({after / self.bytes_before:.3f}x, predicted)")
         return "\n".join(lines)
 
 
-def _site(group: WeightGroup, **kw) -> SitePlan:
-    itemsize = np.dtype(FLOAT_TYPES.get(group.ref.data_type, np.float32)).itemsize
-    return SitePlan(weight=group.name, ops=group.ops, nodes=group.node_names, shape=group.shape,
-                    params=group.params, itemsize=itemsize, **kw)
+def _check_amount(d: Decision, i: int) -> None:
+    f = d.spec.factor
+    if f == "lmf" and not (isinstance(d.rank, int) and d.rank >= 1):
+        raise OnnxHmfError(f"plan decision {i} ({d.weight}): treatment {d.treatment} needs a rank ≥ 1")
+    if f in ("hmf", "prune", "ae") and not (isinstance(d.budget, int) and d.budget >= 1):
+        raise OnnxHmfError(f"plan decision {i} ({d.weight}): treatment {d.treatment} needs a parameter budget ≥ 1")
+    if len(d.shape) != 2 or not all(isinstance(x, int) and x > 0 for x in d.shape):
+        raise OnnxHmfError(f"plan decision {i} ({d.weight}): shape must be two positive integers")
 
 
-def plan_groups(model: onnx.ModelProto, fpass: FactorizePass, groups: Iterable[WeightGroup] | None = None,
-                bytes_before: int | None = None) -> Plan:
-    """The plan ``fpass.run`` would follow on ``model`` (nothing is factorized or changed)."""
-    groups = find_weight_groups(GraphIndex(model)) if groups is None else list(groups)
-    plan = Plan(params_before=count_params(model), bytes_before=bytes_before)
-    saved = saved_bytes = 0
-    for group in groups:
-        method = fpass.method_for(group)
-        reason = group.skip_reason or fpass.selection.why_not(group)
-        amount = 0
-        if reason is None:
-            amount, reason = fpass.plan(group, method)
-        if reason is not None:
-            plan.sites.append(_site(group, status="skipped", method=method, reason=reason))
-            continue
-        m, n = group.shape
-        if method == "lmf":
-            site = _site(group, status="planned", method=method, rank=amount, params_after=lmf_params(m, n, amount))
-        else:
-            site = _site(group, status="planned", method=method, budget=amount, params_after=amount)
-            plan.exact = False
-        plan.sites.append(site)
-        saved += site.params - site.params_after
-        if method != "prune":  # pruning stores the tensor dense, with zeros: the file does not shrink
-            saved_bytes += (site.params - site.params_after) * site.itemsize
-    plan.params_after = plan.params_before - saved
-    if bytes_before is not None:
-        plan.bytes_after = bytes_before - saved_bytes
-    return plan
-
-
-def plan_optimize(
-    model: onnx.ModelProto | str | os.PathLike,
-    *,
-    method: str = "lmf",
-    embedding_method: str | None = None,
-    keep: float | None = 0.75,
-    rank: int | None = None,
-    rank_multiple: int = 1,
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    min_params: int = 0,
-    quantize: str | None = None,
-    **_ignored,
-) -> Plan:
-    """``optimize``'s plan for the same options (options that do not change the plan, such as
-    verification settings or token frequencies, are accepted and ignored)."""
-    from .io import load_model, model_file_bytes
-
-    bytes_before = None
-    if not isinstance(model, onnx.ModelProto):
-        bytes_before = model_file_bytes(model)
-        model = load_model(model)
-    else:
-        bytes_before = model.ByteSize()
-    try:
-        fpass = FactorizePass(method=method, embedding_method=embedding_method, keep=keep, rank=rank,
-                              rank_multiple=rank_multiple, selection=SiteSelection(list(include), list(exclude), min_params))
-    except ValueError as e:
-        raise OnnxHmfError(str(e)) from None
-    plan = plan_groups(model, fpass, bytes_before=bytes_before)
-    plan.settings = {"method": method, "embedding_method": embedding_method, "keep": keep if rank is None else None,
-                     "rank": rank, "rank_multiple": rank_multiple, "include": list(include), "exclude": list(exclude),
-                     "min_params": min_params, "quantize": quantize}
-    if quantize == "int8" and plan.bytes_after is not None:
-        _int8_bytes(model, plan)
-    return plan
-
-
-def _int8_overhead(name: str) -> int:
-    """Bytes a quantized tensor adds besides its values (scale, zero point, nodes, names): a fit
-    to 0.5 kB for a one-letter name, 1.1 kB on glassllm, 2.3 kB on MiniLM (node names grow too)."""
-    return 440 + 41 * len(name)
-
-
-def _int8_bytes(model: onnx.ModelProto, plan: Plan) -> None:
-    """Predicted file bytes after ``--quantize int8``: each float32 weight the quantizer takes
-    (a MatMul's B or a Gather's table, factors included) goes from 4 bytes per value to 1, plus
-    _int8_overhead for its scale, zero point, nodes and names. The factors of a table
-    that something else also reads (a tied head) stay float (quantize_int8 leaves them)."""
-    from .quantize import weight_nodes
-
-    takes = weight_nodes(model)
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in set(node.input):
-            readers[name] = readers.get(name, 0) + 1
-    by_name = {s.weight: s for s in plan.sites}
-    values = overhead = 0
-    for name, nodes in takes.items():
-        site = by_name.get(name)
-        if site is not None and site.status == "planned":
-            if site.method != "lmf" or len(nodes) < readers.get(name, 0):
-                continue  # hmf/prune rewrites, tied factors: not predicted to shrink
-            values, overhead = values + site.params_after, overhead + 2 * _int8_overhead(name + ".lmf_A")
-        else:
-            dims = next(t.dims for t in model.graph.initializer if t.name == name)
-            values, overhead = values + int(np.prod(dims)), overhead + _int8_overhead(name)
-    plan.bytes_after -= 3 * values - overhead
+def _jsonable(v):
+    """The value as JSON would give it back (tuples as lists, non-finite floats as strings),
+    so that a plan made in this run and one loaded from its file are equal."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalars
+        return v.item()
+    return v

@@ -143,7 +143,10 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
     remove_stale_stages(tempfile.gettempdir())  # copies left by killed runs
     with tempfile.TemporaryDirectory(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX) as d:
         src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
-        onnx.save_model(work, str(src))
+        try:
+            onnx.save_model(work, str(src))
+        except OSError as e:
+            raise OnnxHmfError(f"cannot write the int8 quantizer's temporary copy in {d}: {e.strerror or e}") from None
         quiet = logging.getLogger().level
         logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is not for our users
         try:
@@ -189,7 +192,9 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     if both:  # also read by an op the quantizer left float (a tied head's Transpose): stored twice, so leave them
         chosen = [w for w in chosen if w not in both]
         q = _quantize(work, chosen, uses) if chosen else work
-    bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node if n.domain not in ("", "ai.onnx")})
+    theirs_before = {(n.domain, n.op_type) for n in model.graph.node}  # the model's own custom ops stay as they were
+    bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node
+                  if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in theirs_before})
     if bad:
         raise OnnxHmfError(f"internal error: the int8 quantizer emitted non-standard ops {bad}")
     # restore what the quantizer rewrites in the header

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 
 __all__ = ["SiteReport", "OutputStats", "Report"]
@@ -23,6 +24,7 @@ class SiteReport:
     dense: int = 0  # HMF: rows or columns kept dense
     detail: str = ""
     reason: str = ""
+    planned: str | None = None  # the plan's treatment (method can differ: an hmf budget stored as plain lmf)
 
 
 @dataclass
@@ -69,6 +71,10 @@ class Report:
     notes: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     plan: dict | None = None  # --plan auto: per-weight treatments, predicted and measured loss, trials
+    plan_summary: dict | None = None  # the planner's name and what it measured (calibration, search)
+    planned: dict | None = None  # the Plan the executor applied (plan.Plan.to_dict(): --save-plan writes it)
+    runtime: dict | None = None  # resident memory (before/after) and latency ratio, when measured
+    fidelity: dict | None = None  # the default planner: per-output fidelity on its held-out calibration samples
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -94,7 +100,7 @@ class Report:
         rows = [
             (
                 s.ops,
-                s.weight,
+                display_name(s.weight, s.nodes),
                 f"{s.shape[0]}x{s.shape[1]}",
                 s.method,
                 str(s.rank) if s.status == "rewritten" else "-",
@@ -112,8 +118,10 @@ class Report:
             lines.append(f"plan: {p['planned_bytes']:,} B planned ({p['fixed_bytes']:,} B outside the planned weights), "
                          f"file {p['bytes']:,} B" + (f" for a target of {p['target_size']:,} B" if p.get("target_size") else "")
                          + f"; loss predicted {p['predicted_loss']:.4f}, measured {p['heldout_loss']:.4f}; held-out "
-                         f"fidelity {p['heldout_fidelity']:.4f} on {p['heldout_samples']} samples; latency "
-                         f"{p['latency_ratio']:.2f}x the input's")
+                         + (f"fidelity {p['heldout_fidelity']:.4f}" if "heldout_fidelity" in p else
+                            f"margin over the fidelity minimums {p['heldout_margin']:+.4f}")
+                         + f" on {p['heldout_samples']} samples"
+                         + (f"; latency {p['latency_ratio']:.2f}x the input's" if p.get("latency_ratio") is not None else ""))
         elif rows:
             lines += _table(("op", "weight", "shape", "method", "rank", "params", "rel err", "detail"), rows)
         skipped = [s for s in self.sites if s.status != "rewritten"]
@@ -121,7 +129,7 @@ class Report:
             lines.append(f"skipped {len(skipped)} site(s):")
             lines += [f"  {s.weight} ({s.ops}, {s.shape[0]}x{s.shape[1]}): {s.reason}" for s in skipped]
         cal = self.settings.get("calibration")
-        if cal:
+        if cal and "tokens" in cal:  # a calibrated planner's summary (--plan auto reports its own line)
             dense = cal.get("dense_by_allocation") or []
             lines.append(f"calibration: {cal['samples']} samples, {cal['tokens']:,} tokens from {cal['source']}; "
                          f"{cal['activations']} activation Grams ({cal['gram_bytes'] / 1e6:.1f} MB); allocation "
@@ -155,7 +163,51 @@ class Report:
                 lines.append(f"criterion: {self.settings['criterion']}")
             lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
         lines += [f"note: {n}" for n in self.notes]
+        lines += self.result_table()
         return "\n".join(lines)
+
+    def result_table(self) -> list[str]:
+        """Input against output: file bytes, resident memory, latency, fidelity."""
+        if self.bytes_before is None or self.bytes_after is None:
+            return []
+        rows = [("file", f"{self.bytes_before:,} B", f"{self.bytes_after:,} B", f"{self.bytes_after / self.bytes_before:.3f}x")]
+        rt = self.runtime or {}
+        if rt.get("memory_before") and rt.get("memory_after") is not None:
+            mb, ma = rt["memory_before"], rt["memory_after"]
+            rows.append(("memory once loaded", f"{mb / 2**20:.1f} MiB", f"{ma / 2**20:.1f} MiB", f"{ma / mb:.3f}x"))
+        if rt.get("latency_ratio") is not None:
+            rows.append((f"latency ({rt.get('threads', 1)} thread)", "1.00", f"{rt['latency_ratio']:.2f}",
+                         f"{rt['latency_ratio']:.3f}x"))
+        fid = [o for o in self.outputs if o.mean_cosine is not None]
+        if self.fidelity:
+            counted = {n: o for n, o in self.fidelity["outputs"].items() if o["counted"]}
+            for n, o in counted.items():
+                rows.append((f"fidelity: {n}", "1", f"{o['describe']} (minimum {o['minimum']:.4g})", ""))
+            rows.append(("", "", f"on {self.fidelity['samples']} held-out samples of {self.fidelity['source']}", ""))
+        elif fid:
+            worst = min(fid, key=lambda o: o.mean_cosine)
+            top = [o for o in self.outputs if o.top1 is not None]
+            text = f"cosine {worst.mean_cosine:.4f} ({worst.name})"
+            if top:
+                t = min(top, key=lambda o: o.top1)
+                text += f", top-1 {t.top1:.4f} ({t.name})"
+            rows.append(("fidelity", "1", text, ""))
+        return ["", "result:"] + _table(("", "input", "output", "ratio"), rows)
+
+
+_MACHINE_NAME = re.compile(r"^(onnx::|val_\d|_val_|\d+$|tensor_\d|const_|initializer_)")
+
+
+def display_name(weight: str, nodes: list[str]) -> str:
+    """The weight's name, or where the exporter gave it a machine name (``onnx::MatMul_470``,
+    ``val_65``) the layer path of the first node that reads it."""
+    if not nodes or not _MACHINE_NAME.match(weight):
+        return weight
+    path = nodes[0].strip("/")
+    for suffix in ("/MatMul", "/Gemm", "/Gather"):
+        if path.endswith(suffix) and len(path) > len(suffix):
+            path = path[: -len(suffix)]
+    return f"{path} ({weight})"
 
 
 def _g(v, fmt: str = ".3g") -> str:

@@ -491,10 +491,8 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     fixed = shapes.get("input_ids")
     if fixed is not None and len(fixed) != 2:
         raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
-    from .calibration import _check_tokenizer_vocab, _read_text
-
-    _check_tokenizer_vocab(tok, model, "input_ids", tokenizer)
-    lines = [ln for ln in _read_text(p).splitlines() if ln.strip()]
+    check_tokenizer_vocab(tok, model, "input_ids", tokenizer)
+    lines = [ln for ln in read_text_file(p).splitlines() if ln.strip()]
     if not lines:
         raise OnnxHmfError(f"--calib {str(p)!r}: no text")
     batch = fixed[0] if fixed else min(len(lines), CALIB_MAX_BATCH)
@@ -520,6 +518,29 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     return feeds
 
 
+def read_text_file(path: Path) -> str:
+    """The file as text, refusing binary data (NUL bytes, or mostly undecodable)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
+    head = raw[: 1 << 16]
+    text = raw.decode("utf-8", errors="replace")
+    bad = text[: 1 << 16].count("\ufffd")
+    if b"\0" in head or bad > 0.05 * max(1, len(head)):
+        raise OnnxHmfError(f"--calib {str(path)!r}: binary data, not text (give a UTF-8 text file, or an .npz of feeds)")
+    return text
+
+
+def check_tokenizer_vocab(tok, model: onnx.ModelProto, ids_name: str, tokenizer) -> None:
+    """A tokenizer whose ids pass the model's embedding table belongs to another model."""
+    rows = _gather_vocab(GraphIndex(model), ids_name)
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if rows is not None and size > rows:
+        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r} has {size} tokens but the model's embedding table has {rows} "
+                           f"rows: ids past {rows - 1} would index nothing (is it this model's tokenizer?)")
+
+
 def save_golden(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
     """Write inputs and outputs to one .npz (keys "input/NAME" and "output/NAME"), atomically."""
     from .io import write_atomic
@@ -543,6 +564,34 @@ def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     if not outs:
         raise OnnxHmfError(f"--load-outputs {str(p)!r} holds no outputs (expected keys output/NAME, from --save-outputs)")
     return feeds, outs
+
+
+def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed) -> dict[str, np.ndarray]:
+    """``inputs`` (.npz or dict), else the saved golden inputs, else text, else generated."""
+    if isinstance(inputs, (str, os.PathLike)):
+        return load_inputs(inputs, sig)
+    if inputs is not None:
+        return dict(inputs)
+    if golden_feeds:
+        return golden_feeds
+    if calib is not None:
+        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
+    return make_inputs(sig, input_shapes, seed=seed)
+
+
+def _check_verify_options(ref, load_outputs, runtimes, quantile, top_k, min_cosine, min_top1) -> None:
+    check_thresholds(min_cosine, min_top1)
+    if not 0.0 < quantile < 1.0:
+        raise OnnxHmfError(f"--error-quantile must be in (0, 1), got {quantile}")
+    if top_k < 1:
+        raise OnnxHmfError(f"--top-k must be ≥ 1, got {top_k}")
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise OnnxHmfError(f"unknown runtime {rt!r}; expected one of {', '.join(RUNTIMES)}")
+    if ref is None and load_outputs is None:
+        raise OnnxHmfError("give a reference model, or --load-outputs")
+    if ref is not None and load_outputs is not None:
+        raise OnnxHmfError("--load-outputs replaces the reference model: give only the candidate")
 
 
 def verify_models(
@@ -576,23 +625,12 @@ def verify_models(
     ≥ DEFAULT_MIN_COSINE and top-1 agreement ≥ DEFAULT_MIN_TOP1 for logits-like outputs; the
     report states the criterion used.
     """
-    check_thresholds(min_cosine, min_top1)
-    if not atol and not rtol and min_cosine is None and min_top1 is None:
-        min_cosine, min_top1 = DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
     from .io import load_model
     from .report import VerifyReport
 
-    if not 0.0 < quantile < 1.0:
-        raise OnnxHmfError(f"--error-quantile must be in (0, 1), got {quantile}")
-    if top_k < 1:
-        raise OnnxHmfError(f"--top-k must be ≥ 1, got {top_k}")
-    for rt in runtimes:
-        if rt not in RUNTIMES:
-            raise OnnxHmfError(f"unknown runtime {rt!r}; expected one of {', '.join(RUNTIMES)}")
-    if ref is None and load_outputs is None:
-        raise OnnxHmfError("give a reference model, or --load-outputs")
-    if ref is not None and load_outputs is not None:
-        raise OnnxHmfError("--load-outputs replaces the reference model: give only the candidate")
+    _check_verify_options(ref, load_outputs, runtimes, quantile, top_k, min_cosine, min_top1)
+    if not atol and not rtol and min_cosine is None and min_top1 is None:
+        min_cosine, min_top1 = DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
     report = VerifyReport(reference=str(ref) if ref is not None else f"{load_outputs} (saved outputs)",
                           candidate=None if cand is None else str(cand), runtimes=list(runtimes))
     golden_feeds, golden_outs = load_golden(load_outputs) if load_outputs is not None else ({}, None)
@@ -601,16 +639,7 @@ def verify_models(
     sig = ref_model if ref_model is not None else cand_model
     if sig is None:
         raise OnnxHmfError("nothing to run: give a model")
-    if isinstance(inputs, (str, os.PathLike)):
-        feeds = load_inputs(inputs, sig)
-    elif inputs is not None:
-        feeds = dict(inputs)
-    elif golden_feeds:
-        feeds = golden_feeds
-    elif calib is not None:
-        feeds = calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
-    else:
-        feeds = make_inputs(sig, input_shapes, seed=seed)
+    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed)
     report.inputs = {k: list(v.shape) for k, v in feeds.items()}
     if golden_outs is not None:
         ref_outs = golden_outs
@@ -621,9 +650,9 @@ def verify_models(
         report.saved = str(save_outputs)
     if cand_model is None:
         return report
-    from .api import _vocab_sizes  # (api imports this module)
+    from .graph.index import vocab_sizes
 
-    vocab = set().union(*(_vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
+    vocab = set().union(*(vocab_sizes(m) for m in (ref_model, cand_model) if m is not None))
     cand_names = [o.name for o in cand_model.graph.output]
     missing = [n for n in ref_outs if n not in cand_names]
     if missing:

@@ -42,3 +42,14 @@ def minilm_path() -> Path:
         MODEL_CACHE.mkdir(parents=True, exist_ok=True)
         _load_script("build_minilm").build_minilm(path)
     return path
+
+
+REAL_MODEL_FIXTURES = {"glassllm_path", "minilm_path"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that builds or runs a real model is ``slow``: ``pytest -m "not slow"`` is the
+    fast tier (small synthetic graphs only)."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

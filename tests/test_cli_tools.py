@@ -13,7 +13,6 @@ from onnxhmf.api import optimize, optimize_file
 from onnxhmf.cli import main
 from onnxhmf.factorize.spectrum import energy_rank, singular_values
 from onnxhmf.inspect import inspect_model
-from onnxhmf.plan import plan_optimize
 from onnxhmf.verify import make_inputs, run_onnxruntime
 
 
@@ -200,7 +199,8 @@ def test_verify_golden_outputs_round_trip(mlp, tmp_path, capsys):
     cand = perturbed(mlp, tmp_path / "p.onnx", 1e-3)
     golden = tmp_path / "golden.npz"
     code, out, err = cli(capsys, "verify", mlp, "--save-outputs", golden, "--input-shapes", "X:2,3,32")
-    assert code == 0, err and golden.is_file()
+    assert code == 0, err
+    assert golden.is_file()
     with np.load(golden) as g:
         assert sorted(g.files) == ["input/X", "output/Y"] and g["output/Y"].shape == (2, 3, 32)
         np.testing.assert_array_equal(g["output/Y"], run_onnxruntime(mlp, {"X": g["input/X"]})["Y"])
@@ -321,55 +321,65 @@ def test_bench_refuses_models_with_other_inputs(tmp_path, mlp, capsys):
 
 @pytest.mark.parametrize("args", [("--keep", "0.5"), ("--rank", "4"), ("--keep", "0.6", "--rank-multiple", "4")])
 def test_dry_run_writes_nothing_and_predicts_params(mlp, tmp_path, capsys, args):
-    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    out, rep, plan_path = tmp_path / "out.onnx", tmp_path / "r.json", tmp_path / "plan.json"
     before = sorted(os.listdir(tmp_path))
     code, plan_out, err = cli(capsys, "optimize", mlp, out, "--dry-run", "--report", rep, *args)
     assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == before  # no model, no report, no temp file
-    code, real_out, err = cli(capsys, "optimize", mlp, out, "--no-verify", *args)
+    code, _, err = cli(capsys, "optimize", mlp, out, "--dry-run", "--save-plan", plan_path, *args)
     assert code == 0, err
-    real = next(line for line in real_out.splitlines() if line.startswith("params:"))
-    pred = next(line for line in plan_out.splitlines() if line.startswith("params:"))
-    assert pred.split("(")[0] == real.split("(")[0]  # "params: A -> B" identical
-    # every planned rank is the rank optimize used
-    for line in plan_out.splitlines():
-        if line.startswith("matmul"):
-            w, rank = line.split()[1], line.split()[4]
-            assert any(r.split()[1] == w and r.split()[4] == rank for r in real_out.splitlines() if r.startswith("matmul"))
+    assert sorted(os.listdir(tmp_path)) == before + ["plan.json"]  # only the plan
+    code, real_out, err = cli(capsys, "optimize", mlp, out, "--no-verify", "--report", rep, *args)
+    assert code == 0, err
+    plan, report = json.loads(plan_path.read_text()), json.loads(rep.read_text())
+    planned = {d["weight"]: d["rank"] for d in plan["decisions"] if d["treatment"] == "lmf"}
+    used = {s["weight"]: s["rank"] for s in report["sites"] if s["status"] == "rewritten"}
+    assert planned and planned == used  # every planned rank is the rank optimize used
+    after = plan["params_before"] - sum(d["shape"][0] * d["shape"][1] - d["rank"] * sum(d["shape"])
+                                        for d in plan["decisions"] if d["treatment"] == "lmf")
+    assert plan["params_before"] == report["params_before"] and after == report["params_after"]
 
 
 def test_dry_run_exact_for_lmf_upper_bound_for_hmf(mlp, tmp_path):
     tied = tmp_path / "tied.onnx"
     onnx.save(graphs.tied_model(300, 40), tied)
     for path in (mlp, tied):
-        plan = plan_optimize(path, keep=0.6)
+        _, plan = optimize(str(path), keep=0.6, dry_run=True)
         _, report = optimize(str(path), keep=0.6, verify=False)
         assert plan.exact and plan.params_after == report.params_after
-        assert [s.rank for s in plan.planned] == [s.rank for s in report.rewritten]
-        assert plan.bytes_after == pytest.approx(report.bytes_after, rel=0.05)  # ~: names and proto overhead (tiny models)
-        plan = plan_optimize(path, method="hmf", keep=0.6)
+        assert [d.rank for d in plan.decisions if d.changes] == [s.rank for s in report.rewritten]
+        assert plan.predicted_bytes == pytest.approx(report.bytes_after, rel=0.05)  # ~: names and proto overhead (tiny models)
+        _, plan = optimize(str(path), method="hmf", keep=0.6, dry_run=True)
         _, report = optimize(str(path), method="hmf", keep=0.6, verify=False)
         assert not plan.exact and report.params_after <= plan.params_after
-        assert [s.budget for s in plan.planned] == [int(0.6 * s.params_before) for s in report.rewritten]
+        assert [d.budget for d in plan.decisions if d.changes] == [int(0.6 * s.params_before) for s in report.rewritten]
 
 
+@pytest.mark.slow
 def test_dry_run_glassllm(glassllm_path, tmp_path, capsys):
-    out = tmp_path / "o.onnx"
-    code, text, err = cli(capsys, "optimize", glassllm_path, out, "--dry-run", "--keep", "0.6")
-    assert code == 0, err and not out.exists() and os.listdir(tmp_path) == []
+    out, plan_path = tmp_path / "o.onnx", tmp_path / "p.json"
+    code, text, err = cli(capsys, "optimize", glassllm_path, out, "--dry-run", "--keep", "0.6", "--save-plan", plan_path)
+    assert code == 0, err
+    assert not out.exists() and os.listdir(tmp_path) == ["p.json"]
     model = onnx.load(glassllm_path)
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    rows = [line.split() for line in text.splitlines() if line.startswith(("matmul", "gather"))]
+    plan = json.loads(plan_path.read_text())
+    rows = [d for d in plan["decisions"] if d["treatment"] != "dense"]
     assert len(rows) == 29
     saved = 0
-    for op, w, shape, method, rank, *_ in rows:
-        m, n = shapes[w]
-        assert shape == f"{m}x{n}" and method == "lmf" and int(rank) == int(0.6 * m * n / (m + n))
-        saved += m * n - int(rank) * (m + n)
+    for d in rows:
+        m, n = shapes[d["weight"]]
+        assert tuple(d["shape"]) == (m, n) and d["treatment"] == "lmf" and d["rank"] == int(0.6 * m * n / (m + n))
+        saved += m * n - d["rank"] * (m + n)
+    assert plan["params_before"] == total
     assert f"params: {total:,} -> {total - saved:,}" in text
-    code, text, err = cli(capsys, "optimize", glassllm_path, out, "--dry-run", "--method", "hmf")
-    assert code == 0 and "budget" in text and "predicted" in text and not out.exists()
+    code, text, err = cli(capsys, "optimize", glassllm_path, out, "--dry-run", "--method", "hmf", "--save-plan", plan_path)
+    assert code == 0, err
+    assert not out.exists()
+    plan = json.loads(plan_path.read_text())
+    hmf = [d for d in plan["decisions"] if d["treatment"] == "hmf"]
+    assert len(hmf) == 29 and all(d["budget"] == int(0.75 * d["shape"][0] * d["shape"][1] + 1e-9) for d in hmf)
 
 
 # ------------------------------------------------------------------------------ bad input

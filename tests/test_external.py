@@ -13,7 +13,9 @@ from onnxhmf.cli import main
 from onnxhmf.external import TensorStore, external_tensors, needs_external_data
 from onnxhmf.graph.index import GraphIndex
 from onnxhmf.io import OutputStage, load_model
-from onnxhmf.passes.factorize import FactorizePass
+from onnxhmf.executor import ExecContext, execute
+from onnxhmf.options import Options
+from onnxhmf.planners.uniform import uniform_plan
 
 
 def cli(capsys, *args):
@@ -142,7 +144,7 @@ def test_weights_are_read_lazily_as_memmaps(ext_input, tmp_path):
     orig = {t.name: onnx.numpy_helper.to_array(t) for t in graphs.mlp_model(64, 192).graph.initializer}
     np.testing.assert_array_equal(np.asarray(W), orig["W1"])
     # the pass reads through the store and spills its factors instead of keeping them in the proto
-    reports = FactorizePass(keep=0.5, store=store).run(model)
+    reports = execute(model, uniform_plan(model, Options.from_kwargs(keep=0.5)), ExecContext(store=store)).sites
     assert {r.status for r in reports} == {"rewritten"}
     assert store.memmaps >= 3  # W, W1 read for the pass, W2
     new = [t for t in model.graph.initializer if ".lmf_" in t.name]

@@ -7,6 +7,9 @@ from onnx.reference import ReferenceEvaluator
 
 import graphs
 from onnxhmf import optimize
+from onnxhmf.executor import execute
+from onnxhmf.options import Options
+from onnxhmf.planners.uniform import uniform_plan
 from onnxhmf.factorize.hmf import hmf_fixed
 from onnxhmf.graph.edit import GraphEditor
 from onnxhmf.graph.hybrid import rewrite_embedding_hybrid, rewrite_hybrid
@@ -118,7 +121,7 @@ def test_fold_forced_columns_exact_at_full_budget(monkeypatch):
     monkeypatch.setattr(fz, "hmf", exact_cols)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    reports = fz.FactorizePass(method="hmf", keep=0.9).run(out)
+    reports = execute(out, uniform_plan(out, Options.from_kwargs(method="hmf", keep=0.9))).sites
     by = {r.weight: r for r in reports}
     assert "folded" in by["W1"].detail
     assert not any(n.op_type == "Gather" and n.name.startswith("ffn_in") for n in out.graph.node)
@@ -132,7 +135,7 @@ def test_fold_forced_columns_exact_at_full_budget(monkeypatch):
         monkeypatch.setattr(fz, "hmf", exact_cols)
         ref = onnx.ModelProto()
         ref.CopyFrom(model)
-        fz.FactorizePass(method="hmf", keep=0.9, fold=False).run(ref)
+        execute(ref, uniform_plan(ref, Options.from_kwargs(method="hmf", keep=0.9, fold=False)))
         np.testing.assert_allclose(run_onnxruntime(out, feeds)["Y"], run_onnxruntime(ref, feeds)["Y"], atol=1e-4)
 
 

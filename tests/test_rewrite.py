@@ -149,17 +149,21 @@ def test_unrewritable_weights_are_left_alone(build, reason):
         assert len(groups) == 1 and reason in groups[0].skip_reason
 
 
-def test_weight_read_inside_if_is_untouched():
+def test_weight_read_inside_if_is_rewritten():
+    """W is read only inside the If's then branch (an outer-scope read): it is a site now, its
+    factors stay in the main graph and the branch's MatMul becomes two (exactness at full rank:
+    tests/test_control_flow.py)."""
     model = graphs.if_model()
-    out, report = optimize(model, rank=8, verify=False)
+    out, report = optimize(model, rank=4, verify=False)
     by_name = {s.weight: s for s in report.sites}
-    assert by_name["W2"].status == "rewritten"
-    assert "W" not in by_name or by_name["W"].status == "skipped"
-    assert "W" in {t.name for t in out.graph.initializer}
+    assert by_name["W2"].status == "rewritten" and by_name["W"].status == "rewritten"
+    inits = {t.name for t in out.graph.initializer}
+    assert "W" not in inits and {"W.lmf_A", "W.lmf_B"} <= inits
     if_node = next(n for n in out.graph.node if n.op_type == "If")
-    orig_if = next(n for n in model.graph.node if n.op_type == "If")
-    assert if_node == orig_if
-    run_both(out)
+    then_g = next(a.g for a in if_node.attribute if a.name == "then_branch")
+    assert [n.op_type for n in then_g.node] == ["MatMul", "MatMul"] and then_g.node[0].input[1] == "W.lmf_A"
+    _, b_ort, b_ref = run_both(out)
+    np.testing.assert_allclose(b_ort["Y"], b_ref["Y"], atol=1e-4, rtol=1e-4)
 
 
 def test_input_proto_not_modified():
@@ -184,6 +188,6 @@ def test_include_exclude_min_params():
     _, report = optimize(model, rank=4, verify=False, include=["mm2"])
     assert [s.weight for s in report.rewritten] == ["W2"]
     with pytest.raises(Exception, match="--exclude"):
-        optimize(model, rank=4, verify=False, exclude=["W2"])
+        optimize(model, rank=4, verify=False, exclude=["W"])  # W (read in the If) and W2
     with pytest.raises(Exception, match="min-params"):
         optimize(model, rank=4, verify=False, min_params=10**6)

@@ -108,7 +108,7 @@ def test_tokenizer_larger_than_the_table_refused(base, tmp_path, capfd):
 def test_good_text_and_tokenizer_still_work(base, tmp_path, capfd):
     out = tmp_path / "o.onnx"
     code, err = run(capfd, "optimize", base / "tok.onnx", out, "-q", "--calib", base / "text.txt", "--tokenizer",
-                    base / "small.json", "--min-cosine", "0", "--calib-samples", "16")
+                    base / "small.json", "--min-cosine", "0", "--calib-samples", "16", "--calib-batch", "4")
     assert code == 0, err
     assert err == ""
 
@@ -118,7 +118,7 @@ def test_good_text_and_tokenizer_still_work(base, tmp_path, capfd):
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy noise on stderr counts as a failure
 @settings(max_examples=int(40 * SCALE), deadline=None, suppress_health_check=list(HealthCheck))
 @given(kind=st.sampled_from(NPZ_KINDS), loader=st.sampled_from(["file", "folder", "folder_second"]),
-       sample_cap=st.sampled_from([2, 8, 256]), seed=st.integers(0, 100))
+       sample_cap=st.sampled_from([8, 256]), seed=st.integers(0, 100))
 def test_property_bad_data_x_loaders(base, tmp_path_factory, capfd, kind, loader, sample_cap, seed):
     """Broken data as the only file, in a folder, or as the second file of a folder after good
     data (then only if the first file's samples do not already suffice)."""
@@ -131,13 +131,13 @@ def test_property_bad_data_x_loaders(base, tmp_path_factory, capfd, kind, loader
         calib = tmp / "folder"
         calib.mkdir()
         if loader == "folder_second":
-            good = graphs.token_batches(V, 4, 12) if model == "tok" else {"X": np.ones((4, 3, 32), np.float32)}
+            good = graphs.token_batches(V, 8, 12) if model == "tok" else {"X": np.ones((8, 3, 32), np.float32)}
             np.savez(calib / "a.npz", **good)
         np.savez(calib / "b.npz", **arrays)
     out = tmp / "o.onnx"
     code, err = run(capfd, "optimize", base / f"{model}.onnx", out, "-q", "--calib", calib, "--calib-samples", sample_cap,
                     "--calib-batch", 4, "--min-cosine", "0")
-    if loader == "folder_second" and sample_cap <= 4:  # the good file suffices: the broken one is never read
+    if loader == "folder_second" and sample_cap <= 8:  # the good file suffices: the broken one is never read
         assert code == 0, err
         assert err == ""
         return

@@ -229,7 +229,7 @@ def test_sigterm_and_sighup_clean_the_stage(tmp_path, sig):
     onnx.save(graphs.mlp_model(256, 512), p, save_as_external_data=True, location="in.data", size_threshold=0)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PASS, "optimize", str(p), str(tmp_path / "o.onnx"),
-                             "--save-external-data"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                             "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     assert proc.stderr.readline().strip() == "FACTORIZING"
     stage = [n for n in os.listdir(tmp_path) if n.endswith(".onnxhmf-tmp")]
     assert stage and os.listdir(tmp_path / stage[0])  # the stage holds the spill file mid-run
@@ -245,7 +245,7 @@ def test_stale_stage_of_killed_run_removed_by_next_run(tmp_path, capsys):
     onnx.save(graphs.mlp_model(64, 192), p, save_as_external_data=True, location="in.data", size_threshold=0)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PASS, "optimize", str(p), str(tmp_path / "o.onnx"),
-                             "--save-external-data"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                             "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     assert proc.stderr.readline().strip() == "FACTORIZING"
     proc.kill()
     proc.wait(timeout=20)

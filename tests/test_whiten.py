@@ -147,12 +147,12 @@ def test_allocation_respects_budget_and_beats_uniform():
         sites.append([Option(p, e, j) for j, (p, e) in enumerate(zip(params, errs))])
     for budget in (600, 1000, 1700):
         choice = allocate(sites, budget)
-        assert sum(o.params for o in choice) <= budget
+        assert sum(o.cost for o in choice) <= budget
         uniform = [s[budget // 6 // 100] for s in sites]
-        assert sum(o.params for o in uniform) <= budget
+        assert sum(o.cost for o in uniform) <= budget
         assert sum(o.error for o in choice) <= sum(o.error for o in uniform) + 1e-12
         # exhaustive check on this small problem
         import itertools
 
-        best = min(sum(o.error for o in c) for c in itertools.product(*sites) if sum(o.params for o in c) <= budget)
+        best = min(sum(o.error for o in c) for c in itertools.product(*sites) if sum(o.cost for o in c) <= budget)
         assert sum(o.error for o in choice) == pytest.approx(best, rel=1e-9)

@@ -25,20 +25,20 @@ __all__ = ["Option", "allocate"]
 
 @dataclass(frozen=True)
 class Option:
-    params: int
+    cost: int  # what the budget counts, in the caller's unit (parameters or bytes)
     error: float
     tag: Any = None  # what the caller needs to apply it (a rank, a method, ...)
 
 
 def allocate(sites: Sequence[Sequence[Option]], budget: int, resolution: int = 4000) -> list[Option]:
-    """One option per site, minimising the summed error with Σ params ≤ ``budget``.
+    """One option per site, minimising the summed error with Σ cost ≤ ``budget``.
 
     Raises ValueError if even the cheapest options do not fit.
     """
     sites = [list(s) for s in sites]
     if any(not s for s in sites):
         raise ValueError("every site needs at least one option")
-    floor = sum(min(o.params for o in s) for s in sites)
+    floor = sum(min(o.cost for o in s) for s in sites)
     if floor > budget:
         raise ValueError(f"budget {budget} is below the smallest possible total {floor}")
     unit = max(1, -(-int(budget) // resolution))
@@ -51,7 +51,7 @@ def allocate(sites: Sequence[Sequence[Option]], budget: int, resolution: int = 4
         new = np.full(U + 1, INF)
         arg = np.full(U + 1, -1, dtype=np.int32)
         for j, o in enumerate(opts):
-            c = -(-int(o.params) // unit)
+            c = -(-int(o.cost) // unit)
             if c > U:
                 continue
             cand = np.full(U + 1, INF)
@@ -68,20 +68,20 @@ def allocate(sites: Sequence[Sequence[Option]], budget: int, resolution: int = 4
     for i in range(len(sites) - 1, -1, -1):
         j = int(picks[i][u])
         chosen[i] = sites[i][j]
-        u -= -(-int(chosen[i].params) // unit)
+        u -= -(-int(chosen[i].cost) // unit)
     # spend the rounding slack: best error drop per extra parameter, while it fits
-    left = int(budget) - sum(o.params for o in chosen)
+    left = int(budget) - sum(o.cost for o in chosen)
     while True:
         best = None
         for i, opts in enumerate(sites):
             for o in opts:
-                extra = o.params - chosen[i].params
+                extra = o.cost - chosen[i].cost
                 gain = chosen[i].error - o.error
                 if gain > 0 and extra <= left and (best is None or gain > best[0]):
                     best = (gain, i, o)
         if best is None:
             break
         _, i, o = best
-        left -= o.params - chosen[i].params
+        left -= o.cost - chosen[i].cost
         chosen[i] = o
     return chosen

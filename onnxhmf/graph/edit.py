@@ -1,11 +1,18 @@
-"""Batched edits of a ModelProto's main graph: new initializers, node replacement, cleanup."""
+"""Batched edits of a ModelProto's graphs: new initializers, node replacement, cleanup.
+
+The main graph and every If/Loop/Scan body are edited alike: a replaced node's replacement goes
+where it was, in the node's own graph; new initializers and prepended nodes go to the graph
+named by ``scope`` (a path as in index.iter_scopes; "" = the main graph), which the caller
+picks so that every reader sees them (the graph that held the weight). Fresh names are unique
+across all graphs.
+"""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .index import _graph_attrs
+from .index import _graph_attrs, iter_scopes
 
 __all__ = ["GraphEditor"]
 
@@ -40,6 +47,37 @@ class GraphEditor:
         self._remove_nodes: set[int] = set()
         self._remove_tensors: set[str] = set()
         self._new_inits: list[onnx.TensorProto] = []
+        self._scan()
+
+    def _scan(self) -> None:
+        """Map every graph (by scope path) and node (by id) of the model; edits for bodies."""
+        self._graphs: dict[str, onnx.GraphProto] = {}
+        self._parents: dict[str, str | None] = {}
+        self._node_scope: dict[int, str] = {}
+        for path, graph, parent, _ in iter_scopes(self.graph):
+            self._graphs[path], self._parents[path] = graph, parent
+            for node in graph.node:
+                self._node_scope[id(node)] = path
+        self._body_prepend: dict[str, list[onnx.NodeProto]] = {}
+        self._body_inits: dict[str, list[onnx.TensorProto]] = {}
+        self._body_remove: set[tuple[str, str]] = set()
+
+    def graph_at(self, scope: str) -> onnx.GraphProto:
+        """The graph of a scope path ("" = the main graph)."""
+        return self._graphs[scope]
+
+    def scope_of(self, node: onnx.NodeProto) -> str:
+        return self._node_scope.get(id(node), "")
+
+    def producer_of(self, name: str, scope: str = "") -> onnx.NodeProto:
+        """The node that makes ``name`` as seen from ``scope`` (that graph, then the enclosing ones)."""
+        s: str | None = scope
+        while s is not None:
+            node = next((n for n in self._graphs[s].node if name in n.output), None)
+            if node is not None:
+                return node
+            s = self._parents[s]
+        raise KeyError(name)
 
     def fresh(self, base: str) -> str:
         """A tensor or node name not used anywhere in the model, derived from ``base``."""
@@ -50,9 +88,14 @@ class GraphEditor:
         self._names.add(name)
         return name
 
-    def add_initializer(self, array: np.ndarray, base: str) -> str:
+    def add_initializer(self, array: np.ndarray, base: str, scope: str = "") -> str:
+        """A new initializer in the graph ``scope`` (default: the main graph); its name."""
         name = self.fresh(base)
-        self._new_inits.append(self.make_tensor(array, name))
+        t = self.make_tensor(array, name)
+        if scope:
+            self._body_inits.setdefault(scope, []).append(t)
+        else:
+            self._new_inits.append(t)
         return name
 
     def make_tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
@@ -73,18 +116,27 @@ class GraphEditor:
         new = self._replace.get(id(old))
         return new[0] if new and len(new) == 1 else old
 
-    def prepend(self, node: onnx.NodeProto) -> None:
-        """Add a node that reads only constants at the start of the graph."""
-        self._prepend.append(node)
+    def prepend(self, node: onnx.NodeProto, scope: str = "") -> None:
+        """Add a node that reads only constants at the start of the graph ``scope``."""
+        if scope:
+            self._body_prepend.setdefault(scope, []).append(node)
+        else:
+            self._prepend.append(node)
 
     def remove_node(self, node: onnx.NodeProto) -> None:
         self._remove_nodes.add(id(node))
 
-    def remove_tensor(self, name: str) -> None:
-        """Drop an initializer (and any value_info) of this name once nothing reads it."""
-        self._remove_tensors.add(name)
+    def remove_tensor(self, name: str, scope: str = "") -> None:
+        """Drop an initializer (and any value_info) of this name from the graph ``scope`` once
+        nothing reads it (there or in a body below)."""
+        if scope:
+            self._body_remove.add((scope, name))
+        else:
+            self._remove_tensors.add(name)
 
     def commit(self) -> None:
+        if len(self._graphs) > 1:
+            self._commit_bodies()
         g = self.graph
         if self.model.ir_version < 4 and self._new_inits:
             # IR 3: every initializer must also be a graph input (overridable); new tensors are
@@ -109,14 +161,62 @@ class GraphEditor:
         still_read: set[str] = set()
         for node in g.node:
             still_read.update(node.input)
-        dead = {n for n in self._remove_tensors if n not in still_read}
-        if dead:  # delete in place, back to front: no copies of large tensors
-            for field in (g.initializer, g.value_info):
-                for i in reversed(range(len(field))):
-                    if field[i].name in dead:
-                        del field[i]
+        if len(self._graphs) > 1:  # outer-scope reads inside bodies, and graph outputs
+            still_read |= _read_below(g) | {o.name for o in g.output}
+        _drop_dead(g, {n for n in self._remove_tensors if n not in still_read})
         self._replace.clear()
         self._prepend.clear()
         self._remove_nodes.clear()
         self._remove_tensors.clear()
         self._new_inits = []
+        self._scan()
+
+    def _commit_bodies(self) -> None:
+        """Apply the edits of every body, innermost first (an outer node is copied with its
+        already-edited bodies)."""
+        for path in reversed(list(self._graphs)):
+            if not path:
+                continue
+            g = self._graphs[path]
+            mine = [n for n in g.node if id(n) in self._replace or id(n) in self._remove_nodes]
+            pre, inits = self._body_prepend.get(path, []), self._body_inits.get(path, [])
+            dead = {n for s, n in self._body_remove if s == path}
+            if not (mine or pre or inits or dead):  # (edited bodies below were edited in place)
+                continue
+            nodes = []
+            for src in pre:
+                nodes.append(onnx.NodeProto())
+                nodes[-1].CopyFrom(src)
+            for node in g.node:
+                if id(node) in self._remove_nodes:
+                    continue
+                for src in self._replace.get(id(node), [node]):
+                    nodes.append(onnx.NodeProto())
+                    nodes[-1].CopyFrom(src)
+            del g.node[:]
+            g.node.extend(nodes)
+            g.initializer.extend(inits)
+            if dead:
+                read = {i for n in g.node for i in n.input} | _read_below(g) | {o.name for o in g.output}
+                _drop_dead(g, dead - read)
+
+
+def _read_below(graph: onnx.GraphProto) -> set[str]:
+    """Every name read by a node of a body inside ``graph`` (recursively), body outputs included."""
+    names: set[str] = set()
+    for node in graph.node:
+        for sub in _graph_attrs(node):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+            names.update(o.name for o in sub.output)
+            names |= _read_below(sub)
+    return names
+
+
+def _drop_dead(g: onnx.GraphProto, dead: set[str]) -> None:
+    """Delete initializers and value_info of these names in place, back to front (no copies)."""
+    if dead:
+        for field in (g.initializer, g.value_info):
+            for i in reversed(range(len(field))):
+                if field[i].name in dead:
+                    del field[i]

@@ -43,12 +43,13 @@ class Factors:
     def add(self, array: np.ndarray, suffix: str, dtype=None) -> str:
         array = np.asarray(array, dtype=dtype or self.dtype)
         self.stored += array.size
-        return self.editor.add_initializer(array, f"{self.group.name}.{suffix}")
+        return self.editor.add_initializer(array, f"{self.group.ref.name}.{suffix}", scope=self.group.ref.scope)
 
     def T(self, name: str) -> str:
         if name not in self._t:
             out = self.editor.fresh(f"{name}.T")
-            self.editor.prepend(self.editor.node("Transpose", [name], [out], f"{name}/Transpose", perm=[1, 0]))
+            self.editor.prepend(self.editor.node("Transpose", [name], [out], f"{name}/Transpose", perm=[1, 0]),
+                                scope=self.group.ref.scope)
             self._t[name] = out
         return self._t[name]
 
@@ -282,12 +283,13 @@ def rewrite_dense(editor: GraphEditor, group: WeightGroup, W: np.ndarray) -> Non
     """Store a new dense value for the group's tensor (e.g. pruned), keeping every use as is."""
     ref = group.ref
     new = editor.make_tensor(np.asarray(W, FLOAT_TYPES[ref.data_type]).reshape(ref.dims), ref.name)
+    graph = editor.graph_at(ref.scope)
     if ref.kind == "initializer":
-        for t in editor.graph.initializer:
+        for t in graph.initializer:
             if t.name == ref.name:
                 t.CopyFrom(new)
                 return
-    node = next(n for n in editor.graph.node if ref.name in n.output)
+    node = next(n for n in graph.node if ref.name in n.output)
     for a in node.attribute:
         if a.name == "value":
             a.t.CopyFrom(new)
@@ -297,9 +299,9 @@ def drop_old_weight(editor: GraphEditor, group: WeightGroup) -> None:
     """Remove the dense tensor (initializer or Constant) and the Transposes that read it."""
     for use in group.uses:
         if use.via_transpose is not None:
-            editor.remove_node(next(n for n in editor.graph.node if use.via_transpose in n.output))
+            editor.remove_node(editor.producer_of(use.via_transpose, use.scope))
     ref = group.ref
     if ref.kind == "constant":
-        editor.remove_node(next(n for n in editor.graph.node if ref.name in n.output))
+        editor.remove_node(editor.producer_of(ref.name, ref.scope))
     else:
-        editor.remove_tensor(ref.name)
+        editor.remove_tensor(ref.name, ref.scope)

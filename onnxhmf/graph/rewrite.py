@@ -91,6 +91,8 @@ def shareable(group: WeightGroup) -> str | None:
     u = group.uses[0]
     if u.kind != "matmul" or u.transposed or u.via_transpose is not None:
         return None
+    if u.scope:  # inside a body: the shared X·A would have to live in that one body
+        return None
     return u.node.input[0]
 
 

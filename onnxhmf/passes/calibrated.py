@@ -26,15 +26,16 @@ from ..capture import masked_rows, session
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..factorize.whiten import reconstruct_rank, whitened_spectrum
+from ..graph.expose import lift_initializers
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import WeightGroup
-from .factorize import FactorizePass
+from ..progress import no_progress
+from .factorize import FactorizePass  # noqa: F401 (type of ``fpass``)
 
 __all__ = [
     "KEEP_GRID",
     "calibration_targets",
-    "candidate_groups",
     "measure_sensitivities",
     "plan_keeps",
     "output_loss",
@@ -44,12 +45,6 @@ __all__ = [
 
 KEEP_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))  # candidate keeps per site
 PROBE_KEEPS = (0.2, 0.5)  # where the end-to-end loss is measured
-
-
-def candidate_groups(fpass: FactorizePass, groups: list[WeightGroup]) -> list[WeightGroup]:
-    """Groups the pass may rewrite (selection, skip reasons and --embedding-method skip applied)."""
-    return [g for g in groups if g.skip_reason is None and fpass.selection.why_not(g) is None
-            and fpass.method_for(g) != "skip"]
 
 
 def calibration_targets(groups: list[WeightGroup]) -> tuple[list[str], dict[str, int]]:
@@ -100,6 +95,8 @@ def reference_outputs(model: onnx.ModelProto, calib: Calibration) -> list[list[n
 def _merged(calib: Calibration, max_tokens: int) -> Calibration:
     """About ``max_tokens`` real tokens as one batch (one run per trial). With a mask, the rows
     are sentences of similar length around the median, so little of the batch is padding."""
+    if any(np.ndim(v) == 0 for b in calib.batches for v in b.values()):  # a scalar input (a sample rate):
+        return Calibration(calib.batches, calib.mask, calib.source)  # rows cannot be pooled across batches
     rows = [{k: v[i : i + 1] for k, v in b.items()} for b in calib.batches for i in range(next(iter(b.values())).shape[0])]
     if not calib.mask:
         n = max(1, max_tokens // max(1, int(np.prod(next(iter(rows[0].values())).shape[1:2]))))
@@ -149,7 +146,8 @@ def measure_sensitivities(
     grid: tuple[float, ...] = KEEP_GRID,
     probes: tuple[float, ...] = PROBE_KEEPS,
     max_tokens: int = 256,
-    progress: Callable[[Iterable], Iterable] = lambda it: it,
+    rank_multiple: int = 1,
+    progress: Callable = no_progress,
 ) -> dict[str, list[Option]]:
     """{group: [Option(params, loss, keep)]}, dense (keep 1, loss 0) included.
 
@@ -163,6 +161,8 @@ def measure_sensitivities(
     probe.CopyFrom(model)
     have = {i.name for i in probe.graph.input}
     targets = [g for g in groups if g.ref.kind == "initializer"]
+    lifted = set(lift_initializers(probe, [g.ref for g in targets if g.ref.scope]))  # a body's own can't be fed
+    targets = [g for g in targets if not g.ref.scope or g.ref.name in lifted]  # (the rest get the uniform keep)
     for g in targets:
         if g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
@@ -171,18 +171,18 @@ def measure_sensitivities(
     data = _merged(calib, max_tokens)
     refs = [sess.run(names, feeds) for feeds in data.batches]
     out: dict[str, list[Option]] = {}
-    for g in progress(targets):
+    for g in progress(targets, "measuring weights"):
         m, n = g.shape
         transposed = factor_orientation(g)
         T = index.array(g.ref)
         rows, cols, _ = fpass.sides(g, transposed)
-        spec = whitened_spectrum(T.T if transposed else T, rows, cols, damp=fpass.damp)
+        spec = whitened_spectrum(T.T if transposed else T, fpass.whitened(rows), fpass.whitened(cols), damp=fpass.damp)
         s2 = spec[1] ** 2
         tail = np.concatenate([np.cumsum(s2[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
         rel = np.sqrt(tail / max(tail[0], 1e-300))
 
         def rank(keep: float) -> int:
-            return rank_for_keep(m, n, keep, fpass.rank_multiple)
+            return rank_for_keep(m, n, keep, rank_multiple)
 
         measured = []
         for keep in probes:
@@ -212,7 +212,7 @@ def plan_keeps(sens: dict[str, list[Option]], shapes: dict[str, tuple[int, int]]
     budget = int(keep * sum(m * n for m, n in shapes.values()))
     budget -= sum(int(keep * shapes[n][0] * shapes[n][1]) for n in fixed)
     names = [n for n in shapes if n in sens]
-    floor = sum(min(o.params for o in sens[n]) for n in names)  # a tiny keep (a --min-fidelity search) gets the cheapest plan
+    floor = sum(min(o.cost for o in sens[n]) for n in names)  # a tiny keep (a --min-fidelity search) gets the cheapest plan
     choice = allocate([sens[n] for n in names], max(budget, floor, 0))
     return {**fixed, **{n: float(o.tag) for n, o in zip(names, choice)}}
 

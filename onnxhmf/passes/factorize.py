@@ -1,11 +1,12 @@
-"""The factorization pass: pick each weight group's method and budget, factorize, rewrite.
+"""The executor's factorization step: apply a plan's lmf/hmf/prune/ae decisions, rewrite.
 
-Methods for linear sites (MatMul/Gemm weights): ``lmf`` (truncated SVD), ``hmf`` (hybrid:
-dense columns or rows plus a low-rank rest), ``prune`` (magnitude pruning, stored dense
-with zeros, the baseline). Embedding tables (groups with a Gather use) follow the same
-method unless ``embedding_method`` says otherwise (``svd`` = lmf, ``hmf``, ``prune``,
-``skip``). The budget is ``keep``·m·n parameters per group, index maps included, or the
-group's own keep from ``keeps`` (a measured allocation; 1 keeps it dense).
+Treatments for linear sites (MatMul/Gemm weights): ``lmf`` (truncated SVD at the decision's
+rank), ``hmf`` (hybrid: dense columns or rows plus a low-rank rest, within the decision's
+parameter budget, index maps included), ``prune`` (magnitude pruning, stored dense with zeros,
+the baseline). Embedding tables (groups with a Gather use) get embedding HMF (dense rows of
+frequent tokens) and ``ae`` (an autoencoder). HMF falls back to plain LMF at the same budget
+where that fits better (reported as lmf). The cross-weight state lives here too: HMF column
+permutations folded into the next weights, shared first factors (``share_bases``).
 
 With calibration ``stats`` (see capture.py) the factorizations are data-aware: each side of
 a weight is weighted by the Gram matrix of the activations that multiply it, and an embedding
@@ -23,11 +24,10 @@ import onnx
 from ..factorize.autoencoder import EmbeddingAEConfig, embedding_ae_rank, frequency_weights, train_embedding_ae
 from ..factorize.hmf import hmf, hmf_fixed
 from ..factorize.prune import magnitude_prune
-from ..factorize.svd import breakeven_rank, lmf, lmf_params, rank_for_keep, round_rank
+from ..factorize.svd import lmf
 from ..graph.autoencoder import rewrite_embedding_ae
 from ..factorize.whiten import (
     DEFAULT_DAMP,
-    check_damp,
     sequential_target,
     shared_basis_lmf,
     token_weights,
@@ -40,14 +40,12 @@ from ..graph.fold import apply_vector_permutations, plan_fold
 from ..graph.hybrid import rewrite_dense, rewrite_embedding_hybrid, rewrite_hybrid
 from ..graph.index import GraphIndex
 from ..graph.rewrite import factor_orientation, rewrite_lowrank, rewrite_shared_basis, shareable
+from ..graph.quantized import quantized_summary
 from ..graph.sites import WeightGroup, find_weight_groups
+from ..progress import no_progress
 from ..report import SiteReport
-from .select import SiteSelection
 
-__all__ = ["FactorizePass", "METHODS", "EMBEDDING_METHODS"]
-
-METHODS = ("lmf", "hmf", "prune")
-EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip", "ae")
+__all__ = ["FactorizePass"]
 
 
 def _report(group: WeightGroup, **kw) -> SiteReport:
@@ -57,88 +55,29 @@ def _report(group: WeightGroup, **kw) -> SiteReport:
 
 @dataclass
 class FactorizePass:
-    method: str = "lmf"
-    embedding_method: str | None = None
-    keep: float | None = 0.75
-    rank: int | None = None
-    rank_multiple: int = 1
-    selection: SiteSelection = field(default_factory=SiteSelection)
-    token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
+    """The factorization step of the executor: applies a plan's lmf/hmf/prune/ae decisions.
+
+    Holds how weights are factorized (seed, whitening statistics and damping, folding, shared
+    bases, AE options); what to do to each weight comes from the decisions given to ``run``.
+    """
+
     fold: bool = True
     seed: int = 0
     store: object = None  # onnxhmf.external.TensorStore: lazy weights, factors spilled to disk
-    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for embedding_method "ae"
+    ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields for the "ae" treatment
     stats: object | None = None  # capture.ActivationStats: data-aware factorization
     damp: float = DEFAULT_DAMP
     token_mix: float = 0.5  # share of uniform weight mixed into calibration token frequencies
-    keeps: dict[str, float] | None = None  # per-group keep (allocation); ≥ 1 keeps it dense
-    only: set[str] | None = None  # touch only these groups (sequential stages); others unreported
+    token_freq: np.ndarray | None = None  # per-token counts for the largest embedding table
     share_bases: bool = False  # LMF weights reading one activation share their first factor
+    cache: dict | None = None  # (weight, rank, orientation) -> LMF factors, shared by a planner's trial builds
     notes: list[str] = field(default_factory=list, init=False, repr=False)
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
-            raise ValueError(f"embedding method must be one of {', '.join(EMBEDDING_METHODS)}, got {self.embedding_method!r}")
-        if self.rank is None and self.keep is None:
-            raise ValueError("give keep or rank")
-        if self.keep is not None and not 0.0 < self.keep <= 1.0:
-            raise ValueError(f"keep must be in (0, 1], got {self.keep}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
-        if self.rank is not None and self.method != "lmf":
-            raise ValueError("--rank is only for --method lmf; use --keep")
-        if self.embedding_method == "ae":
-            if self.keep is None:
-                raise ValueError("--embedding-method ae needs --keep, not --rank")
-            try:
-                EmbeddingAEConfig(rank=1, **self.ae_options)
-            except TypeError as e:
-                raise ValueError(f"bad AE option: {e}") from None
-        if self.rank_multiple < 1:
-            raise ValueError(f"rank multiple must be ≥ 1, got {self.rank_multiple}")
-        check_damp(self.damp)
-
-    def method_for(self, group: WeightGroup) -> str:
-        if any(u.kind == "gather" for u in group.uses):
-            m = self.embedding_method or ("svd" if self.method == "lmf" else self.method)
-            return "lmf" if m == "svd" else m
-        return self.method
-
-    # -- planning -------------------------------------------------------------------------
-    def plan(self, group: WeightGroup, method: str) -> tuple[int, str | None]:
-        """(rank for lmf, or parameter budget otherwise), or (0, reason to skip)."""
-        m, n = group.shape
-        if method == "skip":
-            return 0, "--embedding-method skip"
-        keep = self.keep
-        if self.keeps is not None and group.name in self.keeps:
-            keep = self.keeps[group.name]
-            if keep >= 1.0:
-                return 0, "the measured allocation keeps it dense"
-        elif keep is not None and keep >= 1.0 and self.rank is None:
-            return 0, "--keep 1 keeps every weight dense"
-        if method == "lmf":
-            limit = breakeven_rank(m, n)
-            if self.rank is not None:
-                r = round_rank(min(self.rank, min(m, n)), self.rank_multiple)
-            else:
-                r = rank_for_keep(m, n, keep, self.rank_multiple)
-            if r < 1:
-                return 0, f"keep {keep:.3g} leaves rank 0 (break-even rank {limit})"
-            if lmf_params(m, n, r) >= m * n:
-                return 0, f"rank {r} would not save parameters (break-even rank {limit})"
-            return r, None
-        budget = int(np.floor(keep * m * n + 1e-9))
-        if budget >= m * n:
-            return 0, f"keep {keep:.3g} saves nothing"
-        if budget < 1:
-            return 0, f"keep {keep:.3g} leaves nothing"
-        return budget, None
-
     # -- the pass -------------------------------------------------------------------------
-    def run(self, model: onnx.ModelProto, progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[SiteReport]:
+    def run(self, model: onnx.ModelProto, decisions: dict, progress: Callable = no_progress
+            ) -> list[SiteReport]:
+        """Apply ``decisions`` ({weight: plan.Decision}) to ``model`` in place. Groups without a
+        decision are untouched and unreported; dense decisions are reported as skipped."""
         index = GraphIndex(model, self.store)
         groups = find_weight_groups(index)
         self._index, self._editor = index, GraphEditor(model, self.store)
@@ -146,24 +85,23 @@ class FactorizePass:
         self._pending: dict[str, np.ndarray] = {}  # group name -> row permutation to apply
         self._done: set[str] = set()
         reports: list[SiteReport] = []
-        todo = []
-        if self.only is not None:
-            groups = [g for g in groups if g.name in self.only]
+        todo, planned = [], {}
         for group in groups:
-            method = self.method_for(group)
-            reason = group.skip_reason or self.selection.why_not(group)
-            plan = 0
-            if reason is None:
-                plan, reason = self.plan(group, method)
-            if reason is not None:
-                reports.append(_report(group, status="skipped", reason=reason))
-            else:
-                todo.append((group, method, plan))
+            d = decisions.get(group.name)
+            if d is None:
+                continue
+            factor = d.spec.factor
+            if factor is None:
+                if d.treatment == "dense":
+                    reports.append(_report(group, status="skipped", reason=d.reason))
+                continue
+            todo.append((group, factor, d.rank if factor == "lmf" else d.budget))
+            planned[group.name] = d.treatment
         if self.share_bases:
             todo = self._shared(todo, reports)
         self._todo = {g.name for g, _, _ in todo}
-        for group, method, plan in progress(todo):
-            rep = getattr(self, f"_apply_{method}")(group, plan)
+        for group, method, amount in progress(todo, "factorizing weights"):
+            rep = getattr(self, f"_apply_{method}")(group, amount)
             reports.append(rep)
             if rep.status == "rewritten":
                 self._done.add(group.name)
@@ -172,9 +110,42 @@ class FactorizePass:
                 group = next(g for g in groups if g.name == name)
                 rewrite_dense(self._editor, group, index.array(group.ref)[perm])
         self._editor.commit()
+        for rep in reports:
+            rep.planned = planned.get(rep.weight, rep.planned)
+        self._control_flow_notes(groups, reports)
         order = {g.name: i for i, g in enumerate(groups)}
         reports.sort(key=lambda s: order[s.weight])
         return reports
+
+    def _control_flow_notes(self, groups: list[WeightGroup], reports: list[SiteReport]) -> None:
+        """Say which rewritten sites were fitted unwhitened (activations inside a body), and
+        what came already quantized."""
+        by_name = {g.name: g for g in groups}
+        for rep in reports:
+            g = by_name[rep.weight]
+            if rep.status != "rewritten":
+                continue
+            where = _where(g)
+            if where:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + where
+            why = self._uncaptured(g)
+            if why:
+                rep.detail = (rep.detail + "; " if rep.detail else "") + f"not whitened: {why}"
+        note = quantized_summary(groups, {r.weight for r in reports if r.status == "rewritten"})
+        if note:
+            self.notes.append(note)
+
+    def _uncaptured(self, group: WeightGroup) -> str | None:
+        """Why calibration has no statistics for one of the group's uses (an activation inside
+        an If/Loop/Scan body), or None."""
+        missing = getattr(self.stats, "uncaptured", None)
+        if not missing:
+            return None
+        for u in group.uses:
+            t = u.node.input[1] if u.kind == "gather" else u.node.input[0]
+            if t in missing:
+                return f"{t!r} {missing[t]}"
+        return None
 
     def _weight(self, group: WeightGroup, transposed: bool) -> np.ndarray:
         W = self._index.array(group.ref)
@@ -240,7 +211,7 @@ class FactorizePass:
         multiply F (rows) or Fᵀ (cols, a tied head), token weights for Gather uses; and the
         activation whose sequential cross term applies (or None)."""
         st = self.stats
-        if st is None:
+        if st is None or self._uncaptured(group):
             return None, None, None
         rows = cols = None
         acts = []
@@ -262,6 +233,17 @@ class FactorizePass:
         seq = acts[0] if len(set(acts)) == 1 and cols is None and acts[0] in st.cross else None
         return rows, cols, seq
 
+    def whitened(self, gram):
+        """The Whitener of a Gram matrix (or weight vector) from ``sides``, computed once per
+        array (Q, K and V read one activation: one eigendecomposition)."""
+        if gram is None:
+            return None
+        memo = self.__dict__.setdefault("_whiteners", {})
+        hit = memo.get(id(gram))
+        if hit is None or hit[0] is not gram:
+            hit = memo[id(gram)] = (gram, whitener(gram, self.damp))
+        return hit[1]
+
     def _lmf(self, group: WeightGroup, W: np.ndarray, r: int, transposed: bool):
         rows, cols, seq = self.sides(group, transposed)
         if rows is None and cols is None:
@@ -269,11 +251,18 @@ class FactorizePass:
         if seq is not None:
             W = sequential_target(W, rows, self.stats.cross[seq], damp=self.damp)
         what = "sequential" if seq is not None else "whitened"
-        return weighted_lmf(W, r, rows, cols, damp=self.damp, seed=self.seed), what
+        return weighted_lmf(W, r, self.whitened(rows), self.whitened(cols), damp=self.damp, seed=self.seed), what
 
     def _apply_lmf(self, group: WeightGroup, r: int) -> SiteReport:
         transposed = factor_orientation(group)
-        f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+        key = (group.name, r, transposed)
+        cacheable = self.cache is not None and group.name not in self._pending
+        if cacheable and key in self.cache:
+            f, how = self.cache[key]
+        else:
+            f, how = self._lmf(group, self._weight(group, transposed), r, transposed)
+            if cacheable:
+                self.cache[key] = (f, how)
         rewrite_lowrank(self._editor, group, f.A, f.B, transposed)
         return _report(group, status="rewritten", method="lmf", rank=f.rank, params_after=f.params,
                        rel_error=f.relative_error, detail=f"{how}: error is of the layer output" if how else "")
@@ -321,8 +310,8 @@ class FactorizePass:
         if plain is None:
             return None
         rewrite_lowrank(self._editor, group, plain.A, plain.B, transposed)
-        return _report(group, status="rewritten", method="hmf", rank=plain.rank, params_after=plain.params,
-                       rel_error=plain.relative_error, detail="k=0: plain low rank fits best")
+        return _report(group, status="rewritten", method="lmf", rank=plain.rank, params_after=plain.params,
+                       rel_error=plain.relative_error, detail="hmf budget: plain low rank (k=0) fits best")
 
     def _plain_if_better(self, W: np.ndarray, budget: int, hf, freq: np.ndarray | None = None,
                          gram: np.ndarray | None = None):
@@ -377,7 +366,7 @@ class FactorizePass:
         E = self._weight(group, False)
         if any(u.kind != "gather" and not u.transposed for u in group.uses):  # dense rows need heads reading Eᵀ
             rep = self._lmf_instead(group, E, budget, None, False)
-            rep.detail = rep.detail and "plain low rank: a MatMul reads the table untransposed"
+            rep.detail = rep.detail and "hmf budget: plain low rank, a MatMul reads the table untransposed"
             return rep
         V, d = E.shape
         head = any(u.kind != "gather" for u in group.uses)
@@ -406,6 +395,8 @@ class FactorizePass:
 
     def _apply_ae(self, group: WeightGroup, budget: int) -> SiteReport:
         """Embedding autoencoder (factorize/autoencoder.py): codes + decoder within the budget."""
+        if group.ref.scope or any(u.scope for u in group.uses):
+            return _report(group, status="skipped", reason="AE: not supported for tables in or read inside If/Loop/Scan bodies")
         E = self._weight(group, False)
         V, d = E.shape
         opts = dict(self.ae_options)
@@ -431,6 +422,17 @@ class FactorizePass:
         detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
                   f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")
         return _report(group, status="rewritten", method="ae", rank=k, params_after=stored, rel_error=rel, detail=detail)
+
+
+def _where(group: WeightGroup) -> str:
+    """Where a weight that involves an If/Loop/Scan body lives and is read ("" for main-graph only)."""
+    scopes = list(dict.fromkeys(u.scope for u in group.uses))
+    if not group.ref.scope and scopes == [""]:
+        return ""
+    name = lambda s: f"body {s!r}" if s else "the main graph"  # noqa: E731
+    if scopes == [group.ref.scope]:
+        return f"in {name(group.ref.scope)}"
+    return f"read in {', '.join(name(s) for s in scopes)}; factors in {name(group.ref.scope)}"
 
 
 def _frequency_hmf(E: np.ndarray, budget: int, freq: np.ndarray):

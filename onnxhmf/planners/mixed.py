@@ -40,40 +40,46 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..calibration import Calibration, load_calibration
-from ..capture import capture_stats, session
+from ..capture import session
 from ..errors import OnnxHmfError
+from ..executor import ExecContext, execute
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
-from ..quantize import (INT8_OVERHEAD, int4_axis, int8_bytes, int8_weight, int8w_weight, quantize_int8, weight_nodes,
-                        weight_only)
-from .calibrated import (_merged, calibration_targets, candidate_groups, measure_sensitivities, output_loss,
-                         reference_outputs)
-from .factorize import FactorizePass
+from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
+from ..passes.factorize import FactorizePass
+from ..plan import Plan, treatment_bytes
+from ..progress import no_progress
+from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
+from .common import Planned, candidate, decision, dense
+from .measured import Calibrated, calibration_settings, load_for_plan
 
-__all__ = ["Planner", "plan_and_assemble", "latency_ratio", "LMF_OVERHEAD"]
+__all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
-LMF_OVERHEAD = 300  # bytes an LMF rewrite adds besides its factors (names, nodes, value infos)
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
 SLOW = ("int8w", "int4w", "lmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
-INT4_OVERHEAD = 400  # the unpacking subgraph's nodes and constants
 
 
 @dataclass
 class Planner:
-    fpass: FactorizePass
-    options: dict[str, list[Option]]
-    shapes: dict[str, tuple[int, int]]
+    options: dict[str, list[Option]]  # per weight: Option(bytes, loss, (treatment, keep))
+    groups: dict  # candidate name -> WeightGroup
+    all_groups: list  # every WeightGroup of the model
+    settings: dict  # the plan's settings (what the executor and the metadata need)
+    calibrated: Calibrated
     fixed: int  # bytes outside the candidate groups
-    held: Calibration
     refs: list
-    all_groups: list[str]
-    original: set[str] = field(default_factory=set)  # the input's initializer names
-    finish: Callable[[onnx.ModelProto], None] | None = None  # what the caller adds before writing (metadata)
-    choice: dict[str, Option] = field(default_factory=dict)
+    rank_multiple: int = 1
+    select: object = None  # the Options (selection) the candidates came from
+    finish: Callable[[onnx.ModelProto, dict], None] | None = None  # what the caller adds before writing (metadata)
+    cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
+    meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
+
+    @property
+    def held(self):
+        return self.calibrated.held
 
     # -- the plan -------------------------------------------------------------------------
     def allocate(self, budget: int) -> dict[str, Option]:
@@ -82,51 +88,46 @@ class Planner:
         return dict(zip(names, picked))
 
     def floor(self) -> int:
-        return self.fixed + sum(min(o.params for o in opts) for opts in self.options.values())
+        return self.fixed + sum(min(o.cost for o in opts) for opts in self.options.values())
 
     def ceiling(self) -> int:
-        return self.fixed + sum(max(o.params for o in opts) for opts in self.options.values())
+        return self.fixed + sum(max(o.cost for o in opts) for opts in self.options.values())
 
-    def keeps(self, choice: dict[str, Option]) -> dict[str, float]:
-        k = {n: 1.0 for n in self.all_groups}
-        k.update({n: float(o.tag[1]) for n, o in choice.items() if o.tag[0].startswith("lmf")})
-        return k
+    def plan(self, choice: dict[str, Option]) -> Plan:
+        """The Plan of one knapsack choice: chosen treatments for the planned weights, dense
+        (with the reason) for the others."""
+        out = []
+        for g in self.all_groups:
+            why = candidate(g, self.select)
+            o = choice.get(g.name)
+            if why is not None:
+                out.append(dense(g, why))
+            elif o is None:
+                out.append(dense(g, "not planned (not a float initializer)"))
+            elif o.tag[0] == "dense":
+                out.append(dense(g, "the plan keeps it dense"))
+            else:
+                kind, keep = o.tag
+                m, n = g.shape
+                rank = rank_for_keep(m, n, keep, self.rank_multiple) if kind.startswith("lmf") else None
+                out.append(decision(g, kind, rank=rank, keep=float(keep), predicted_loss=float(o.error),
+                                    reason="--plan auto"))
+        return Plan(out, self.settings, "mixed")
 
-    def quantized(self, model: onnx.ModelProto, choice: dict[str, Option], kind: str = "int8") -> list[str]:
-        """Initializer names to store as ``kind`` (int8: dynamic MatMulInteger, int8w: weight
-        only) in the factorized ``model``: the weights of the groups given ``kind`` and the
-        factors (new initializers named after the group) of those given lmf-``kind``."""
-        used = weight_nodes(model) if kind == "int8" else {t.name: [] for t in model.graph.initializer}
-        names = [n for n, o in choice.items() if o.tag[0] == kind]
-        for n, o in choice.items():
-            if o.tag[0] == "lmf-" + kind:
-                names += [w for w in used if w.startswith(n + ".") and w not in self.original]
-        return names
-
-    def store_weight_only(self, model: onnx.ModelProto, choice: dict[str, Option]) -> list[str]:
-        """Apply the weight-only treatments (int8w, int4w, lmf-int8w) of ``choice`` to the
-        factorized ``model`` in place; the names done."""
-        return (weight_only(model, self.quantized(model, choice, "int8w"), 8)
-                + weight_only(model, self.quantized(model, choice, "int4w"), 4))
-
-    def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]) -> onnx.ModelProto:
+    def assemble(self, model: onnx.ModelProto, choice: dict[str, Option]):
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        saved = self.fpass.keeps
-        self.fpass.keeps = self.keeps(choice)
-        try:
-            self.fpass.run(m)
-        finally:
-            self.fpass.keeps = saved
-        self.store_weight_only(m, choice)
-        q, _ = quantize_int8(m, self.quantized(m, choice))
+        built = execute(m, self.plan(choice), ExecContext(stats=self.calibrated.stats, cache=self.cache))
         if self.finish is not None:
-            self.finish(q)
-        return q
+            self.finish(built.model, self.settings)
+        return built
 
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
-        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine)."""
+        cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine); or
+        what ``meter`` says (the default planner: the margin over per-output minimums)."""
+        if self.meter is not None:
+            return self.meter(model)
         sess = session(model)
         names = [o.name for o in model.graph.output]
         sums, n = np.zeros(len(names)), 0
@@ -140,15 +141,17 @@ class Planner:
         return float(np.min(cos)), float(np.sum(1.0 - cos))
 
 
-def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
+def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep))."""
-    sens = measure_sensitivities(work, fpass, groups, fit, progress=progress)
+    sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress)
+    by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
     uses = weight_nodes(work)
     probe = onnx.ModelProto()
     probe.CopyFrom(work)
     have = {i.name for i in probe.graph.input}
+    sens = {n: o for n, o in sens.items() if not by_name[n].ref.scope}  # a body's own weights: not planned (dense)
     for g in groups:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
@@ -173,30 +176,31 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
         return tot / len(data.batches)
 
     out: dict[str, list[Option]] = {}
-    for g in progress([g for g in groups if g.name in sens]):
+    for g in progress([g for g in groups if g.name in sens], "measuring treatments"):
         if g.ref.data_type != onnx.TensorProto.FLOAT:
             continue
         m, n = g.shape
         T = index.array(g.ref)
-        opts = [Option(4 * m * n, 0.0, ("dense", 1.0))]
+        cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r)  # noqa: E731
+        opts = [Option(cost("dense"), 0.0, ("dense", 1.0))]
         lmf = [o for o in sens[g.name] if o.tag < 1.0]
-        opts += [Option(4 * o.params + LMF_OVERHEAD, o.error, ("lmf", o.tag)) for o in lmf]
+        opts += [Option(cost("lmf", o.cost // (m + n)), o.error, ("lmf", o.tag)) for o in lmf]
         # int8 only where every use is a MatMul's B or a Gather's table (the quantizer takes those)
         direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
         gather = any(u.kind == "gather" for u in g.uses)
         if direct:
-            opts.append(Option(int8_bytes(m * n), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
+            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
         only_gather = all(u.kind == "gather" for u in g.uses)
         # weight-only int8/int4: any use; the weight is rebuilt by a constant subgraph that
         # onnxruntime folds at load, so the graph's own ops run in float as before
         if g.ref.kind == "initializer":
-            opts.append(Option(int8_bytes(m * n) + 4 * n, loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
+            opts.append(Option(cost("int8w"), loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
             if int4 and int4_axis((m, n)) is not None:
-                opts.append(Option(int8_bytes(m * n // 2) + 4 * n + INT4_OVERHEAD, loss_with(g.name, int8w_weight(T, 4)),
+                opts.append(Option(cost("int4w"), loss_with(g.name, int8w_weight(T, 4)),
                                    ("int4w", 1.0)))
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
-            r = rank_for_keep(m, n, PROBE_KEEP, fpass.rank_multiple)
+            r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
             if 1 <= r and r * (m + n) < m * n:
                 f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
                 Wq = int8_weight(f.A, table=gather) @ int8_weight(f.B)
@@ -205,12 +209,12 @@ def _options(work, fpass, groups, fit, progress) -> dict[str, list[Option]]:
                 Wr = (Wr.T if transposed else Wr).astype(np.float32)
                 base = loss_with(g.name, Wr)
                 delta = max(0.0, loss_with(g.name, Wq, not gather) - base)
-                opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD, o.error + delta, ("lmf-int8", o.tag))
+                opts += [Option(cost("lmf-int8", o.cost // (m + n)), o.error + delta, ("lmf-int8", o.tag))
                          for o in lmf]
                 if not gather and not transposed:  # factors stored as A (m×r), B (r×n): weight-only int8
                     Ww = (int8w_weight(f.A) @ int8w_weight(f.B)).astype(np.float32)
                     dw = max(0.0, loss_with(g.name, Ww) - base)
-                    opts += [Option(o.params + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * round(o.params / (m + n)),
+                    opts += [Option(cost("lmf-int8w", o.cost // (m + n)),
                                     o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
         out[g.name] = opts
     return out
@@ -259,138 +263,170 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     return flags
 
 
-def check_targets(plan: dict) -> None:
-    """The plan's targets as numbers in range (a NaN would compare false everywhere)."""
-    import math
+def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress, meter=None,
+               split=None, fast: bool = False):
+    """``--plan auto``: measure every candidate's treatments, search the byte budget (or the
+    fidelity target), check latency. Returns (Planned with the winning model built, Calibrated).
 
-    ranges = {"target_size": (1, math.inf), "target_ratio": (0, 1), "target_fidelity": (-1, 1), "max_latency_ratio": (0, math.inf)}
-    for key, (lo, hi) in ranges.items():
-        v = plan.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi and (key != "target_ratio" or v > 0)):
-            raise OnnxHmfError(f"--{key.replace('_', '-')} must be a number in [{lo}, {hi}], got {v!r}")
-
-
-def plan_and_assemble(work: onnx.ModelProto, fpass: FactorizePass, report, calib, tokenizer, samples, seq_len, batch,
-                      plan: dict, *, src_bytes: int, finish=None, progress=lambda it: it) -> "Planner":
-    """Measure, choose and check a plan; leave ``fpass`` set up to factorize it (keeps, stats).
-    Returns the Planner with ``choice`` set: the caller factorizes ``work`` with ``fpass`` and
-    then quantizes ``planner.quantized(work, planner.choice)``."""
-    check_targets(plan)
+    ``meter``: (held-out fidelity, loss) of a model, instead of the cosines; ``split``: (fit,
+    held-out) calibration already split; ``fast``: leave out the treatments that run as float
+    MatMuls (weight-only integers) from the start."""
     t0 = time.perf_counter()
-    cal = calib if isinstance(calib, Calibration) else load_calibration(
-        calib, work, tokenizer=tokenizer, samples=samples, seq_len=seq_len, batch_size=batch)
-    fit, held = cal.split(0.25)
-    all_groups = find_weight_groups(GraphIndex(work))
-    groups = candidate_groups(fpass, all_groups)
-    acts, idx = calibration_targets(groups)
-    fpass.stats = capture_stats(work, fit, acts, idx, progress=progress)
-    options = _options(work, fpass, groups, fit, progress)
-    if not options:
+    c = load_for_plan(work, options, 0.25, progress, split=split)
+    settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
+    fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
+    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress)
+    if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
-    fixed = int(src_bytes) - sum(opts[0].params for opts in options.values())
-    planner = Planner(fpass, options, {g.name: g.shape for g in groups}, fixed, held, reference_outputs(work, held),
-                      [g.name for g in all_groups], {t.name for t in work.graph.initializer}, finish)
-    report.timings["plan_measure_s"] = time.perf_counter() - t0
+    fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    if fast:
+        opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
+    planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
+                      [] if meter is not None else reference_outputs(work, c.held), options.budget.rank_multiple,
+                      options, finish, meter=meter)
+    timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
-    tried = []
+    search = _Search(planner, work, options.budget.plan, src_bytes)
+    res = search.run()
+    limit = options.budget.plan.get("max_latency_ratio")
+    ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
+    fast_only = False
+    if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in res.choice.values()):
+        # weight-only int8 runs at float speed: plan again without it
+        planner.options = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in planner.options.items()}
+        res = search.run()
+        ratio, fast_only = latency_ratio(work, res.built.model, c.held), True
+    if limit is not None and ratio > limit:
+        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
+                           f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
+    timings["plan_search_s"] = time.perf_counter() - t
+    plan = planner.plan(res.choice)
+    plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
+    plan.summary["timings"] = timings
+    plan.summary["notes"] = [_note(plan.summary["plan_auto"], res)]
+    return Planned(plan, res.built), c
 
-    def trial(budget: int):
-        choice = planner.allocate(budget)
-        model = planner.assemble(work, choice)
-        size = model.ByteSize()
-        fid, loss = planner.measure(model)
-        tried.append({"budget": int(budget), "bytes": size, "fidelity": round(fid, 5)})
-        return choice, size, fid, loss, model
 
-    def best_of(res, target: int):
+@dataclass
+class _Trial:
+    choice: dict
+    size: int
+    fidelity: float
+    loss: float
+    built: object
+
+
+@dataclass
+class _Search:
+    """The budget search of ``--plan auto`` over one Planner."""
+
+    planner: Planner
+    work: onnx.ModelProto
+    goal: dict  # target_size | target_ratio | target_fidelity
+    src_bytes: int
+    tried: list = field(default_factory=list)
+    target: int | None = None
+
+    def trial(self, budget: int) -> _Trial:
+        choice = self.planner.allocate(budget)
+        return self._measure(choice, {"budget": int(budget)})
+
+    def _measure(self, choice, row: dict) -> _Trial:
+        built = self.planner.assemble(self.work, choice)
+        size = built.model.ByteSize()
+        fid, loss = self.planner.measure(built.model)
+        self.tried.append({**row, "bytes": size, "fidelity": round(fid, 5)})
+        return _Trial(choice, size, fid, loss, built)
+
+    def best_of(self, res: _Trial, target: int) -> _Trial:
         """The knapsack's plan, or a one-treatment plan (every weight int8w, int8 or int4w where
         it can be, the knapsack's choice elsewhere) that fits ``target`` and measures a lower
         held-out loss: the prediction adds per-weight losses, which the whole model need not."""
+        p = self.planner
         for kind in ("int8w", "int8", "int4w"):
-            alt = {n: next((o for o in planner.options[n] if o.tag[0] == kind), res[0][n]) for n in res[0]}
-            if alt == res[0] or planner.fixed + sum(o.params for o in alt.values()) > 1.05 * target:
+            alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
+            if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
                 continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
-            model = planner.assemble(work, alt)
-            size = model.ByteSize()
+            built = p.assemble(self.work, alt)
+            size = built.model.ByteSize()
             if size > target:
                 continue
-            fid, loss = planner.measure(model)
-            tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
-            if loss < res[3]:
-                res = (alt, size, fid, loss, model)
+            fid, loss = p.measure(built.model)
+            self.tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
+            if loss < res.loss:
+                res = _Trial(alt, size, fid, loss, built)
         return res
 
-    def search():
-        floor, ceiling = planner.floor(), planner.ceiling()
-        if plan.get("target_fidelity") is None:
-            target = plan["target_size"] if plan.get("target_size") else int(plan["target_ratio"] * src_bytes)
-            if target < floor:
-                raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({floor:,} B: every "
-                                   "weight at its cheapest option)")
-            budget = target
-            for i in range(6):
-                res = trial(budget)
-                if res[1] <= target:
-                    return best_of(res, target), target
-                # the overhead estimate was short: spend that much less, and a growing margin more
-                budget -= res[1] - target + int(0.001 * target * 2**i)
-            raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res[1]:,} B)")
-        goal = plan["target_fidelity"]
-        lo, hi = floor, ceiling
-        best = trial(hi)
-        if best[2] < goal:
-            raise OnnxHmfError(f"--plan auto: even the largest plan gives held-out fidelity {best[2]:.4f} < {goal}")
+    def run(self) -> _Trial:
+        if self.goal.get("target_fidelity") is None:
+            return self._fit_size()
+        return self._fit_fidelity()
+
+    def _fit_size(self) -> _Trial:
+        g, p = self.goal, self.planner
+        target = g["target_size"] if g.get("target_size") else int(g["target_ratio"] * self.src_bytes)
+        self.target = target
+        if target < p.floor():
+            raise OnnxHmfError(f"--plan auto: target {target:,} B is below the smallest plan ({p.floor():,} B: every "
+                               "weight at its cheapest option)")
+        budget = target
+        for i in range(6):
+            res = self.trial(budget)
+            if res.size <= target:
+                return self.best_of(res, target)
+            # the overhead estimate was short: spend that much less, and a growing margin more
+            budget -= res.size - target + int(0.001 * target * 2**i)
+        raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res.size:,} B)")
+
+    def _fit_fidelity(self) -> _Trial:
+        goal, p = self.goal["target_fidelity"], self.planner
+        lo, hi = p.floor(), p.ceiling()
+        ceiling = hi
+        best = self.trial(hi)
+        if best.fidelity < goal:
+            raise OnnxHmfError(f"--plan auto: even the largest plan gives held-out fidelity {best.fidelity:.4f} < {goal}")
         for _ in range(8):
             mid = (lo + hi) // 2
-            res = trial(mid)
-            if res[2] >= goal:
+            res = self.trial(mid)
+            if res.fidelity >= goal:
                 hi, best = mid, res
             else:
                 lo = mid
             if hi - lo < 0.01 * ceiling:
                 break
-        return best, None
+        return best
 
-    (choice, size, fid, loss, model), target = search()
-    ratio = latency_ratio(work, model, held)
-    limit = plan.get("max_latency_ratio")
-    fast_only = False
-    if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in choice.values()):
-        # weight-only int8 runs at float speed: plan again without it
-        planner.options = {n: [o for o in opts if o.tag[0] not in SLOW] for n, opts in planner.options.items()}
-        (choice, size, fid, loss, model), target = search()
-        ratio, fast_only = latency_ratio(work, model, held), True
-    del model
-    if limit is not None and ratio > limit:
-        raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
-                           f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
-    planner.choice = choice
-    fpass.keeps = planner.keeps(choice)
-    predicted = sum(o.error for o in choice.values())
+
+def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_only: bool) -> dict:
+    choice = res.choice
     rows = []
     for name, o in choice.items():
         kind, keep = o.tag
-        m, n = planner.shapes[name]
-        r = rank_for_keep(m, n, keep, fpass.rank_multiple) if kind.startswith("lmf") else None
-        rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.params),
+        m, n = planner.groups[name].shape
+        r = rank_for_keep(m, n, keep, planner.rank_multiple) if kind.startswith("lmf") else None
+        rows.append({"weight": name, "treatment": kind + (f" r={r}" if r else ""), "bytes": int(o.cost),
                      "dense_bytes": 4 * m * n, "predicted_loss": round(float(o.error), 6)})
-    report.timings["plan_search_s"] = time.perf_counter() - t
-    info = {"target_size": target, "target_fidelity": plan.get("target_fidelity"), "fixed_bytes": fixed,
-            "planned_bytes": fixed + sum(o.params for o in choice.values()), "bytes": size,
-            "predicted_loss": round(predicted, 6), "heldout_loss": round(loss, 6), "heldout_fidelity": round(fid, 5),
-            "heldout_samples": held.samples, "fit_samples": fit.samples, "latency_ratio": round(ratio, 3),
-            "trials": tried, "sites": rows}
+    info = {"target_size": search.target, "target_fidelity": search.goal.get("target_fidelity"),
+            "fixed_bytes": planner.fixed, "planned_bytes": planner.fixed + sum(o.cost for o in choice.values()),
+            "bytes": res.size, "predicted_loss": round(sum(o.error for o in choice.values()), 6),
+            "heldout_loss": round(res.loss, 6),
+            **({"heldout_margin": round(res.fidelity, 5)} if planner.meter is not None
+               else {"heldout_fidelity": round(res.fidelity, 5)}),
+            "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
+            "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
     if fast_only:
         info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
-    report.plan = info
-    counts = {}
-    for o in choice.values():
+    return info
+
+
+def _note(info: dict, res: _Trial) -> str:
+    counts: dict[str, int] = {}
+    for o in res.choice.values():
         counts[o.tag[0]] = counts.get(o.tag[0], 0) + 1
-    report.notes.append(
-        f"plan auto: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; planned {info['planned_bytes']:,} B, "
-        f"assembled {size:,} B; loss predicted {predicted:.4f}, measured {loss:.4f} (held-out fidelity {fid:.4f} on "
-        f"{held.samples} samples)")
-    return planner
+    return (f"plan auto: {', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}; planned {info['planned_bytes']:,} B, "
+            f"assembled {res.size:,} B; loss predicted {info['predicted_loss']:.4f}, measured {res.loss:.4f} "
+            + (f"(held-out fidelity {res.fidelity:.4f} on {info['heldout_samples']} samples)" if "heldout_fidelity" in info
+               else f"(held-out margin over the fidelity minimums {res.fidelity:+.4f} on {info['heldout_samples']} samples)"))
 
 
 def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:

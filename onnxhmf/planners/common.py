@@ -1,0 +1,94 @@
+"""What every planner shares: one decision for one weight group at a keep or rank."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..factorize.svd import breakeven_rank, lmf_params, rank_for_keep, round_rank
+from ..graph.index import FLOAT_TYPES
+from ..graph.sites import WeightGroup
+from ..plan import Decision, Plan
+
+__all__ = ["Planned", "decision", "decide", "dense"]
+
+
+@dataclass
+class Planned:
+    """A planner's result: the plan, and the model it already built and measured (or None).
+    ``built``: (model after the executor, site reports, notes), before metadata."""
+
+    plan: Plan
+    built: tuple | None = None
+    judge: object = None  # the default planner: fidelity.FidelityJudge on its held-out calibration batches
+
+
+def decision(group: WeightGroup, treatment: str, **kw) -> Decision:
+    itemsize = np.dtype(FLOAT_TYPES.get(group.ref.data_type, np.float32)).itemsize
+    return Decision(weight=group.name, treatment=treatment, shape=tuple(group.shape), ops=group.ops,
+                    nodes=list(group.node_names), itemsize=itemsize, **kw).predict()
+
+
+def dense(group: WeightGroup, reason: str) -> Decision:
+    return decision(group, "dense", reason=reason)
+
+
+def decide(group: WeightGroup, method: str, *, keep: float | None, rank: int | None = None, rank_multiple: int = 1,
+           dense_reason: str | None = None) -> Decision:
+    """The decision for ``method`` at ``keep`` (or a fixed ``rank`` for lmf): the rank or the
+    parameter budget ⌊keep·m·n⌋, or dense with the reason it would not pay.
+
+    ``dense_reason``: why a keep ≥ 1 keeps it dense (the caller's wording)."""
+    m, n = group.shape
+    if method == "skip":
+        return dense(group, "--embedding-method skip")
+    if keep is not None and keep >= 1.0 and rank is None:
+        return dense(group, dense_reason or "--keep 1 keeps every weight dense")
+    if method == "lmf":
+        limit = breakeven_rank(m, n)
+        r = round_rank(min(rank, min(m, n)), rank_multiple) if rank is not None else rank_for_keep(m, n, keep, rank_multiple)
+        if r < 1:
+            return dense(group, f"keep {keep:.3g} leaves rank 0 (break-even rank {limit})")
+        if lmf_params(m, n, r) >= m * n:
+            return dense(group, f"rank {r} would not save parameters (break-even rank {limit})")
+        return decision(group, "lmf", rank=r, keep=keep)
+    budget = int(np.floor(keep * m * n + 1e-9))
+    if budget >= m * n:
+        return dense(group, f"keep {keep:.3g} saves nothing")
+    if budget < 1:
+        return dense(group, f"keep {keep:.3g} leaves nothing")
+    return decision(group, method, budget=budget, keep=keep)
+
+
+def candidate(group: WeightGroup, options) -> str | None:
+    """Why the planners leave ``group`` alone (None: it is a candidate)."""
+    return group.skip_reason or options.selection.why_not(group) or (
+        "--embedding-method skip" if options.methods.method_for(group) == "skip" else None)
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
+
+
+def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
+    """Predicted bytes under ``--quantize int8``: every float weight the quantizer takes (a
+    MatMul's B or a Gather's table, factors included) is stored as int8, at the cost model's
+    int8 price; the factors of a table that something else also reads (a tied head) stay float
+    (quantize_int8 leaves them)."""
+    from ..plan import treatment_bytes
+    from ..quantize import weight_nodes
+
+    takes = weight_nodes(model)
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in set(node.input):
+            readers[name] = readers.get(name, 0) + 1
+    for d in plan.decisions:
+        nodes = takes.get(d.weight)
+        if nodes is None:
+            continue
+        if d.treatment == "dense":
+            d.predicted_bytes = treatment_bytes("int8", d.shape)
+        elif d.treatment == "lmf" and len(nodes) >= readers.get(d.weight, 0):
+            d.predicted_bytes = treatment_bytes("lmf-int8", d.shape, rank=d.rank)

@@ -1,0 +1,100 @@
+"""`onnxhmf optimize in.onnx out.onnx` with no flags: calibration found, a fidelity target met on
+held-out data by the metric that fits each output, folders in and out, data-free otherwise."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import discovery_graphs as dg
+from onnxhmf.cli import main
+from onnxhmf.discover import DATA_FREE_MESSAGE
+
+
+def cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def encoder_folder(tmp_path):
+    d = tmp_path / "export"
+    d.mkdir()
+    onnx.save(dg.text_encoder(), d / "model.onnx")
+    dg.write_tokenizer(d / "tokenizer.json")
+    dg.write_config(d, model_type="bert", vocab_size=dg.V)
+    return d
+
+
+def test_no_flags_finds_the_tokenizer_and_meets_the_target(encoder_folder, tmp_path, capsys):
+    src, out, rep = encoder_folder / "model.onnx", tmp_path / "out.onnx", tmp_path / "r.json"
+    before = src.read_bytes()
+    code, text, err = cli(capsys, "optimize", src, out, "--report", rep, "--no-measure")
+    assert code == 0, err
+    assert src.read_bytes() == before
+    r = json.loads(rep.read_text())
+    assert r["plan_summary"]["planner"] == "auto"
+    assert r["settings"]["calibration"]["discovered"] == "tokenizer"
+    fid = r["fidelity"]["outputs"]
+    assert {n for n, o in fid.items() if o["counted"]} == {"hidden", "pooled"}
+    assert all(o["value"] >= o["minimum"] for o in fid.values() if o["counted"])
+    assert all(o["minimum"] == pytest.approx(0.99) for o in fid.values() if o["counted"])
+    assert r["bytes_after"] < r["bytes_before"]
+    assert "built-in text sample" in text  # which source was used is said
+
+
+def test_fidelity_target_and_outputs_that_count(encoder_folder, tmp_path, capsys):
+    src, rep = encoder_folder / "model.onnx", tmp_path / "r.json"
+    code, _, err = cli(capsys, "optimize", src, tmp_path / "o.onnx", "--fidelity", "0.95", "--outputs", "pooled",
+                       "--report", rep, "-q")
+    assert code == 0, err
+    fid = json.loads(rep.read_text())["fidelity"]["outputs"]
+    assert fid["pooled"]["counted"] and not fid["hidden"]["counted"]
+    assert fid["pooled"]["minimum"] == pytest.approx(0.95) and fid["pooled"]["value"] >= 0.95
+    code, _, err = cli(capsys, "optimize", src, tmp_path / "o2.onnx", "--outputs", "nope", "-q")
+    assert code == 2 and "nope" in err and err.count("\n") == 1
+    code, _, err = cli(capsys, "optimize", src, tmp_path / "o3.onnx", "--fidelity", "0.9", "--keep", "0.5")
+    assert code == 2 and "--fidelity" in err
+
+
+def test_causal_lm_without_text_is_calibrated_on_its_own_samples(tmp_path, capsys):
+    src, rep = tmp_path / "lm.onnx", tmp_path / "r.json"
+    onnx.save(dg.causal_lm(), src)
+    code, _, err = cli(capsys, "optimize", src, tmp_path / "o.onnx", "--report", rep, "-q")
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    assert r["settings"]["calibration"]["discovered"] == "sampled"
+    logits = r["fidelity"]["outputs"]["logits"]
+    assert logits["kind"] == "logits" and logits["minimum"] == pytest.approx(0.97) and logits["value"] >= 0.97
+
+
+def test_no_data_gives_a_data_free_plan_and_says_so(tmp_path, capsys):
+    src, rep = tmp_path / "f.onnx", tmp_path / "r.json"
+    big = dg.float_model()
+    W = np.random.default_rng(0).standard_normal((64, 48)).astype(np.float32)
+    big.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(W, "W"))
+    big.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    big.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 48
+    onnx.save(big, src)
+    code, text, err = cli(capsys, "optimize", src, tmp_path / "o.onnx", "--report", rep, "--no-measure")
+    assert code == 0, err
+    assert DATA_FREE_MESSAGE in text
+    r = json.loads(rep.read_text())
+    assert r["plan_summary"]["planner"] == "auto (data-free)" and r["verified"] and r["passed"]
+    assert {s["method"] for s in r["sites"] if s["status"] == "rewritten"} == {"int8"}
+
+
+def test_folder_in_folder_out(encoder_folder, tmp_path, capsys):
+    out = tmp_path / "small"
+    listing = sorted(p.name for p in encoder_folder.iterdir())
+    code, text, err = cli(capsys, "optimize", encoder_folder, out, "-q")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == listing  # model optimized, tokenizer and config copied
+    assert (out / "tokenizer.json").read_bytes() == (encoder_folder / "tokenizer.json").read_bytes()
+    assert (out / "model.onnx").stat().st_size < (encoder_folder / "model.onnx").stat().st_size
+    assert not [p for p in tmp_path.iterdir() if "onnxhmf-tmp" in p.name]  # no stage folder left
+    code, _, err = cli(capsys, "optimize", encoder_folder, out, "-q")  # exists: needs --overwrite
+    assert code == 2 and err.startswith("onnxhmf: error:")
+    code, _, err = cli(capsys, "optimize", encoder_folder, encoder_folder, "-q")
+    assert code == 2 and "input folder" in err
