@@ -90,7 +90,7 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         from .planners.replay import load_plan, recapture
 
         plan = load_plan(options.plan_file, work)
-        planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress)
+        planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress, model_path)
     elif options.budget.fidelity is not None:
         from .planners.auto import auto_plan
 

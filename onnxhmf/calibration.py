@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
-from .verify import check_tokenizer_vocab, read_text_file
+from .graph.index import GraphIndex, gather_rows
 
 __all__ = ["Calibration", "load_calibration", "input_roles"]
 
@@ -192,6 +192,29 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
             yield feeds(windows[i : i + batch_size], np.ones_like(windows[i : i + batch_size]))
 
 
+def read_text_file(path: Path) -> str:
+    """The file as text, refusing binary data (NUL bytes, or mostly undecodable)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
+    head = raw[: 1 << 16]
+    text = raw.decode("utf-8", errors="replace")
+    bad = text[: 1 << 16].count("\ufffd")
+    if b"\0" in head or bad > 0.05 * max(1, len(head)):
+        raise OnnxHmfError(f"--calib {str(path)!r}: binary data, not text (give a UTF-8 text file, or an .npz of feeds)")
+    return text
+
+
+def check_tokenizer_vocab(tok, model: onnx.ModelProto, ids_name: str, tokenizer) -> None:
+    """A tokenizer whose ids pass the model's embedding table belongs to another model."""
+    rows = gather_rows(GraphIndex(model), ids_name)
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if rows is not None and size > rows:
+        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r} has {size} tokens but the model's embedding table has {rows} "
+                           f"rows: ids past {rows - 1} would index nothing (is it this model's tokenizer?)")
+
+
 def check_batch(model: onnx.ModelProto, batch: dict[str, np.ndarray], source: str, limits: dict[str, int]) -> None:
     """Refuse a calibration batch that onnxruntime would reject (or that would poison the
     statistics), naming the input: rank or fixed dims unlike the model's, a symbolic dim with two
@@ -226,14 +249,11 @@ def check_batch(model: onnx.ModelProto, batch: dict[str, np.ndarray], source: st
 
 def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
     """{integer input: rows of the table it indexes through Gather}."""
-    from .verify import _gather_vocab
-    from .graph.index import GraphIndex
-
     index = GraphIndex(model)
     out = {}
     for vi in model.graph.input:
         if vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
-            rows = _gather_vocab(index, vi.name)
+            rows = gather_rows(index, vi.name)
             if rows is not None:
                 out[vi.name] = rows
     return out

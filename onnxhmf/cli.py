@@ -324,6 +324,8 @@ def _optimize_folder(src: Path, out: Path, p: dict, kwargs: dict) -> None:
         raise click.UsageError("a folder input takes no --report, --save-plan, --plan-file or --dry-run (give one model)")
     overwrite = p["force"] or p["overwrite"]
     plan = plan_folder(src, out, overwrite=overwrite)
+    if not plan.models:
+        raise OnnxHmfError(f"{str(src)!r} is a folder with no .onnx model (nor an onnx/ subfolder with one)")
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".onnxhmf-tmp", dir=out.parent)) if plan.create_out else None
     try:
         target = plan if stage is None else plan_folder(src, stage / "out", overwrite=False)
@@ -415,6 +417,8 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None, help="Text file: inputs from its first lines (needs --tokenizer).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None, help="tokenizer.json for --calib.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+              help="With --calib: how many sentences (titles and blank lines skipped) [default: up to 8].")
 @click.option("--atol", multiple=True, metavar="[OUT:]VAL", help="Absolute tolerance, for all outputs or one (repeatable).")
 @click.option("--rtol", multiple=True, metavar="[OUT:]VAL", help="Relative tolerance, for all outputs or one (repeatable).")
 @click.option("--check-error-stat", multiple=True, metavar="[OUT:]STAT",
@@ -434,7 +438,7 @@ def inspect(model, keep, full_spectrum, as_json):
               help="Compare CAND with golden outputs saved by --save-outputs instead of running REF.")
 @click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the result as JSON.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
-def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check_error_stat, error_quantile, min_cosine,
+def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, atol, rtol, check_error_stat, error_quantile, min_cosine,
            min_top1, top_k, runtimes, save_outputs, load_outputs, json_path, seed):
     """Compare CAND's outputs with REF's on the same inputs; exit 1 when a tolerance is missed.
 
@@ -466,7 +470,8 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, atol, rtol, check
         ref, cand, inputs=inputs_npz, input_shapes=parse_input_shapes(input_shapes), calib=calib, tokenizer=tokenizer,
         load_outputs=load_outputs, save_outputs=save_outputs, runtimes=tuple(runtimes) or ("ort",),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
-        check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed, min_top1=min_top1)
+        check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed,
+        calib_samples=calib_samples, min_top1=min_top1)
     click.echo(report.format())
     if json_path is not None:
         _write_text(json_path, report.to_json())

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
-from .graph.index import GraphIndex
+from .graph.index import GraphIndex, gather_rows
 from .report import OutputStats
 
 __all__ = [
@@ -81,23 +81,7 @@ def parse_tolerances(specs, option: str) -> dict[str, float]:
     return out
 
 
-def _gather_vocab(index: GraphIndex, name: str, depth: int = 0) -> int | None:
-    """Smallest row count of a constant table that ``name`` indexes through Gather."""
-    if depth > 6:
-        return None
-    best = None
-    for node in index.consumers.get(name, []):
-        rows = None
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-            ref = index.const(node.input[0])
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-            if ref is not None and ref.dims and -len(ref.dims) <= axis < len(ref.dims):
-                rows = ref.dims[axis]  # ids index the gathered axis, not always the rows
-        elif node.op_type in _PASS_THROUGH and node.input[0] == name:
-            rows = _gather_vocab(index, node.output[0], depth + 1)
-        if rows is not None:
-            best = rows if best is None else min(best, rows)
-    return best
+_gather_vocab = gather_rows  # (graph/index.py)
 
 
 def _dims(vi: onnx.ValueInfoProto, shapes: dict[str, list[int]]) -> tuple[list[int], list[str]]:
@@ -463,14 +447,18 @@ def run_runtime(runtime: str, model, feeds: dict[str, np.ndarray]) -> dict[str, 
 
 
 def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str | os.PathLike | None,
-                 shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Feeds for a text model from the first lines of ``text``, tokenized with ``tokenizer``.
+                 shapes: dict[str, list[int]] | None = None, seed: int = 0, samples: int | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Feeds for a text model from the first sentences of ``text`` (titles — fewer than three
+    words — and blank lines skipped), tokenized with ``tokenizer``.
 
-    input_ids (padded with 0 to the longest line, at most CALIB_MAX_SEQUENCE tokens; batch = at
-    most CALIB_MAX_BATCH lines), attention_mask (1 on tokens, 0 on padding) and token_type_ids
-    (0). ``shapes["input_ids"] = [B, S]`` fixes the batch and the (padded) length. Other inputs
-    are generated as by make_inputs.
+    input_ids (padded with 0 to the longest sentence, at most CALIB_MAX_SEQUENCE tokens; batch =
+    ``samples`` sentences, default at most CALIB_MAX_BATCH), attention_mask (1 on tokens, 0 on
+    padding) and token_type_ids (0). ``shapes["input_ids"] = [B, S]`` fixes the batch and the
+    (padded) length. Other inputs are generated as by make_inputs.
     """
+    from .calibration import _sentences
+
     if tokenizer is None:
         raise OnnxHmfError("--calib needs --tokenizer tokenizer.json")
     try:
@@ -491,11 +479,15 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     fixed = shapes.get("input_ids")
     if fixed is not None and len(fixed) != 2:
         raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
+    from .calibration import check_tokenizer_vocab, read_text_file
+
     check_tokenizer_vocab(tok, model, "input_ids", tokenizer)
-    lines = [ln for ln in read_text_file(p).splitlines() if ln.strip()]
+    lines = _sentences(read_text_file(p))
     if not lines:
-        raise OnnxHmfError(f"--calib {str(p)!r}: no text")
-    batch = fixed[0] if fixed else min(len(lines), CALIB_MAX_BATCH)
+        raise OnnxHmfError(f"--calib {str(p)!r}: no sentence of three words or more")
+    if samples is not None and samples < 1:
+        raise OnnxHmfError(f"--calib-samples must be ≥ 1, got {samples}")
+    batch = fixed[0] if fixed else (samples if samples is not None else min(len(lines), CALIB_MAX_BATCH))
     lines = (lines * (batch // len(lines) + 1))[:batch]
     tok.no_padding()
     tok.no_truncation()
@@ -516,29 +508,6 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
         if n in feeds:
             feeds[n] = text_feeds[n].astype(feeds[n].dtype)
     return feeds
-
-
-def read_text_file(path: Path) -> str:
-    """The file as text, refusing binary data (NUL bytes, or mostly undecodable)."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
-    head = raw[: 1 << 16]
-    text = raw.decode("utf-8", errors="replace")
-    bad = text[: 1 << 16].count("\ufffd")
-    if b"\0" in head or bad > 0.05 * max(1, len(head)):
-        raise OnnxHmfError(f"--calib {str(path)!r}: binary data, not text (give a UTF-8 text file, or an .npz of feeds)")
-    return text
-
-
-def check_tokenizer_vocab(tok, model: onnx.ModelProto, ids_name: str, tokenizer) -> None:
-    """A tokenizer whose ids pass the model's embedding table belongs to another model."""
-    rows = _gather_vocab(GraphIndex(model), ids_name)
-    size = tok.get_vocab_size(with_added_tokens=True)
-    if rows is not None and size > rows:
-        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r} has {size} tokens but the model's embedding table has {rows} "
-                           f"rows: ids past {rows - 1} would index nothing (is it this model's tokenizer?)")
 
 
 def save_golden(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
@@ -566,7 +535,7 @@ def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[st
     return feeds, outs
 
 
-def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed) -> dict[str, np.ndarray]:
+def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed, samples=None) -> dict[str, np.ndarray]:
     """``inputs`` (.npz or dict), else the saved golden inputs, else text, else generated."""
     if isinstance(inputs, (str, os.PathLike)):
         return load_inputs(inputs, sig)
@@ -575,7 +544,7 @@ def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, see
     if golden_feeds:
         return golden_feeds
     if calib is not None:
-        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed)
+        return calib_inputs(sig, calib, tokenizer, input_shapes, seed=seed, samples=samples)
     return make_inputs(sig, input_shapes, seed=seed)
 
 
@@ -613,6 +582,7 @@ def verify_models(
     top_k: int = 5,
     seed: int = 0,
     min_top1: float | None = None,
+    calib_samples: int | None = None,
 ):
     """Run ``ref`` (onnxruntime; or take its outputs from ``load_outputs``) and ``cand`` (on
     each of ``runtimes``) on the same inputs and compare every output.
@@ -639,7 +609,7 @@ def verify_models(
     sig = ref_model if ref_model is not None else cand_model
     if sig is None:
         raise OnnxHmfError("nothing to run: give a model")
-    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed)
+    feeds = _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, seed, calib_samples)
     report.inputs = {k: list(v.shape) for k, v in feeds.items()}
     if golden_outs is not None:
         ref_outs = golden_outs

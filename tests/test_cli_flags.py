@@ -84,3 +84,19 @@ def test_machine_weight_names_show_the_layer_path():
         "encoder/layer.0/attention/self/query (onnx::MatMul_470)"
     assert display_name("val_65", ["/h/fc1/Gemm"]) == "h/fc1 (val_65)"
     assert display_name("encoder.layer.0.weight", ["/x/MatMul"]) == "encoder.layer.0.weight"
+
+
+def test_verify_calib_takes_a_sample_count_and_skips_titles(tmp_path, capsys):
+    import discovery_graphs as dg
+
+    m, tok, text, rep = tmp_path / "m.onnx", tmp_path / "tokenizer.json", tmp_path / "t.txt", tmp_path / "r.json"
+    onnx.save(dg.text_encoder(), m)
+    dg.write_tokenizer(tok)
+    text.write_text("CHAPTER ONE\n\nthe a and of to in is it.\n\n\nit was for the a and.\nof to in is it that was.\n"
+                    "the of and a to in.\n")
+    code, _, err = cli(capsys, "verify", m, m, "--calib", text, "--tokenizer", tok, "--calib-samples", "3", "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["inputs"]["input_ids"][0] == 3
+    code, _, err = cli(capsys, "verify", m, m, "--calib", text, "--tokenizer", tok, "--report", rep)
+    assert code == 0, err
+    assert json.loads(rep.read_text())["inputs"]["input_ids"][0] == 4  # four sentences: the title is not one

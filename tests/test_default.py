@@ -98,3 +98,13 @@ def test_folder_in_folder_out(encoder_folder, tmp_path, capsys):
     assert code == 2 and err.startswith("onnxhmf: error:")
     code, _, err = cli(capsys, "optimize", encoder_folder, encoder_folder, "-q")
     assert code == 2 and "input folder" in err
+
+
+def test_default_plan_replays_byte_for_byte(encoder_folder, tmp_path, capsys):
+    src, a, b, p = encoder_folder / "model.onnx", tmp_path / "a.onnx", tmp_path / "b.onnx", tmp_path / "p.json"
+    code, _, err = cli(capsys, "optimize", src, a, "--save-plan", p, "-q")
+    assert code == 0, err
+    assert json.loads(p.read_text())["planner"] == "auto"
+    code, _, err = cli(capsys, "optimize", src, b, "--plan-file", p, "-q")
+    assert code == 0, err
+    assert a.read_bytes() == b.read_bytes()

@@ -71,9 +71,14 @@ def put(path, data):
     return path
 
 
+def _mkdir(p):
+    p.mkdir()
+    return p
+
+
 BAD_INPUTS = {
     "missing": (lambda tmp, tied: tmp / "nope.onnx", "no such file"),
-    "directory": (lambda tmp, tied: tmp, "directory"),
+    "directory": (lambda tmp, tied: _mkdir(tmp / "d"), "no .onnx model"),  # a folder is an exporter's layout
     "empty": (lambda tmp, tied: put(tmp / "e.onnx", b""), "empty file"),
     "random": (lambda tmp, tied: put(tmp / "r.onnx", np.random.default_rng(0).bytes(5000)), "not"),
     "text": (lambda tmp, tied: put(tmp / "t.onnx", "hello world\n"), "not"),

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .index import _graph_attrs, iter_scopes
+from .index import _graph_attrs, iter_scopes, subgraph_names
 
 __all__ = ["GraphEditor"]
 
@@ -162,7 +162,7 @@ class GraphEditor:
         for node in g.node:
             still_read.update(node.input)
         if len(self._graphs) > 1:  # outer-scope reads inside bodies, and graph outputs
-            still_read |= _read_below(g) | {o.name for o in g.output}
+            still_read |= subgraph_names(g) | {o.name for o in g.output}
         _drop_dead(g, {n for n in self._remove_tensors if n not in still_read})
         self._replace.clear()
         self._prepend.clear()
@@ -197,20 +197,8 @@ class GraphEditor:
             g.node.extend(nodes)
             g.initializer.extend(inits)
             if dead:
-                read = {i for n in g.node for i in n.input} | _read_below(g) | {o.name for o in g.output}
+                read = {i for n in g.node for i in n.input} | subgraph_names(g) | {o.name for o in g.output}
                 _drop_dead(g, dead - read)
-
-
-def _read_below(graph: onnx.GraphProto) -> set[str]:
-    """Every name read by a node of a body inside ``graph`` (recursively), body outputs included."""
-    names: set[str] = set()
-    for node in graph.node:
-        for sub in _graph_attrs(node):
-            for inner in sub.node:
-                names.update(i for i in inner.input if i)
-            names.update(o.name for o in sub.output)
-            names |= _read_below(sub)
-    return names
 
 
 def _drop_dead(g: onnx.GraphProto, dead: set[str]) -> None:

@@ -59,14 +59,23 @@ def check_plan(plan: Plan, model: onnx.ModelProto) -> None:
         raise OnnxHmfError("plan is sequential but records no calibration data")
 
 
-def recapture(model: onnx.ModelProto, plan: Plan, calib=None, progress=no_progress) -> Calibrated | None:
+def recapture(model: onnx.ModelProto, plan: Plan, calib=None, progress=no_progress, model_path=None) -> Calibrated | None:
     """The statistics the plan was made with: its calibration source (or ``calib``, which
-    overrides it), the same samples and split, the same target weights."""
+    overrides it), the same samples and split, the same target weights. A plan of the default
+    planner finds its data again the same way (discover.py, same seed)."""
     cs = plan.settings.get("calibration")
     if not cs:
         return None
     if isinstance(calib, Calibration):
         cal = calib
+    elif calib is None and cs.get("discovered") and model_path is not None:
+        from ..discover import discover_calibration
+
+        cal = discover_calibration(model_path, model, tokenizer=cs.get("tokenizer"), samples=int(cs["samples"]),
+                                   seq_len=int(cs["seq_len"]), batch_size=int(cs["batch"]),
+                                   seed=int(plan.settings.get("seed", 0))).calibration
+        if cal is None:
+            raise OnnxHmfError("the plan was calibrated on data found beside the model, which is not there now (--calib)")
     else:
         source = calib if calib is not None else cs.get("source")
         if source is None:
