@@ -42,7 +42,6 @@ DEFAULT_SEQUENCE = 64  # any other symbolic axis
 DEFAULT_MIN_COSINE = 0.9  # verify's default criterion when no tolerance is given (optimize's default too)
 DEFAULT_MIN_TOP1 = 0.9  # top-1 agreement a logits-like output must keep by default
 MAX_GENERATED_ELEMENTS = 1 << 28  # a generated input larger than this (1 GiB of float32) is refused
-_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, list[int]]:
