@@ -107,8 +107,26 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
             sites = _int8_everything(sites, set(done))
+    model = _store_blocked(model, plan, ctx, notes)
     sites += _store_reports(plan)
     return Built(model, sites, notes)
+
+
+def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: list[str]) -> onnx.ModelProto:
+    """5. blocked int4/int8 (int4b, int8b; passes/intquant.py): DequantizeLinear(block_size) →
+    MatMul, integer at run time; the opset is raised to 21 only where a MatMul needs it."""
+    blocked = {d.weight: d.treatment for d in plan.decisions if d.spec.store in ("int4b", "int8b")}
+    if not blocked:
+        return model
+    from .graph.index import default_opset
+    from .passes.intquant import apply_planned
+
+    before = default_opset(model)
+    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {})
+    notes.append(f"blocked int4/int8: {len(blocked)} weights as DequantizeLinear(block_size) → MatMul or gathered "
+                 "integer rows (integer at run time)" + (f"; opset {before} -> {default_opset(model)}"
+                                                          if default_opset(model) != before else ""))
+    return model
 
 
 def _int8_everything(sites: list[SiteReport], done: set[str]) -> list[SiteReport]:
@@ -147,7 +165,7 @@ def _store_reports(plan: Plan) -> list[SiteReport]:
     return [SiteReport(weight=d.weight, ops=d.ops, nodes=list(d.nodes), shape=tuple(d.shape),
                        params_before=d.shape[0] * d.shape[1], status="rewritten", method=d.treatment,
                        params_after=d.shape[0] * d.shape[1], detail=d.spec.summary)
-            for d in plan.decisions if d.spec.factor is None and d.spec.store in ("int8", "int8w", "int4w")]
+            for d in plan.decisions if d.spec.factor is None and d.spec.store in ("int8", "int8w", "int4w", "int4b", "int8b")]
 
 
 def _storage_ae(model, plan: Plan, names: list[str], sites: list[SiteReport]) -> list[SiteReport]:

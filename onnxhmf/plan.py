@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import OnnxHmfError
+from .factorize.quant import blocked_bytes
 
 __all__ = ["Treatment", "TREATMENTS", "Decision", "Plan", "treatment_bytes", "LMF_OVERHEAD", "INT8_OVERHEAD",
            "INT4_OVERHEAD", "PLAN_FORMAT"]
@@ -53,6 +54,10 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
     Treatment("int4w", None, "int4w", "weight-only int4 + per-column scales (folded at load: disk only)"),
     Treatment("lmf-int8", "lmf", "int8", "LMF with int8 factors (MatMulInteger)"),
     Treatment("lmf-int8w", "lmf", "int8w", "LMF with weight-only int8 factors (disk only)"),
+    Treatment("int4b", None, "int4b", "blocked int4 (block 32, GPTQ): DequantizeLinear(block_size) → MatMul, "
+              "fused to MatMulNBits; tables: gathered int4 rows (integer at run time; opset 21 for MatMuls)"),
+    Treatment("int8b", None, "int8b", "blocked int8 (block 128): DequantizeLinear(block_size) → MatMul "
+              "(integer at run time; opset 21 for MatMuls)"),
 )}
 
 
@@ -73,6 +78,8 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "int4w": lambda: m * n // 2 + 4 * n + INT8_OVERHEAD + INT4_OVERHEAD,
         "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,
         "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
+        "int4b": lambda: blocked_bytes(m, n, 4, 32) + INT8_OVERHEAD,  # blocks along m (tables: along n, ≈ the same)
+        "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
     }
     if treatment not in cost:
         raise OnnxHmfError(f"unknown treatment {treatment!r} (known: {', '.join(TREATMENTS)})")

@@ -133,8 +133,9 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             taken.add(node.name)
 
 
-def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str]]) -> onnx.ModelProto:
-    """onnxruntime's quantize_dynamic on the MatMul/Gather nodes that read ``chosen``."""
+def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str]], per_channel: bool = False) -> onnx.ModelProto:
+    """onnxruntime's quantize_dynamic on the MatMul/Gather nodes that read ``chosen``
+    (``per_channel``: one weight scale per output column instead of one per tensor)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from .io import TMP_SUFFIX, remove_stale_stages
@@ -151,7 +152,7 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
         logging.getLogger().setLevel(logging.ERROR)  # its "consider pre-processing" advice is not for our users
         try:
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
-                             nodes_to_quantize=nodes, per_channel=False, extra_options={"MatMulConstBOnly": True})
+                             nodes_to_quantize=nodes, per_channel=per_channel, extra_options={"MatMulConstBOnly": True})
         except Exception as e:
             raise OnnxHmfError(f"int8 quantization failed: {str(e).splitlines()[0][:200]}") from None
         finally:
@@ -160,8 +161,11 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
 
 
 def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
-                  notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+                  per_channel: bool = False, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """(model with int8 weights, the initializer names quantized).
+
+    ``per_channel``: onnxruntime's per_channel=True (per-column weight scales; still
+    MatMulInteger, far more accurate on BERT's FFN weights).
 
     ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
     A weight the quantizer would store twice (int8 for its Gather, float for another reader such
@@ -186,12 +190,12 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     chosen = sorted(uses if weights is None else set(weights) & set(uses))
     if not chosen:
         return work, []
-    q = _quantize(work, chosen, uses)
+    q = _quantize(work, chosen, uses, per_channel)
     floats = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     both = [w for w in chosen if w in floats and f"{w}_quantized" in {t.name for t in q.graph.initializer}]
     if both:  # also read by an op the quantizer left float (a tied head's Transpose): stored twice, so leave them
         chosen = [w for w in chosen if w not in both]
-        q = _quantize(work, chosen, uses) if chosen else work
+        q = _quantize(work, chosen, uses, per_channel) if chosen else work
     theirs_before = {(n.domain, n.op_type) for n in model.graph.node}  # the model's own custom ops stay as they were
     bad = sorted({f"{n.domain}:{n.op_type}" for n in q.graph.node
                   if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in theirs_before})

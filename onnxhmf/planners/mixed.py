@@ -50,6 +50,7 @@ from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
 from ..passes.factorize import FactorizePass
+from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
@@ -157,6 +158,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
     flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
     int4 = default_opset(work) >= 11  # BitShift
+    blocked, grams = can_upgrade(work), (fpass.stats.grams if fpass.stats else {})  # int4b/int8b (passes/intquant.py)
     sess = session(probe)
     names = [o.name for o in work.graph.output]
     data = _merged(fit, 256)
@@ -191,13 +193,10 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
         if direct:
             opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
         only_gather = all(u.kind == "gather" for u in g.uses)
-        # weight-only int8/int4: any use; the weight is rebuilt by a constant subgraph that
-        # onnxruntime folds at load, so the graph's own ops run in float as before
-        if g.ref.kind == "initializer":
-            opts.append(Option(cost("int8w"), loss_with(g.name, int8w_weight(T)), ("int8w", 1.0)))
-            if int4 and int4_axis((m, n)) is not None:
-                opts.append(Option(cost("int4w"), loss_with(g.name, int8w_weight(T, 4)),
-                                   ("int4w", 1.0)))
+        # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
+        # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
+        fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n) if blocked else []
+        opts += fused or _weight_only(g, T, loss_with, cost, int4)
         if direct and (only_gather or not gather) and lmf:
             transposed = factor_orientation(g)
             r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
@@ -211,12 +210,24 @@ def _options(work, fpass, groups, fit, rank_multiple, progress) -> dict[str, lis
                 delta = max(0.0, loss_with(g.name, Wq, not gather) - base)
                 opts += [Option(cost("lmf-int8", o.cost // (m + n)), o.error + delta, ("lmf-int8", o.tag))
                          for o in lmf]
-                if not gather and not transposed:  # factors stored as A (m×r), B (r×n): weight-only int8
+                if not gather and not transposed and not fused:  # factors as A (m×r), B (r×n): weight-only int8
                     Ww = (int8w_weight(f.A) @ int8w_weight(f.B)).astype(np.float32)
                     dw = max(0.0, loss_with(g.name, Ww) - base)
                     opts += [Option(cost("lmf-int8w", o.cost // (m + n)),
                                     o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
         out[g.name] = opts
+    return out
+
+
+def _weight_only(g, T: np.ndarray, loss_with, cost, int4: bool) -> list[Option]:
+    """Weight-only int8/int4 options (any use; the weight is rebuilt by a constant subgraph that
+    onnxruntime folds at load, so the graph's own ops run in float as before)."""
+    if g.ref.kind != "initializer":
+        return []
+    m, n = g.shape
+    out = [Option(cost("int8w"), loss_with(g.name, int8w_weight(T)), ("int8w", 1.0))]
+    if int4 and int4_axis((m, n)) is not None:
+        out.append(Option(cost("int4w"), loss_with(g.name, int8w_weight(T, 4)), ("int4w", 1.0)))
     return out
 
 

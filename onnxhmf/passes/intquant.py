@@ -1,0 +1,267 @@
+"""Run-time integer treatments, each a small object the planner (or a script) can call.
+
+An :class:`IntTreatment` says how one weight is stored; for a planner it gives
+
+* ``nbytes(shape, site)``: the bytes it stores (values, scales, zero points, factors);
+* ``weight(W, gram, site)``: what the weight becomes, as a float numpy array (for loss probes);
+* :func:`apply_treatments` (model, {weight: treatment}, calibration): the rewritten model.
+
+Kinds (``site`` is 'matmul', 'table' or 'tied', see graph/qdq.site_kind):
+
+  int4b / int8b   blocked DequantizeLinear(block_size, axis 0) → MatMul (fused by onnxruntime
+                  into MatMulNBits); tables: gathered integer rows, dequantized after the Gather.
+                  ``method``: rtn (round to nearest), clip (per-block clipping search on the
+                  activation Gram), gptq (error feedback with the Gram; clip search per block).
+  lqer            W ≈ Q + L·R: Q blocked ``bits``, L·R rank ``rank`` (rounded to the block) in
+                  blocked int8, fitted on the Gram (matmul sites).
+  lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
+  int8pc          onnxruntime's dynamic per-channel int8 (DynamicQuantizeLinear → MatMulInteger,
+                  any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
+                  quantizer's own scales (matmul sites).
+
+Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
+gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
+opset only when a treatment applied needs it and the model passes graph/qdq.upgrade_opset's
+check, else it skips those and says why. Raising it is not free: onnxruntime 1.32 matches several
+of its fusions on op versions, and MiniLM at opset 21 runs 1.15x slower in float (bench_runtime.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..capture import capture_stats
+from ..errors import OnnxHmfError
+from ..factorize import quant as Q
+from ..graph import qdq
+from ..graph.index import default_opset
+
+__all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment", "planner_options", "apply_planned",
+           "can_upgrade"]
+
+
+@dataclass(frozen=True)
+class IntTreatment:
+    kind: str  # int4b | int8b | lqer | lmf-b | int8pc
+    bits: int = 4
+    block: int = 32
+    symmetric: bool = True
+    method: str = "rtn"  # rtn | clip | gptq
+    rank: int = 0
+
+    @property
+    def name(self) -> str:
+        core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
+        base = core.get(self.kind, f"int{self.bits}b")
+        blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
+        return f"{base}{blk}-{self.method}"
+
+    def opset(self, site: str = "matmul") -> int:
+        """The opset the treatment needs on ``site``: blocked DQ needs 21; gathered table rows
+        (Cast, BitShift, Mul) and MatMulInteger need only 11."""
+        return 11 if self.kind == "int8pc" or site == "table" else qdq.QDQ_OPSET
+
+    def sites(self) -> tuple[str, ...]:
+        return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else ("matmul",)
+
+    def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
+        """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
+        W = np.asarray(W, np.float64)
+        if site != "matmul":
+            M, G = W.T, (None if site == "table" or G is None else G / max(np.mean(np.diag(G)), 1e-30) + np.eye(len(G)))
+            return Q.clip_search(M, G, self.bits, self.block, self.symmetric) if self.method != "rtn" else \
+                Q.quantize_blocked(M, self.bits, self.block, self.symmetric)
+        if self.kind == "int8pc":
+            if self.method == "gptq" and G is not None:
+                s = np.abs(W).max(axis=0, keepdims=True) / 127.0
+                return Q.gptq(W, G, 8, W.shape[0], True, scale=np.where(s > 0, s, 1.0))
+            return Q.per_channel_int8(W)
+        if self.kind == "lqer":
+            return Q.lowrank_residual(W, G, self.rank, self.bits, self.block, self.symmetric,
+                                      method=self.method if G is not None else "rtn")
+        if self.kind == "lmf-b":
+            return Q.lowrank_blocked(W, G, self.rank, self.bits, self.block)
+        if self.method == "gptq" and G is not None:
+            return Q.gptq(W, G, self.bits, self.block, self.symmetric)
+        if self.method in ("clip", "gptq"):
+            return Q.clip_search(W, G, self.bits, self.block, self.symmetric)
+        return Q.quantize_blocked(W, self.bits, self.block, self.symmetric)
+
+    def weight(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul") -> np.ndarray:
+        """What W (K×N for MatMul B; V×D for tables) becomes, as float32."""
+        return _as_weight(self.fit(W, G, site), site)
+
+    def nbytes(self, shape: tuple[int, int], site: str = "matmul") -> int:
+        K, N = shape if site == "matmul" else shape[::-1]
+        if self.kind == "int8pc":
+            return K * N + 5 * N
+        if self.kind in ("lqer", "lmf-b"):
+            r = Q.round_to_block(self.rank, self.block, min(K, N))
+            lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
+                Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
+            return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
+        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric)
+        return 2 * one if site == "tied" and self.bits == 4 else one  # int4 tied: head + packed rows
+
+
+def parse_treatment(text: str) -> IntTreatment:
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq]'."""
+    p = text.split(":")
+    try:
+        if p[0] in ("int4b", "int8b"):
+            return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
+        if p[0] in ("lqer", "lmf-b"):
+            return IntTreatment(p[0], int(p[1]), int(p[2]), True, p[4] if len(p) > 4 else "clip", int(p[3].lstrip("r")))
+        if p[0] == "int8pc":
+            return IntTreatment("int8pc", 8, 0, True, p[1] if len(p) > 1 else "rtn")
+    except (IndexError, ValueError):
+        pass
+    raise OnnxHmfError(f"bad integer treatment {text!r}")
+
+
+def _activation(model: onnx.ModelProto, name: str, site: str) -> str | None:
+    """The tensor whose Gram the weight's fit uses: its (first) MatMul's input, or the tied head's."""
+    read = name
+    if site == "tied":
+        read = next(n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == name)
+    elif site == "table":
+        return None
+    return next((n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == read), None)
+
+
+def weight_grams(model: onnx.ModelProto, weights: list[str], calib) -> dict[str, np.ndarray]:
+    """{weight: XᵀX of the activation it multiplies} over ``calib`` (one onnxruntime pass)."""
+    acts = {w: _activation(model, w, qdq.site_kind(model, w)) for w in weights}
+    acts = {w: a for w, a in acts.items() if a}
+    if not acts or calib is None:
+        return {}
+    stats = capture_stats(model, calib, sorted(set(acts.values())))
+    return {w: stats.grams[a] for w, a in acts.items() if a in stats.grams}
+
+
+def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], calib=None,
+                     grams: dict[str, np.ndarray] | None = None, fitted: dict | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of ``model`` with each weight of ``plan`` stored by its treatment; notes list what
+    was skipped and why, and the opset change. ``calib`` (a Calibration) gives the Grams of the
+    methods that use them (or pass ``grams``); ``fitted``: {(weight, treatment): t.fit(...)} already
+    computed (integer_plan's probes)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    notes: list[str] = []
+    sites = {w: qdq.site_kind(out, w) for w in plan}
+    todo = {}
+    for w, t in plan.items():
+        if sites[w] not in t.sites():
+            notes.append(f"{w}: {t.name} skipped ({sites[w] or 'not a plain MatMul/Gather weight'})")
+        else:
+            todo[w] = t
+    if any(t.opset(sites[w]) > default_opset(out) for w, t in todo.items()):
+        old = default_opset(out)
+        try:
+            notes += qdq.upgrade_opset(out)
+            notes.append(f"opset {old} -> {qdq.QDQ_OPSET} (blocked DequantizeLinear)")
+        except OnnxHmfError as e:
+            notes.append(f"blocked treatments skipped: {e}")
+            todo = {w: t for w, t in todo.items() if t.opset(sites[w]) <= old}
+    need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
+    if grams is None:
+        grams = weight_grams(model, need, calib)
+    arrays = {t.name: t for t in out.graph.initializer if t.name in todo}
+    pc = []
+    for w, t in todo.items():
+        W = numpy_helper.to_array(arrays[w]).astype(np.float64)
+        f = (fitted or {}).get((w, t))
+        f = t.fit(W, grams.get(w), sites[w]) if f is None else f
+        if t.kind == "int8pc":
+            pc.append((w, f))
+        elif sites[w] != "matmul":
+            qdq.blocked_table(out, w, f)
+        elif t.kind == "lqer":
+            qdq.residual_matmul(out, w, f)
+        elif t.kind == "lmf-b":
+            qdq.lowrank_matmul(out, w, *f)
+        else:
+            qdq.blocked_matmul(out, w, f)
+    if pc:
+        out = _per_channel(out, pc)
+    return out, notes
+
+
+def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> onnx.ModelProto:
+    """onnxruntime's per-channel MatMulInteger on the weights; GPTQ-refitted integers replace its own."""
+    from ..quantize import quantize_int8
+
+    q, done = quantize_int8(model, [w for w, _ in fitted], per_channel=True)
+    refit = {f"{w}_quantized": f for w, f in fitted if w in done and isinstance(f, Q.Blocked)}
+    for i, t in enumerate(q.graph.initializer):
+        if t.name in refit:
+            q.graph.initializer[i].CopyFrom(numpy_helper.from_array(refit[t.name].q.astype(np.int8), t.name))
+    return q
+
+
+# -------------------------------------------------------------------------- planner hook
+
+# the planner's treatments (plan.TREATMENTS names int4b, int8b)
+PLANNED = {"int4b": IntTreatment("int4b", 4, 32, True, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip")}
+
+
+def can_upgrade(model: onnx.ModelProto) -> bool:
+    """Whether the blocked treatments (opset 21) may be planned for ``model``."""
+    if default_opset(model) >= qdq.QDQ_OPSET:
+        return True
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.initializer[:]  # the check only reads nodes
+    try:
+        qdq.upgrade_opset(probe)
+        return True
+    except OnnxHmfError:
+        return False
+
+
+def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dict[str, np.ndarray], loss_with,
+                    make_option, overhead: int = 0) -> list:
+    """Options (bytes, measured loss, (kind name, 1.0)) for the planned integer treatments of the
+    weight ``name`` (W as stored: K×N, or V×D for tables). ``grams``: {activation: XᵀX} (a
+    capture's ActivationStats.grams); ``loss_with(name, W′)``: the planner's probe;
+    ``make_option(bytes, loss, tag)`` builds its Option."""
+    site = qdq.site_kind(model, name)
+    if site is None:
+        return []
+    act = _activation(model, name, site)
+    G = grams.get(act) if act else None
+    out = []
+    for key, t in PLANNED.items():
+        if site not in t.sites() or (site != "matmul" and W.shape[1] % t.block):
+            continue
+        out.append(make_option(t.nbytes(W.shape, site) + overhead, loss_with(name, t.weight(W, G, site)), (key, 1.0)))
+    return out
+
+
+def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Apply the planner's choice {weight: PLANNED key} (other treatments ignored)."""
+    plan = {w: PLANNED[k] for w, k in tags.items() if k in PLANNED}
+    if not plan:
+        return model
+    per_weight = {}
+    for w in plan:
+        site = qdq.site_kind(model, w)
+        act = _activation(model, w, site) if site else None
+        if act in grams:
+            per_weight[w] = grams[act]
+    out, _ = apply_treatments(model, plan, grams=per_weight)
+    return out
+
+
+def _as_weight(f, site: str) -> np.ndarray:
+    """The float weight a fit stands for (W's own orientation)."""
+    if isinstance(f, np.ndarray):
+        return f.astype(np.float32)
+    if isinstance(f, tuple):
+        return (f[0].dequantize() @ f[1].dequantize()).astype(np.float32)
+    out = f.dequantize()
+    return (out.T if site != "matmul" else out).astype(np.float32)
+
