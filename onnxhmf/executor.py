@@ -97,7 +97,12 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
                 raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
             inline_external(model, ctx.store)
         names = None if everything else factor_names(model, plan, "int8", original)
-        model, done = quantize_int8(model, names)
+        model, done = quantize_int8(model, names, notes=notes)
+        if not done and not any(s.status == "rewritten" for s in sites):
+            from .errors import OnnxHmfError
+
+            why = "; ".join(n for n in notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
+            raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
         notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
