@@ -18,7 +18,7 @@ from . import __version__
 from .errors import OnnxHmfError, VerificationError
 from .executor import ExecContext, execute
 from .graph.index import count_params, vocab_sizes
-from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes
+from .io import OutputStage, check_model_path, load_model, max_ir_version_for_onnxruntime, model_file_bytes, named_reads
 from .options import DEFAULT_KEEP, DEFAULT_MIN_COSINE, Options
 from .plan import Plan
 from .progress import no_progress
@@ -257,7 +257,7 @@ def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judg
     """The written model against the input: every output on ``feeds`` (tolerances, cosine,
     top-1), per-output minimums, and with the default planner the fidelity verdict on all its
     held-out calibration batches (the metric that fits each output)."""
-    from .verify import check_outputs, compare_outputs, run_onnxruntime
+    from .verify import check_outputs, compare_outputs, criterion_text, run_onnxruntime
 
     v = options.verification
     t = time.perf_counter()
@@ -265,7 +265,8 @@ def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judg
     report.timings["verify_run_s"] = time.perf_counter() - t
     report.outputs = compare_outputs(ref, out, vocab)
     report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol,
-                                    min_cosine=None if judge is not None else v.min_cosine)
+                                    min_cosine=None if judge is not None else v.min_cosine,
+                                    min_top1=None if judge is not None else v.min_top1)  # (the judge scores logits itself)
     if judge is not None:
         res = judge.score(cand)
         report.fidelity = {"samples": judge.calibration.samples, "source": judge.calibration.source,
@@ -281,7 +282,9 @@ def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judg
     report.verified = True
     report.passed = not report.failures
     report.settings.update({"inputs": {k: list(x.shape) for k, x in feeds.items()}, "atol": v.atol or {},
-                            "rtol": v.rtol or {}, "min_cosine": v.min_cosine})
+                            "rtol": v.rtol or {}, "min_cosine": v.min_cosine,
+                            **({} if judge is not None else {"min_top1": v.min_top1, "criterion": criterion_text(
+                                v.atol, v.rtol, v.min_cosine, v.min_top1)})})
     if v.measure:
         report.runtime = _runtime(src, cand, feeds)
 
@@ -360,7 +363,8 @@ def optimize_file(input_path: str | os.PathLike, output_path: str | os.PathLike,
     """
     location = save_external_data if isinstance(save_external_data, str) and save_external_data else None
     external = None if save_external_data is None else True
-    with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location) as stage:
+    reads = named_reads(**{k: kwargs.get(k) for k in ("inputs", "calib", "tokenizer", "token_freq", "plan_file")})
+    with OutputStage(output_path, force=force, inputs=(input_path,), data_location=location, reads=reads) as stage:
         model, report = optimize(input_path, _stage=stage, _save=(external, external_data_size_threshold), **kwargs)
         report.output_path = str(output_path)
         if report.verified and not report.passed and not force_on_failure:

@@ -84,7 +84,7 @@ def bench_models(paths: list[str | os.PathLike], *, warmup: int = 5, iterations:
         if set(names) != set(feeds):
             raise OnnxHmfError(f"{str(p)!r} has inputs {names}, the first model {sorted(feeds)}: they must match")
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # failures are raised once, as one line; ORT's own log would repeat them
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
@@ -101,7 +101,8 @@ def bench_models(paths: list[str | os.PathLike], *, warmup: int = 5, iterations:
             try:
                 sess.run(None, feeds)
             except Exception as e:
-                raise OnnxHmfError(f"onnxruntime failed on {models[j][0]!r}: {str(e).splitlines()[0][:300]}") from None
+                hint = f"; {feeds.hint()}" if hasattr(feeds, "hint") else ""
+                raise OnnxHmfError(f"onnxruntime failed on {models[j][0]!r}: {str(e).splitlines()[0][:300]}{hint}") from None
             if i >= warmup:
                 times[j].append(time.perf_counter() - t)
     out = Bench(inputs={k: list(v.shape) for k, v in feeds.items()}, warmup=warmup, iterations=iterations, threads=threads)

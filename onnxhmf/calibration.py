@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
+from .graph.index import GraphIndex, gather_rows
 
 __all__ = ["Calibration", "load_calibration", "input_roles"]
 
@@ -104,7 +105,13 @@ def _npz_rows(path: Path, names: list[str]) -> Iterator[dict[str, np.ndarray]]:
         missing = [n for n in names if n not in data.files]
         if missing:
             raise OnnxHmfError(f"--calib {str(path)!r} lacks input(s) {missing}; it has {sorted(data.files)}")
-        arrays = {n: data[n] for n in names}
+        try:
+            arrays = {n: data[n] for n in names}
+        except ValueError as e:  # object arrays: numpy refuses to unpickle them (as it should)
+            raise OnnxHmfError(f"--calib {str(path)!r}: holds pickled (object) arrays, which are not loaded for safety "
+                               f"({str(e).splitlines()[0][:80]}); save plain numeric arrays with numpy.savez") from None
+        except Exception as e:
+            raise OnnxHmfError(f"--calib {str(path)!r}: not a readable .npz ({str(e).splitlines()[0][:120]})") from None
     rows = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
     if len(rows) != 1 or 0 in rows:
         raise OnnxHmfError(f"--calib {str(path)!r}: inputs need the same non-empty batch axis, got "
@@ -142,10 +149,8 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
     if len(ids_names) != 1 or other:
         raise OnnxHmfError(f"cannot feed text to inputs {sorted(roles)}: expected one token-id input plus optional "
                            "attention mask / token types / positions; give an .npz of feeds instead")
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
+    text = read_text_file(path)
+    check_tokenizer_vocab(tok, model, ids_names[0], tokenizer)
     mask = next((n for n, r in roles.items() if r == "mask"), None)
     pad = tok.token_to_id("[PAD]") or 0
 
@@ -187,6 +192,73 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
             yield feeds(windows[i : i + batch_size], np.ones_like(windows[i : i + batch_size]))
 
 
+def read_text_file(path: Path) -> str:
+    """The file as text, refusing binary data (NUL bytes, or mostly undecodable)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise OnnxHmfError(f"--calib {str(path)!r}: {e.strerror or e}") from None
+    head = raw[: 1 << 16]
+    text = raw.decode("utf-8", errors="replace")
+    bad = text[: 1 << 16].count("\ufffd")
+    if b"\0" in head or bad > 0.05 * max(1, len(head)):
+        raise OnnxHmfError(f"--calib {str(path)!r}: binary data, not text (give a UTF-8 text file, or an .npz of feeds)")
+    return text
+
+
+def check_tokenizer_vocab(tok, model: onnx.ModelProto, ids_name: str, tokenizer) -> None:
+    """A tokenizer whose ids pass the model's embedding table belongs to another model."""
+    rows = gather_rows(GraphIndex(model), ids_name)
+    size = tok.get_vocab_size(with_added_tokens=True)
+    if rows is not None and size > rows:
+        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r} has {size} tokens but the model's embedding table has {rows} "
+                           f"rows: ids past {rows - 1} would index nothing (is it this model's tokenizer?)")
+
+
+def check_batch(model: onnx.ModelProto, batch: dict[str, np.ndarray], source: str, limits: dict[str, int]) -> None:
+    """Refuse a calibration batch that onnxruntime would reject (or that would poison the
+    statistics), naming the input: rank or fixed dims unlike the model's, a symbolic dim with two
+    sizes (ids and mask of different lengths), ids outside the table they index, NaN/Inf."""
+    sizes: dict[str, tuple[str, int]] = {}
+    for vi in model.graph.input:
+        if vi.name not in batch:
+            continue
+        a = batch[vi.name]
+        shape = vi.type.tensor_type.shape
+        if vi.type.tensor_type.HasField("shape"):
+            want = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
+            if a.ndim != len(want):
+                raise OnnxHmfError(f"--calib {source!r}: input {vi.name!r} has shape {list(a.shape)}, the model wants "
+                                   f"rank {len(want)} ({want})")
+            for axis, (got, w) in enumerate(zip(a.shape, want)):
+                if isinstance(w, int) and w > 0 and got != w:
+                    raise OnnxHmfError(f"--calib {source!r}: input {vi.name!r} has {got} on axis {axis}, the model wants "
+                                       f"{w} (shape {want})")
+                if isinstance(w, str):
+                    other = sizes.setdefault(w, (vi.name, got))
+                    if other[1] != got:
+                        raise OnnxHmfError(f"--calib {source!r}: inputs {other[0]!r} and {vi.name!r} disagree on "
+                                           f"{w!r} ({other[1]} vs {got}); give them the same shape")
+        if np.issubdtype(a.dtype, np.floating) and a.size and not np.isfinite(a).all():
+            raise OnnxHmfError(f"--calib {source!r}: input {vi.name!r} has NaN or Inf values")
+        rows = limits.get(vi.name)
+        if rows is not None and a.size and (a.min() < -rows or a.max() >= rows):
+            raise OnnxHmfError(f"--calib {source!r}: input {vi.name!r} has ids from {a.min()} to {a.max()}, but the table it "
+                               f"indexes has {rows} rows (a tokenizer or data for another model?)")
+
+
+def _index_limits(model: onnx.ModelProto) -> dict[str, int]:
+    """{integer input: rows of the table it indexes through Gather}."""
+    index = GraphIndex(model)
+    out = {}
+    for vi in model.graph.input:
+        if vi.type.tensor_type.elem_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            rows = gather_rows(index, vi.name)
+            if rows is not None:
+                out[vi.name] = rows
+    return out
+
+
 def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, *, tokenizer: str | os.PathLike | None = None,
                      samples: int = 256, seq_len: int = 128, batch_size: int = 16) -> Calibration:
     """Read up to ``samples`` rows of feeds for ``model`` (see the module docstring)."""
@@ -208,6 +280,7 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, *, tokeniz
     else:
         raise OnnxHmfError(f"--calib {str(p)!r}: no such file or folder")
     batches, total = [], 0
+    limits = _index_limits(model)
     for arrays in source:
         rows = next(iter(arrays.values())).shape[0]
         for i in range(0, rows, batch_size):
@@ -220,9 +293,10 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto, *, tokeniz
                 b = a[i : i + take]
                 if b.dtype != want:
                     if np.issubdtype(want, np.integer) != np.issubdtype(b.dtype, np.integer):
-                        raise OnnxHmfError(f"--calib: input {n!r} is {b.dtype}, the model wants {np.dtype(want)}")
+                        raise OnnxHmfError(f"--calib {str(p)!r}: input {n!r} is {b.dtype}, the model wants {np.dtype(want)}")
                     b = b.astype(want)
                 batch[n] = b
+            check_batch(model, batch, str(p), limits)
             batches.append(batch)
             total += batch[names[0]].shape[0]
         if total >= samples:

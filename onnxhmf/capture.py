@@ -70,7 +70,7 @@ def session_with_outputs(model: onnx.ModelProto, names: list[str], threads: int 
 def session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
     """A quiet onnxruntime CPU session for ``model`` (``threads``: intra-op threads, None = ORT's)."""
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # a failed run is raised, once; ORT's own ERROR line would repeat it on stderr
     if threads:
         opts.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
@@ -155,8 +155,16 @@ def capture_stats(
     out_names = [outs.get(n, n) for n in acts + list(indices)]
     for feeds in progress(calib.batches, "capturing activations"):
         mask = feeds.get(calib.mask) if calib.mask else None
-        values = sess.run(out_names, feeds)
-        ref_values = ref.run([ref_outs.get(n, n) for n in acts], feeds) if ref is not None else None
+        try:
+            values = sess.run(out_names, feeds)
+            ref_values = ref.run([ref_outs.get(n, n) for n in acts], feeds) if ref is not None else None
+        except Exception as e:  # data the model rejects: one line, not onnxruntime's traceback
+            import re
+
+            from .errors import OnnxHmfError
+
+            msg = re.sub(r"\s+", " ", str(e)).strip()[:300]
+            raise OnnxHmfError(f"calibration data {calib.source!r}: onnxruntime failed on it: {msg}") from None
         for i, name in enumerate(acts):
             if values[i].size == 0:  # a body value from the branch not taken: no rows
                 continue
@@ -177,4 +185,18 @@ def capture_stats(
             ids = ids[(ids >= 0) & (ids < size)]
             c = np.bincount(ids, minlength=size)
             stats.counts[name] = stats.counts[name] + c if name in stats.counts else c
+    _check_finite(stats, calib.source)
     return stats
+
+
+def _check_finite(stats: ActivationStats, source: str) -> None:
+    """Non-finite activations would reach the whitening's eigen/SVD routines: one clear error."""
+    from .errors import OnnxHmfError
+
+    for kind, table in (("activation", stats.grams), ("activation (sequential cross term)", stats.cross)):
+        bad = sorted(n for n, g in table.items() if not np.isfinite(g).all())
+        if bad:
+            raise OnnxHmfError(f"calibration on {source!r}: the {kind} {bad[0]!r}"
+                               f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} has NaN or Inf values "
+                               "(a non-finite weight upstream, or an overflow); calibrated factorization needs finite "
+                               "activations: fix the model, or run without --calib")

@@ -15,8 +15,9 @@ import numpy as np
 
 from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize as optimize_model, optimize_file
+from .verify import DEFAULT_MIN_TOP1
 from .errors import OnnxHmfError, VerificationError
-from .io import check_output_path
+from .io import check_optimize_paths, check_output_path, check_paths, named_reads, write_text_atomic
 from .verify import parse_input_shapes, parse_tolerances, verify_models
 from .bench import bench_models
 from .inspect import inspect_model
@@ -103,7 +104,7 @@ _METHODS = _Group("How weights are stored", [
     _o("--no-pivot", is_flag=True,
        help="Store low-rank results as A·B, r(m+n) numbers, instead of pivoted (r pivot columns of the product and the "
             "coefficients of the others, r(m+n−r); docs/pivot.md); ranks are then chosen in that currency."),
-    _o("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs and randomized SVD."),
+    _o("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs and randomized SVD."),
     _o("--lower-recurrent", is_flag=True,
        help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
             "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
@@ -137,10 +138,12 @@ _VERIFY = _Group("Verification", [
     _o("--min-cosine", multiple=True, metavar="[OUT:]C",
        help=f"Fail if a float output's fidelity is below C, for all outputs or one (repeatable) [default: "
             f"{DEFAULT_MIN_COSINE} on generated inputs; with the fidelity target, the target's minimums]."),
+    _o("--min-top1", type=click.FloatRange(0, 1), default=DEFAULT_MIN_TOP1, show_default=True,
+       help="Fail if a logits-like output's top-1 agreement with the original is below this (generated or --inputs feeds)."),
     _o("--outputs", multiple=True, metavar="NAME", help="The outputs whose fidelity counts (repeatable) [default: all]."),
     _o("--no-verify", is_flag=True, help="Skip verification with onnxruntime."),
     _o("--no-measure", is_flag=True, help="Skip measuring resident memory and latency for the result table."),
-], lambda p: {**_min_cosine(p["min_cosine"]), "outputs": p["outputs"],
+], lambda p: {**_min_cosine(p["min_cosine"]), "outputs": p["outputs"], "min_top1": p["min_top1"],
               "verify": not p["no_verify"], "measure": not (p["no_measure"] or p["quiet"]), "inputs": p["inputs_npz"], "input_shapes": parse_input_shapes(p["input_shapes"]),
               "atol": parse_tolerances(p["atol"], "--atol"), "rtol": parse_tolerances(p["rtol"], "--rtol")})
 
@@ -222,9 +225,11 @@ def optimize(input_model, output_model, **p):
     kwargs["progress"] = _progress(p["quiet"])
     if input_model.is_dir():
         return _optimize_folder(input_model, output_model, p, kwargs)
-    for path in (p["report_path"], p["save_plan"]):
-        if path is not None:
-            check_output_path(path, force=True, inputs=(input_model,))
+    if p["report_path"] is not None or p["save_plan"] is not None:
+        check_optimize_paths(input_model, output_model, report=p["report_path"], save_plan=p["save_plan"], dry_run=p["dry_run"],
+                             force=p["force"] or p["overwrite"], save_external_data=p["save_external_data"],
+                             reads=named_reads(inputs=p["inputs_npz"], calib=p["calib"], tokenizer=p["tokenizer"],
+                                               token_freq=p["token_freq"], plan_file=p["plan_file"]))
     if p["dry_run"]:  # nothing is written but the plan
         _, plan = optimize_model(input_model, dry_run=True, **kwargs)
         click.echo(plan.format())
@@ -424,6 +429,9 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--error-quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.99, show_default=True,
               help="The quantile reported and checked by --check-error-stat quantile.")
 @click.option("--min-cosine", type=click.FloatRange(-1, 1), default=None, help="Fail if an output's mean cosine is below this.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
+              help="Fail if a logits-like output's top-1 agreement is below this. With no criterion given: "
+                   "mean cosine >= 0.9 and top-1 >= 0.9.")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True, help="k for top-k agreement of logits-like outputs.")
 @click.option("--runtime", "runtimes", multiple=True, type=click.Choice(["ort", "reference"]),
               help="Run CAND on onnxruntime (ort, default) and/or onnx.reference (repeatable).")
@@ -432,9 +440,9 @@ def inspect(model, keep, full_spectrum, as_json):
 @click.option("--load-outputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Compare CAND with golden outputs saved by --save-outputs instead of running REF.")
 @click.option("--report", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the result as JSON.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
 def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, atol, rtol, check_error_stat, error_quantile, min_cosine,
-           top_k, runtimes, save_outputs, load_outputs, json_path, seed):
+           min_top1, top_k, runtimes, save_outputs, load_outputs, json_path, seed):
     """Compare CAND's outputs with REF's on the same inputs; exit 1 when a tolerance is missed.
 
     \b
@@ -454,9 +462,9 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, at
         ref, cand = models[0], None
     else:
         ref, cand = models
-    for p in (save_outputs, json_path):
-        if p is not None:
-            check_output_path(p, force=True, inputs=tuple(models))
+    check_paths(named_reads(inputs=inputs_npz, calib=calib, tokenizer=tokenizer, load_outputs=load_outputs),
+                [("--save-outputs", save_outputs, True), ("--report", json_path, True)],
+                models=[(("reference" if i == 0 and ref is not None else "candidate") + " model", m) for i, m in enumerate(models)])
     stats = {}
     for spec in check_error_stat:
         name, _, val = spec.rpartition(":")
@@ -466,7 +474,7 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, at
         load_outputs=load_outputs, save_outputs=save_outputs, runtimes=tuple(runtimes) or ("ort",),
         atol=parse_tolerances(atol, "--atol"), rtol=parse_tolerances(rtol, "--rtol"), min_cosine=min_cosine,
         check_error_stat=stats or "elementwise", quantile=error_quantile, top_k=top_k, seed=seed,
-        calib_samples=calib_samples)
+        calib_samples=calib_samples, min_top1=min_top1)
     click.echo(report.format())
     if json_path is not None:
         _write_text(json_path, report.to_json())
@@ -480,7 +488,7 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, at
 @click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs of each model.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads [default: ort's].")
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
     """Size, parameters and CPU latency of MODELS side by side, with ratios to the first."""
@@ -490,10 +498,7 @@ def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
 
 
 def _write_text(path: Path, text: str) -> None:
-    try:
-        path.write_text(text + "\n")
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write report {str(path)!r}: {e.strerror or e}") from None
+    write_text_atomic(path, text + "\n")
 
 
 _SHAPE = re.compile(r"^[^\s/\\]+:\[?\d*(,\d+)*\]?$")

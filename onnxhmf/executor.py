@@ -97,7 +97,12 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
                 raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
             inline_external(model, ctx.store)
         names = None if everything else factor_names(model, plan, "int8", original)
-        model, done = quantize_int8(model, names)
+        model, done = quantize_int8(model, names, notes=notes)
+        if not done and not any(s.status == "rewritten" for s in sites):
+            from .errors import OnnxHmfError
+
+            why = "; ".join(n for n in notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
+            raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
         notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
@@ -117,7 +122,8 @@ def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: 
     from .passes.intquant import apply_planned
 
     before = default_opset(model)
-    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {})
+    fitted = ctx.cache.setdefault("blocked fits", {}) if ctx.cache is not None else None
+    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {}, fitted)
     notes.append(f"blocked int4/int8: {len(blocked)} weights as DequantizeLinear(block_size) → MatMul or gathered "
                  "integer rows (integer at run time)" + (f"; opset {before} -> {default_opset(model)}"
                                                           if default_opset(model) != before else ""))

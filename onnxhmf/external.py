@@ -163,7 +163,7 @@ class TensorStore:
         """A TensorProto for ``array``: external in the spill file when big enough, else inline."""
         array = np.asarray(array)
         if self.spill_dir is None or array.nbytes < self.spill_threshold or array.dtype.kind not in "fiub":
-            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+            return numpy_helper.from_array(np.ascontiguousarray(array).reshape(np.shape(array)), name)  # (0-d stays 0-d)
         if self._spill is None:
             self._spill = open(self.spill_dir / self.spill_location, "wb")
         pad = -self._spill_size % _BIG_ALIGN

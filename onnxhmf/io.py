@@ -7,6 +7,7 @@ never leaves a partial output, and the input file is never opened for writing.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -21,7 +22,8 @@ from .errors import OnnxHmfError
 from .external import TensorStore, needs_external_data, write_model
 
 __all__ = ["load_model", "save_model", "max_ir_version_for_onnxruntime", "model_file_bytes", "OutputStage",
-           "external_data_paths", "check_model_path", "write_text_atomic"]
+           "external_data_paths", "check_model_path", "check_paths", "write_text_atomic",
+           "write_atomic", "place_file", "signals_as_errors", "Interrupted", "remove_stale_stages"]
 
 MIN_OPSET = 7  # Gemm/MatMul broadcasting semantics the rewrites rely on
 
@@ -165,12 +167,6 @@ def max_ir_version_for_onnxruntime() -> int:
     return 7
 
 
-def _same(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
-
-
 def check_data_location(location: str) -> str:
     """A data-file name for --save-external-data: a plain file name (it sits next to the output)."""
     loc = Path(location)
@@ -179,69 +175,58 @@ def check_data_location(location: str) -> str:
     return location
 
 
-def check_output_path(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), data_location: str | None = None) -> None:
+def check_output_path(out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), data_location: str | None = None,
+                      reads: tuple = ()) -> None:
     """Raise OnnxHmfError if ``out`` cannot or must not be written (checked before any work).
 
-    ``data_location``: the output's external-data file name, which must be neither an input
-    model nor a data file an input references.
+    ``inputs``: model files read (with their data files); ``reads``: other (label, path) pairs
+    read. ``data_location``: the output's external-data file name. Both the model and its data
+    file are replaced only with ``force`` (see :func:`check_paths`).
     """
     out = Path(out)
-    for src in map(Path, inputs):
-        if _same(src, out):
-            raise OnnxHmfError(f"output {str(out)!r} is the input model; refusing to overwrite the input")
-    if out.is_dir():
-        raise OnnxHmfError(f"output {str(out)!r} is a directory")
-    if out.exists() and not force:
-        raise OnnxHmfError(f"output {str(out)!r} exists; pass --force to overwrite it")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OnnxHmfError(f"output folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OnnxHmfError(f"output folder {str(parent)!r} is not writable")
+    writes = [("output model", out, force)]
     if data_location is not None:
-        data = parent / check_data_location(data_location)
-        if _same(data, out):
-            raise OnnxHmfError(f"external data file {str(data)!r} would be the output model itself")
-        for src in map(Path, inputs):
-            if _same(src, data):
-                raise OnnxHmfError(f"external data file {str(data)!r} is the input model; refusing to overwrite it")
-            for used in external_data_paths(src):
-                if _same(used, data):
-                    raise OnnxHmfError(
-                        f"external data file {str(data)!r} is the input's data file; refusing to overwrite it "
-                        "(choose another name with --save-external-data NAME)"
-                    )
-        if data.is_dir():
-            raise OnnxHmfError(f"external data file {str(data)!r} is a directory")
+        parent = out.parent if str(out.parent) else Path(".")
+        writes.append(("external data file", parent / check_data_location(data_location), force))
+    check_paths(reads, writes, models=[("input model", src) for src in inputs])
 
 
 class OutputStage:
     """A hidden temp folder beside the output, where the model (and data file) are written and
-    checked before being renamed into place. Removed on exit, whatever happened.
+    checked before being renamed into place. Removed on exit, whatever happened (SIGTERM and
+    SIGHUP included); stale ones of killed runs are removed when the next stage is made.
     """
 
-    def __init__(self, out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), data_location: str | None = None):
+    def __init__(self, out: str | os.PathLike, *, force: bool = False, inputs: tuple = (), data_location: str | None = None,
+                 reads: tuple = ()):
         self.out = Path(out)
+        self.reads = tuple(reads)
         if data_location is None and any(external_data_paths(src) for src in inputs if Path(src).is_file()):
             # the output will get external data too: vet the default name before any work
-            check_output_path(self.out, force=force, inputs=inputs, data_location=f"{self.out.name}.data")
-        check_output_path(self.out, force=force, inputs=inputs, data_location=data_location)
+            check_output_path(self.out, force=force, inputs=inputs, data_location=f"{self.out.name}.data", reads=self.reads)
+        check_output_path(self.out, force=force, inputs=inputs, data_location=data_location, reads=self.reads)
         self.inputs = tuple(map(Path, inputs))
         self.force = force
         self.data_location = data_location
         parent = self.out.parent if str(self.out.parent) else Path(".")
-        try:
-            self.dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".onnxhmf-tmp", dir=parent))
+        remove_stale_stages(parent)
+        try:  # the folder's name does not grow with the output's: any legal output name fits
+            self.dir = Path(tempfile.mkdtemp(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX, dir=parent))
         except OSError as e:
             raise OnnxHmfError(f"cannot write to {str(parent)!r}: {e.strerror or e}") from None
         self.model_path = self.dir / self.out.name
         self.written: list[str] = []
+        self._signals = signals_as_errors()
 
     def __enter__(self) -> "OutputStage":
+        self._signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.cleanup()
+        try:
+            self.cleanup()
+        finally:
+            self._signals.__exit__(*exc)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -254,7 +239,7 @@ class OutputStage:
         location = None
         if external:
             location = self.data_location or f"{self.out.name}.data"
-            check_output_path(self.out, force=self.force, inputs=self.inputs, data_location=location)
+            check_output_path(self.out, force=self.force, inputs=self.inputs, data_location=location, reads=self.reads)
         self.data_location = location
         try:
             n = write_model(model, self.model_path, store, location=location, threshold=threshold)
@@ -268,16 +253,19 @@ class OutputStage:
         return n
 
     def commit(self) -> None:
-        """Rename the data file, then the model, into place (each rename is atomic)."""
-        parent = self.out.parent
+        """Move the data file, then the model, into place (each atomically; without --force
+        each fails rather than replace a file that appeared meanwhile)."""
+        parent = self.out.parent if str(self.out.parent) else Path(".")
         done = []
         try:
             for name in reversed(self.written):
-                os.replace(self.dir / name, parent / name)
+                place_file(self.dir / name, parent / name, replace=self.force)
                 done.append(parent / name)
-        except OSError as e:
+        except (OSError, OnnxHmfError) as e:
             for p in done:
                 p.unlink(missing_ok=True)
+            if isinstance(e, OnnxHmfError):
+                raise
             raise OnnxHmfError(f"cannot write {str(self.out)!r}: {e.strerror or e}") from None
 
 
@@ -297,19 +285,270 @@ def save_model(
     return n
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file beside it and a rename (no partial file)."""
-    p = Path(path)
+# ------------------------------------------------------------------ paths read and written
+
+def _kind(st: os.stat_result) -> str:
+    import stat as _st
+
+    for test, name in ((_st.S_ISFIFO, "a FIFO"), (_st.S_ISCHR, "a character device"), (_st.S_ISBLK, "a block device"),
+                       (_st.S_ISSOCK, "a socket"), (_st.S_ISDIR, "a directory")):
+        if test(st.st_mode):
+            return name
+    return "regular" if _st.S_ISREG(st.st_mode) else "not a regular file"
+
+
+def _identity(p: Path) -> tuple:
+    """What ``p`` names once symlinks, ``.`` and ``..`` are resolved: (device, inode) when it
+    exists, else its resolved path (a file to be created)."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent if str(p.parent) else ".")
+        st = os.stat(p)
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(p))
+
+
+def check_paths(reads, writes, *, models=()) -> None:
+    """The one check of every path a command reads against every path it writes.
+
+    ``reads``: (label, path) pairs (None paths are ignored); ``models``: (label, path) pairs of
+    model files, read together with every external-data file they reference. ``writes``:
+    (label, path, consent) triples; ``consent`` allows replacing an existing regular file.
+    Paths are compared by what they name (symlinks, ``.``/``..`` and hard links resolved).
+    Refused with OnnxHmfError: a write onto anything read or onto another write; a read or
+    write that is a FIFO, device or socket (directly or through a symlink); a write onto a
+    directory or, without consent, onto an existing file; a folder that is missing or
+    read-only; a ``*.npz`` written into a calibration folder that is read.
+    """
+    read_list = [(lab, Path(p)) for lab, p in reads if p is not None]
+    for lab, p in models:
+        if p is None:
+            continue
+        read_list.append((lab, Path(p)))
+        if Path(p).is_file() and not Path(p).is_fifo():  # (is_file follows symlinks; never open a FIFO)
+            read_list += [(f"{lab.split()[0]}'s data file", d) for d in external_data_paths(p)]
+    for lab, p in read_list:
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue  # missing: the reader says so
+        kind = _kind(st)
+        if kind not in ("regular", "a directory"):
+            raise OnnxHmfError(f"{lab} {str(p)!r} is {kind}, not a regular file; refusing to read it")
+    seen_reads = [(lab, p, _identity(p)) for lab, p in read_list]
+    seen_writes: list[tuple[str, Path, tuple]] = []
+    for lab, p, consent in writes:
+        if p is None:
+            continue
+        p = Path(p)
+        ident = _identity(p)
+        for rlab, rp, rid in seen_reads:
+            if rid == ident:
+                raise OnnxHmfError(f"{lab} {str(p)!r} is the {rlab} {str(rp)!r}; refusing to overwrite what is read")
+            if rid[0] == "inode" and rp.is_dir() and p.suffix == ".npz" and os.path.realpath(p.parent) == os.path.realpath(rp):
+                raise OnnxHmfError(f"{lab} {str(p)!r} would be read as {rlab} {str(rp)!r} (its *.npz files)")
+        for wlab, wp, wid in seen_writes:
+            if wid == ident:
+                raise OnnxHmfError(f"{lab} {str(p)!r} would be the {wlab} itself ({str(wp)!r}); give different paths")
+        seen_writes.append((lab, p, ident))
+        _check_writable(lab, p, consent)
+
+
+def _check_writable(label: str, p: Path, consent: bool) -> None:
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
     except OSError as e:
-        raise OnnxHmfError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
+        raise OnnxHmfError(f"{label} {str(p)!r}: {e.strerror or e}") from None
+    if st is not None:
+        kind = _kind(st)
+        if kind == "a directory":
+            raise OnnxHmfError(f"{label} {str(p)!r} is a directory")
+        if kind != "regular":
+            raise OnnxHmfError(f"{label} {str(p)!r} is {kind}; only regular files are replaced")
+        if not consent:
+            raise OnnxHmfError(f"{label} {str(p)!r} exists; pass --force to overwrite it")
+    elif os.path.islink(p):
+        raise OnnxHmfError(f"{label} {str(p)!r} is a dangling symlink; remove it or name another path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise OnnxHmfError(f"{label} folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OnnxHmfError(f"{label} folder {str(parent)!r} is not writable")
+
+
+def place_file(src: Path, dst: Path, *, replace: bool) -> None:
+    """Move the finished ``src`` to ``dst`` (same folder) atomically. Without ``replace`` the
+    rename fails if ``dst`` appeared meanwhile (another run writing the same path): a hard link
+    is created exclusively, then ``src`` is removed."""
+    if replace:
+        try:
+            st = os.stat(dst)
+        except OSError:
+            st = None
+        if st is not None and _kind(st) != "regular":
+            raise OnnxHmfError(f"{str(dst)!r} is {_kind(st)}; only regular files are replaced")
+        os.replace(src, dst)
+        return
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, p)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OnnxHmfError(f"cannot write {str(p)!r}: {e.strerror or e}") from None
-        raise
+        os.link(src, dst, follow_symlinks=False)
+    except FileExistsError:
+        raise OnnxHmfError(f"{str(dst)!r} appeared while this run was working (another run writing it?); "
+                           "nothing replaced, pass --force to overwrite it") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # no hard links here: reserve the name
+        os.close(fd)
+        os.replace(src, dst)
+        return
+    os.unlink(src)
+
+
+def write_atomic(path: str | os.PathLike, write, *, label: str = "file", replace: bool = True) -> None:
+    """Write through ``write(file)`` into a temp file beside ``path``, then rename it into place
+    (a regular file or nothing is replaced; interrupted writes leave nothing)."""
+    out = Path(path)
+    parent = out.parent if str(out.parent) else Path(".")
+    remove_stale_stages(parent)
+    with signals_as_errors():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX, dir=parent)
+        except OSError as e:
+            raise OnnxHmfError(f"cannot write {label} {str(out)!r}: {e.strerror or e}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            place_file(Path(tmp), out, replace=replace)
+        except OSError as e:
+            raise OnnxHmfError(f"cannot write {label} {str(out)!r}: {e.strerror or e}") from None
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
+# ------------------------------------------------------------------ signals and stale stages
+
+TMP_SUFFIX = ".onnxhmf-tmp"
+
+
+class Interrupted(OnnxHmfError):
+    """SIGTERM or SIGHUP arrived: the run stops, its temp files are removed (exit 128 + signal)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; no output written")
+        self.exit_code = 128 + signum
+
+
+class signals_as_errors:
+    """While active (main thread only), SIGTERM and SIGHUP raise :class:`Interrupted`, so every
+    ``with``/``finally`` cleanup runs as for Ctrl-C. Nested uses keep the outer handlers."""
+
+    _depth = 0
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.saved = None
+        if threading.current_thread() is not threading.main_thread() or signals_as_errors._depth:
+            return self
+        def raise_(signum, frame):
+            raise Interrupted(signum)
+        self.saved = {}
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                self.saved[sig] = signal.signal(sig, raise_)
+        signals_as_errors._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.saved is None:
+            return
+        for sig, old in self.saved.items():
+            signal.signal(sig, old)
+        signals_as_errors._depth -= 1
+
+
+def remove_stale_stages(folder: str | os.PathLike) -> list[str]:
+    """Remove temp folders and files of onnxhmf runs in ``folder`` whose process is gone
+    (killed with SIGKILL, power loss). Their names carry the owner's pid; returns the removed."""
+    gone = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return gone
+    for name in names:
+        if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+            continue
+        pid = name[1:].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        path = Path(folder) / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            gone.append(name)
+        except OSError:
+            pass
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_OPTION_OF = {"inputs": "--inputs", "calib": "--calib", "tokenizer": "--tokenizer", "token_freq": "--token-freq",
+              "load_outputs": "--load-outputs", "plan_file": "--plan-file"}
+
+
+def named_reads(**paths) -> tuple:
+    """(label, path) read pairs from option values that are paths (others are ignored)."""
+    return tuple((f"{_OPTION_OF.get(k, k)} file", Path(v)) for k, v in paths.items() if isinstance(v, (str, os.PathLike)))
+
+
+def check_optimize_paths(input_model, output_model, *, report=None, save_plan=None, dry_run: bool = False,
+                         force: bool = False, save_external_data=None, reads: tuple = ()) -> None:
+    """Every path ``optimize`` writes (model, its data file, the report, the saved plan) against
+    every path it reads (the model, its data files, ``reads``) and each other, before any work.
+    ``dry_run``: only the plan is written."""
+    out = Path(output_model)
+    parent = out.parent if str(out.parent) else Path(".")
+    if dry_run:
+        check_paths(reads, [("--save-plan", save_plan, True)], models=[("input model", input_model)])
+        return
+    writes = [("output model", out, force)]
+    if isinstance(save_external_data, str) and save_external_data:
+        writes.append(("external data file", parent / check_data_location(save_external_data), force))
+    elif save_external_data is not None or (Path(input_model).is_file() and external_data_paths(input_model)):
+        writes.append(("external data file", parent / f"{out.name}.data", force))
+    if report is not None:
+        writes.append(("--report", Path(report), True))
+    if save_plan is not None:
+        writes.append(("--save-plan", Path(save_plan), True))
+    check_paths(reads, writes, models=[("input model", input_model)])
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file beside it and a rename (no partial file;
+    see :func:`write_atomic`)."""
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")), label="file")

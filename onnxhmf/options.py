@@ -63,6 +63,17 @@ class Selection:
         return None
 
 
+def _check_targets(plan: dict) -> None:
+    """--plan auto's targets as numbers in range (a NaN would compare false everywhere)."""
+    import math
+
+    ranges = {"target_size": (1, math.inf), "target_ratio": (0, 1), "target_fidelity": (-1, 1), "max_latency_ratio": (0, math.inf)}
+    for key, (lo, hi) in ranges.items():
+        v = plan.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= hi and (key != "target_ratio" or v > 0)):
+            _fail(f"--{key.replace('_', '-')} must be a number in [{lo}, {hi}], got {v!r}")
+
+
 @dataclass(frozen=True)
 class Budget:
     keep: float | None = DEFAULT_KEEP
@@ -87,6 +98,8 @@ class Budget:
             _fail(f"allocation must be auto, uniform or measured, got {self.allocation!r}")
         if self.fidelity is not None and not 0.0 < self.fidelity <= 1.0:
             _fail(f"--fidelity must be in (0, 1], got {self.fidelity}")
+        if self.plan:
+            _check_targets(self.plan)
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,12 @@ class Methods:
             _fail(f"embedding method must be one of {', '.join(EMBEDDING_METHODS)}, got {self.embedding_method!r}")
         if self.quantize not in (None, "int8"):
             _fail(f"quantize must be int8 or None, got {self.quantize!r}")
+        from .factorize.whiten import check_damp
+
+        try:
+            check_damp(self.damp)
+        except ValueError as e:
+            _fail(str(e))
         if self.embedding_method == "ae":
             from .factorize.autoencoder import EmbeddingAEConfig
 
@@ -149,9 +168,15 @@ class VerificationOptions:
     atol: dict | None = None
     rtol: dict | None = None
     min_cosine: float | None = DEFAULT_MIN_COSINE
+    min_top1: float | None = 0.9  # top-1 agreement of logits-like outputs on the verification feeds (verify.DEFAULT_MIN_TOP1)
     measure: bool = False  # also measure resident memory and latency of input and output (the result table)
     outputs: tuple[str, ...] = ()  # the outputs whose fidelity counts (default: every float output but caches)
     minimums: dict | None = None  # per-output minimum fidelity {output or "": value} (--min-cosine OUT:V)
+
+    def __post_init__(self):
+        from .verify import check_thresholds
+
+        check_thresholds(self.min_cosine, self.min_top1)
 
 
 _GROUPS = {
@@ -161,7 +186,7 @@ _GROUPS = {
                           "ae_options", "storage_ae", "quantize", "lower_recurrent", "pivot"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
-    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "measure",
+    "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
                                            "outputs", "minimums"}),
 }
 _RENAMED = {"calib_samples": "samples", "calib_seq_len": "seq_len", "calib_batch": "batch"}

@@ -31,6 +31,7 @@ probes feed to predict the loss of a site's int8 treatment.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Iterable
@@ -41,7 +42,7 @@ import onnx
 from .errors import OnnxHmfError
 from .graph.index import default_opset
 
-__all__ = ["quantize_int8", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis"]
+__all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis"]
 
 # bytes a quantized site adds besides its m·n int8 values: scale and zero point initializers
 # (+ their names) and the extra nodes; measured on MiniLM's sites (see tests/test_quantize.py)
@@ -77,15 +78,47 @@ def int8_bytes(params: int) -> int:
     return int(params) + INT8_OVERHEAD
 
 
+def int8_refusals(model: onnx.ModelProto) -> dict[str, str]:
+    """{2-D float initializer: why it must stay float}, by the rules the factorizer keeps: a graph
+    input can be fed another value (quantizing it would drop the input), a graph output or a
+    tensor read inside a subgraph must keep its exact value, NaN/Inf would poison the scale."""
+    from .graph.index import subgraph_names
+
+    g = model.graph
+    inputs, outputs, inner = {i.name for i in g.input}, {o.name for o in g.output}, subgraph_names(g)
+    out = {}
+    for t in g.initializer:
+        if len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        if t.name in inputs:
+            out[t.name] = "it is also a graph input (it may be fed at run time)"
+        elif t.name in outputs:
+            out[t.name] = "it is also a graph output (its exact value is returned)"
+        elif t.name in inner:
+            out[t.name] = "it is read inside an If/Loop/Scan subgraph"
+        elif t.data_location != onnx.TensorProto.EXTERNAL and not np.isfinite(onnx.numpy_helper.to_array(t)).all():
+            out[t.name] = "it has NaN or Inf values"
+    return out
+
+
 def weight_nodes(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """{initializer name: [names of the MatMul (input B) / Gather (input 0) nodes using it]}."""
-    inits = {t.name for t in model.graph.initializer if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT}
+    """{initializer name: [names of the MatMul (input B) / Gather (input 0) nodes using it]}, for
+    the 2-D float initializers the quantizer may take (not those of :func:`int8_refusals`)."""
+    refused = int8_refusals(model)
+    inits = {t.name for t in model.graph.initializer
+             if len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT and t.name not in refused}
     out: dict[str, list[str]] = {}
     for node in model.graph.node:
         w = node.input[1] if node.op_type == "MatMul" else node.input[0] if node.op_type == "Gather" else None
         if w in inits:
             out.setdefault(w, []).append(node.name)
     return out
+
+
+def _all_weight_readers(model: onnx.ModelProto) -> set[str]:
+    """Names of initializers read as a MatMul's B or a Gather's table."""
+    return {n.input[1] if n.op_type == "MatMul" else n.input[0] for n in model.graph.node
+            if n.op_type in ("MatMul", "Gather") and len(n.input) >= (2 if n.op_type == "MatMul" else 1)}
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -105,8 +138,11 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
     (``per_channel``: one weight scale per output column instead of one per tensor)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .io import TMP_SUFFIX, remove_stale_stages
+
     nodes = sorted({n for w in chosen for n in uses[w]})
-    with tempfile.TemporaryDirectory(prefix="onnxhmf-q-") as d:
+    remove_stale_stages(tempfile.gettempdir())  # copies left by killed runs
+    with tempfile.TemporaryDirectory(prefix=f".{os.getpid()}.", suffix=TMP_SUFFIX) as d:
         src, dst = Path(d) / "in.onnx", Path(d) / "out.onnx"
         try:
             onnx.save_model(work, str(src))
@@ -125,7 +161,7 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
 
 
 def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
-                  per_channel: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+                  per_channel: bool = False, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
     """(model with int8 weights, the initializer names quantized).
 
     ``per_channel``: onnxruntime's per_channel=True (per-column weight scales; still
@@ -133,8 +169,16 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
 
     ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
     A weight the quantizer would store twice (int8 for its Gather, float for another reader such
-    as a tied head's Transpose of a factor) is left float. The given proto is not modified.
+    as a tied head's Transpose of a factor) is left float, and so is every weight of
+    :func:`int8_refusals`. ``notes`` gets why weights stayed float and any opset raised (int8
+    needs opset 11: DynamicQuantizeLinear). The given proto is not modified.
     """
+    notes = [] if notes is None else notes
+    refused = {k: v for k, v in int8_refusals(model).items() if weights is None or k in set(weights)}
+    used = set(_all_weight_readers(model))
+    for name, why in sorted(refused.items()):
+        if name in used:
+            notes.append(f"int8: {name!r} stays float: {why}")
     try:
         import onnxruntime.quantization  # noqa: F401
     except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
@@ -166,7 +210,10 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     theirs = {o.domain: o.version for o in q.opset_import}
     del q.opset_import[:]
     for o in model.opset_import:  # the input's opsets (the quantizer may only have raised them to 11+)
-        q.opset_import.add(domain=o.domain, version=max(o.version, theirs.get(o.domain, 0)) if o.domain in ("", "ai.onnx") else o.version)
+        v = max(o.version, theirs.get(o.domain, 0)) if o.domain in ("", "ai.onnx") else o.version
+        if v != o.version:
+            notes.append(f"opset ai.onnx raised from {o.version} to {v}: int8 needs DynamicQuantizeLinear (opset 11)")
+        q.opset_import.add(domain=o.domain, version=v)
     for field in ("input", "output"):
         mine = {v.name: v for v in getattr(model.graph, field)}
         for v in getattr(q.graph, field):

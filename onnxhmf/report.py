@@ -159,6 +159,8 @@ class Report:
                 for o in self.outputs
             ]
             lines += _table(("output", "shape", "max abs", "max rel", "cosine", "SNR dB", "top1/eq"), orows)
+            if self.settings.get("criterion"):
+                lines.append(f"criterion: {self.settings['criterion']}")
             lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
         lines += [f"note: {n}" for n in self.notes]
         lines += self.result_table()
@@ -261,6 +263,8 @@ class VerifyReport:
                              "med rel", f"{ql} rel", "cosine", "SNR dB", "top1/eq", f"top{k or 'k'}"), rows)
         if self.saved:
             lines.append(f"saved inputs and reference outputs to {self.saved}")
+        if self.passed is not None and self.settings.get("criterion"):
+            lines.append(f"criterion: {self.settings['criterion']}")
         if self.passed is not None:
             lines.append("verification: " + ("PASSED" if self.passed else "FAILED: " + "; ".join(self.failures)))
         return "\n".join(lines)

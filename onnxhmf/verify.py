@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxHmfError
-from .graph.index import GraphIndex
+from .graph.index import GraphIndex, gather_rows
 from .report import OutputStats
 
 __all__ = [
@@ -31,11 +31,17 @@ __all__ = [
     "ERROR_STATS",
     "DEFAULT_BATCH",
     "DEFAULT_SEQUENCE",
+    "DEFAULT_MIN_COSINE",
+    "DEFAULT_MIN_TOP1",
+    "GeneratedFeeds",
+    "criterion_text",
 ]
 
 DEFAULT_BATCH = 2  # a symbolic first axis
 DEFAULT_SEQUENCE = 64  # any other symbolic axis
-_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+DEFAULT_MIN_COSINE = 0.9  # verify's default criterion when no tolerance is given (optimize's default too)
+DEFAULT_MIN_TOP1 = 0.9  # top-1 agreement a logits-like output must keep by default
+MAX_GENERATED_ELEMENTS = 1 << 28  # a generated input larger than this (1 GiB of float32) is refused
 
 
 def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, list[int]]:
@@ -48,10 +54,14 @@ def parse_input_shapes(specs: list[str] | tuple[str, ...] | None) -> dict[str, l
             if not sep or not name:
                 raise ValueError
             shapes[name] = [int(d) for d in dims.split(",")] if dims else []
-            if any(d < 0 for d in shapes[name]):
+            if any(d < 1 for d in shapes[name]):
                 raise ValueError
         except ValueError:
-            raise OnnxHmfError(f"bad --input-shapes {spec!r}: expected name:d0,d1,... with non-negative integers") from None
+            raise OnnxHmfError(f"bad --input-shapes {spec!r}: expected name:d0,d1,... with positive integers "
+                               "(an empty tensor verifies nothing)") from None
+        if int(np.prod(shapes[name], dtype=object)) > MAX_GENERATED_ELEMENTS:
+            raise OnnxHmfError(f"--input-shapes {spec!r}: {int(np.prod(shapes[name], dtype=object)):,} elements, more than "
+                               f"{MAX_GENERATED_ELEMENTS:,}; give a smaller shape (or real inputs with --inputs)")
     return shapes
 
 
@@ -70,42 +80,60 @@ def parse_tolerances(specs, option: str) -> dict[str, float]:
     return out
 
 
-def _gather_vocab(index: GraphIndex, name: str, depth: int = 0) -> int | None:
-    """Smallest row count of a constant table that ``name`` indexes through Gather."""
-    if depth > 6:
-        return None
-    best = None
-    for node in index.consumers.get(name, []):
-        rows = None
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-            ref = index.const(node.input[0])
-            if ref is not None and ref.dims:
-                rows = ref.dims[0]
-        elif node.op_type in _PASS_THROUGH and node.input[0] == name:
-            rows = _gather_vocab(index, node.output[0], depth + 1)
-        if rows is not None:
-            best = rows if best is None else min(best, rows)
-    return best
+_gather_vocab = gather_rows  # (graph/index.py)
 
 
-def _dims(vi: onnx.ValueInfoProto, shapes: dict[str, list[int]]) -> list[int]:
+def _dims(vi: onnx.ValueInfoProto, shapes: dict[str, list[int]]) -> tuple[list[int], list[str]]:
+    """(dims to generate, names of the symbolic dims that were defaulted)."""
     if vi.name in shapes:
-        return shapes[vi.name]
-    dims = []
+        return shapes[vi.name], []
+    dims, guessed = [], []
     for i, d in enumerate(vi.type.tensor_type.shape.dim):
         if d.HasField("dim_value") and d.dim_value > 0:
             dims.append(d.dim_value)
         else:
             dims.append(DEFAULT_BATCH if i == 0 else DEFAULT_SEQUENCE)
-    return dims
+            guessed.append(d.dim_param or f"axis {i}")
+    return dims, guessed
 
 
-def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+class GeneratedFeeds(dict):
+    """Feeds made up from the signature (:func:`make_inputs`), with how each was made, so a
+    failing run can say which input may need real values and how to give them."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.how: dict[str, str] = {}
+        self.guessed: dict[str, list[str]] = {}
+        self.ran = False  # the reference model ran on them
+
+    def hint(self) -> str:
+        parts = []
+        for name, arr in self.items():
+            dims = "x".join(map(str, arr.shape)) or "scalar"
+            g = self.guessed.get(name)
+            extra = f"; symbolic {', '.join(g)} set by default" if g else ""
+            parts.append(f"{name} {dims} {self.how.get(name, 'generated')}{extra}")
+        return ("the inputs were generated (" + "; ".join(parts) + "): give real values with --inputs feeds.npz "
+                "(keyed by input name), or other sizes with --input-shapes NAME:D0,D1")
+
+
+def _generated(name: str, dims: list[int], dtype) -> None:
+    n = int(np.prod(dims, dtype=object)) if dims else 1
+    if n > MAX_GENERATED_ELEMENTS:
+        raise OnnxHmfError(f"input {name!r}: generating shape {dims} means {n:,} elements; give smaller "
+                           f"--input-shapes {name}:D0,D1,... or real values with --inputs feeds.npz")
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None, seed: int = 0) -> GeneratedFeeds:
     """Feeds for every graph input, from its signature.
 
     Symbolic dims come from ``shapes`` or default to DEFAULT_BATCH (axis 0) and DEFAULT_SEQUENCE.
     Integer inputs: names containing "mask" get ones, "position" gets 0..n-1 on the last axis,
-    inputs that index a Gather table get ids below its row count, anything else zeros.
+    inputs that index a Gather table get ids below the size of the gathered axis, anything else
+    zeros. Inputs that cannot be made up sensibly are refused, naming the input and how to give
+    it: a scalar (a sample rate, a length: a parameter, not data), positions past the table
+    they index.
     """
     shapes = dict(shapes or {})
     index = GraphIndex(model)
@@ -114,8 +142,10 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = No
     unknown = set(shapes) - set(names)
     if unknown:
         raise OnnxHmfError(f"--input-shapes names unknown input(s) {sorted(unknown)}; inputs are {names}")
+    if not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise OnnxHmfError(f"--seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
+    feeds = GeneratedFeeds()
     for vi in model.graph.input:
         if vi.name in init:
             continue
@@ -123,19 +153,39 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = No
         if not vi.type.HasField("tensor_type"):
             raise OnnxHmfError(f"input {vi.name!r} is not a tensor; pass --inputs with values for it")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        dims = _dims(vi, shapes)
+        dims, guessed = _dims(vi, shapes)
+        _generated(vi.name, dims, dtype)
         lname = vi.name.lower()
-        if np.issubdtype(dtype, np.floating):
-            feeds[vi.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[vi.name] = np.ones(dims, dtype=bool)
-        elif "mask" in lname:
-            feeds[vi.name] = np.ones(dims, dtype=dtype)
-        elif "position" in lname and dims:
-            feeds[vi.name] = np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
-        else:
-            vocab = _gather_vocab(index, vi.name)
-            feeds[vi.name] = (rng.integers(0, vocab, size=dims) if vocab else np.zeros(dims)).astype(dtype)
+        vocab = None if np.issubdtype(dtype, np.floating) or dtype == np.bool_ else _gather_vocab(index, vi.name)
+        if not dims and tt.HasField("shape") and dtype != np.bool_ and not vocab:
+            raise OnnxHmfError(f"input {vi.name!r} is a scalar ({np.dtype(dtype).name}: a parameter such as a sample rate "
+                               f"or a length, whose value cannot be guessed); give it with --inputs feeds.npz "
+                               f"(an array named {vi.name!r})")
+        try:
+            if np.issubdtype(dtype, np.floating):
+                feeds[vi.name], how = rng.standard_normal(dims).astype(dtype), "random normal"
+            elif dtype == np.bool_:
+                feeds[vi.name], how = np.ones(dims, dtype=bool), "all true"
+            elif "mask" in lname:
+                feeds[vi.name], how = np.ones(dims, dtype=dtype), "ones (a mask)"
+            elif "position" in lname and dims:
+                if vocab is not None and dims[-1] > vocab:
+                    raise OnnxHmfError(
+                        f"input {vi.name!r}: positions 0..{dims[-1] - 1} would pass the {vocab} rows of the table it "
+                        f"indexes; give --input-shapes {vi.name}:{','.join(map(str, dims[:-1] + [vocab]))} (and that "
+                        "length for the other inputs) or real values with --inputs feeds.npz")
+                feeds[vi.name] = np.broadcast_to(np.arange(dims[-1], dtype=dtype), dims).copy()
+                how = f"positions 0..{dims[-1] - 1}"
+            elif vocab:
+                feeds[vi.name], how = rng.integers(0, vocab, size=dims).astype(dtype), f"random ids below {vocab}"
+            else:
+                feeds[vi.name], how = np.zeros(dims, dtype=dtype), "zeros"
+        except MemoryError:
+            raise OnnxHmfError(f"input {vi.name!r}: not enough memory to generate shape {dims}; give smaller "
+                               f"--input-shapes or real values with --inputs feeds.npz") from None
+        feeds.how[vi.name] = how
+        if guessed:
+            feeds.guessed[vi.name] = guessed
     return feeds
 
 
@@ -166,8 +216,9 @@ def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike | bytes, feeds: d
     """
     import onnxruntime as ort
 
+    quiet_onnxruntime()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # ORT logs a failed run at ERROR on stderr; the exception says it once
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
@@ -176,10 +227,22 @@ def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike | bytes, feeds: d
     try:
         sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+        outs = dict(zip(names, sess.run(names, feeds)))
     except Exception as e:
         msg = re.sub(r"\s+", " ", str(e)).strip()
-        raise OnnxHmfError(f"onnxruntime failed: {msg[:400]}") from None
+        hint = f"; {feeds.hint()}" if isinstance(feeds, GeneratedFeeds) and not feeds.ran else ""
+        raise OnnxHmfError(f"onnxruntime failed: {msg[:400]}{hint}") from None
+    if isinstance(feeds, GeneratedFeeds):
+        feeds.ran = True
+    return outs
+
+
+def quiet_onnxruntime() -> None:
+    """Keep onnxruntime's own (coloured) log lines off stderr: errors reach the user once, as
+    the one line the CLI prints."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
 
 
 def _is_logits(name: str, arr: np.ndarray, vocab_sizes: set[int]) -> bool:
@@ -211,35 +274,41 @@ def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], voc
             diff = np.abs(r.astype(np.float64) - c.astype(np.float64)) if r.size else np.zeros(1)
             stats.append(OutputStats(name, r.shape, float(diff.max()), 0.0, None, None, exact_match=eq))
             continue
-        r64, c64 = r.astype(np.float64), c.astype(np.float64)
-        d = np.abs(r64 - c64)
-        tiny = np.finfo(np.float64).tiny
-        rel = d / np.maximum(np.abs(r64), tiny)
-        if d.size:
-            fa, fr = d.ravel(), rel.ravel()
-            max_abs, max_rel = float(fa.max()), float(fr.max())
-            dist = dict(mean_abs=float(fa.mean()), median_abs=float(np.median(fa)),
-                        quantile_abs=float(np.quantile(fa, quantile)), mean_rel=float(fr.mean()),
-                        median_rel=float(np.median(fr)), quantile_rel=float(np.quantile(fr, quantile)))
-        else:
-            max_abs = max_rel = 0.0
-            dist = dict(mean_abs=0.0, median_abs=0.0, quantile_abs=0.0, mean_rel=0.0, median_rel=0.0, quantile_rel=0.0)
-        rows_r = r64.reshape(-1, r64.shape[-1]) if r64.ndim else r64.reshape(1, 1)
-        rows_c = c64.reshape(rows_r.shape)
-        nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
-        both = (nr > 0) & (nc > 0)
-        cos = np.where(both, np.sum(rows_r * rows_c, axis=1) / np.where(both, nr * nc, 1.0), (nr == nc).astype(float))
-        noise = float(np.sum(d**2))
-        signal = float(np.sum(r64**2))
-        snr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
-        top1 = topk = None
-        if _is_logits(name, r, vocab_sizes) and r.size:
-            top1 = float(np.mean(np.argmax(r64, -1) == np.argmax(c64, -1)))
-            topk = _topk_overlap(r64, c64, top_k)
-        stats.append(OutputStats(name, r.shape, max_abs, max_rel, float(np.mean(cos)) if cos.size else 1.0, snr,
-                                 top1=top1, quantile=quantile, topk=topk, k=min(top_k, r.shape[-1]) if topk is not None else None,
-                                 **dist))
+        with np.errstate(all="ignore"):  # exact zeros, NaN or Inf in an output: the statistics say so, no warnings
+            stats.append(_float_stats(name, r, c, vocab_sizes, quantile, top_k))
     return stats
+
+
+def _float_stats(name, r, c, vocab_sizes, quantile, top_k) -> OutputStats:
+    """Statistics of one float output (see the module docstring)."""
+    r64, c64 = r.astype(np.float64), c.astype(np.float64)
+    d = np.abs(r64 - c64)
+    tiny = np.finfo(np.float64).tiny
+    rel = d / np.maximum(np.abs(r64), tiny)
+    if d.size:
+        fa, fr = d.ravel(), rel.ravel()
+        max_abs, max_rel = float(fa.max()), float(fr.max())
+        dist = dict(mean_abs=float(fa.mean()), median_abs=float(np.median(fa)),
+                    quantile_abs=float(np.quantile(fa, quantile)), mean_rel=float(fr.mean()),
+                    median_rel=float(np.median(fr)), quantile_rel=float(np.quantile(fr, quantile)))
+    else:
+        max_abs = max_rel = 0.0
+        dist = dict(mean_abs=0.0, median_abs=0.0, quantile_abs=0.0, mean_rel=0.0, median_rel=0.0, quantile_rel=0.0)
+    rows_r = r64.reshape(-1, r64.shape[-1]) if r64.ndim else r64.reshape(1, 1)
+    rows_c = c64.reshape(rows_r.shape)
+    nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
+    both = (nr > 0) & (nc > 0)
+    cos = np.where(both, np.sum(rows_r * rows_c, axis=1) / np.where(both, nr * nc, 1.0), (nr == nc).astype(float))
+    noise = float(np.sum(d**2))
+    signal = float(np.sum(r64**2))
+    snr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
+    top1 = topk = None
+    if _is_logits(name, r, vocab_sizes) and r.size:
+        top1 = float(np.mean(np.argmax(r64, -1) == np.argmax(c64, -1)))
+        topk = _topk_overlap(r64, c64, top_k)
+    return OutputStats(name, r.shape, max_abs, max_rel, float(np.mean(cos)) if cos.size else 1.0, snr,
+                       top1=top1, quantile=quantile, topk=topk, k=min(top_k, r.shape[-1]) if topk is not None else None,
+                       **dist)
 
 
 ERROR_STATS = ("elementwise", "max", "mean", "median", "quantile")
@@ -254,14 +323,20 @@ def check_outputs(
     rtol: dict[str, float] | None = None,
     min_cosine: float | None = None,
     check_error_stat: str | dict[str, str] = "elementwise",
+    min_top1: float | None = DEFAULT_MIN_TOP1,
 ) -> list[str]:
     """Failures, one string per broken tolerance (empty when everything passes).
+
+    Always checked: every output keeps its dtype, and no element is NaN/Inf where the
+    reference's is finite. ``min_top1``: the least top-1 agreement of logits-like outputs
+    (None: not checked). A NaN statistic never passes a bound.
 
     ``check_error_stat`` (one for all outputs, or {output or "": stat}) picks what atol/rtol
     bound. "elementwise": every element must satisfy |r − c| ≤ atol + rtol·|r|. "max", "mean",
     "median", "quantile": that statistic of the abs error must be ≤ atol, or that of the rel error
     ≤ rtol (as in Polygraphy, either suffices when both are given; a missing one does not count).
     """
+    check_thresholds(min_cosine, min_top1)
     atol, rtol = atol or {}, rtol or {}
     stat_of = check_error_stat if isinstance(check_error_stat, dict) else {"": check_error_stat}
     stat_of = {k: "elementwise" if v == "elemwise" else v for k, v in stat_of.items()}  # Polygraphy's spelling
@@ -274,13 +349,16 @@ def check_outputs(
             raise OnnxHmfError(f"--check-error-stat {v!r}: expected one of {', '.join(ERROR_STATS)}")
     failures = []
     for s in stats:
+        failures += _always_checked(s.name, ref[s.name], cand[s.name])
         a = atol.get(s.name, atol.get(""))
         r = rtol.get(s.name, rtol.get(""))
         stat = stat_of.get(s.name, stat_of.get("", "elementwise"))
         if (a is not None or r is not None) and stat == "elementwise":
             x, y = ref[s.name].astype(np.float64), cand[s.name].astype(np.float64)
-            excess = np.abs(x - y) - ((a or 0.0) + (r or 0.0) * np.abs(x))
-            bad = int(np.count_nonzero(excess > 0))
+            with np.errstate(all="ignore"):
+                excess = np.abs(x - y) - ((a or 0.0) + (r or 0.0) * np.abs(x))
+            same = (x == y) | (np.isnan(x) & np.isnan(y))  # equal infinities, NaN where the reference has NaN
+            bad = int(np.count_nonzero(~(excess <= 0) & ~same))
             if bad:
                 failures.append(f"{s.name}: {bad}/{x.size} elements outside atol={a or 0} rtol={r or 0} (max abs {s.max_abs:.3g})")
         elif a is not None or r is not None:
@@ -293,9 +371,45 @@ def check_outputs(
                 parts = ([f"{label} abs error {va:.3g} > atol {a}"] if a is not None else []) + (
                     [f"{label} rel error {vr:.3g} > rtol {r}"] if r is not None else [])
                 failures.append(f"{s.name}: " + " and ".join(parts))
-        if min_cosine is not None and s.mean_cosine is not None and s.mean_cosine < min_cosine:
+        if min_cosine is not None and s.mean_cosine is not None and not s.mean_cosine >= min_cosine:
             failures.append(f"{s.name}: mean cosine {s.mean_cosine:.5f} < --min-cosine {min_cosine}")
+        if min_top1 is not None and s.top1 is not None and not s.top1 >= min_top1:
+            failures.append(f"{s.name}: top-1 agreement {s.top1:.4f} < --min-top1 {min_top1}")
     return failures
+
+
+def check_thresholds(min_cosine: float | None, min_top1: float | None) -> None:
+    """--min-cosine in [-1, 1], --min-top1 in [0, 1] (NaN refused: it would fail everything)."""
+    for opt, v, lo in (("--min-cosine", min_cosine, -1.0), ("--min-top1", min_top1, 0.0)):
+        if v is not None and not (isinstance(v, (int, float)) and lo <= v <= 1.0):
+            raise OnnxHmfError(f"{opt} must be a number in [{lo:g}, 1], got {v!r}")
+
+
+def _always_checked(name: str, r: np.ndarray, c: np.ndarray) -> list[str]:
+    """dtype kept; NaN/Inf only where the reference has them."""
+    out = []
+    if r.dtype != c.dtype:
+        out.append(f"{name}: dtype changed {r.dtype} -> {c.dtype}")
+    if np.issubdtype(r.dtype, np.floating) or np.issubdtype(c.dtype, np.floating):
+        rf, cf = np.isfinite(r), np.isfinite(c)
+        bad = int(np.count_nonzero(rf & ~cf))
+        if bad:
+            out.append(f"{name}: {bad}/{r.size} elements NaN or Inf where the reference is finite")
+    return out
+
+
+def criterion_text(atol, rtol, min_cosine, min_top1, check_error_stat="elementwise") -> str:
+    """The pass criterion in words (printed with every verification)."""
+    parts = []
+    if atol or rtol:
+        stat = check_error_stat if isinstance(check_error_stat, str) else "per output"
+        parts.append(f"{stat} atol {atol or {}} rtol {rtol or {}}".replace("{'': ", "{").replace("{}", "0"))
+    if min_cosine is not None:
+        parts.append(f"mean cosine >= {min_cosine}")
+    if min_top1 is not None:
+        parts.append(f"top-1 agreement >= {min_top1} (logits-like outputs)")
+    parts.append("same dtypes, no NaN/Inf where the reference is finite")
+    return "; ".join(parts)
 
 
 # ------------------------------------------------------------------------ verify REF CAND
@@ -364,7 +478,10 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
     fixed = shapes.get("input_ids")
     if fixed is not None and len(fixed) != 2:
         raise OnnxHmfError("--input-shapes input_ids must be batch,sequence with --calib")
-    lines = _sentences(p.read_text(errors="replace"))
+    from .calibration import check_tokenizer_vocab, read_text_file
+
+    check_tokenizer_vocab(tok, model, "input_ids", tokenizer)
+    lines = _sentences(read_text_file(p))
     if not lines:
         raise OnnxHmfError(f"--calib {str(p)!r}: no sentence of three words or more")
     if samples is not None and samples < 1:
@@ -394,23 +511,10 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
 
 def save_golden(path: str | os.PathLike, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
     """Write inputs and outputs to one .npz (keys "input/NAME" and "output/NAME"), atomically."""
-    import tempfile
+    from .io import write_atomic
 
-    out = Path(path)
     arrays = {f"input/{k}": v for k, v in feeds.items()} | {f"output/{k}": v for k, v in outputs.items()}
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.npz", dir=out.parent if str(out.parent) else ".")
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write to {str(out.parent)!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise OnnxHmfError(f"cannot write {str(out)!r}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda f: np.savez(f, **arrays), label="--save-outputs")
 
 
 def load_golden(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -443,6 +547,21 @@ def _verify_feeds(sig, inputs, golden_feeds, calib, tokenizer, input_shapes, see
     return make_inputs(sig, input_shapes, seed=seed)
 
 
+def _check_verify_options(ref, load_outputs, runtimes, quantile, top_k, min_cosine, min_top1) -> None:
+    check_thresholds(min_cosine, min_top1)
+    if not 0.0 < quantile < 1.0:
+        raise OnnxHmfError(f"--error-quantile must be in (0, 1), got {quantile}")
+    if top_k < 1:
+        raise OnnxHmfError(f"--top-k must be ≥ 1, got {top_k}")
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise OnnxHmfError(f"unknown runtime {rt!r}; expected one of {', '.join(RUNTIMES)}")
+    if ref is None and load_outputs is None:
+        raise OnnxHmfError("give a reference model, or --load-outputs")
+    if ref is not None and load_outputs is not None:
+        raise OnnxHmfError("--load-outputs replaces the reference model: give only the candidate")
+
+
 def verify_models(
     ref: str | os.PathLike | None,
     cand: str | os.PathLike | None,
@@ -461,6 +580,7 @@ def verify_models(
     quantile: float = 0.99,
     top_k: int = 5,
     seed: int = 0,
+    min_top1: float | None = None,
     calib_samples: int | None = None,
 ):
     """Run ``ref`` (onnxruntime; or take its outputs from ``load_outputs``) and ``cand`` (on
@@ -469,22 +589,17 @@ def verify_models(
     Inputs: ``inputs`` (.npz or dict), else the inputs stored with ``load_outputs``, else text
     (``calib`` + ``tokenizer``), else generated from the signature (``input_shapes``, ``seed``).
     ``save_outputs`` writes the inputs and the reference outputs (with no ``cand``: only that).
-    Returns a VerifyReport; ``report.passed`` is False when a tolerance is missed.
+    Returns a VerifyReport; ``report.passed`` is False when a tolerance is missed. With no
+    criterion given (``atol``, ``rtol``, ``min_cosine``, ``min_top1``) the default is mean cosine
+    ≥ DEFAULT_MIN_COSINE and top-1 agreement ≥ DEFAULT_MIN_TOP1 for logits-like outputs; the
+    report states the criterion used.
     """
     from .io import load_model
     from .report import VerifyReport
 
-    if not 0.0 < quantile < 1.0:
-        raise OnnxHmfError(f"--error-quantile must be in (0, 1), got {quantile}")
-    if top_k < 1:
-        raise OnnxHmfError(f"--top-k must be ≥ 1, got {top_k}")
-    for rt in runtimes:
-        if rt not in RUNTIMES:
-            raise OnnxHmfError(f"unknown runtime {rt!r}; expected one of {', '.join(RUNTIMES)}")
-    if ref is None and load_outputs is None:
-        raise OnnxHmfError("give a reference model, or --load-outputs")
-    if ref is not None and load_outputs is not None:
-        raise OnnxHmfError("--load-outputs replaces the reference model: give only the candidate")
+    _check_verify_options(ref, load_outputs, runtimes, quantile, top_k, min_cosine, min_top1)
+    if not atol and not rtol and min_cosine is None and min_top1 is None:
+        min_cosine, min_top1 = DEFAULT_MIN_COSINE, DEFAULT_MIN_TOP1
     report = VerifyReport(reference=str(ref) if ref is not None else f"{load_outputs} (saved outputs)",
                           candidate=None if cand is None else str(cand), runtimes=list(runtimes))
     golden_feeds, golden_outs = load_golden(load_outputs) if load_outputs is not None else ({}, None)
@@ -517,9 +632,10 @@ def verify_models(
         stats = compare_outputs(ref_outs, outs, vocab, quantile=quantile, top_k=top_k)
         report.results[rt] = stats
         fails = check_outputs(ref_outs, outs, stats, atol=atol, rtol=rtol, min_cosine=min_cosine,
-                              check_error_stat=check_error_stat)
+                              check_error_stat=check_error_stat, min_top1=min_top1)
         report.failures += [f"[{rt}] {f}" for f in fails] if len(runtimes) > 1 else fails
     report.passed = not report.failures
-    report.settings = {"atol": atol or {}, "rtol": rtol or {}, "min_cosine": min_cosine,
-                       "check_error_stat": check_error_stat, "quantile": quantile, "top_k": top_k}
+    report.settings = {"atol": atol or {}, "rtol": rtol or {}, "min_cosine": min_cosine, "min_top1": min_top1,
+                       "check_error_stat": check_error_stat, "quantile": quantile, "top_k": top_k,
+                       "criterion": criterion_text(atol, rtol, min_cosine, min_top1, check_error_stat)}
     return report

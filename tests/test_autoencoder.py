@@ -160,7 +160,8 @@ def test_linear_subgraph_is_codes_times_decoder_plus_bias_in_ort():
 def test_tied_synthetic_model_keeps_one_small_copy(decoder):
     V, d = 400, 32
     m = graphs.tied_model(vocab=V, d=d)
-    out, rep = onnxhmf.optimize(m, embedding_method="ae", keep=0.5, ae_options={"epochs": 2, "decoder": decoder})
+    out, rep = onnxhmf.optimize(m, embedding_method="ae", keep=0.5, ae_options={"epochs": 2, "decoder": decoder},
+                                min_top1=None)  # 2 epochs on a synthetic table: not an argmax-preserving fit
     assert rep.passed, rep.failures
     inits = _inits(out)
     assert all(v.size < V * d / 2 for v in inits.values())
@@ -179,7 +180,7 @@ def test_tied_synthetic_model_keeps_one_small_copy(decoder):
 def test_glassllm_tied_table_ae_verifies_and_is_stored_once(glassllm_path, decoder):
     src = onnx.load(str(glassllm_path))
     out, rep = onnxhmf.optimize(glassllm_path, embedding_method="ae", keep=0.5, include=["^embed.weight$"],
-                                ae_options={"epochs": 1, "decoder": decoder, "batch_size": 128})
+                                ae_options={"epochs": 1, "decoder": decoder, "batch_size": 128}, min_top1=None)
     assert rep.passed, rep.failures
     site = next(s for s in rep.sites if s.weight == "embed.weight")
     assert site.status == "rewritten" and site.ops == "gather+matmul"
@@ -251,5 +252,5 @@ def test_cli_ae_options(tmp_path, capsys):
     assert main(["optimize", str(src), str(out), "--embedding-method", "ae", "--ae-loss-weights", "1", "-q"]) == 2
     assert "--ae-loss-weights" in capsys.readouterr().err and not out.exists()
     assert main(["optimize", str(src), str(out), "--embedding-method", "ae", "--ae-epochs", "1", "--ae-decoder",
-                 "nonlinear", "--keep", "0.5", "-q"]) == 0
+                 "nonlinear", "--keep", "0.5", "-q", "--min-top1", "0"]) == 0
     assert out.exists() and out.stat().st_size < 0.6 * src.stat().st_size

@@ -32,7 +32,7 @@ def listing(folder):
 def test_optimize_writes_verified_model_and_report(tied, tmp_path, capsys):
     before = tied.read_bytes()
     out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
-    code, stdout, err = cli(capsys, "optimize", tied, out, "--keep", "0.5", "--report", rep, "-q")
+    code, stdout, err = cli(capsys, "optimize", tied, out, "--keep", "0.5", "--report", rep, "-q", "--min-top1", "0")
     assert code == 0, err
     assert tied.read_bytes() == before  # input untouched
     m = onnx.load(out)
@@ -50,7 +50,7 @@ def test_optimize_writes_verified_model_and_report(tied, tmp_path, capsys):
 
 def test_console_table_and_script_entry_point(tied, tmp_path):
     out = tmp_path / "out.onnx"
-    r = subprocess.run([sys.executable, "-m", "onnxhmf.cli", "optimize", str(tied), str(out), "--rank", "8"],
+    r = subprocess.run([sys.executable, "-m", "onnxhmf.cli", "optimize", str(tied), str(out), "--rank", "8", "--min-top1", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "gather+matmul" in r.stdout and "verification: PASSED" in r.stdout
@@ -128,7 +128,7 @@ def test_hmf_with_token_freq_npz(tied, tmp_path, capsys):
     np.savez(ids, a=np.repeat(np.arange(10), 50), b=np.arange(200))  # tokens 0-9 are frequent
     rep = tmp_path / "r.json"
     code, _, err = cli(capsys, "optimize", tied, tmp_path / "o.onnx", "--method", "hmf", "--keep", "0.5",
-                       "--token-freq", ids, "--report", rep, "-q", "--min-cosine", "0")
+                       "--token-freq", ids, "--report", rep, "-q", "--min-cosine", "0", "--min-top1", "0")
     assert code == 0, err
     site = json.loads(rep.read_text())["sites"][0]
     assert site["method"] == "hmf" and site["params_after"] <= 0.5 * site["params_before"]

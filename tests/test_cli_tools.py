@@ -223,8 +223,9 @@ def test_verify_reference_runtime(mlp, tmp_path, capsys):
     ref = tmp_path / "tied.onnx"
     onnx.save(graphs.tied_model(200, 32), ref)
     cand = tmp_path / "cand.onnx"
-    optimize_file(ref, cand, rank=8, keep=None)
-    code, data, out, err = verify_json(capsys, tmp_path, ref, cand, "--runtime", "ort", "--runtime", "reference")
+    optimize_file(ref, cand, rank=8, keep=None, min_top1=None)
+    code, data, out, err = verify_json(capsys, tmp_path, ref, cand, "--runtime", "ort", "--runtime", "reference",
+                                       "--min-cosine", "0")
     assert code == 0, err
     ort_s, ref_s = data["results"]["ort"][0], data["results"]["reference"][0]
     # both runtimes see the same low-rank model: the same error against REF, to float rounding
@@ -279,7 +280,7 @@ def test_bench_same_model_twice_and_smaller(tmp_path, capsys):
     a = tmp_path / "tied.onnx"
     onnx.save(graphs.tied_model(400, 64), a)
     b = tmp_path / "small.onnx"
-    optimize_file(a, b, rank=8, keep=None)
+    optimize_file(a, b, rank=8, keep=None, min_top1=None)
     code, out, err = cli(capsys, "bench", a, a, b, "--iterations", 10, "--warmup", 2, "--threads", 1,
                          "--input-shapes", "ids:1,16", "--json")
     assert code == 0, err

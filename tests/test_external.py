@@ -79,6 +79,9 @@ def test_named_location_and_stale_data_file_replaced(tmp_path, capsys):
     stale.write_bytes(b"\xff" * 3_000_000)  # onnx's own save would append after this
     out = tmp_path / "out.onnx"
     code, _, err = cli(capsys, "optimize", p, out, "-q", "--save-external-data", "weights.bin")
+    assert code == 2 and "exists; pass --force" in err  # an existing data file is replaced only with consent
+    assert stale.read_bytes() == b"\xff" * 3_000_000 and not out.exists()
+    code, _, err = cli(capsys, "optimize", p, out, "-q", "--save-external-data", "weights.bin", "--force")
     assert code == 0, err
     assert locations(out) == {"weights.bin"}
     data = stale.read_bytes()

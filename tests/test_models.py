@@ -13,7 +13,9 @@ pytestmark = pytest.mark.slow
 
 def optimize_cli(capsys, src, out, *args):
     rep = out.with_suffix(".json")
-    code = main(["optimize", str(src), str(out), "--report", str(rep), "-q", *map(str, args)])
+    # --min-top1 0: these tests check structure at keeps whose top-1 agreement the default check
+    # (0.9) rightly refuses (glassllm at --keep 0.75: 0.64; see tests/test_safety_verify.py)
+    code = main(["optimize", str(src), str(out), "--report", str(rep), "-q", "--min-top1", "0", *map(str, args)])
     _, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(rep.read_text())

@@ -257,7 +257,7 @@ def test_plan_auto_offers_and_assembles_pivoted_treatments(tmp_path):
     c = load_for_plan(model, options, 0.25)
     fpass = FactorizePass(stats=c.stats)
     costs = pivot_costs(model, find_weight_groups(GraphIndex(model)), options)
-    opts = _options(model, fpass, c.groups, c.fit, 1, lambda it, *a: it, costs)
+    opts = _options(model, fpass, c.groups, c.fit, 1, lambda it, *a: it, {}, costs)
     for name, o in opts.items():
         kinds = {x.tag[0] for x in o}
         assert {"lmf", "plmf", "plmf-int8"} <= kinds, (name, kinds)

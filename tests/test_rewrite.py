@@ -134,7 +134,7 @@ def test_fp16_weight_factorized_in_fp32_stored_fp16():
     [
         (graphs.shared_with_add_model, "read by Add"),
         (graphs.int_weight_model, "dtype INT64"),
-        (graphs.weight_is_input_model, None),  # not a constant at all: no site
+        (graphs.weight_is_input_model, "also a graph input"),  # not a constant: skipped, and told why
     ],
 )
 def test_unrewritable_weights_are_left_alone(build, reason):

@@ -187,8 +187,12 @@ class EmbeddingAEConfig:
             raise ValueError(f"activation must be relu, leakyrelu or tanh, got {self.activation!r}")
         if self.init not in ("svd", "random"):
             raise ValueError(f"init must be svd or random, got {self.init!r}")
-        if self.rank < 1 or self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("rank, batch size and lr must be positive and epochs ≥ 0")
+        if self.rank < 1 or self.epochs < 0 or self.batch_size < 1 or not 0 < self.lr < float("inf"):
+            raise ValueError("rank, batch size and lr must be positive (lr finite) and epochs ≥ 0")
+        for name in ("w_cos", "w_mag"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                raise ValueError(f"--ae-loss-weights: {name} must be a finite number ≥ 0, got {v!r}")
 
     @property
     def h(self) -> int:
@@ -333,7 +337,7 @@ def train_embedding_ae(E: np.ndarray, cfg: EmbeddingAEConfig, weights: np.ndarra
                        callback=None) -> EmbeddingAE:
     """Train the embedding AE on table E (V×d); ``weights``: per-row loss weights (e.g.
     :func:`frequency_weights`), default 1. Deterministic for a given ``cfg.seed``."""
-    with _one_blas_thread():
+    with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # (a huge table: the result says so)
         return _train_embedding_ae(E, cfg, weights, callback)
 
 
@@ -439,7 +443,7 @@ class StorageAE:
 
 def train_storage_ae(X: np.ndarray, cfg: StorageAEConfig, callback=None) -> StorageAE:
     """Train the storage AE on stacked rows X (N×m); keeps the best epoch's parameters."""
-    with _one_blas_thread():
+    with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # (a huge table: the result says so)
         return _train_storage_ae(X, cfg, callback)
 
 

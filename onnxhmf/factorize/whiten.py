@@ -76,6 +76,18 @@ class Whitener:
         return self.St_inv[:, None] * A if self.diagonal else self.St_inv @ A
 
 
+MAX_DAMP = 1e6  # δ past a million times the mean energy only flattens the whitening to the identity
+
+
+def check_damp(damp: float) -> float:
+    """A damping fraction in [0, MAX_DAMP] (finite: δ = damp·mean(λ) must not overflow)."""
+    if not isinstance(damp, (int, float)) or not 0 <= damp <= MAX_DAMP:
+        raise ValueError(f"--damp (whitening damping) must be a number from 0 to {MAX_DAMP:g} (a fraction of the mean "
+                         "activation energy), "
+                         f"got {damp!r}")
+    return float(damp)
+
+
 def whitener(gram: np.ndarray, damp: float = DEFAULT_DAMP) -> Whitener:
     """Whitener for a Gram matrix C (n×n, symmetric PSD) or a vector of row weights (n,).
 

@@ -102,7 +102,8 @@ class GraphEditor:
         """A TensorProto for ``array``, spilled to disk as external data when a store says so."""
         if self.store is not None:
             return self.store.tensor(array, name)
-        return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        array = np.asarray(array)
+        return numpy_helper.from_array(np.ascontiguousarray(array).reshape(array.shape), name)  # (a 0-d array stays 0-d)
 
     def node(self, op: str, inputs: list[str], outputs: list[str], base: str, **attrs) -> onnx.NodeProto:
         return onnx.helper.make_node(op, inputs, outputs, name=self.fresh(base), **attrs)
@@ -137,6 +138,12 @@ class GraphEditor:
         if len(self._graphs) > 1:
             self._commit_bodies()
         g = self.graph
+        if self.model.ir_version < 4 and self._new_inits:
+            # IR 3: every initializer must also be a graph input (overridable); new tensors are
+            # emitted as Constant nodes instead, so they stay constants
+            self._prepend[:0] = [onnx.helper.make_node("Constant", [], [t.name], name=self.fresh(f"{t.name}/Constant"), value=t)
+                                 for t in self._new_inits]
+            self._new_inits = []
         nodes: list[onnx.NodeProto] = [onnx.NodeProto() for _ in self._prepend]
         for dst, src in zip(nodes, self._prepend):
             dst.CopyFrom(src)

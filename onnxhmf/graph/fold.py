@@ -102,4 +102,7 @@ def apply_vector_permutations(editor: GraphEditor, index: GraphIndex, plan: Fold
         new.CopyFrom(editor.replacement(node))
         new.input[slot] = name
         editor.replace(node, [new])
-        editor.remove_tensor(ref.name, ref.scope)
+        home = index.scopes[ref.scope]
+        others = [c for c in index.readers(ref.name, home) if c is not node]
+        if not others and index.output_of(ref.name, home) is None:  # a graph output or another reader keeps it
+            editor.remove_tensor(ref.name, ref.scope)

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .edit import GraphEditor
-from .index import FLOAT_TYPES
+from .index import FLOAT_TYPES, default_opset
 from .sites import Use, WeightGroup
 
 __all__ = ["Factors", "HybridEmit", "drop_old_weight", "rewrite_hybrid", "rewrite_embedding_hybrid", "rewrite_dense"]
@@ -123,7 +123,7 @@ class HybridEmit:
         yd, mid, yr, yt, y2 = fresh("dense"), fresh("xa"), fresh("low"), fresh("yt"), fresh("y2d")
         nodes += [
             ed.node("Shape", [x], [shape], f"{tag}/hmf/Shape"),
-            ed.node("Slice", [shape, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag}/hmf/Slice"),
+            _slice_lead(ed, f, shape, lead, tag),
             ed.node("Concat", [lead, f.const_i64([n])], [out_shape], f"{tag}/hmf/Concat_shape", axis=0),
             ed.node("Reshape", [x, f.const_i64([-1, m])], [x2], f"{tag}/hmf/Reshape_in"),
             ed.node("Transpose", [x2], [xt], f"{tag}/hmf/Transpose_in", perm=[1, 0]),
@@ -218,8 +218,11 @@ def rewrite_embedding_hybrid(editor: GraphEditor, group: WeightGroup, hf) -> int
         inv_arr[hf.dense_idx] = np.arange(k, dtype=np.int32)
         inv_arr[hf.rest_idx] = (k + 1) + 1 + np.arange(V - k, dtype=np.int32)
         inv = f.add(inv_arr, "hmf_inv", np.int32)
-    k_c = f.add(np.array(k, np.int32), "hmf_k", np.int32)
-    zero = f.add(np.array(0, np.int32), "hmf_zero", np.int32)
+    # Min/Max take int32 from opset 12; below it the slot arithmetic runs in float32 (exact for
+    # slots < 2^24) between two Casts, with Clip at opset 7 (whose Min/Max do not broadcast)
+    int_minmax = default_opset(editor.model) >= 12
+    k_c = f.add(np.array(k, np.int32 if int_minmax else np.float32), "hmf_k", np.int32 if int_minmax else np.float32)
+    zero = f.add(np.array(0, np.int32 if int_minmax else np.float32), "hmf_zero", np.int32 if int_minmax else np.float32)
     ed = editor
     for use in group.uses:
         node = use.node
@@ -228,11 +231,28 @@ def rewrite_embedding_hybrid(editor: GraphEditor, group: WeightGroup, hf) -> int
         if use.kind == "gather":
             s, sd, sr0, sr = (ed.fresh(f"{y}.hmf_{n}") for n in ("slot", "dslot", "rslot0", "rslot"))
             ed_, code, low = ed.fresh(f"{y}.hmf_dense"), ed.fresh(f"{y}.hmf_code"), ed.fresh(f"{y}.hmf_low")
-            nodes = [
-                ed.node("Gather", [M, node.input[1]], [s], f"{tag}/hmf/Gather_slot", axis=0),
-                ed.node("Min", [s, k_c], [sd], f"{tag}/hmf/Min"),
-                ed.node("Sub", [s, k_c], [sr0], f"{tag}/hmf/Sub"),
-                ed.node("Max", [sr0, zero], [sr], f"{tag}/hmf/Max"),
+            nodes = [ed.node("Gather", [M, node.input[1]], [s], f"{tag}/hmf/Gather_slot", axis=0)]
+            if not int_minmax:
+                sf, sdf, srf = (ed.fresh(f"{y}.hmf_{n}") for n in ("slot_f", "dslot_f", "rslot_f"))
+                nodes.append(ed.node("Cast", [s], [sf], f"{tag}/hmf/Cast_slot", to=onnx.TensorProto.FLOAT))
+                s, sd_out, sr_out, sd, sr = sf, sd, sr, sdf, srf
+            if default_opset(editor.model) >= 8:
+                nodes += [
+                    ed.node("Min", [s, k_c], [sd], f"{tag}/hmf/Min"),
+                    ed.node("Sub", [s, k_c], [sr0], f"{tag}/hmf/Sub"),
+                    ed.node("Max", [sr0, zero], [sr], f"{tag}/hmf/Max"),
+                ]
+            else:  # opset 7's Min/Max do not broadcast: Clip with attributes
+                nodes += [
+                    ed.node("Clip", [s], [sd], f"{tag}/hmf/Min", max=float(k)),
+                    ed.node("Sub", [s, k_c], [sr0], f"{tag}/hmf/Sub"),
+                    ed.node("Clip", [sr0], [sr], f"{tag}/hmf/Max", min=0.0),
+                ]
+            if not int_minmax:
+                nodes += [ed.node("Cast", [sd], [sd_out], f"{tag}/hmf/Cast_dense", to=onnx.TensorProto.INT32),
+                          ed.node("Cast", [sr], [sr_out], f"{tag}/hmf/Cast_rest", to=onnx.TensorProto.INT32)]
+                sd, sr = sd_out, sr_out
+            nodes += [
                 ed.node("Gather", [D, sd], [ed_], f"{tag}/hmf/Gather_dense", axis=0),
                 ed.node("Gather", [A, sr], [code], f"{tag}/hmf/Gather_code", axis=0),
                 ed.node("MatMul", [code, B], [low], f"{tag}/hmf/MatMul_B"),
@@ -250,6 +270,13 @@ def rewrite_embedding_hybrid(editor: GraphEditor, group: WeightGroup, hf) -> int
         editor.replace(node, nodes)
     drop_old_weight(editor, group)
     return f.stored
+
+
+def _slice_lead(ed: GraphEditor, f: Factors, shape: str, lead: str, tag: str) -> onnx.NodeProto:
+    """shape[:-1]: Slice with inputs from opset 10, with attributes below it."""
+    if default_opset(ed.model) >= 10:
+        return ed.node("Slice", [shape, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag}/hmf/Slice")
+    return ed.node("Slice", [shape], [lead], f"{tag}/hmf/Slice", starts=[0], ends=[-1], axes=[0])
 
 
 def rewrite_dense(editor: GraphEditor, group: WeightGroup, W: np.ndarray) -> None:

@@ -265,3 +265,25 @@ def vocab_sizes(model: onnx.ModelProto) -> set[int]:
             if ref is not None and len(ref.dims) == 2 and ref.dims[0] >= 100:
                 sizes.add(ref.dims[0])
     return sizes
+
+
+_GATHER_PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+
+
+def gather_rows(index: "GraphIndex", name: str, depth: int = 0) -> int | None:
+    """Smallest row count of a constant table that ``name`` indexes through Gather."""
+    if depth > 6:
+        return None
+    best = None
+    for node in index.consumers.get(name, []):
+        rows = None
+        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
+            ref = index.const(node.input[0])
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if ref is not None and ref.dims and -len(ref.dims) <= axis < len(ref.dims):
+                rows = ref.dims[axis]  # ids index the gathered axis, not always the rows
+        elif node.op_type in _GATHER_PASS_THROUGH and node.input[0] == name:
+            rows = gather_rows(index, node.output[0], depth + 1)
+        if rows is not None:
+            best = rows if best is None else min(best, rows)
+    return best

@@ -245,9 +245,11 @@ class PivotCosts:
     ``pivot`` False: A·B everywhere (r(m+n))."""
 
     def __init__(self, index, groups, *, fold: bool = True, pivot: bool = True):
-        self.index, self.fold, self.pivot = index, fold, pivot
+        self.index, self.fold = index, fold
         self.by_node = {id(u.node): g for g in groups for u in g.uses}
         self.opset = default_opset(index.model)
+        # IR 3 stores new tensors as Constant nodes, which hold only floats before opset 9: no int32 maps
+        self.pivot = pivot and not (index.model.ir_version < 4 and self.opset < 9)
 
     def folds(self, group: WeightGroup) -> bool:
         """Every use reading F is a MatMul whose output permutation folds into consumers we may permute."""

@@ -85,6 +85,7 @@ def find_weight_groups(index: GraphIndex) -> list[WeightGroup]:
     quantized = find_quantized_weights(index, set(groups))
     seen = set(groups) | {(g.ref.scope, g.ref.name) for g in quantized}
     out = list(groups.values()) + quantized + _wrapped_weights(index, seen)
+    out += _overridable_weights(index, seen | {(g.ref.scope, g.ref.name) for g in out})
     _label_duplicates(out)
     return out
 
@@ -97,6 +98,47 @@ def _label_duplicates(groups: list[WeightGroup]) -> None:
     for g in groups:
         if count[g.ref.name] > 1 and g.ref.scope:
             g.label = f"{g.ref.scope}::{g.ref.name}"
+
+
+INPUT_WEIGHT = ("initializer is also a graph input (IR 3 or keep_initializers_as_inputs=True), so a caller may feed "
+                "another value: not a constant; re-export without keep_initializers_as_inputs (IR >= 4) to compress it")
+
+
+def _overridable_weights(index: GraphIndex, seen: dict) -> list[WeightGroup]:
+    """2-D initializers that are also graph inputs and feed a MatMul/Gemm/Gather: reported as
+    skipped with the reason (they are not constants), instead of silently not being sites."""
+    out: dict[str, WeightGroup] = {}
+    for node in index.graph.node:
+        if node.op_type not in ("MatMul", "Gemm", "Gather") or node.domain not in ("", "ai.onnx"):
+            continue
+        slot = 0 if node.op_type == "Gather" else 1
+        if len(node.input) <= slot:
+            continue
+        name = node.input[slot]
+        prod = index.producer.get(name)
+        if prod is not None and prod.op_type == "Transpose":
+            name = prod.input[0]
+        t = index.initializers.get(name)
+        if t is None or name not in index.graph_inputs or len(t.dims) != 2 or ("", name) in seen or name in out:
+            continue
+        ref = ConstRef(name, "initializer", tuple(t.dims), t.data_type)
+        out[name] = WeightGroup(ref, [Use(node, node.op_type.lower(), False)], skip_reason=INPUT_WEIGHT)
+    return list(out.values())
+
+
+def _non_finite(index: GraphIndex, ref: ConstRef) -> int:
+    """How many entries of the weight are NaN or ±Inf (read in row blocks: no full-size mask)."""
+    import numpy as np
+    from onnx.external_data_helper import uses_external_data
+
+    if index.store is None and uses_external_data(index.tensor(ref)):
+        return 0  # not readable from this index (no store): the pass that rewrites it reads it with one
+    W = index.array(ref)
+    if not np.issubdtype(W.dtype, np.floating):
+        return 0
+    W = W.reshape(W.shape[0], -1) if W.ndim else W.reshape(1, 1)
+    step = max(1, (1 << 22) // max(1, W.shape[1]))
+    return int(sum(int(W[i:i + step].size - np.count_nonzero(np.isfinite(W[i:i + step]))) for i in range(0, W.shape[0], step)))
 
 
 _WRAPPERS = {
@@ -137,6 +179,10 @@ def _collect_uses(index: GraphIndex, group: WeightGroup) -> str | None:
         return why or f"dtype {onnx.TensorProto.DataType.Name(ref.data_type)} is not fp32/fp16/fp64"
     if 0 in ref.dims:
         return "empty tensor"
+    bad = _non_finite(index, ref)
+    if bad:
+        return (f"{bad} of its {group.params} values are NaN or Inf: left untouched (a factorization, pruning or "
+                "quantization would spread or hide them)")
     home = index.scopes[ref.scope]
     readers: list[tuple[onnx.NodeProto, str]] = []
     for consumer in index.readers(ref.name, home):

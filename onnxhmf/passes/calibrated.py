@@ -217,7 +217,8 @@ def plan_keeps(sens: dict[str, list[Option]], shapes: dict[str, tuple[int, int]]
     budget = int(keep * sum(m * n for m, n in shapes.values()))
     budget -= sum(int(keep * shapes[n][0] * shapes[n][1]) for n in fixed)
     names = [n for n in shapes if n in sens]
-    choice = allocate([sens[n] for n in names], max(budget, 0))
+    floor = sum(min(o.cost for o in sens[n]) for n in names)  # a tiny keep (a --min-fidelity search) gets the cheapest plan
+    choice = allocate([sens[n] for n in names], max(budget, floor, 0))
     return {**fixed, **{n: float(o.tag) for n, o in zip(names, choice)}}
 
 

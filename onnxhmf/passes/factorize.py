@@ -445,7 +445,8 @@ class FactorizePass:
         ae = train_embedding_ae(E, cfg, None if freq is None else frequency_weights(freq))
         stored = rewrite_embedding_ae(self._editor, self._index, group, ae)
         E_hat = ae.reconstruct().astype(np.float64)
-        rel = float(np.linalg.norm(E_hat - E) / max(np.linalg.norm(E), 1e-30))
+        E64 = np.asarray(E, np.float64)  # (float32 norms overflow on a huge table)
+        rel = float(np.linalg.norm(E_hat - E64) / max(np.linalg.norm(E64), 1e-30))
         h = f", h={cfg.h} {cfg.activation}" if decoder == "nonlinear" else ""
         detail = (f"AE {decoder} decoder{h}, init {cfg.init}, {cfg.epochs} epochs (best {ae.best_epoch}), "
                   f"{'frequency' if freq is not None else 'uniform'} row weights, {ae.train_s:.1f} s")

@@ -174,7 +174,10 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
     for w, t in todo.items():
         W = numpy_helper.to_array(arrays[w]).astype(np.float64)
         f = (fitted or {}).get((w, t))
-        f = t.fit(W, grams.get(w), sites[w]) if f is None else f
+        if f is None:
+            f = t.fit(W, grams.get(w), sites[w])
+            if fitted is not None:  # a planner's trial builds share the fits
+                fitted[(w, t)] = f
         if t.kind == "int8pc":
             pc.append((w, f))
         elif sites[w] != "matmul":
@@ -223,7 +226,7 @@ def can_upgrade(model: onnx.ModelProto) -> bool:
 
 
 def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dict[str, np.ndarray], loss_with,
-                    make_option, overhead: int = 0) -> list:
+                    make_option, overhead: int = 0, fitted: dict | None = None) -> list:
     """Options (bytes, measured loss, (kind name, 1.0)) for the planned integer treatments of the
     weight ``name`` (W as stored: K×N, or V×D for tables). ``grams``: {activation: XᵀX} (a
     capture's ActivationStats.grams); ``loss_with(name, W′)``: the planner's probe;
@@ -237,12 +240,17 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
     for key, t in PLANNED.items():
         if site not in t.sites() or (site != "matmul" and W.shape[1] % t.block):
             continue
-        out.append(make_option(t.nbytes(W.shape, site) + overhead, loss_with(name, t.weight(W, G, site)), (key, 1.0)))
+        f = t.fit(W, G, site)
+        if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)
+            fitted[(name, t)] = f
+        out.append(make_option(t.nbytes(W.shape, site) + overhead, loss_with(name, _as_weight(f, site)), (key, 1.0)))
     return out
 
 
-def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """Apply the planner's choice {weight: PLANNED key} (other treatments ignored)."""
+def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str, np.ndarray],
+                  fitted: dict | None = None) -> onnx.ModelProto:
+    """Apply the planner's choice {weight: PLANNED key} (other treatments ignored); ``fitted``:
+    fits to reuse, and where new ones are kept."""
     plan = {w: PLANNED[k] for w, k in tags.items() if k in PLANNED}
     if not plan:
         return model
@@ -252,7 +260,7 @@ def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str,
         act = _activation(model, w, site) if site else None
         if act in grams:
             per_weight[w] = grams[act]
-    out, _ = apply_treatments(model, plan, grams=per_weight)
+    out, _ = apply_treatments(model, plan, grams=per_weight, fitted=fitted)
     return out
 
 

@@ -41,6 +41,8 @@ def storage_groups(index: GraphIndex, include: list[str], min_group: int = 2) ->
             skipped[t.name] = "graph output or read inside a subgraph"
         elif not index.consumers.get(t.name):
             skipped[t.name] = "not read by any node"
+        elif not np.isfinite(index.array(ref)).all():
+            skipped[t.name] = "has NaN or Inf values: left untouched"
         else:
             groups.setdefault((tuple(ref.dims), re.sub(r"\d+", "#", t.name)), []).append(t.name)
     for key in [k for k, v in groups.items() if len(v) < min_group]:

@@ -75,7 +75,7 @@ def decide(group: WeightGroup, method: str, *, keep: float | None, rank: int | N
         return dense(group, f"keep {keep:.3g} saves nothing")
     if budget < 1:
         return dense(group, f"keep {keep:.3g} leaves nothing")
-    pivot = (costs is not None and method == "hmf" and not any(u.kind == "gather" for u in group.uses)
+    pivot = (costs is not None and costs.pivot and method == "hmf" and not any(u.kind == "gather" for u in group.uses)
              and len({u.transposed for u in group.uses}) == 1)  # HMF with a pivoted remainder
     return decision(group, method, budget=budget, keep=keep, pivot=pivot)
 

@@ -148,7 +148,7 @@ class Planner:
         return float(np.min(cos)), float(np.sum(1.0 - cos))
 
 
-def _options(work, fpass, groups, fit, rank_multiple, progress, costs=None) -> dict[str, list[Option]]:
+def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep))."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
@@ -202,7 +202,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, costs=None) -> d
         only_gather = all(u.kind == "gather" for u in g.uses)
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
-        fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n) if blocked else []
+        fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
+                                fitted.setdefault("blocked fits", {})) if blocked else []
         opts += fused or _weight_only(g, T, loss_with, cost, int4)
         if direct and (only_gather or not gather) and plmf:
             opts += _pivoted_int8_options(costs, fpass, g, T, plmf, gather, loss_with, rank_multiple, not fused)
@@ -295,8 +296,9 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     c = load_for_plan(work, options, 0.25, progress, split=split)
     settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
+    cache: dict = {}  # fits shared by the probes and the trial builds
     costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
-    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, costs)
+    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs)
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
@@ -304,7 +306,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
     planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
                       [] if meter is not None else reference_outputs(work, c.held), options.budget.rank_multiple,
-                      options, finish, meter=meter, costs=costs)
+                      options, finish, meter=meter, cache=cache, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
     search = _Search(planner, work, options.budget.plan, src_bytes)
