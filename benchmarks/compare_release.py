@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated option-set names (default: all)")
     ap.add_argument("--replay", action="store_true", help="also check --save-plan/--plan-file byte for byte")
     ap.add_argument("--atol", type=float, default=1e-6)
+    ap.add_argument("--new-args", default="", help="options only the new code gets (e.g. --no-pivot: a later default)")
     a = ap.parse_args(argv)
     rows, bad = [], 0
     with tempfile.TemporaryDirectory(prefix="onnxhmf-compare-") as tmp:
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
                     d.mkdir(parents=True)
                     args = configs[cname] + ["--no-verify", "-q"]
                     ok_old = _run(old, [model, d / "old.onnx", *args], d / "old.log")
-                    ok_new = _run(ROOT, [model, d / "new.onnx", *args], d / "new.log")
+                    ok_new = _run(ROOT, [model, d / "new.onnx", *args, *a.new_args.split()], d / "new.log")
                     if not (ok_old and ok_new):
                         which = "old" if not ok_old else "new"
                         msg = (d / f"{which}.log").read_text().strip().splitlines()[-1:] or [""]
@@ -170,7 +171,8 @@ def main(argv=None) -> int:
                         bad += 1
                         continue
                     same, worst, why = compare(d / "old.onnx", d / "new.onnx", a.atol)
-                    replay = _replay(ROOT, model, configs[cname], d / "new.onnx", d) if a.replay else "-"
+                    replay = (_replay(ROOT, model, configs[cname] + a.new_args.split(), d / "new.onnx", d)
+                              if a.replay else "-")
                     bad += (not same) or bool(why) or replay not in ("-", "identical bytes")
                     rows.append((mname, cname, "yes" if same else "no", f"{worst:.2g}", why or "same", replay))
                     print(" | ".join(rows[-1]), flush=True)
