@@ -20,7 +20,8 @@ class SiteReport:
     method: str = "-"
     rank: int = 0
     params_after: int | None = None
-    rel_error: float | None = None  # ‖W − W'‖_F / ‖W‖_F
+    rel_error: float | None = None  # see error_of
+    error_of: str | None = None  # "weight": ‖W − W′‖_F/‖W‖_F; "output": ‖X(W − W′)‖/‖XW‖ on calibration data
     dense: int = 0  # HMF: rows or columns kept dense
     detail: str = ""
     reason: str = ""
@@ -105,7 +106,7 @@ class Report:
                 s.method,
                 str(s.rank) if s.status == "rewritten" else "-",
                 f"{s.params_before:,} -> {s.params_after:,}" if s.params_after is not None else f"{s.params_before:,}",
-                f"{s.rel_error:.4f}" if s.rel_error is not None else "-",
+                (f"{s.rel_error:.4f}" + (" (out)" if s.error_of == "output" else "")) if s.rel_error is not None else "-",
                 s.detail,
             )
             for s in self.rewritten

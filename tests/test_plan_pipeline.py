@@ -170,3 +170,11 @@ def test_options_are_validated_once_with_one_message():
     o = Options.from_kwargs(keep=0.5)
     with pytest.raises(Exception):
         o.budget.keep = 0.9  # frozen
+
+
+def test_site_errors_say_what_they_measure(tmodel, calib_npz):
+    _, free = optimize(tmodel, keep=0.5, verify=False)
+    assert {s.error_of for s in free.rewritten} == {"weight"}
+    _, cal = optimize(tmodel, keep=0.5, calib=calib_npz, allocation="uniform", verify=False)
+    by = {s.weight: s.error_of for s in cal.rewritten}
+    assert by["W1"] == "output" and by["W2"] == "output"  # whitened by the activations

@@ -115,8 +115,11 @@ class FactorizePass:
                 rewrite_dense(self._editor, group, index.array(group.ref)[perm])
         self._pending = {}  # (sides() permutes a folded weight's Gram only during the run)
         self._editor.commit()
+        by_name = {g.name: g for g in groups}
         for rep in reports:
             rep.planned = planned.get(rep.weight, rep.planned)
+            if rep.status == "rewritten" and rep.error_of is None and rep.weight in by_name:
+                rep.error_of = self._error_of(by_name[rep.weight], rep.method)
         self._control_flow_notes(groups, reports)
         order = {g.name: i for i, g in enumerate(groups)}
         reports.sort(key=lambda s: order[s.weight])
@@ -257,6 +260,14 @@ class FactorizePass:
         if perm is not None and rows is not None and not transposed:  # its rows were permuted by a fold upstream
             rows = rows[perm] if rows.ndim == 1 else rows[np.ix_(perm, perm)]
         return rows, cols, seq
+
+    def _error_of(self, group: WeightGroup, method: str) -> str:
+        """What a site's rel_error measures: the layer output where the fit was whitened by
+        calibration activations, else the weight."""
+        if method not in ("lmf", "hmf") or self.stats is None:
+            return "weight"
+        rows, cols, _ = self.sides(group, factor_orientation(group))
+        return "output" if (rows is not None and getattr(rows, "ndim", 0) == 2) or cols is not None else "weight"
 
     def whitened(self, gram):
         """The Whitener of a Gram matrix (or weight vector) from ``sides``, computed once per
