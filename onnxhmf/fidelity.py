@@ -226,12 +226,9 @@ class FidelityMeter:
 
     def add(self, ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], mask: np.ndarray | None = None,
             labels: np.ndarray | None = None) -> None:
-        for name, r in ref.items():
-            if name not in cand:
-                raise OnnxHmfError(f"optimized model lacks output {name!r}")
-            c = cand[name]
-            if r.shape != c.shape:
-                raise OnnxHmfError(f"output {name!r} changed shape: {r.shape} -> {c.shape}")
+        from .verify import paired_outputs
+
+        for name, r, c in paired_outputs(ref, cand):
             kind = self.kinds.setdefault(name, output_kind(name, r.shape, r.dtype, self.vocab))
             if kind is None or not r.size:
                 continue

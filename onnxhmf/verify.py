@@ -259,16 +259,23 @@ def _topk_overlap(r: np.ndarray, c: np.ndarray, k: int) -> float:
     return float(np.mean(hits) / k) if hits else 1.0
 
 
-def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], vocab_sizes: set[int] = frozenset(),
-                    *, quantile: float = 0.99, top_k: int = 5) -> list[OutputStats]:
-    """Per-output error statistics of ``cand`` against ``ref`` (see the module docstring)."""
-    stats = []
+def paired_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]):
+    """(name, reference array, candidate array) for every reference output; one clear error for
+    an output the candidate lacks or whose shape changed."""
     for name, r in ref.items():
         if name not in cand:
             raise OnnxHmfError(f"optimized model lacks output {name!r}")
         c = cand[name]
         if r.shape != c.shape:
             raise OnnxHmfError(f"output {name!r} changed shape: {r.shape} -> {c.shape}")
+        yield name, r, c
+
+
+def compare_outputs(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray], vocab_sizes: set[int] = frozenset(),
+                    *, quantile: float = 0.99, top_k: int = 5) -> list[OutputStats]:
+    """Per-output error statistics of ``cand`` against ``ref`` (see the module docstring)."""
+    stats = []
+    for name, r, c in paired_outputs(ref, cand):
         if not np.issubdtype(r.dtype, np.floating):
             eq = float(np.mean(r == c)) if r.size else 1.0
             diff = np.abs(r.astype(np.float64) - c.astype(np.float64)) if r.size else np.zeros(1)
