@@ -148,6 +148,9 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     _inline_for_calibration(inp, options, _plan_file_needs_inline(options))
     report.params_before = count_params(inp.work)
     vocab = vocab_sizes(inp.work)
+    verify = options.verification.verify and not dry_run
+    early = verify and options.budget.fidelity is None  # fail fast on inputs the model cannot run
+    feeds, ref = _reference(inp, options, report) if early else (None, None)
     t = time.perf_counter()
     planned, cal = make_plan(inp.work, options, bytes_before=inp.bytes_before, progress=progress, model_path=inp.path)
     plan = planned.plan
@@ -155,8 +158,8 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     if dry_run:
         return None, plan
     judge = planned.judge
-    feeds, ref = (_reference(inp, options, report, judge.calibration.batches[0] if judge else None)
-                  if options.verification.verify else (None, None))
+    if verify and not early:  # the default planner verifies on a held-out batch of the data it found
+        feeds, ref = _reference(inp, options, report, judge.calibration.batches[0] if judge else None)
     t = time.perf_counter()
     built = planned.built or execute(inp.work, plan, ExecContext(
         store=inp.store, stats=cal.stats if cal else None, calibration=cal.fit if cal else None,
