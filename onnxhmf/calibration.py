@@ -24,7 +24,7 @@ import onnx
 from .errors import OnnxHmfError
 from .graph.index import GraphIndex, gather_rows
 
-__all__ = ["Calibration", "load_calibration", "input_roles"]
+__all__ = ["Calibration", "load_calibration", "load_tokenizer", "input_roles"]
 
 _ONNX_TO_NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32}
 
@@ -63,6 +63,22 @@ class Calibration:
         k = g * min(n - 1, max(1, int(round(n * holdout))))
         return (Calibration(self.batches[:-k], self.mask, self.source, group=g),
                 Calibration(self.batches[-k:], self.mask, self.source, group=g))
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A Hugging Face tokenizer.json (the ``tokenizers`` library), padding and truncation off;
+    one clear error when the package or the file is not usable."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - the library raises its own exception types
+        raise OnnxHmfError(f"--tokenizer {str(path)!r}: cannot load as a tokenizer.json ({str(e)[:120]})") from None
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def input_roles(model: onnx.ModelProto) -> dict[str, str]:
@@ -133,16 +149,7 @@ def _text_feeds(path: Path, model: onnx.ModelProto, tokenizer, samples: int, seq
                 batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     if tokenizer is None:
         raise OnnxHmfError("--calib with a text file needs --tokenizer tokenizer.json (or give an .npz of feeds)")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
-    try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as e:
-        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r}: cannot load as a tokenizer.json ({str(e)[:120]})") from None
-    tok.no_padding()
-    tok.no_truncation()
+    tok = load_tokenizer(tokenizer)
     roles = input_roles(model)
     ids_names = [n for n, r in roles.items() if r == "ids"]
     other = [n for n, r in roles.items() if r == "other"]

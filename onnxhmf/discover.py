@@ -82,13 +82,12 @@ def _read_json(p: Path) -> dict:
 
 
 def _loads_tokenizer(p: Path):
+    """The tokenizer found beside a model, or None when it is not one the library loads."""
+    from .calibration import load_tokenizer
+
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        return None
-    try:
-        return Tokenizer.from_file(str(p))
-    except Exception:  # noqa: BLE001 - not a Hugging Face tokenizer.json
+        return load_tokenizer(p)
+    except OnnxHmfError:
         return None
 
 
@@ -282,9 +281,9 @@ def ids_calibration(sess, model: onnx.ModelProto, kv: KVSignature | None, ids: n
 
 def _text_windows(tokenizer: Path, sentences: list[str], length: int, count: int, vocab: int | None) -> np.ndarray:
     """``count`` windows of ``length`` consecutive token ids of the sentences' running text."""
-    tok = _loads_tokenizer(tokenizer)
-    tok.no_padding()
-    tok.no_truncation()
+    from .calibration import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)  # padding and truncation off
     flat = np.asarray(tok.encode(" ".join(sentences), add_special_tokens=False).ids, np.int64)
     n = min(count, flat.size // length)
     if n < 2:

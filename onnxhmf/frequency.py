@@ -33,16 +33,9 @@ def token_counts(path: str | os.PathLike, vocab_size: int, tokenizer: str | os.P
     else:
         if tokenizer is None:
             raise OnnxHmfError("--token-freq with a text file needs --tokenizer tokenizer.json")
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
-        try:
-            tok = Tokenizer.from_file(str(tokenizer))
-        except Exception as e:
-            raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r}: cannot load ({e})") from None
-        tok.no_padding()
-        tok.no_truncation()
+        from .calibration import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
         lines = [line for line in p.read_text(errors="replace").splitlines() if line.strip()]
         flat = np.concatenate([np.asarray(e.ids, np.int64) for e in tok.encode_batch(lines)] or [np.zeros(0, np.int64)])
     if flat.size == 0:

@@ -467,17 +467,12 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
 
     if tokenizer is None:
         raise OnnxHmfError("--calib needs --tokenizer tokenizer.json")
-    try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise OnnxHmfError("reading text needs the `tokenizers` package: pip install tokenizers") from None
+    from .calibration import load_tokenizer
+
     p = Path(text)
     if not p.is_file():
         raise OnnxHmfError(f"--calib {str(p)!r}: no such file")
-    try:
-        tok = Tokenizer.from_file(str(tokenizer))
-    except Exception as e:
-        raise OnnxHmfError(f"--tokenizer {str(tokenizer)!r}: cannot load ({e})") from None
+    tok = load_tokenizer(tokenizer)
     names = {vi.name: vi for vi in model.graph.input}
     if "input_ids" not in names:
         raise OnnxHmfError(f"--calib needs a model with an input_ids input; inputs are {list(names)}")
@@ -495,8 +490,6 @@ def calib_inputs(model: onnx.ModelProto, text: str | os.PathLike, tokenizer: str
         raise OnnxHmfError(f"--calib-samples must be ≥ 1, got {samples}")
     batch = fixed[0] if fixed else (samples if samples is not None else min(len(lines), CALIB_MAX_BATCH))
     lines = (lines * (batch // len(lines) + 1))[:batch]
-    tok.no_padding()
-    tok.no_truncation()
     encs = [e.ids for e in tok.encode_batch(lines)]
     seq = fixed[1] if fixed else min(max(len(e) for e in encs), CALIB_MAX_SEQUENCE)
     ids = np.zeros((batch, seq), np.int64)
