@@ -56,11 +56,13 @@ def _inline_for_calibration(inp: _Input, options: Options, plan_file_needs: bool
     need every weight inline (no lazy reads, no spilled factors)."""
     from .external import inline_external, needs_external_data
 
-    if inp.store is None or not (options.calibration.given or options.methods.storage_ae or plan_file_needs):
+    needs = options.calibration.given or options.methods.storage_ae or options.budget.fidelity is not None
+    if inp.store is None or not (needs or plan_file_needs):
         return
     if inp.had_external:
         if needs_external_data(inp.work):
-            raise OnnxHmfError("--calib and the storage autoencoder need the model in memory: not supported past 2 GB")
+            raise OnnxHmfError("calibration (--calib, the default fidelity target) and the storage autoencoder need the "
+                               "model in memory: not supported past 2 GB; give --keep or --rank for a data-free plan")
         inline_external(inp.work, inp.store)
     inp.store.spill_dir = None
 

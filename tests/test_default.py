@@ -108,3 +108,15 @@ def test_default_plan_replays_byte_for_byte(encoder_folder, tmp_path, capsys):
     code, _, err = cli(capsys, "optimize", src, b, "--plan-file", p, "-q")
     assert code == 0, err
     assert a.read_bytes() == b.read_bytes()
+
+
+def test_default_on_a_model_with_external_data(tmp_path, capsys):
+    src, out, rep = tmp_path / "lm.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(dg.causal_lm(), src, save_as_external_data=True, all_tensors_to_one_file=True, location="lm.data",
+              size_threshold=0)
+    before = (tmp_path / "lm.data").read_bytes()
+    code, _, err = cli(capsys, "optimize", src, out, "--report", rep, "-q")
+    assert code == 0, err
+    assert (tmp_path / "lm.data").read_bytes() == before
+    r = json.loads(rep.read_text())
+    assert r["settings"]["calibration"]["discovered"] == "sampled" and r["passed"]
