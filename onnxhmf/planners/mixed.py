@@ -40,6 +40,7 @@ from typing import Callable
 import numpy as np
 import onnx
 
+from ..calibration import Calibration
 from ..capture import session
 from ..errors import OnnxHmfError
 from ..executor import ExecContext, execute
@@ -456,16 +457,9 @@ def _note(info: dict, res: _Trial) -> str:
 def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:
     """Median onnxruntime latency of ``model`` over ``base`` on the first batch of ``data``
     (one intra-op thread, runs interleaved so that machine noise hits both alike)."""
-    feeds = data.batches[0]
-    a, b = session(base, threads=1), session(model, threads=1)
-    a.run(None, feeds), b.run(None, feeds)
-    ta, tb = [], []
-    for _ in range(repeats):
-        for sess, out in ((a, ta), (b, tb)):
-            t = time.perf_counter()
-            sess.run(None, feeds)
-            out.append(time.perf_counter() - t)
-    return float(np.median(tb) / max(np.median(ta), 1e-9))
+    from ..runtime import latency_ratios
+
+    return latency_ratios([base, model], data.batches[0], repeats=repeats)[1]
 
 
 def _lowrank_options(costs, g, sens: list[Option], rank_multiple: int) -> tuple[list[Option], list[Option]]:
