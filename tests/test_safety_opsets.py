@@ -149,6 +149,16 @@ def test_embedding_hmf_below_opset_12(opset, tied, tmp_path, capsys):
     assert ("Cast" in ops) == (opset < 12)  # the float route for Min/Max only where int32 is not allowed
 
 
+@pytest.mark.parametrize("opset", [7, 9, 10, 14])
+def test_pivoted_tied_head_below_opset_15(opset, tmp_path, capsys):
+    """The tied head's pivoted order is restored through Shape → Slice: Slice with attributes
+    before opset 10, with inputs from 10 (found by the property below at opset 7)."""
+    model = embedding(opset, tied=True, seed=3)
+    code, err, out, rep = run_cli(capsys, tmp_path, model, "--method", "lmf", "--embedding-method", "svd")
+    assert check_result(model, code, err, out, rep, feeds_for(model, np.random.default_rng(3))) is not None
+    assert any(n.op_type == "Slice" for n in onnx.load(out).graph.node) == (opset < 15)
+
+
 def test_embedding_hmf_scalar_index(tmp_path, capsys):
     model = embedding(17, tied=False, scalar=True)
     code, err, out, rep = run_cli(capsys, tmp_path, model, "--method", "hmf", "--embedding-method", "hmf")

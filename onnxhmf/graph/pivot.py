@@ -35,6 +35,12 @@ from .sites import Use, WeightGroup
 __all__ = ["rewrite_pivoted", "rewrite_shared_pivoted", "PivotCosts"]
 
 
+def _drop_last(ed, f, shape: str, out: str, name: str):
+    """``out`` = ``shape``[:-1]: Slice with inputs from opset 10, with attributes before."""
+    if default_opset(ed.model) >= 10:
+        return ed.node("Slice", [shape, f.const_i64([0]), f.const_i64([-1])], [out], name)
+    return ed.node("Slice", [shape], [out], name, starts=[0], ends=[-1], axes=[0])
+
 class _Emit:
     def __init__(self, f: Factors, pf, D: str | None, Wp: str, C: str | None, inv: str | None, idx_p: str | None,
                  idx_q: str | None):
@@ -113,8 +119,7 @@ class _Emit:
                       ed.node("Shape", [self.Wp], [width], f"{tag}/piv/Shape_width", end=1)]
         else:
             full = fr("shape")
-            nodes += [ed.node("Shape", [x], [full], f"{tag}/piv/Shape"),
-                      ed.node("Slice", [full, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag}/piv/Slice")]
+            nodes += [ed.node("Shape", [x], [full], f"{tag}/piv/Shape"), _drop_last(ed, f, full, lead, f"{tag}/piv/Slice")]
             width = f.const_i64([m])
         nodes += [
             ed.node("Concat", [lead, width], [shape], f"{tag}/piv/Concat_shape", axis=0),
@@ -208,7 +213,7 @@ def rewrite_shared_pivoted(editor: GraphEditor, groups: list[WeightGroup], pf, w
     else:
         full = fr("shape")
         head += [ed.node("Shape", [cat], [full], f"{tag0}/shared_piv/Shape"),
-                 ed.node("Slice", [full, f.const_i64([0]), f.const_i64([-1])], [lead], f"{tag0}/shared_piv/Slice")]
+                 _drop_last(ed, f, full, lead, f"{tag0}/shared_piv/Slice")]
     stored = [f.stored] + [0] * (len(groups) - 1)
     inv = pf.inverse
     start = 0
