@@ -3,8 +3,8 @@
 * :func:`resident_memory`: the resident-set growth of a fresh process that creates a session for
   the model and runs it ``runs`` times (what the loaded model costs, constant folding and
   pre-packing included; a file that is small on disk but float in memory shows here).
-* :func:`latency_ratios`: median latency of each model over the first, one intra-op thread,
-  runs interleaved so machine noise hits all alike.
+* :func:`latency_ratios`: latency of each model over the first, one intra-op thread, runs
+  interleaved in rounds so machine noise hits all alike (median of the per-round ratios).
 """
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def resident_memory(model_path: str | os.PathLike, feeds: dict[str, np.ndarray],
         return None
 
 
-def latency_ratios(models: list, feeds: dict[str, np.ndarray], repeats: int = 7) -> list[float]:
-    """Median latency of each model (path, bytes or proto) over the first's."""
+def latency_ratios(models: list, feeds: dict[str, np.ndarray], repeats: int = 7, min_seconds: float = 0.4,
+                   max_repeats: int = 400) -> list[float]:
+    """Latency of each model (path, bytes or proto) over the first's: the median over rounds of
+    t_i / t_0, where one round runs every model once, one intra-op thread. Pairing the runs of a
+    round cancels slow drifts of the machine; the number of rounds grows (``repeats`` at least,
+    ``max_repeats`` at most) until the first model has run for ``min_seconds``, so that a model
+    of a few milliseconds is timed over hundreds of runs, not seven."""
     import onnx
     import onnxruntime as ort
 
@@ -73,11 +78,16 @@ def latency_ratios(models: list, feeds: dict[str, np.ndarray], repeats: int = 7)
         sessions.append(ort.InferenceSession(src, so, providers=["CPUExecutionProvider"]))
     for s in sessions:
         s.run(None, feeds)
-    times = [[] for _ in sessions]
-    for _ in range(repeats):
-        for s, out in zip(sessions, times):
+    ratios: list[list[float]] = [[] for _ in sessions]
+    spent, rounds = 0.0, 0
+    while rounds < repeats or (spent < min_seconds and rounds < max_repeats):
+        times = []
+        for s in sessions:
             t = time.perf_counter()
             s.run(None, feeds)
-            out.append(time.perf_counter() - t)
-    base = max(float(np.median(times[0])), 1e-9)
-    return [float(np.median(t)) / base for t in times]
+            times.append(time.perf_counter() - t)
+        base = max(times[0], 1e-9)
+        for out, t in zip(ratios, times):
+            out.append(t / base)
+        spent, rounds = spent + times[0], rounds + 1
+    return [float(np.median(r)) for r in ratios]

@@ -235,3 +235,42 @@ def test_int8_never_stores_a_weight_twice_and_dry_run_predicts_the_size(tmp_path
         line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("file:")][-1]
         predicted = int(line.split("~")[1].split()[0].replace(",", ""))
         assert abs(predicted - out.stat().st_size) < 0.03 * out.stat().st_size, (keep, predicted, out.stat().st_size)
+
+
+def test_too_slow_plans_again_without_the_slower_forms(tmodel, calib_npz, monkeypatch):
+    """--max-latency-ratio: a plan measured too slow is planned again without weight-only
+    integers, then without factored forms, ...; the first within the limit is kept and says so.
+    The latency is faked here (slow while any weight is factored) so that the ladder is what is tested."""
+    import onnxhmf.planners.mixed as mixed
+
+    seen = []
+
+    def fake(base, model, data, repeats=7):
+        factored = sum(n.op_type in ("MatMul", "MatMulInteger") for n in model.graph.node) > \
+            sum(n.op_type in ("MatMul", "MatMulInteger") for n in base.graph.node)
+        seen.append(factored)
+        return 2.0 if factored else 0.5
+
+    monkeypatch.setattr(mixed, "latency_ratio", fake)
+    model, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.3, "max_latency_ratio": 1.0}, verify=False)
+    kinds = {r["treatment"].split()[0] for r in rep.plan["sites"]}
+    assert seen[0] and not seen[-1]  # the first plan was factored and "slow", the kept one is not
+    assert not any("lmf" in k for k in kinds) and rep.plan["latency_ratio"] == 0.5
+    assert "factored forms" in rep.plan["note"]
+
+
+def test_a_tied_table_may_be_int8():
+    """A table read by a Gather and, through a Transpose, by the head MatMul: the quantizer takes
+    the Gather and the head reads its DequantizeLinear, so int8 is an option for it."""
+    from onnxhmf.graph.index import GraphIndex
+    from onnxhmf.graph.sites import find_weight_groups
+    from onnxhmf.planners.mixed import _int8_uses
+    from onnxhmf.quantize import weight_nodes
+
+    from test_safety_opsets import embedding
+
+    for tied in (False, True):
+        model = embedding(17, tied=tied)
+        (g,) = find_weight_groups(GraphIndex(model))
+        direct, gather, only_gather = _int8_uses(g, len(weight_nodes(model).get(g.name, [])))
+        assert direct and gather and only_gather == (not tied)

@@ -62,6 +62,16 @@ __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
 PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
 SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
+# Too slow for --max-latency-ratio: plan again without, in turn, weight-only integers (float
+# MatMuls); factored forms (two MatMuls and their quantizers in place of one: on small matrices
+# the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
+# which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
+# within the limit wins.
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b"))
+_SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
+                 ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
+                 ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
+                 ("weight-only and blocked integers and factored forms", lambda k: k in SLOW or _FACTORED(k) or _BLOCKED(k)))
 
 
 @dataclass
@@ -195,12 +205,9 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         lmf, plmf = _lowrank_options(costs, g, sens[g.name], rank_multiple)
         opts += [Option(cost("lmf", o.cost // (m + n)), o.error, ("lmf", o.tag)) for o in lmf]
         opts += [Option(o.cost, o.error, ("plmf", o.tag)) for o in plmf]
-        # int8 only where every use is a MatMul's B or a Gather's table (the quantizer takes those)
-        direct = len(uses.get(g.name, [])) == len(g.uses) and all(u.kind in ("matmul", "gather") for u in g.uses)
-        gather = any(u.kind == "gather" for u in g.uses)
+        direct, gather, only_gather = _int8_uses(g, len(uses.get(g.name, [])))
         if direct:
             opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
-        only_gather = all(u.kind == "gather" for u in g.uses)
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
@@ -228,6 +235,15 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
                                     o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
         out[g.name] = opts
     return out
+
+
+def _int8_uses(g, taken: int) -> tuple[bool, bool, bool]:
+    """(int8 applies, some use is a Gather, every use is): int8 where every use is a MatMul's B
+    or a Gather's table (the quantizer takes ``taken`` of them), or where a Gather takes the
+    table and the other uses read its DequantizeLinear (a tied head)."""
+    gather = any(u.kind == "gather" for u in g.uses)
+    direct = all(u.kind in ("matmul", "gather") for u in g.uses) and (taken == len(g.uses) or (gather and taken > 0))
+    return direct, gather, all(u.kind == "gather" for u in g.uses)
 
 
 def _weight_only(g, T: np.ndarray, loss_with, cost, int4: bool) -> list[Option]:
@@ -314,15 +330,19 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     res = search.run()
     limit = options.budget.plan.get("max_latency_ratio")
     ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
-    fast_only = False
-    if limit is not None and ratio > limit and any(o.tag[0] in SLOW for o in res.choice.values()):
-        # weight-only int8 runs at float speed: plan again without it
-        planner.options = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in planner.options.items()}
+    fast_only = None  # the treatments left out to meet the limit
+    full = planner.options
+    for left_out, drop in _SLOWER_FIRST:
+        if limit is None or ratio <= limit:
+            break
+        if not any(drop(o.tag[0]) for o in res.choice.values()):
+            continue
+        planner.options = {n: [o for o in v if not drop(o.tag[0])] or v[:1] for n, v in full.items()}
         res = search.run()
-        ratio, fast_only = latency_ratio(work, res.built.model, c.held), True
+        ratio, fast_only = latency_ratio(work, res.built.model, c.held), left_out
     if limit is not None and ratio > limit:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
-                           f"{' even without weight-only int8' if fast_only else ''}, over --max-latency-ratio {limit}")
+                           f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
@@ -421,7 +441,7 @@ class _Search:
         return best
 
 
-def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_only: bool) -> dict:
+def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_only: str | None) -> dict:
     choice = res.choice
     rows = []
     for name, o in choice.items():
@@ -440,7 +460,7 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
     if fast_only:
-        info["note"] = "planned without weight-only int8 to meet --max-latency-ratio"
+        info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
     return info
 
 
