@@ -489,11 +489,13 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, at
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads [default: ort's].")
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure resident memory: a fresh process per model loads it and runs it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
-    """Size, parameters and CPU latency of MODELS side by side, with ratios to the first."""
+def bench(models, warmup, iterations, threads, input_shapes, seed, memory, as_json):
+    """Size, parameters, resident memory and CPU latency of MODELS side by side, with ratios to the first."""
     result = bench_models(list(models), warmup=warmup, iterations=iterations, threads=threads,
-                          input_shapes=parse_input_shapes(input_shapes), seed=seed)
+                          input_shapes=parse_input_shapes(input_shapes), seed=seed, memory=memory)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
 
 
