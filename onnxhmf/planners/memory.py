@@ -4,12 +4,16 @@ What a weight costs once onnxruntime has loaded the model (:func:`loaded_bytes`)
 stored form costs, except for the weight-only integers (int8w, int4w, the factors of lmf-int8w
 and plmf-int8w): their ``Cast``·``Mul`` on a constant is folded at load, so they are float again,
 and folding leaves more behind in the process than the float result. Measured with onnxruntime
-1.32 (glassllm, every 2-D weight weight-only, resident growth against the float model's): int8
-costs about 1.45× the float weights (≈ 6 bytes a value), int4 (unpacked through BitShift/Concat
-before the Mul) about 3.1× (≈ 12 bytes a value). The cap is on what a fresh process gains by loading and running the model
+1.32 on MiniLM (86 MiB of 2-D weights, every one weight-only; resident growth 130.7 MiB float,
+167.6 MiB int8, 242 MiB int4): int8 costs about 1.43× the float weights (≈ 6 bytes a value),
+int4 (unpacked through BitShift/Concat before the Mul) about 2.3× (≈ 9 bytes a value). The cap is on what a fresh process gains by loading and running the model
 (runtime.resident_memory). The part that does not depend on the plan (runtime, activations:
 the input's resident growth minus its weight bytes) is measured once; the rest is the weights'
 share, ``weights``.
+
+Without ``--max-memory`` the default planner keeps the planned weights' predicted loaded bytes
+within their float bytes (``no_more_than_float``, nothing measured): a plan never takes more
+weight memory than the input, which weight-only int4 alone would (2.3×).
 
 The knapsack keeps its byte budget and minimises Σ loss + μ·Σ loaded, with μ ≥ 0 the smallest
 (bisection on a log scale) that brings Σ loaded within ``weights``: a Lagrangian relaxation of
@@ -34,7 +38,7 @@ from ..factorize.svd import rank_for_keep
 __all__ = ["MemoryCap", "loaded_bytes"]
 
 # planners/mixed.SLOW, folded to float at load: resident bytes a value (see above)
-_FLOAT_AT_LOAD = {"int8w": 6, "int4w": 12, "lmf-int8w": 6, "plmf-int8w": 6}
+_FLOAT_AT_LOAD = {"int8w": 6, "int4w": 9, "lmf-int8w": 6, "plmf-int8w": 6}
 
 
 def loaded_bytes(planner, name: str, o: Option) -> int:
@@ -66,7 +70,7 @@ def _resident(model: onnx.ModelProto, feeds: dict) -> int:
 
 @dataclass
 class MemoryCap:
-    cap: int  # bytes of resident memory the loaded model may take
+    cap: int | None  # bytes of resident memory the loaded model may take (None: the weights' share only, not measured)
     overhead: int  # the input's resident growth minus its weight bytes (runtime, activations)
     weights: int  # what the planned weights may take once loaded
     feeds: dict
@@ -84,6 +88,22 @@ class MemoryCap:
                                f"{(overhead + fixed) / 2**20:.1f} MiB for this model and input (the input takes "
                                f"{base / 2**20:.1f} MiB)")
         return cls(cap, overhead, weights, feeds)
+
+    @classmethod
+    def no_more_than_float(cls, planner) -> "MemoryCap":
+        """The default planner's cap, predicted only (nothing measured): the planned weights take
+        no more loaded bytes than they do as float (their dense option)."""
+        return cls(None, 0, sum(opts[0].cost for opts in planner.options.values()), {})
+
+    def floor(self, planner) -> int:
+        """The fewest bytes of a choice that fits ``weights`` (the knapsack with the roles of
+        bytes and loaded bytes swapped: loaded bytes are the budget, bytes the loss)."""
+        names = list(planner.options)
+        sites = [[Option(loaded_bytes(planner, n, o), float(o.cost), o) for o in planner.options[n]] for n in names]
+        try:
+            return int(sum(c.tag.cost for c in allocate(sites, self.weights)))
+        except ValueError:
+            return int(sum(max(o.cost for o in planner.options[n]) for n in names))
 
     def fits(self, planner, choice: dict[str, Option]) -> bool:
         return sum(loaded_bytes(planner, n, o) for n, o in choice.items()) <= self.weights
@@ -108,6 +128,8 @@ class MemoryCap:
             if used <= self.weights:
                 break
             if hi > 1e6:
+                if self.cap is None:  # no_more_than_float: dense everywhere always fits
+                    return best
                 raise OnnxHmfError(f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; "
                                    f"the smallest loaded one takes about {(used + self.overhead) / 2**20:.1f} MiB "
                                    "(weights + runtime and activations)")
@@ -126,6 +148,8 @@ class MemoryCap:
     def enforce(self, search, res):
         """Measure the built plan; over the cap, lower the weights' share by the excess and
         search again (twice at most)."""
+        if self.cap is None:
+            return res
         for attempt in range(3):
             self.measured = _resident(res.built.model, self.feeds)
             if self.measured <= self.cap:

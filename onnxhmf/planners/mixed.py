@@ -47,6 +47,7 @@ from ..executor import ExecContext, execute
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
+from ..graph.qdq import site_kind
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
@@ -104,6 +105,8 @@ class Planner:
         return dict(zip(names, picked))
 
     def floor(self) -> int:
+        if self.memory is not None:
+            return self.fixed + self.memory.floor(self)
         return self.fixed + sum(min(o.cost for o in opts) for opts in self.options.values())
 
     def ceiling(self) -> int:
@@ -215,7 +218,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
                                 fitted.setdefault("blocked fits", {})) if blocked else []
-        opts += fused or _weight_only(g, T, loss_with, cost, int4)
+        # (a body weight's fused form stores its integers once per reading graph: both are offered)
+        opts += fused + (_weight_only(g, T, loss_with, cost, int4) if not fused or site_kind(work, g.name) == "body" else [])
         if direct and (only_gather or not gather) and plmf:
             opts += _pivoted_int8_options(costs, fpass, g, T, plmf, gather, loss_with, rank_multiple, not fused)
         if direct and (only_gather or not gather) and lmf:
@@ -333,6 +337,10 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         from .memory import MemoryCap
 
         planner.memory = MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
+    elif options.budget.fidelity is not None:  # the default planner: never more weight memory than the input's
+        from .memory import MemoryCap
+
+        planner.memory = MemoryCap.no_more_than_float(planner)
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
     limit = options.budget.plan.get("max_latency_ratio")
@@ -470,7 +478,7 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
                else {"heldout_fidelity": round(res.fidelity, 5)}),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
-    if planner.memory is not None:
+    if planner.memory is not None and planner.memory.cap is not None:
         info["max_memory"], info["memory"] = planner.memory.cap, planner.memory.measured
     if fast_only:
         info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
