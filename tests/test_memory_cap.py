@@ -84,3 +84,15 @@ def test_cli_max_memory_rules(mlp, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--max-memory" in err and "is not a size" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_default_cap_keeps_weight_memory_within_float():
+    """Without --max-memory the default planner's weights take no more loaded bytes than float:
+    by bytes alone all three would be weight-only (1.5x float once loaded)."""
+    p, names = _planner()
+    cap = MemoryCap.no_more_than_float(p)
+    assert cap.cap is None and cap.weights == 3 * 40_000
+    picked = cap.allocate(p, names, 60_000)
+    assert sum(loaded_bytes(p, n, o) for n, o in zip(names, picked)) <= cap.weights
+    assert {o.tag[0] for o in picked} != {"int8w"}
+    assert cap.floor(p) <= 60_000 and cap.enforce(None, "res") == "res"  # nothing measured
