@@ -447,7 +447,9 @@ class _Search:
         ceiling = hi
         best = self.trial(hi)
         if best.fidelity < goal:
-            raise OnnxHmfError(f"--plan auto: even the largest plan gives held-out fidelity {best.fidelity:.4f} < {goal}")
+            capped = p.memory is not None and p.memory.cap is not None
+            raise OnnxHmfError(f"--plan auto: even the largest plan{' within --max-memory' if capped else ''} gives held-out "
+                               f"fidelity {best.fidelity:.4f} < {goal}" + ("; give a larger --max-memory" if capped else ""))
         for _ in range(8):
             mid = (lo + hi) // 2
             res = self.trial(mid)
