@@ -9,6 +9,8 @@ The 1/s goes, in order of preference:
 * ``norm``: X = LayerNormalization(x, γ, β) (last axis), X read only by the site (and Shape):
   γ, β become γ/s, β/s. Free and exact. In a post-LN transformer (BERT) the LayerNorm's output
   is also the residual, so this does not apply there.
+* ``gate``: X = Mul(a, Y) with Y = Z·W_u read only there (a gated FFN's up projection, SwiGLU):
+  X is linear per channel in W_u's columns, which become W_u[:, j]/s_j. Free and exact.
 * ``value``: X is attention's context, X = merge_heads(P·split_heads(A·W_v + b_v)), which is
   linear per channel in V: W_v's columns and b_v become W_v[:, j]/s_j, b_v/s. Free and exact.
 * ``node`` (only when allowed): a Mul(X, 1/s) node is inserted before the site's MatMuls. One
@@ -34,8 +36,9 @@ __all__ = ["SmoothSite", "smooth_sites", "apply_smoothing"]
 class SmoothSite:
     act: str  # the activation X the MatMuls share
     weights: list[str]  # their constant B initializers (K×N each)
-    fold: str  # mul | norm | value | node
-    target: tuple = ()  # nodes by their first output. mul: (Mul, constant input); norm: (LayerNorm,); value: (W_v, b_v, Add)
+    fold: str  # mul | norm | gate | value | node
+    target: tuple = ()  # nodes by their first output. mul: (Mul, constant input); norm: (LayerNorm,);
+    # gate: (W_u,); value: (W_v, b_v, Add)
 
 
 def _producer(g: onnx.GraphProto, name: str) -> onnx.NodeProto | None:
@@ -91,6 +94,20 @@ def _norm_fold(g, x: str, K: int, readers) -> tuple | None:
     return ("norm", (p.output[0],)) if _only(g, x, readers) else None
 
 
+def _gate_fold(g, x: str, K: int, readers) -> tuple | None:
+    p = _producer(g, x)
+    if p is None or p.op_type != "Mul" or not _only(g, x, readers):
+        return None
+    for y in p.input:
+        m = _producer(g, y)
+        if m is not None and m.op_type == "MatMul" and _single(g, y) and site_kind_ok(g, m.input[1]) and \
+                list(p.input).count(y) == 1:
+            t = next(t for t in g.initializer if t.name == m.input[1])
+            if t.dims[1] == K:
+                return "gate", (m.input[1],)
+    return None
+
+
 def _value_fold(g, x: str, K: int, readers) -> tuple | None:
     """x = Reshape(Transpose(MatMul(P, Transpose(Reshape(Add(MatMul(A, W_v), b_v)))))), perms (0,2,1,3)."""
     chain = []
@@ -143,7 +160,8 @@ def smooth_sites(model: onnx.ModelProto, weights=None, allow_node: bool = True) 
     for x, nodes in groups.items():
         K = next(t.dims[0] for t in g.initializer if t.name == nodes[0].input[1])
         readers = {n.output[0] for n in nodes}
-        found = _mul_fold(g, x, K, readers) or _norm_fold(g, x, K, readers) or _value_fold(g, x, K, readers)
+        found = _mul_fold(g, x, K, readers) or _norm_fold(g, x, K, readers) or _gate_fold(g, x, K, readers) or \
+            _value_fold(g, x, K, readers)
         if found is None and allow_node:
             found = ("node", ())
         if found is not None:
@@ -195,6 +213,8 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: dic
                 new = _fresh(g, f"{site.act}.smooth_{tag}")
                 g.initializer.append(numpy_helper.from_array((_const(g, node.input[i]).reshape(-1) / s).astype(np.float32), new))
                 node.input[i] = new
+        elif site.fold == "gate":
+            arrays[site.target[0]] = arr(site.target[0]) / s[None, :]
         elif site.fold == "value":
             wv, bias, add = site.target
             arrays[wv] = arr(wv) / s[None, :]

@@ -51,13 +51,14 @@ class IntTreatment:
     symmetric: bool = True
     method: str = "rtn"  # rtn | clip | gptq
     rank: int = 0
+    smooth: bool = False  # int8pc: SmoothQuant scales first (passes/smooth.py), which needs calibration data
 
     @property
     def name(self) -> str:
         core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
         base = core.get(self.kind, f"int{self.bits}b")
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
-        return f"{base}{blk}-{self.method}"
+        return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}"
 
     def opset(self, site: str = "matmul") -> int:
         """The opset the treatment needs on ``site``: blocked DQ needs 21; gathered table rows
@@ -108,15 +109,16 @@ class IntTreatment:
 
 
 def parse_treatment(text: str) -> IntTreatment:
-    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq]'."""
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]'."""
     p = text.split(":")
     try:
         if p[0] in ("int4b", "int8b"):
             return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
         if p[0] in ("lqer", "lmf-b"):
             return IntTreatment(p[0], int(p[1]), int(p[2]), True, p[4] if len(p) > 4 else "clip", int(p[3].lstrip("r")))
-        if p[0] == "int8pc":
-            return IntTreatment("int8pc", 8, 0, True, p[1] if len(p) > 1 else "rtn")
+        if p[0] == "int8pc" and all(x in ("rtn", "gptq", "smooth") for x in p[1:]) and p.count("smooth") <= 1:
+            method = next((x for x in p[1:] if x != "smooth"), "rtn")
+            return IntTreatment("int8pc", 8, 0, True, method, smooth="smooth" in p)
     except (IndexError, ValueError):
         pass
     raise OnnxHmfError(f"bad integer treatment {text!r}")
@@ -169,6 +171,7 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
     need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
     if grams is None:
         grams = weight_grams(model, need, calib)
+    out, grams = _smooth(out, todo, calib, grams, notes)
     arrays = {t.name: t for t in out.graph.initializer if t.name in todo}
     pc = []
     for w, t in todo.items():
@@ -191,6 +194,27 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
     if pc:
         out = _per_channel(out, pc)
     return out, notes
+
+
+def _smooth(model: onnx.ModelProto, todo: dict[str, IntTreatment], calib, grams: dict[str, np.ndarray],
+            notes: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """SmoothQuant (passes/smooth.py) for the int8pc weights asking for it: the smoothed model,
+    and the Grams of their new inputs X/s (G → G / s·sᵀ)."""
+    want = {w for w, t in todo.items() if t.kind == "int8pc" and t.smooth}
+    if not want:
+        return model, grams
+    if calib is None or not calib.batches:
+        notes.append(f"smooth: {len(want)} int8pc weights not smoothed (needs calibration data)")
+        return model, grams
+    from .smooth import smooth_for_int8
+
+    out, res = smooth_for_int8(model, calib, weights=want)
+    notes += res.notes
+    grams = dict(grams)
+    for w, s in res.scales.items():
+        if w in grams:
+            grams[w] = grams[w] / np.outer(s, s)
+    return out, grams
 
 
 def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> onnx.ModelProto:

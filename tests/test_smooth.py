@@ -1,0 +1,174 @@
+"""SmoothQuant (factorize/smooth.py, graph/smooth.py, passes/smooth.py) on matrices and a synthetic block."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxhmf.calibration import Calibration
+from onnxhmf.factorize import smooth as S
+from onnxhmf.graph.smooth import apply_smoothing, smooth_sites
+from onnxhmf.passes.intquant import IntTreatment, apply_treatments, parse_treatment
+from onnxhmf.passes.smooth import smooth_for_int8
+
+D, H, F = 32, 4, 64
+OUTLIERS = [3, 17]
+
+
+def _block(seed=0) -> onnx.ModelProto:
+    """x → LN1 → Q,K,V (+ residual) → attention → W_o → + → LN2 (only FFN1) → GELU-like ·0.5 → W_2
+    → SwiGLU (gate ⊙ up) → W_d: sites with every fold kind (node, value, norm, mul, gate)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"w{len(inits)}")  # noqa: E731
+    inits = []
+    names = {}
+    for key, shape in (("wq", (D, D)), ("wk", (D, D)), ("wv", (D, D)), ("wo", (D, D)), ("w1", (D, F)), ("w2", (F, D)),
+                       ("wg", (D, F)), ("wu", (D, F)), ("wd", (F, D))):
+        t = w(*shape)
+        t.name = key
+        inits.append(t)
+        names[key] = t
+    vec = lambda n, v: inits.append(numpy_helper.from_array(np.asarray(v, np.float32), n))  # noqa: E731
+    vec("g1", 1 + 0.1 * rng.standard_normal(D)), vec("b1", 0.1 * rng.standard_normal(D))
+    vec("g2", 1 + 0.1 * rng.standard_normal(D)), vec("b2", 0.1 * rng.standard_normal(D))
+    vec("bv", 0.1 * rng.standard_normal(D)), vec("half", 0.5)
+    inits.append(numpy_helper.from_array(np.array([0, 0, H, D // H], np.int64), "split"))
+    inits.append(numpy_helper.from_array(np.array([0, 0, D], np.int64), "merge"))
+    n = helper.make_node
+    nodes = [n("LayerNormalization", ["x", "g1", "b1"], ["h"], axis=-1),
+             n("MatMul", ["h", "wq"], ["q"]), n("MatMul", ["h", "wk"], ["k"]), n("MatMul", ["h", "wv"], ["v0"]),
+             n("Add", ["v0", "bv"], ["v1"]), n("Reshape", ["v1", "split"], ["v2"]),
+             n("Transpose", ["v2"], ["v3"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["q", "split"], ["q2"]), n("Transpose", ["q2"], ["q3"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["k", "split"], ["k2"]), n("Transpose", ["k2"], ["k3"], perm=[0, 2, 3, 1]),
+             n("MatMul", ["q3", "k3"], ["sc"]), n("Softmax", ["sc"], ["p"], axis=-1),
+             n("MatMul", ["p", "v3"], ["c0"]), n("Transpose", ["c0"], ["c1"], perm=[0, 2, 1, 3]),
+             n("Reshape", ["c1", "merge"], ["ctx"]), n("MatMul", ["ctx", "wo"], ["o"]), n("Add", ["o", "h"], ["r1"]),
+             n("LayerNormalization", ["r1", "g2", "b2"], ["h2"], axis=-1),
+             n("MatMul", ["h2", "w1"], ["f1"]), n("Sigmoid", ["f1"], ["sg"]), n("Mul", ["f1", "sg"], ["f2"]),
+             n("Mul", ["f2", "half"], ["f3"]), n("MatMul", ["f3", "w2"], ["f4"]), n("Add", ["f4", "r1"], ["r2"]),
+             n("MatMul", ["r2", "wg"], ["gg"]), n("Sigmoid", ["gg"], ["gs"]), n("Mul", ["gg", "gs"], ["ga"]),
+             n("MatMul", ["r2", "wu"], ["up"]), n("Mul", ["ga", "up"], ["gu"]), n("MatMul", ["gu", "wd"], ["y0"]),
+             n("Add", ["y0", "r2"], ["y"])]
+    g = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", D])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", D])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(m)
+    return m
+
+
+def _feeds(n=6, seed=1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal((4, 10, D)).astype(np.float32)
+        x[..., OUTLIERS] *= 30  # outlier channels before the first LayerNorm...
+        out.append({"x": x})
+    return out
+
+
+def _run(m, feeds):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [s.run(["y"], f)[0] for f in feeds]
+
+
+def _outlier_block():
+    """The block with LN gains that make channels 3 and 17 outliers in every LayerNorm output."""
+    m = _block()
+    for t in m.graph.initializer:
+        if t.name in ("g1", "g2"):
+            a = numpy_helper.to_array(t).copy()
+            a[OUTLIERS] *= 25
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    return m
+
+
+def test_sites_find_every_fold():
+    m = _block()
+    folds = {tuple(s.weights): s.fold for s in smooth_sites(m)}
+    assert folds == {("wq", "wk", "wv"): "node", ("wo",): "value", ("w1",): "norm", ("w2",): "mul",
+                     ("wg", "wu"): "node", ("wd",): "gate"}
+    assert {s.fold for s in smooth_sites(m, allow_node=False)} == {"value", "norm", "mul", "gate"}
+    assert [s.weights for s in smooth_sites(m, weights={"wo"})] == [["wo"]]
+
+
+@pytest.mark.parametrize("allow_node", [False, True])
+def test_folds_are_exact_in_float_and_keep_the_graph_valid(allow_node):
+    m = _block()
+    sites = smooth_sites(m, allow_node=allow_node)
+    rng = np.random.default_rng(5)
+    scales = {s.act: np.exp(rng.standard_normal(len(numpy_helper.to_array(
+        next(t for t in m.graph.initializer if t.name == s.weights[0])))) ).astype(np.float32) for s in sites}
+    out = apply_smoothing(m, sites, scales)
+    onnx.checker.check_model(out, full_check=True)
+    assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
+    assert out.graph.output[0].type == m.graph.output[0].type
+    assert len(out.graph.node) == len(m.graph.node) + (2 if allow_node else 0)  # one Mul per node site
+    w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    assert not np.allclose(w["w2"], numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2")))
+    feeds = _feeds(2)
+    for a, b in zip(_run(m, feeds), _run(out, feeds)):
+        assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a))
+    assert m.graph.node[22].input[1] == "half"  # the input is not modified
+
+
+def test_dynamic_uint8_matches_onnxruntime():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((7, 33)) * 3 + 1).astype(np.float32)
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+                           helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "dq",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [7, 33])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [7, 33])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    np.testing.assert_allclose(S.dynamic_uint8(x), y, atol=1e-6)
+
+
+def test_smoothing_lowers_int8_error_on_outlier_channels():
+    rng = np.random.default_rng(2)
+    K, N = 64, 48
+    gain = np.ones(K)
+    gain[[5, 40]] = 40.0
+    batches = [(rng.standard_normal((200, K)) * gain).astype(np.float32) for _ in range(4)]
+    W = (rng.standard_normal((K, N)) / 8).astype(np.float32)
+    one = np.ones(K, np.float32)
+    base = S.int8_output_error(batches, [W], one)
+    ch = S.search_alpha(batches, [W])
+    assert ch.alpha > 0 and ch.baseline == pytest.approx(base)
+    assert ch.error < 0.5 * base
+    assert S.int8_output_error(batches, [W], ch.scale) == pytest.approx(ch.error)
+    assert np.all(ch.scale >= 1) and ch.scale[5] > 3 and ch.scale[40] > 3  # only outliers shrink
+    s = S.smooth_scales(np.abs(batches[0]).max(0), np.abs(W).max(1), 0.5, floor=False)
+    assert np.exp(np.mean(np.log(s))) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_smooth_for_int8_lowers_the_quantized_models_error():
+    m = _outlier_block()
+    cal = Calibration(_feeds(6), None, "synthetic")
+    held = _feeds(3, seed=9)
+    ref = _run(m, held)
+    err = {}
+    for sq in (False, True):
+        q, notes = apply_treatments(m, {w: IntTreatment("int8pc", smooth=sq) for w in
+                                        ("wq", "wk", "wv", "wo", "w1", "w2", "wg", "wu", "wd")}, calib=cal)
+        onnx.checker.check_model(q)
+        assert {n.op_type for n in q.graph.node} >= {"MatMulInteger", "DynamicQuantizeLinear"}
+        err[sq] = sum(float(np.sum((a - b) ** 2)) for a, b in zip(ref, _run(q, held)))
+        assert any(x.startswith("smooth ") for x in notes) == sq
+    assert err[True] < 0.7 * err[False]
+    smoothed, res = smooth_for_int8(m, cal)
+    assert res.float_error <= 1e-5 and set(res.scales) <= {"wq", "wk", "wv", "wo", "w1", "w2", "wg", "wu", "wd"}
+    assert "wq" in res.scales  # the outlier LayerNorm output is smoothed
+
+
+def test_smooth_without_calibration_says_so():
+    q, notes = apply_treatments(_block(), {"wo": IntTreatment("int8pc", smooth=True)})
+    assert any("not smoothed (needs calibration data)" in n for n in notes)
+
+
+def test_parse_smooth_treatment():
+    assert parse_treatment("int8pc:gptq:smooth") == IntTreatment("int8pc", 8, 0, True, "gptq", smooth=True)
+    assert parse_treatment("int8pc:smooth").name == "int8pc-rtn-smooth"
+    assert parse_treatment("int8pc").smooth is False
+    with pytest.raises(Exception):
+        parse_treatment("int8pc:smooth:smooth")
