@@ -8,12 +8,13 @@ Shakespeare and KJV tokens), as in bench_runtime.py. Variants:
 
     ort dyn pt / pc        quantize_dynamic int8 per tensor / per_channel=True (tables: uint8 rows)
     hmf pc + t8            int8pc (onnxruntime's per-channel MatMulInteger through quantize_int8),
-                           tables int8 block 128 (gathered integer rows)
-    hmf pc sq-free + t8    the same after SmoothQuant folded only where it is free (GELU's ·0.5,
-                           RMSNorm's gamma, V's columns, SwiGLU's up projection), no new nodes
+                           tables int8 as the quantizer stores them (uint8 rows, one scale)
+    hmf pc sq-free + t8    the same after SmoothQuant folded only where it is free (an RMSNorm's
+                           gamma, V's columns, SwiGLU's up projection), no new nodes
     hmf pc sq + t8         SmoothQuant on every site; a site with no free fold (after a post-LN
-                           LayerNorm) gets one Mul(X, 1/s) node
-    hmf pc sq gptq + t8/t4 the same with GPTQ-refitted integers; t4: tables int4 block 32 (clip)
+                           LayerNorm, after a GELU) gets one Mul(X, 1/s) node
+    hmf pc sq + t8/p4      the same, only the largest table int8, the other tables int4 block 32
+    hmf pc sq gptq + ...   with GPTQ-refitted integers; t4: every table int4 block 32 (clip)
     hmf pc gptq + t4       bench_runtime's previous best (no smoothing)
 
 Columns: size (ratio to the original file), fidelity, latency at 1 thread (ratio to the original,
@@ -78,16 +79,18 @@ def variants(src: Path, out: Path, cal) -> tuple[dict[str, Path], dict[str, floa
     matmuls = [w for w, k in kinds.items() if k == "matmul"]
     tables = [t.name for t in m.graph.initializer if kinds[t.name] in ("table", "tied") and t.dims[1] % 32 == 0
               and np.prod(t.dims) >= 4096]
-    t8 = {w: IntTreatment("int8b", 8, 128, True, "clip") for w in tables if
-          next(t for t in m.graph.initializer if t.name == w).dims[1] % 128 == 0}
+    big = max(tables, key=lambda w: np.prod(next(t for t in m.graph.initializer if t.name == w).dims))
+    t8 = {w: IntTreatment("int8pc") for w, k in kinds.items() if k == "table"}  # the quantizer's uint8 Gather
     t4 = {w: IntTreatment("int4b", 4, 32, True, "clip") for w in tables}
+    t8p4 = {**t4, **{big: IntTreatment("int8pc")}} if kinds[big] == "table" else t4
     pc = lambda meth, sq=False: {w: IntTreatment("int8pc", 8, 0, True, meth, smooth=sq) for w in matmuls}  # noqa: E731
     t0 = time.perf_counter()
     grams = weight_grams(m, matmuls + tables, cal)
     gram_s = time.perf_counter() - t0
     free, free_res = smooth_for_int8(m, cal, allow_node=False)
     plans = {"hmf pc + t8": (m, {**pc("rtn"), **t8}), "hmf pc sq-free + t8": (free, {**pc("rtn"), **t8}),
-             "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq gptq + t8": (m, {**pc("gptq", True), **t8}),
+             "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq + t8/p4": (m, {**pc("rtn", True), **t8p4}),
+             "hmf pc sq gptq + t8/p4": (m, {**pc("gptq", True), **t8p4}),
              "hmf pc sq gptq + t4": (m, {**pc("gptq", True), **t4}), "hmf pc gptq + t4": (m, {**pc("gptq"), **t4})}
     secs, notes = {}, []
     for label, (base, plan) in plans.items():
@@ -95,7 +98,7 @@ def variants(src: Path, out: Path, cal) -> tuple[dict[str, Path], dict[str, floa
         g = grams if base is m else weight_grams(base, matmuls + tables, cal)
         model, n = apply_treatments(base, plan, calib=cal, grams=g)
         secs[label] = time.perf_counter() - t + gram_s
-        paths[label] = out / (label.replace(" ", "_").replace("+", "").replace("-", "_") + ".onnx")
+        paths[label] = out / (label.replace(" ", "_").replace("+", "").replace("-", "_").replace("/", "_") + ".onnx")
         onnx.save(model, str(paths[label]))
         folds = [x for x in (free_res.notes if base is free else n) if x.startswith("smooth ")]
         if folds and label in ("hmf pc sq-free + t8", "hmf pc sq + t8"):

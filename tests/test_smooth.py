@@ -15,9 +15,10 @@ D, H, F = 32, 4, 64
 OUTLIERS = [3, 17]
 
 
-def _block(seed=0) -> onnx.ModelProto:
-    """x → LN1 → Q,K,V (+ residual) → attention → W_o → + → LN2 (only FFN1) → GELU-like ·0.5 → W_2
-    → SwiGLU (gate ⊙ up) → W_d: sites with every fold kind (node, value, norm, mul, gate)."""
+def _block(seed=0, scalar_half=False) -> onnx.ModelProto:
+    """x → LN1 → Q,K,V (+ residual) → attention → W_o → + → LN2 (only FFN1) → GELU-like ·c (c a (F,)
+    vector, or the scalar 0.5) → W_2 → SwiGLU (gate ⊙ up) → W_d: sites with every fold kind (node,
+    value, norm, mul, gate)."""
     rng = np.random.default_rng(seed)
     w = lambda *s: numpy_helper.from_array((rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32), f"w{len(inits)}")  # noqa: E731
     inits = []
@@ -31,7 +32,8 @@ def _block(seed=0) -> onnx.ModelProto:
     vec = lambda n, v: inits.append(numpy_helper.from_array(np.asarray(v, np.float32), n))  # noqa: E731
     vec("g1", 1 + 0.1 * rng.standard_normal(D)), vec("b1", 0.1 * rng.standard_normal(D))
     vec("g2", 1 + 0.1 * rng.standard_normal(D)), vec("b2", 0.1 * rng.standard_normal(D))
-    vec("bv", 0.1 * rng.standard_normal(D)), vec("half", 0.5)
+    vec("bv", 0.1 * rng.standard_normal(D))
+    vec("half", 0.5 if scalar_half else 0.5 + 0.1 * rng.standard_normal(F))
     inits.append(numpy_helper.from_array(np.array([0, 0, H, D // H], np.int64), "split"))
     inits.append(numpy_helper.from_array(np.array([0, 0, D], np.int64), "merge"))
     n = helper.make_node
@@ -90,6 +92,8 @@ def test_sites_find_every_fold():
                      ("wg", "wu"): "node", ("wd",): "gate"}
     assert {s.fold for s in smooth_sites(m, allow_node=False)} == {"value", "norm", "mul", "gate"}
     assert [s.weights for s in smooth_sites(m, weights={"wo"})] == [["wo"]]
+    # a scalar constant stays (a vector would break onnxruntime's Gelu fusion): a Mul node instead
+    assert {tuple(s.weights): s.fold for s in smooth_sites(_block(scalar_half=True))}[("w2",)] == "node"
 
 
 @pytest.mark.parametrize("allow_node", [False, True])
@@ -172,3 +176,63 @@ def test_parse_smooth_treatment():
     assert parse_treatment("int8pc").smooth is False
     with pytest.raises(Exception):
         parse_treatment("int8pc:smooth:smooth")
+
+
+def test_int8pc_table_is_the_quantizers_gather():
+    from graphs import gather_model
+
+    from onnxhmf.quantize import int8_weight
+
+    m = gather_model(vocab=200, d=32)
+    E = numpy_helper.to_array(m.graph.initializer[0])
+    t = IntTreatment("int8pc")
+    assert "table" in t.sites() and t.nbytes(E.shape, "table") == E.size + 16
+    q, notes = apply_treatments(m, {"E": t})
+    assert {n.op_type for n in q.graph.node} >= {"Gather", "DequantizeLinear"} and not notes
+    ids = np.array([[0, 5, 199], [7, 7, 1]], np.int64)
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    np.testing.assert_allclose(got, int8_weight(E, table=True)[ids], atol=1e-6)
+    np.testing.assert_allclose(t.weight(E, None, "table"), int8_weight(E, table=True))
+
+
+def test_cli_quantize_int8pc_smooth(tmp_path, capsys):
+    import json
+
+    from onnxhmf.cli import main
+
+    src, cal = tmp_path / "in.onnx", tmp_path / "cal.npz"
+    onnx.save(_outlier_block(), src)
+    np.savez(cal, x=np.concatenate([f["x"] for f in _feeds(6)]))
+    before = src.read_bytes()
+    runs = {}
+    for extra in ([], ["--smooth"]):
+        out, rep = tmp_path / f"out{len(extra)}.onnx", tmp_path / f"r{len(extra)}.json"
+        code = main([str(a) for a in ["optimize", src, out, "--quantize", "int8pc", "--calib", cal, "--report", rep,
+                                      "-q", "--force", *extra]])
+        assert code in (0, 1), capsys.readouterr().err
+        m = onnx.load(out)
+        onnx.checker.check_model(m)
+        assert [i.name for i in m.graph.input] == ["x"] and [o.name for o in m.graph.output] == ["y"]
+        runs[bool(extra)] = (m, json.loads(rep.read_text()))
+    assert src.read_bytes() == before
+    (plain, rp), (smoothed, rs) = runs[False], runs[True]
+    notes = " ".join(rs["notes"])
+    assert "smooth:" in notes and "folded" in notes and "smooth:" not in json.dumps(rp)
+    assert sum(n.op_type == "MatMulInteger" for n in smoothed.graph.node) == 9
+    held = _feeds(3, seed=9)
+    ref = _run(_outlier_block(), held)
+    err = {k: sum(float(np.sum((a - b) ** 2)) for a, b in zip(ref, _run(m, held))) for k, (m, _) in runs.items()}
+    assert err[True] < 0.7 * err[False]
+
+
+@pytest.mark.parametrize("args,needle", [(["--quantize", "int8", "--smooth"], "--smooth goes with --quantize int8pc"),
+                                         (["--quantize", "int8pc", "--smooth"], "--smooth needs calibration data")])
+def test_cli_smooth_errors(args, needle, tmp_path, capsys):
+    from onnxhmf.cli import main
+
+    src = tmp_path / "in.onnx"
+    onnx.save(_block(), src)
+    code = main(["optimize", str(src), str(tmp_path / "o.onnx"), *args])
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "o.onnx").exists()

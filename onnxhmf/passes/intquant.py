@@ -17,7 +17,8 @@ Kinds (``site`` is 'matmul', 'table' or 'tied', see graph/qdq.site_kind):
   lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
   int8pc          onnxruntime's dynamic per-channel int8 (DynamicQuantizeLinear → MatMulInteger,
                   any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
-                  quantizer's own scales (matmul sites).
+                  quantizer's own scales; ``smooth``: SmoothQuant scales first (passes/smooth.py).
+                  On a plain table: the quantizer's Gather (uint8 rows, one scale, DequantizeLinear).
 
 Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
 gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
@@ -38,6 +39,7 @@ from ..errors import OnnxHmfError
 from ..factorize import quant as Q
 from ..graph import qdq
 from ..graph.index import default_opset
+from ..quantize import int8_weight
 
 __all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment", "planner_options", "apply_planned",
            "can_upgrade"]
@@ -66,11 +68,14 @@ class IntTreatment:
         return 11 if self.kind == "int8pc" or site == "table" else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
-        return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else ("matmul",)
+        return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else \
+            ("matmul", "table") if self.kind == "int8pc" else ("matmul",)
 
     def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
         """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
         W = np.asarray(W, np.float64)
+        if site == "table" and self.kind == "int8pc":  # the quantizer's Gather: uint8 rows, one scale and zero point
+            return int8_weight(W, table=True)
         if site != "matmul":
             M, G = W.T, (None if site == "table" or G is None else G / max(np.mean(np.diag(G)), 1e-30) + np.eye(len(G)))
             return Q.clip_search(M, G, self.bits, self.block, self.symmetric) if self.method != "rtn" else \
@@ -98,7 +103,7 @@ class IntTreatment:
     def nbytes(self, shape: tuple[int, int], site: str = "matmul") -> int:
         K, N = shape if site == "matmul" else shape[::-1]
         if self.kind == "int8pc":
-            return K * N + 5 * N
+            return K * N + (5 * N if site == "matmul" else 16)
         if self.kind in ("lqer", "lmf-b"):
             r = Q.round_to_block(self.rank, self.block, min(K, N))
             lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
@@ -262,7 +267,7 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
     G = grams.get(act) if act else None
     out = []
     for key, t in PLANNED.items():
-        if site not in t.sites() or (site != "matmul" and W.shape[1] % t.block):
+        if site not in t.sites() or (site != "matmul" and t.block and W.shape[1] % t.block):
             continue
         f = t.fit(W, G, site)
         if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)
