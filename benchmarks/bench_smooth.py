@@ -11,14 +11,19 @@ Shakespeare and KJV tokens), as in bench_runtime.py. Variants:
                            tables int8 as the quantizer stores them (uint8 rows, one scale)
     hmf pc sq-free + t8    the same after SmoothQuant folded only where it is free (an RMSNorm's
                            gamma, V's columns, SwiGLU's up projection), no new nodes
-    hmf pc sq + t8         SmoothQuant on every site; a site with no free fold (after a post-LN
+    hmf pc sq-all + t8     SmoothQuant on every site; a site with no free fold (after a post-LN
                            LayerNorm, after a GELU) gets one Mul(X, 1/s) node
+    hmf pc sq + t8         the default (--smooth): a Mul node only where the site's MatMuls have
+                           outputs at least as wide as X (not the FFN's second MatMul)
     hmf pc sq + t8/p4      the same, only the largest table int8, the other tables int4 block 32
-    hmf pc sq gptq + ...   with GPTQ-refitted integers; t4: every table int4 block 32 (clip)
+                           (those under 4096 numbers int8)
+    hmf pc sq + t4         tables int4 block 32 (clip search), gathered rows
+    hmf pc sq gptq + t4    the same with GPTQ-refitted integers
     hmf pc gptq + t4       bench_runtime's previous best (no smoothing)
 
 Columns: size (ratio to the original file), fidelity, latency at 1 thread (ratio to the original,
-interleaved rounds), resident memory (onnxhmf.runtime.resident_memory: RSS growth of a fresh
+interleaved rounds; "lat/pc": the median over rounds of each variant's time over "ort dyn pc"'s in
+the same round, onnxhmf.runtime.latency_ratios, which is the done-when's latency ≤ 1.05·P), resident memory (onnxhmf.runtime.resident_memory: RSS growth of a fresh
 process that loads the model and runs it 5 times, MB), std (only default-domain ops), fit time.
 """
 from __future__ import annotations
@@ -41,7 +46,7 @@ from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
 from onnxhmf.passes.intquant import IntTreatment, apply_treatments, weight_grams  # noqa: E402
 from onnxhmf.passes.smooth import smooth_for_int8  # noqa: E402
-from onnxhmf.runtime import resident_memory  # noqa: E402
+from onnxhmf.runtime import latency_ratios, resident_memory  # noqa: E402
 
 
 def standard(path: Path) -> bool:
@@ -82,16 +87,17 @@ def variants(src: Path, out: Path, cal) -> tuple[dict[str, Path], dict[str, floa
     big = max(tables, key=lambda w: np.prod(next(t for t in m.graph.initializer if t.name == w).dims))
     t8 = {w: IntTreatment("int8pc") for w, k in kinds.items() if k == "table"}  # the quantizer's uint8 Gather
     t4 = {w: IntTreatment("int4b", 4, 32, True, "clip") for w in tables}
-    t8p4 = {**t4, **{big: IntTreatment("int8pc")}} if kinds[big] == "table" else t4
+    t8p4 = {**t8, **t4, **({big: IntTreatment("int8pc")} if kinds[big] == "table" else {})}
     pc = lambda meth, sq=False: {w: IntTreatment("int8pc", 8, 0, True, meth, smooth=sq) for w in matmuls}  # noqa: E731
     t0 = time.perf_counter()
     grams = weight_grams(m, matmuls + tables, cal)
     gram_s = time.perf_counter() - t0
-    free, free_res = smooth_for_int8(m, cal, allow_node=False)
+    free, free_res = smooth_for_int8(m, cal, nodes="none")
+    every, every_res = smooth_for_int8(m, cal, nodes="all")
     plans = {"hmf pc + t8": (m, {**pc("rtn"), **t8}), "hmf pc sq-free + t8": (free, {**pc("rtn"), **t8}),
-             "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq + t8/p4": (m, {**pc("rtn", True), **t8p4}),
-             "hmf pc sq gptq + t8/p4": (m, {**pc("gptq", True), **t8p4}),
-             "hmf pc sq gptq + t4": (m, {**pc("gptq", True), **t4}), "hmf pc gptq + t4": (m, {**pc("gptq"), **t4})}
+             "hmf pc sq-all + t8": (every, {**pc("rtn"), **t8}), "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq + t8/p4": (m, {**pc("rtn", True), **t8p4}),
+             "hmf pc sq + t4": (m, {**pc("rtn", True), **t4}), "hmf pc sq gptq + t4": (m, {**pc("gptq", True), **t4}),
+             "hmf pc gptq + t4": (m, {**pc("gptq"), **t4})}
     secs, notes = {}, []
     for label, (base, plan) in plans.items():
         t = time.perf_counter()
@@ -100,8 +106,9 @@ def variants(src: Path, out: Path, cal) -> tuple[dict[str, Path], dict[str, floa
         secs[label] = time.perf_counter() - t + gram_s
         paths[label] = out / (label.replace(" ", "_").replace("+", "").replace("-", "_").replace("/", "_") + ".onnx")
         onnx.save(model, str(paths[label]))
-        folds = [x for x in (free_res.notes if base is free else n) if x.startswith("smooth ")]
-        if folds and label in ("hmf pc sq-free + t8", "hmf pc sq + t8"):
+        folds = [x for x in (free_res.notes if base is free else every_res.notes if base is every else n)
+                 if x.startswith("smooth ")]
+        if folds and label in ("hmf pc sq-free + t8", "hmf pc sq-all + t8", "hmf pc sq + t8"):
             by = {}
             for x in folds:
                 key = x.split(", ")[1] if "folded by" in x else "kept"
@@ -124,12 +131,16 @@ def run(name: str, samples: int, rounds: int) -> str:
         cols = ["ppl shakesp", "ppl kjv"]
         vals = {k: [f"{v['shakespeare']:.2f}", f"{v['kjv']:.2f}"] for k, v in ppl.items()}
     lat = H.latency(paths, feeds, threads=1, rounds=rounds, per_round=2)
+    peer = "ort dyn pc"
+    order = [peer] + [k for k in paths if k != peer]
+    pair = dict(zip(order, latency_ratios([paths[k] for k in order], feeds, repeats=2 * rounds)))
     mem = {k: resident_memory(p, feeds) for k, p in paths.items()}
     size0 = os.path.getsize(src)
-    rows = [[k, f"{os.path.getsize(p) / size0:.3f}", *vals[k], f"{lat[k] / lat['original']:.2f}",
-             f"{mem[k] / 2 ** 20:.0f}" if mem[k] is not None else "-", "yes" if standard(p) else "no",
+    rows = [[k, f"{os.path.getsize(p) / size0:.3f}" + ("" if k in ("original", peer) else
+                                                         " ≤" if os.path.getsize(p) <= os.path.getsize(paths[peer]) else " >"), *vals[k], f"{lat[k] / lat['original']:.2f}",
+             f"{pair[k]:.2f}", f"{mem[k] / 2 ** 20:.0f}" if mem[k] is not None else "-", "yes" if standard(p) else "no",
              f"{secs[k]:.1f}" if k in secs else "-"] for k, p in paths.items()]
-    header = ["variant", "size", *cols, "lat 1t", "mem MB", "std", "fit s"]
+    header = ["variant", "size", *cols, "lat 1t", "lat/pc", "mem MB", "std", "fit s"]
     return (f"### {name} ({size0 / 1e6:.2f} MB; original {lat['original'] * 1e3:.1f} ms at 1 thread on "
             f"{'×'.join(map(str, next(iter(feeds.values())).shape))} tokens)\n\n" + H.table(header, rows) + "\n\n"
             + "\n".join(notes) + "\n")

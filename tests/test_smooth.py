@@ -90,16 +90,22 @@ def test_sites_find_every_fold():
     folds = {tuple(s.weights): s.fold for s in smooth_sites(m)}
     assert folds == {("wq", "wk", "wv"): "node", ("wo",): "value", ("w1",): "norm", ("w2",): "mul",
                      ("wg", "wu"): "node", ("wd",): "gate"}
-    assert {s.fold for s in smooth_sites(m, allow_node=False)} == {"value", "norm", "mul", "gate"}
+    assert {s.fold for s in smooth_sites(m, nodes="none")} == {"value", "norm", "mul", "gate"}
+    # "cheap": a Mul node only where the MatMuls' outputs are at least as wide as X
+    wide = {tuple(s.weights): s.fold for s in smooth_sites(_block(scalar_half=True))}
+    assert ("w2",) not in wide and wide[("wq", "wk", "wv")] == "node"
+    assert {tuple(s.weights): s.fold for s in smooth_sites(_block(scalar_half=True), nodes="all")}[("w2",)] == "node"
+    with pytest.raises(ValueError):
+        smooth_sites(m, nodes="some")
     assert [s.weights for s in smooth_sites(m, weights={"wo"})] == [["wo"]]
     # a scalar constant stays (a vector would break onnxruntime's Gelu fusion): a Mul node instead
-    assert {tuple(s.weights): s.fold for s in smooth_sites(_block(scalar_half=True))}[("w2",)] == "node"
+    assert {tuple(s.weights): s.fold for s in smooth_sites(_block(scalar_half=True), nodes="all")}[("w2",)] == "node"
 
 
-@pytest.mark.parametrize("allow_node", [False, True])
-def test_folds_are_exact_in_float_and_keep_the_graph_valid(allow_node):
+@pytest.mark.parametrize("nodes", ["none", "all"])
+def test_folds_are_exact_in_float_and_keep_the_graph_valid(nodes):
     m = _block()
-    sites = smooth_sites(m, allow_node=allow_node)
+    sites = smooth_sites(m, nodes=nodes)
     rng = np.random.default_rng(5)
     scales = {s.act: np.exp(rng.standard_normal(len(numpy_helper.to_array(
         next(t for t in m.graph.initializer if t.name == s.weights[0])))) ).astype(np.float32) for s in sites}
@@ -107,7 +113,7 @@ def test_folds_are_exact_in_float_and_keep_the_graph_valid(allow_node):
     onnx.checker.check_model(out, full_check=True)
     assert [i.name for i in out.graph.input] == ["x"] and [o.name for o in out.graph.output] == ["y"]
     assert out.graph.output[0].type == m.graph.output[0].type
-    assert len(out.graph.node) == len(m.graph.node) + (2 if allow_node else 0)  # one Mul per node site
+    assert len(out.graph.node) == len(m.graph.node) + (2 if nodes == "all" else 0)  # one Mul per node site
     w = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     assert not np.allclose(w["w2"], numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "w2")))
     feeds = _feeds(2)

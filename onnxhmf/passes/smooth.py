@@ -56,10 +56,11 @@ def float_difference(a: onnx.ModelProto, b: onnx.ModelProto, feeds: dict[str, np
     return max(float(np.max(np.abs(x - y))) / max(float(np.max(np.abs(x))), 1e-30) for x, y in zip(ra, rb))
 
 
-def smooth_for_int8(model: onnx.ModelProto, calib, weights=None, grid=ALPHA_GRID, allow_node: bool = True,
+def smooth_for_int8(model: onnx.ModelProto, calib, weights=None, grid=ALPHA_GRID, nodes: str = "cheap",
                     batches: int = 4, tol: float = FLOAT_TOL) -> tuple[onnx.ModelProto, SmoothResult]:
     """(smoothed copy of ``model``, what was done). ``weights``: the MatMul weights that will be
-    int8 (None: all plain ones); ``allow_node``: sites with no free fold get a Mul(X, 1/s) node.
+    int8 (None: all plain ones); ``nodes``: which sites with no free fold get a Mul(X, 1/s) node
+    ("cheap": where the MatMuls' outputs are at least as wide as X; "all"; "none"; graph/smooth.py).
     α is chosen per site on the last ``batches`` calibration batches with the channel maxima of
     the others (held out); the scales use the maxima over all. A site keeps α = 0 (unchanged)
     where smoothing does not lower its simulated int8 error."""
@@ -67,7 +68,7 @@ def smooth_for_int8(model: onnx.ModelProto, calib, weights=None, grid=ALPHA_GRID
     if calib is None or not calib.batches:
         res.notes.append("smooth: no calibration data, nothing smoothed")
         return model, res
-    sites = smooth_sites(model, weights, allow_node)
+    sites = smooth_sites(model, weights, nodes)
     if not sites:
         return model, res
     X, fit, every = _activations(model, [s.act for s in sites], calib, batches)
