@@ -89,6 +89,7 @@ class Planner:
     cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
     meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
     costs: object = None  # graph/pivot.PivotCosts: the pivoted treatments' ranks and maps (None: --no-pivot)
+    memory: object = None  # planners/memory.MemoryCap (--max-memory): the loaded weights' budget
 
     @property
     def held(self):
@@ -97,7 +98,9 @@ class Planner:
     # -- the plan -------------------------------------------------------------------------
     def allocate(self, budget: int) -> dict[str, Option]:
         names = list(self.options)
-        picked = allocate([self.options[n] for n in names], max(int(budget) - self.fixed, 0))
+        left = max(int(budget) - self.fixed, 0)
+        picked = (self.memory.allocate(self, names, left) if self.memory is not None
+                  else allocate([self.options[n] for n in names], left))
         return dict(zip(names, picked))
 
     def floor(self) -> int:
@@ -326,6 +329,10 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
                       options, finish, meter=meter, cache=cache, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
+    if options.budget.max_memory is not None:
+        from .memory import MemoryCap
+
+        planner.memory = MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
     limit = options.budget.plan.get("max_latency_ratio")
@@ -343,6 +350,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     if limit is not None and ratio > limit:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
+    if planner.memory is not None:
+        res = planner.memory.enforce(search, res)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
@@ -391,6 +400,8 @@ class _Search:
             alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
             if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
                 continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
+            if p.memory is not None and not p.memory.fits(p, alt):
+                continue
             built = p.assemble(self.work, alt)
             size = built.model.ByteSize()
             if size > target:
@@ -459,6 +470,8 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
                else {"heldout_fidelity": round(res.fidelity, 5)}),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
+    if planner.memory is not None:
+        info["max_memory"], info["memory"] = planner.memory.cap, planner.memory.measured
     if fast_only:
         info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
     return info
