@@ -101,9 +101,12 @@ _METHODS = _Group("How weights are stored", [
        help="After factorization, store weight MatMuls (factors included) and Gather tables as int8 "
             "(standard ops: MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear); int8pc: one weight "
             "scale per output column (onnxruntime's per_channel=True: more accurate, as fast)."),
-    _o("--smooth", is_flag=True,
+    _o("--smooth", type=click.Choice(["cheap", "all", "free"]), is_flag=False, flag_value="cheap", default=None,
+       metavar="[cheap|all|free]",
        help="With --quantize int8pc and --calib: SmoothQuant first, moving activation outliers into the weights "
-            "(docs/quantization.md); exact in float, folded into the graph where free, else one Mul per site."),
+            "(docs/quantization.md); exact in float. The 1/s is folded into the graph where that is free (free: "
+            "only there); elsewhere one Mul node per site, where the MatMuls' outputs are at least as wide as "
+            "their input (cheap, the default) or everywhere (all: more accurate, a little slower)."),
     _o("--no-fold", is_flag=True, help="HMF: always restore column order with a Gather instead of folding it into consumers."),
     _o("--share-bases", is_flag=True,
        help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that lowers the "

@@ -99,7 +99,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
         names = None if everything else factor_names(model, plan, "int8", original)
         per_channel = plan.settings.get("quantize") == "int8pc"
         if per_channel and plan.settings.get("smooth"):
-            model = _smooth(model, names, ctx, notes)
+            model = _smooth(model, names, ctx, notes, plan.settings["smooth"])
         model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes)
         if not done and not any(s.status == "rewritten" for s in sites):
             from .errors import OnnxHmfError
@@ -116,14 +116,16 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     return Built(model, sites, notes)
 
 
-def _smooth(model: onnx.ModelProto, names, ctx: ExecContext, notes: list[str]) -> onnx.ModelProto:
-    """SmoothQuant before per-channel int8 (passes/smooth.py) on the MatMuls about to be quantized."""
+def _smooth(model: onnx.ModelProto, names, ctx: ExecContext, notes: list[str], how="cheap") -> onnx.ModelProto:
+    """SmoothQuant before per-channel int8 (passes/smooth.py) on the MatMuls about to be quantized;
+    ``how`` (--smooth): which sites with no free fold get a Mul node (cheap, all; free: none)."""
     from .errors import OnnxHmfError
     from .passes.smooth import smooth_for_int8
 
     if ctx.calibration is None:
         raise OnnxHmfError("--smooth needs calibration data (--calib)")
-    model, res = smooth_for_int8(model, ctx.calibration, weights=None if names is None else set(names))
+    nodes = {"free": "none", "all": "all"}.get(how, "cheap")
+    model, res = smooth_for_int8(model, ctx.calibration, weights=None if names is None else set(names), nodes=nodes)
     folded = [n for n in res.notes if "folded by" in n]
     kinds = {}
     for n in folded:

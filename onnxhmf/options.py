@@ -117,7 +117,7 @@ class Methods:
     ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields
     storage_ae: dict | None = None  # StorageAEPass fields: include, keep, options
     quantize: str | None = None  # int8 (per-tensor weights) | int8pc (per-channel weights)
-    smooth: bool = False  # int8pc: SmoothQuant scales first (passes/smooth.py; needs calibration data)
+    smooth: str | None = None  # int8pc: SmoothQuant first (passes/smooth.py; needs calibration data): cheap | all | free
     lower_recurrent: bool = False  # LSTM/GRU/RNN lowered to Scan so R is factorized too (passes/recurrent.py)
     pivot: bool = True  # low-rank results stored pivoted (W_p, C: r(m+n−r)); False keeps A·B (--no-pivot)
 
@@ -128,6 +128,8 @@ class Methods:
             _fail(f"embedding method must be one of {', '.join(EMBEDDING_METHODS)}, got {self.embedding_method!r}")
         if self.quantize not in (None, "int8", "int8pc"):
             _fail(f"quantize must be int8, int8pc or None, got {self.quantize!r}")
+        if self.smooth not in (None, "cheap", "all", "free"):
+            _fail(f"smooth must be cheap, all, free or None, got {self.smooth!r}")
         if self.smooth and self.quantize != "int8pc":
             _fail("--smooth goes with --quantize int8pc")
         from .factorize.whiten import check_damp
@@ -289,7 +291,7 @@ class Options:
             **({"storage_ae": dict(m.storage_ae)} if m.storage_ae else {}),
             "allocation": b.allocation if c.given else None, "sequential": m.sequential or None,
             "share_bases": m.share_bases or None, "min_fidelity": b.min_fidelity, "quantize": m.quantize,
-            **({"smooth": True} if m.smooth else {}),
+            **({"smooth": m.smooth} if m.smooth else {}),
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
             "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
             "lower_recurrent": m.lower_recurrent or None,

@@ -231,6 +231,22 @@ def test_cli_quantize_int8pc_smooth(tmp_path, capsys):
     assert err[True] < 0.7 * err[False]
 
 
+def test_cli_smooth_all_adds_the_narrow_sites(tmp_path, capsys):
+    from onnxhmf.cli import main
+
+    src, cal = tmp_path / "in.onnx", tmp_path / "cal.npz"
+    onnx.save(_block(scalar_half=True), src)
+    np.savez(cal, x=np.concatenate([f["x"] for f in _feeds(6)]))
+    muls = {}
+    for how in ("free", "cheap", "all"):
+        out = tmp_path / f"{how}.onnx"
+        code = main(["optimize", str(src), str(out), "--quantize", "int8pc", "--calib", str(cal), "-q", "--force",
+                     "--smooth", how])
+        assert code in (0, 1), capsys.readouterr().err
+        muls[how] = sum(n.op_type == "Mul" and "smooth" in n.name for n in onnx.load(out).graph.node)
+    assert muls == {"free": 0, "cheap": 2, "all": 3}  # Q/K/V and gate/up inputs; the FFN's second input too
+
+
 @pytest.mark.parametrize("args,needle", [(["--quantize", "int8", "--smooth"], "--smooth goes with --quantize int8pc"),
                                          (["--quantize", "int8pc", "--smooth"], "--smooth needs calibration data")])
 def test_cli_smooth_errors(args, needle, tmp_path, capsys):
