@@ -13,10 +13,11 @@ Shakespeare and KJV tokens), as in bench_runtime.py. Variants:
                            gamma, V's columns, SwiGLU's up projection), no new nodes
     hmf pc sq-all + t8     SmoothQuant on every site; a site with no free fold (after a post-LN
                            LayerNorm, after a GELU) gets one Mul(X, 1/s) node
+    hmf pc sq-all + t8/p4  the same, only the largest table int8, the other tables int4 block 32
+                           (those under 4096 numbers int8)
     hmf pc sq + t8         the default (--smooth): a Mul node only where the site's MatMuls have
                            outputs at least as wide as X (not the FFN's second MatMul)
-    hmf pc sq + t8/p4      the same, only the largest table int8, the other tables int4 block 32
-                           (those under 4096 numbers int8)
+    hmf pc sq + t8/p4      the same with the tables of sq-all + t8/p4
     hmf pc sq + t4         tables int4 block 32 (clip search), gathered rows
     hmf pc sq gptq + t4    the same with GPTQ-refitted integers
     hmf pc gptq + t4       bench_runtime's previous best (no smoothing)
@@ -95,7 +96,8 @@ def variants(src: Path, out: Path, cal) -> tuple[dict[str, Path], dict[str, floa
     free, free_res = smooth_for_int8(m, cal, nodes="none")
     every, every_res = smooth_for_int8(m, cal, nodes="all")
     plans = {"hmf pc + t8": (m, {**pc("rtn"), **t8}), "hmf pc sq-free + t8": (free, {**pc("rtn"), **t8}),
-             "hmf pc sq-all + t8": (every, {**pc("rtn"), **t8}), "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq + t8/p4": (m, {**pc("rtn", True), **t8p4}),
+             "hmf pc sq-all + t8": (every, {**pc("rtn"), **t8}), "hmf pc sq-all + t8/p4": (every, {**pc("rtn"), **t8p4}),
+             "hmf pc sq + t8": (m, {**pc("rtn", True), **t8}), "hmf pc sq + t8/p4": (m, {**pc("rtn", True), **t8p4}),
              "hmf pc sq + t4": (m, {**pc("rtn", True), **t4}), "hmf pc sq gptq + t4": (m, {**pc("gptq", True), **t4}),
              "hmf pc gptq + t4": (m, {**pc("gptq"), **t4})}
     secs, notes = {}, []

@@ -258,3 +258,25 @@ def test_cli_smooth_errors(args, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and needle in err and "Traceback" not in err
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_per_channel_drops_the_all_zero_weight_zero_points(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxhmf.quantize import quantize_int8
+
+    m = _block()
+    ours, done = quantize_int8(m, per_channel=True)
+    assert len(done) == 9
+    mi = [n for n in ours.graph.node if n.op_type == "MatMulInteger"]
+    assert len(mi) == 9 and all(len(n.input) == 3 for n in mi)
+    assert not any(t.name.endswith("weight_zero_point") or t.name.endswith("_zero_point") and t.data_type == TensorProto.INT8
+                   for t in ours.graph.initializer)
+    onnx.save(m, tmp_path / "in.onnx")
+    quantize_dynamic(str(tmp_path / "in.onnx"), str(tmp_path / "ort.onnx"), weight_type=QuantType.QInt8, per_channel=True)
+    theirs = onnx.load(tmp_path / "ort.onnx")
+    assert all(len(n.input) == 4 for n in theirs.graph.node if n.op_type == "MatMulInteger")
+    assert len(theirs.graph.initializer) - len(ours.graph.initializer) == 9  # one zero-point vector per weight
+    feeds = _feeds(2)
+    for a, b in zip(_run(theirs, feeds), _run(ours, feeds)):
+        np.testing.assert_array_equal(a, b)
