@@ -206,25 +206,26 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: dic
         return arrays[name]
 
     replaced: set[str] = set()
-    for site in sites:
+    for k, site in enumerate(sites):
         s = scales.get(site.act)
         if s is None:
             continue
         s = np.asarray(s, np.float32)
+        tag = f"smooth{k}"  # short names: they are stored in the file, several times each
         for w in site.weights:
             arrays[w] = arr(w) * s[:, None]
         if site.fold == "mul":
             node, c = _node(g, site.target[0]), site.target[1]
             replaced.add(c)
-            new = _fresh(g, f"{site.act}.smooth_c")
+            new = _fresh(g, f"{tag}.c")
             g.initializer.append(numpy_helper.from_array(
                 (np.broadcast_to(_const(g, c).reshape(-1), s.shape) / s).astype(np.float32), new))
             node.input[list(node.input).index(c)] = new
         elif site.fold == "norm":
             node = _node(g, site.target[0])
             replaced.update(node.input[1:3])
-            for i, tag in ((1, "gamma"), (2, "beta")):
-                new = _fresh(g, f"{site.act}.smooth_{tag}")
+            for i, part in ((1, "gamma"), (2, "beta")):
+                new = _fresh(g, f"{tag}.{part}")
                 g.initializer.append(numpy_helper.from_array((_const(g, node.input[i]).reshape(-1) / s).astype(np.float32), new))
                 node.input[i] = new
         elif site.fold == "gate":
@@ -232,17 +233,17 @@ def apply_smoothing(model: onnx.ModelProto, sites: list[SmoothSite], scales: dic
         elif site.fold == "value":
             wv, bias, add = site.target
             arrays[wv] = arr(wv) / s[None, :]
-            new = _fresh(g, f"{bias}.smooth")
+            new = _fresh(g, f"{tag}.bias")
             g.initializer.append(numpy_helper.from_array(
                 (_const(g, bias).reshape(-1) / s).astype(np.float32).reshape(_const(g, bias).shape), new))
             node = _node(g, add)
             replaced.add(bias)
             node.input[list(node.input).index(bias)] = new
         else:
-            inv, xs = _fresh(g, f"{site.act}.smooth_inv"), _fresh(g, f"{site.act}.smoothed")
+            inv, xs = _fresh(g, f"{tag}.inv"), _fresh(g, f"{tag}.x")
             g.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
             at = min(i for i, n in enumerate(g.node) if n.op_type == "MatMul" and n.input[1] in site.weights)
-            g.node.insert(at, onnx.helper.make_node("Mul", [site.act, inv], [xs], name=_fresh(g, f"{site.act}.smooth_mul")))
+            g.node.insert(at, onnx.helper.make_node("Mul", [site.act, inv], [xs], name=_fresh(g, f"{tag}.mul")))
             for n in g.node:
                 if n.op_type == "MatMul" and n.input[1] in site.weights:
                     n.input[0] = xs
