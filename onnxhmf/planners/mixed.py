@@ -17,7 +17,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
 * LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ(r), δ = max(0, measured
   loss of the quantized factors − the same with float factors), measured at the ranks of three
-  keeps (DELTA_KEEPS) and interpolated linearly in r between them: it grows with the rank.
+  keeps (DELTA_KEEPS: 0.2, 0.5 and the grid's top 0.95) and interpolated linearly in r between
+  them: it grows with the rank, convexly, so the chords are upper bounds.
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
 
@@ -62,7 +63,9 @@ from .measured import Calibrated, calibration_settings, load_for_plan
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
-DELTA_KEEPS = (0.2, 0.5, 0.9)  # where the loss of LMF with int8 factors is measured (interpolated in rank between)
+# where the loss of LMF with int8 factors is measured, interpolated in rank between: δ(r) grows convexly
+# with r, so the chords bound it from above, and the last probe is KEEP_GRID's top (held beyond, δ under-states)
+DELTA_KEEPS = (0.2, 0.5, 0.95)
 SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
 # Too slow for --max-latency-ratio: plan again without, in turn, weight-only integers (float
 # MatMuls); factored forms (two MatMuls and their quantizers in place of one: on small matrices
@@ -497,7 +500,7 @@ def _quantized_lowrank_options(costs, fpass, g, T: np.ndarray, lmf: list[Option]
     A·B's) and interpolated linearly in r between them, held at the ends. The quantization loss
     grows with the rank, and faster for the pivoted form, whose coefficients C carry W_p's error
     into the other n − r outputs: one probe at keep 0.5 under-stated δ at keep 0.95 by 2.7× on
-    MiniLM's FFN1 (docs/pivot.md)."""
+    MiniLM's FFN1, and one at 0.9 held to 0.95 by 1.4× (docs/pivot.md)."""
     from ..factorize.pivot import pivot_factors
 
     m, n = g.shape
