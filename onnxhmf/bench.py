@@ -1,8 +1,11 @@
-"""``onnxhmf bench``: file size, parameters and onnxruntime CPU latency of models, side by side.
+"""``onnxhmf bench``: file size, parameters, resident memory and onnxruntime CPU latency of
+models, side by side.
 
 Models are timed round-robin (one run of each per round, after ``warmup`` rounds), so slow
 drifts of a shared machine hit every model alike; latency is reported as the p50 and p90 of
-the per-run wall times. Ratios are to the first model.
+the per-run wall times. Memory is what a fresh process gains by loading the model and running it
+on the same inputs (runtime.resident_memory): a file that is small on disk but float once loaded
+shows here. Ratios are to the first model.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ class ModelBench:
     p90_ms: float
     mean_ms: float
     runs: int
+    memory: int | None = None  # resident-set growth, bytes (None: not measured)
 
 
 @dataclass
@@ -42,8 +46,8 @@ class Bench:
 
     def ratios(self, m: ModelBench) -> dict[str, float]:
         base = self.models[0]
-        return {k: getattr(m, k) / getattr(base, k) if getattr(base, k) else float("nan")
-                for k in ("bytes", "params", "p50_ms", "p90_ms")}
+        return {k: getattr(m, k) / getattr(base, k) if getattr(base, k) and getattr(m, k) is not None else float("nan")
+                for k in ("bytes", "params", "p50_ms", "p90_ms", "memory")}
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -57,9 +61,10 @@ class Bench:
         rows = []
         for m in self.models:
             r = self.ratios(m)
-            rows.append((m.path, f"{m.bytes:,}", f"{r['bytes']:.3f}x", f"{m.params:,}", f"{r['params']:.3f}x",
+            mem = ("-", "-") if m.memory is None else (f"{m.memory / 2**20:.1f}", f"{r['memory']:.3f}x")
+            rows.append((m.path, f"{m.bytes:,}", f"{r['bytes']:.3f}x", f"{m.params:,}", f"{r['params']:.3f}x", *mem,
                          f"{m.p50_ms:.2f}", f"{r['p50_ms']:.3f}x", f"{m.p90_ms:.2f}", f"{r['p90_ms']:.3f}x"))
-        head = ("model", "bytes", "ratio", "params", "ratio", "p50 ms", "ratio", "p90 ms", "ratio")
+        head = ("model", "bytes", "ratio", "params", "ratio", "memory MiB", "ratio", "p50 ms", "ratio", "p90 ms", "ratio")
         lines = [f"inputs: " + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in self.inputs.items())
                  + f"; {self.warmup} warm-up + {self.iterations} timed runs each, round-robin; "
                  + f"threads: {self.threads or 'ort default'}"]
@@ -67,8 +72,9 @@ class Bench:
 
 
 def bench_models(paths: list[str | os.PathLike], *, warmup: int = 5, iterations: int = 50, threads: int | None = None,
-                 input_shapes: dict[str, list[int]] | None = None, seed: int = 0) -> Bench:
-    """Size, parameters and latency of each model on the same generated inputs."""
+                 input_shapes: dict[str, list[int]] | None = None, seed: int = 0, memory: bool = True) -> Bench:
+    """Size, parameters, latency and (``memory``) resident memory of each model on the same
+    generated inputs."""
     import onnxruntime as ort
 
     if not paths:
@@ -110,4 +116,10 @@ def bench_models(paths: list[str | os.PathLike], *, warmup: int = 5, iterations:
         ms = np.asarray(ts) * 1e3
         out.models.append(ModelBench(p, nbytes, params, float(np.percentile(ms, 50)), float(np.percentile(ms, 90)),
                                      float(ms.mean()), len(ms)))
+    if memory:
+        from .runtime import resident_memory
+
+        del sessions
+        for m in out.models:
+            m.memory = resident_memory(m.path, dict(feeds), runs=max(1, min(iterations, 5)))
     return out

@@ -85,6 +85,9 @@ _BUDGET = _Group("How much to keep", [
        help="--plan auto: the smallest plan whose outputs keep this mean cosine on held-out calibration data."),
     _o("--max-latency-ratio", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
        help="--plan auto: fail unless the plan runs within X times the input's onnxruntime latency."),
+    _o("--max-memory", default=None, metavar="SIZE",
+       help="With the default target or --plan auto: the loaded model's resident memory (a fresh onnxruntime "
+            "process that loads and runs it) at most SIZE, e.g. 60MB; weight-only (float once loaded) forms give way."),
     _o("--plan-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
        help="Apply this saved (or hand-edited) plan exactly, instead of planning (see --save-plan)."),
 ], lambda p: _budget(p))
@@ -287,7 +290,7 @@ def _default_mode(p: dict) -> bool:
 def _budget(p: dict) -> dict:
     if _default_mode(p):
         return {"fidelity": 0.99 if p["fidelity"] is None else p["fidelity"], "fast": p["fast"], "keep": None,
-                "rank": None}
+                "rank": None, "max_memory": _max_memory(p)}
     if p["fidelity"] is not None or p["fast"]:
         raise click.UsageError("--fidelity and --fast are the default planner's: give them without --keep, --rank, "
                                "--plan, --method or --quantize")
@@ -309,10 +312,16 @@ def _budget(p: dict) -> dict:
             raise click.UsageError("--plan auto needs --calib")
         plan = {"target_size": parse_size(p["target_size"]) if p["target_size"] else None, "target_ratio": p["target_ratio"],
                 "target_fidelity": p["target_fidelity"], "max_latency_ratio": p["max_latency_ratio"]}
+    if p["max_memory"] is not None and p["plan_mode"] != "auto":
+        raise click.UsageError("--max-memory goes with the default fidelity target or --plan auto")
     if p["plan_file"] is not None and p["plan_mode"] is not None:
         raise click.UsageError("--plan-file applies a saved plan: give it without --plan auto")
     return {"keep": keep, "rank": rank, "rank_multiple": p["rank_multiple"], "allocation": p["allocation"],
-            "min_fidelity": p["min_fidelity"], "plan": plan, "plan_file": p["plan_file"]}
+            "min_fidelity": p["min_fidelity"], "plan": plan, "plan_file": p["plan_file"], "max_memory": _max_memory(p)}
+
+
+def _max_memory(p: dict) -> int | None:
+    return None if p["max_memory"] is None else parse_size(p["max_memory"], "--max-memory")
 
 
 def _optimize_folder(src: Path, out: Path, p: dict, kwargs: dict) -> None:
@@ -373,18 +382,18 @@ def _storage_ae(p: dict) -> dict | None:
             "options": {} if p["storage_ae_epochs"] is None else {"epochs": p["storage_ae_epochs"]}}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, hint: str = "--target-size") -> int:
     """Bytes from '22800000', '22.8MB', '900KB', '1.5GB' (decimal units; MiB/KiB binary)."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmg]i?b?|b)?\s*", str(text), re.I)
     if not m:
-        raise click.BadParameter(f"{text!r} is not a size (e.g. 22800000, 22.8MB, 900KB)", param_hint="--target-size")
+        raise click.BadParameter(f"{text!r} is not a size (e.g. 22800000, 22.8MB, 900KB)", param_hint=hint)
     unit = (m.group(2) or "b").lower().rstrip("b") or "b"
     mult = {"b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "ki": 1024, "mi": 1024**2, "gi": 1024**3}[unit]
     size = int(float(m.group(1)) * mult)
     if size <= 0:
-        raise click.BadParameter("must be positive", param_hint="--target-size")
+        raise click.BadParameter("must be positive", param_hint=hint)
     return size
 
 
@@ -489,11 +498,13 @@ def verify(models, inputs_npz, input_shapes, calib, tokenizer, calib_samples, at
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads [default: ort's].")
 @click.option("--input-shapes", multiple=True, metavar="NAME:D0,D1,...", help="Bind an input's shape for generated inputs (repeatable).")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for generated inputs.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure resident memory: a fresh process per model loads it and runs it.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def bench(models, warmup, iterations, threads, input_shapes, seed, as_json):
-    """Size, parameters and CPU latency of MODELS side by side, with ratios to the first."""
+def bench(models, warmup, iterations, threads, input_shapes, seed, memory, as_json):
+    """Size, parameters, resident memory and CPU latency of MODELS side by side, with ratios to the first."""
     result = bench_models(list(models), warmup=warmup, iterations=iterations, threads=threads,
-                          input_shapes=parse_input_shapes(input_shapes), seed=seed)
+                          input_shapes=parse_input_shapes(input_shapes), seed=seed, memory=memory)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.format())
 
 

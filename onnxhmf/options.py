@@ -84,6 +84,7 @@ class Budget:
     plan: dict | None = None  # --plan auto: target_size, target_ratio, target_fidelity, max_latency_ratio
     fidelity: float | None = None  # the default planner: the smallest model keeping this fidelity (planners/auto.py)
     fast: bool = False  # the default planner: no slower than the input
+    max_memory: int | None = None  # the default planner and --plan auto: resident bytes of the loaded model (planners/memory.py)
 
     def __post_init__(self):
         if self.rank is None and self.keep is None and self.fidelity is None:
@@ -100,6 +101,8 @@ class Budget:
             _fail(f"--fidelity must be in (0, 1], got {self.fidelity}")
         if self.plan:
             _check_targets(self.plan)
+        if self.max_memory is not None and not (isinstance(self.max_memory, int) and self.max_memory > 0):
+            _fail(f"--max-memory must be a positive number of bytes, got {self.max_memory!r}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ class VerificationOptions:
 
 _GROUPS = {
     "selection": (Selection, {"include", "exclude", "min_params"}),
-    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast"}),
+    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast",
+                        "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "lower_recurrent", "pivot"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
@@ -234,6 +238,8 @@ class Options:
                                        or m.quantize or m.sequential or m.storage_ae or self.plan_file is not None):
             _fail("the fidelity target is the default planner's: it does not combine with --rank, --plan, --min-fidelity, "
                   "--quantize, --sequential, --plan-file or the storage autoencoder")
+        if b.max_memory is not None and b.fidelity is None and b.plan is None:
+            _fail("--max-memory goes with the default fidelity target or --plan auto")
         if b.fast and b.fidelity is None:
             _fail("--fast goes with the default fidelity target (give no --keep, --rank or --plan)")
         if b.rank is not None and m.method != "lmf":

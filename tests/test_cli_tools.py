@@ -298,6 +298,27 @@ def test_bench_same_model_twice_and_smaller(tmp_path, capsys):
     assert code == 0 and "p50 ms" in out and out.count("\n") == 5
 
 
+def test_bench_reports_resident_memory(tmp_path, capsys):
+    """The memory column is what a loaded model costs: 16 MiB of float weights show up, and a model
+    that is small on disk but rebuilt as float at load (weight-only int8) does not look small."""
+    from onnxhmf.quantize import weight_only
+
+    small, big, packed = tmp_path / "s.onnx", tmp_path / "b.onnx", tmp_path / "w.onnx"
+    onnx.save(graphs.mlp_model(512, 32), small)
+    onnx.save(graphs.mlp_model(512, 4096), big)  # 2 x 512x4096 float32 = 16 MiB
+    w = graphs.mlp_model(512, 4096)
+    assert weight_only(w, [t.name for t in w.graph.initializer if len(t.dims) == 2], 8)
+    onnx.save(w, packed)
+    code, out, err = cli(capsys, "bench", small, big, packed, "--iterations", 2, "--warmup", 0, "--json",
+                         "--input-shapes", "X:1,4,512")
+    assert code == 0, err
+    s, b, p = json.loads(out)["models"]
+    assert b["memory"] - s["memory"] > 12 * 2**20 and b["ratio"]["memory"] > 2
+    assert p["bytes"] < 0.4 * b["bytes"] and p["memory"] > 0.7 * b["memory"]  # disk only
+    code, out, err = cli(capsys, "bench", small, big, "--iterations", 2, "--warmup", 0, "--no-memory", "--json")
+    assert code == 0 and all(m["memory"] is None for m in json.loads(out)["models"])
+
+
 def test_bench_counts_external_data(tmp_path, capsys):
     m = graphs.matmul_model(64, 48, ndim=2)
     a = tmp_path / "inline.onnx"

@@ -241,3 +241,56 @@ def test_integer_plan_meets_the_budget_with_integer_treatments():
     assert any(t.bits == 8 for t in plan2.values()) or len(plan2) < 3  # more bytes buy int8 or dense
     with pytest.raises(OnnxHmfError, match="fits"):
         integer_plan(m, cal, 1000, menu, batches=1)
+
+
+def _if_model(main_reader=False, shadow=False):
+    """W (64x40) read from the outer scope by a MatMul in each branch of an If (an optimum
+    merged decoder's layout), and optionally by one in the main graph too."""
+    rng = np.random.default_rng(3)
+    W = rng.standard_normal((64, 40)).astype(np.float32)
+
+    def branch(tag):
+        nodes = [helper.make_node("MatMul", ["X", "W"], [f"{tag}_y"], name=f"{tag}_mm")]
+        inits = [numpy_helper.from_array(W, "W")] if shadow and tag == "else" else []
+        return helper.make_graph(nodes, tag, [], [vi(f"{tag}_y", [2, 40])], inits)
+    nodes = [helper.make_node("If", ["c"], ["Y"], then_branch=branch("then"), else_branch=branch("else"), name="if")]
+    outs = [vi("Y", [2, 40])]
+    if main_reader:
+        nodes.append(helper.make_node("MatMul", ["X", "W"], ["Z"], name="main_mm"))
+        outs.append(vi("Z", [2, 40]))
+    g = helper.make_graph(nodes, "g", [vi("X", [2, 64]), helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          outs, [numpy_helper.from_array(W, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    return m, W
+
+
+def _body_ops(path):
+    return [[n.op_type for n in a.g.node] for n in onnx.load(path).graph.node for a in n.attribute
+            if a.type == onnx.AttributeProto.GRAPH]
+
+
+@pytest.mark.parametrize("main_reader", [False, True])
+def test_blocked_matmul_in_if_branches_copies_the_integers_and_fuses(main_reader, tmp_path):
+    """onnxruntime 1.32 fails to create a session when a branch's DQ reads an outer-scope integer
+    initializer ("TransposeDQWeightsForMatMulNBits Missing required weight"): each branch holds
+    its own copy, and each fuses into MatMulNBits."""
+    m, W = _if_model(main_reader)
+    assert qdq.site_kind(m, "W") == "body" and qdq.body_copies(m, "W") == 2 + main_reader
+    bq = Q.quantize_blocked(W, 4, 32, True)
+    assert qdq.blocked_matmul(m, "W", bq) == 2 + main_reader
+    onnx.checker.check_model(m, full_check=True)
+    assert not any(t.name == "W" for t in m.graph.initializer)
+    X = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    for c in (True, False):
+        np.testing.assert_allclose(_run(m, {"X": X, "c": np.array(c)}, level=EXACT), X @ bq.dequantize(), rtol=1e-4, atol=1e-4)
+    p = str(tmp_path / "opt.onnx")
+    _run(m, {"X": X, "c": np.array(True)}, optimized=p)
+    assert _body_ops(p) == [["MatMulNBits"], ["MatMulNBits"]]
+    t = IntTreatment("int4b", 4, 32, True, "rtn")
+    assert t.nbytes((64, 40), "body", 2 + main_reader) == (2 + main_reader) * t.nbytes((64, 40))
+
+
+def test_a_shadowed_or_otherwise_read_body_weight_is_no_site():
+    m, _ = _if_model(shadow=True)
+    assert qdq.site_kind(m, "W") is None

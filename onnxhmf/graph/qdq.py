@@ -6,6 +6,12 @@
   a single consumer, so each MatMul gets its own DQ reading the shared integers).
 * Low-rank pairs and residuals: ``X → DQ(A) → MatMul → DQ(B) → MatMul`` (both fuse), and
   ``MatMul(X, DQ(Q)) + MatMul(MatMul(X, DQ(L)), DQ(R))`` for W ≈ Q + L·R.
+* A MatMul weight read inside If/Loop/Scan bodies (an optimum merged decoder's two branches):
+  site ``body``. onnxruntime 1.32 fails to create the session when a body's DQ → MatMul reads an
+  outer-scope integer initializer (its fusion looks the initializer up in the body only:
+  "TransposeDQWeightsForMatMulNBits Missing required weight"), so every graph that reads the
+  weight gets its own copy of the integers beside its DQ, and each copy fuses. The file holds
+  one copy per reading graph (``body_copies``); memory stays integer.
 * Gather tables E (V×D), blocks along D: the integer rows and their scales are gathered, and
   only the gathered rows are dequantized (Cast, Sub zero, Mul scale, Reshape), so nothing is
   folded to float at load. int4 rows are stored two per byte (low nibble: first half of a
@@ -30,7 +36,7 @@ from ..errors import OnnxHmfError
 from ..factorize.quant import Blocked, LowRankResidual
 from .index import default_opset
 
-__all__ = ["upgrade_opset", "QDQ_OPSET", "site_kind", "blocked_matmul", "blocked_table", "lowrank_matmul",
+__all__ = ["upgrade_opset", "QDQ_OPSET", "site_kind", "body_copies", "blocked_matmul", "blocked_table", "lowrank_matmul",
            "residual_matmul"]
 
 QDQ_OPSET = 21
@@ -121,17 +127,47 @@ def _consumers(graph: onnx.GraphProto, name: str) -> list[onnx.NodeProto]:
     return [n for n in graph.node if name in n.input]
 
 
+def _declares(g: onnx.GraphProto, name: str) -> bool:
+    """Whether graph ``g`` defines a tensor ``name`` of its own (shadowing an outer one)."""
+    return (any(t.name == name for t in g.initializer) or any(i.name == name for i in g.input)
+            or any(name in n.output for n in g.node))
+
+
+def _body_readers(model: onnx.ModelProto, name: str) -> list[onnx.GraphProto] | None:
+    """The subgraphs that read ``name`` (from the outer scope), or None where one reads it other
+    than as a MatMul's B, or declares a tensor of that name."""
+    out = []
+    for g in list(_graphs(model.graph))[1:]:
+        users = _consumers(g, name)
+        if _declares(g, name) or (users and not all(u.op_type == "MatMul" and u.input[1] == name
+                                                     and u.input[0] != name for u in users)):
+            return None
+        if users:
+            out.append(g)
+    return out
+
+
+def body_copies(model: onnx.ModelProto, name: str) -> int:
+    """How many copies of a ``body`` weight's integers the file holds: one per reading graph."""
+    bodies = _body_readers(model, name) or []
+    return len(bodies) + bool(_consumers(model.graph, name))
+
+
 def site_kind(model: onnx.ModelProto, name: str) -> str | None:
     """'matmul' (every reader is a MatMul's B), 'table' (every reader a Gather on axis 0),
-    'tied' (Gathers and one Transpose(perm 1,0) read only by MatMuls' B) or None."""
+    'tied' (Gathers and one Transpose(perm 1,0) read only by MatMuls' B), 'body' (MatMuls' B,
+    some of them inside If/Loop/Scan bodies) or None."""
     if not any(t.name == name and len(t.dims) == 2 and t.data_type == TensorProto.FLOAT for t in model.graph.initializer):
         return None
     if name in {o.name for o in model.graph.output}:
         return None
-    for g in list(_graphs(model.graph))[1:]:
-        if any(name in n.input for n in g.node):
-            return None
+    bodies = _body_readers(model, name)
+    if bodies is None:
+        return None
     users = _consumers(model.graph, name)
+    if bodies:
+        ok = all(u.op_type == "MatMul" and u.input[1] == name and u.input[0] != name for u in users)
+        return "body" if ok else None
     if not users:
         return None
     if all(u.op_type == "MatMul" and u.input[1] == name and u.input[0] != name for u in users):
@@ -171,14 +207,16 @@ def _take(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     raise KeyError(name)
 
 
-def _store(model: onnx.ModelProto, bq: Blocked, base: str) -> list[str]:
-    """Initializers of ``bq`` (values, scale, zero point) named after ``base``; DQ's inputs."""
+def _store(model: onnx.ModelProto | onnx.GraphProto, bq: Blocked, base: str) -> list[str]:
+    """Initializers of ``bq`` (values, scale, zero point) named after ``base``, in the main graph
+    (or in graph ``model``); DQ's inputs."""
+    inits = (model.graph if isinstance(model, onnx.ModelProto) else model).initializer
     names = [f"{base}.q{bq.bits}", f"{base}.scale"]
-    model.graph.initializer.append(_int_tensor(bq.q, bq.bits, bq.zero is None, names[0]))
-    model.graph.initializer.append(numpy_helper.from_array(bq.scale.astype(np.float32), names[1]))
+    inits.append(_int_tensor(bq.q, bq.bits, bq.zero is None, names[0]))
+    inits.append(numpy_helper.from_array(bq.scale.astype(np.float32), names[1]))
     if bq.zero is not None:
         names.append(f"{base}.zero")
-        model.graph.initializer.append(_int_tensor(bq.zero, bq.bits, False, names[2]))
+        inits.append(_int_tensor(bq.zero, bq.bits, False, names[2]))
     return names
 
 
@@ -192,34 +230,46 @@ def _need_opset(model: onnx.ModelProto) -> None:
                            "call upgrade_opset first")
 
 
-def _rebuild(model: onnx.ModelProto, fn) -> int:
-    """Rebuild the main graph's node list: ``fn(node)`` returns the nodes that replace ``node``
-    (it may edit ``node`` and include it) or None to keep it. Returns how many nodes fn replaced."""
+def _rebuild(model: onnx.ModelProto | onnx.GraphProto, fn) -> int:
+    """Rebuild the main graph's (or graph ``model``'s) node list: ``fn(node)`` returns the nodes
+    that replace ``node`` (it may edit ``node`` and include it) or None to keep it. Returns how
+    many nodes fn replaced."""
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
     out, hits = [], 0
-    for node in model.graph.node:
+    for node in graph.node:
         new = fn(node)
         hits += new is not None
         out.extend(onnx.NodeProto.FromString(n.SerializeToString()) for n in (new if new is not None else [node]))
-    del model.graph.node[:]
-    model.graph.node.extend(out)
+    del graph.node[:]
+    graph.node.extend(out)
     return hits
 
 
 def blocked_matmul(model: onnx.ModelProto, name: str, bq: Blocked) -> int:
-    """Replace the float weight ``name`` (site_kind 'matmul') by ``bq``; each MatMul reads its own
-    DQ (one consumer each, so each fuses). Returns the number of MatMuls rewritten."""
+    """Replace the float weight ``name`` (site_kind 'matmul' or 'body') by ``bq``; each MatMul
+    reads its own DQ (one consumer each, so each fuses where the integers have one reader); each
+    body that reads the weight holds its own copy of the integers. Returns the number of MatMuls
+    rewritten."""
     _need_opset(model)
+    bodies = _body_readers(model, name) or []
     _take(model, name)
-    inputs = _store(model, bq, name)
     count = iter(range(1 << 30))
 
-    def fn(u):
-        if u.op_type != "MatMul" or u.input[1] != name:
-            return None
-        out = f"{name}.dq{next(count)}"
-        u.input[1] = out
-        return [_dq(inputs, out, bq.block), u]
-    return _rebuild(model, fn)
+    def rewrite(graph, inputs):
+        def fn(u):
+            if u.op_type != "MatMul" or u.input[1] != name:
+                return None
+            out = f"{name}.dq{next(count)}"
+            u.input[1] = out
+            return [_dq(inputs, out, bq.block), u]
+        return _rebuild(graph, fn)
+
+    hits = 0
+    for k, g in reversed(list(enumerate(bodies))):  # inner graphs first: rebuilding a graph copies its nodes
+        hits += rewrite(g, _store(g, bq, f"{name}.body{k}"))
+    if _consumers(model.graph, name):
+        hits += rewrite(model.graph, _store(model, bq, name))
+    return hits
 
 
 def lowrank_matmul(model: onnx.ModelProto, name: str, A: Blocked, B: Blocked) -> int:

@@ -6,7 +6,7 @@ An :class:`IntTreatment` says how one weight is stored; for a planner it gives
 * ``weight(W, gram, site)``: what the weight becomes, as a float numpy array (for loss probes);
 * :func:`apply_treatments` (model, {weight: treatment}, calibration): the rewritten model.
 
-Kinds (``site`` is 'matmul', 'table' or 'tied', see graph/qdq.site_kind):
+Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind):
 
   int4b / int8b   blocked DequantizeLinear(block_size, axis 0) → MatMul (fused by onnxruntime
                   into MatMulNBits); tables: gathered integer rows, dequantized after the Gather.
@@ -65,12 +65,12 @@ class IntTreatment:
         return 11 if self.kind == "int8pc" or site == "table" else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
-        return ("matmul", "table", "tied") if self.kind in ("int4b", "int8b") else ("matmul",)
+        return ("matmul", "table", "tied", "body") if self.kind in ("int4b", "int8b") else ("matmul",)
 
     def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
         """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
         W = np.asarray(W, np.float64)
-        if site != "matmul":
+        if site not in ("matmul", "body"):
             M, G = W.T, (None if site == "table" or G is None else G / max(np.mean(np.diag(G)), 1e-30) + np.eye(len(G)))
             return Q.clip_search(M, G, self.bits, self.block, self.symmetric) if self.method != "rtn" else \
                 Q.quantize_blocked(M, self.bits, self.block, self.symmetric)
@@ -94,7 +94,10 @@ class IntTreatment:
         """What W (K×N for MatMul B; V×D for tables) becomes, as float32."""
         return _as_weight(self.fit(W, G, site), site)
 
-    def nbytes(self, shape: tuple[int, int], site: str = "matmul") -> int:
+    def nbytes(self, shape: tuple[int, int], site: str = "matmul", copies: int = 1) -> int:
+        """Stored bytes; ``copies``: a body weight's integers are stored once per reading graph."""
+        if site == "body":
+            return copies * self.nbytes(shape)
         K, N = shape if site == "matmul" else shape[::-1]
         if self.kind == "int8pc":
             return K * N + 5 * N
@@ -180,6 +183,8 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
                 fitted[(w, t)] = f
         if t.kind == "int8pc":
             pc.append((w, f))
+        elif sites[w] == "body":
+            qdq.blocked_matmul(out, w, f)
         elif sites[w] != "matmul":
             qdq.blocked_table(out, w, f)
         elif t.kind == "lqer":
@@ -238,12 +243,13 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
     G = grams.get(act) if act else None
     out = []
     for key, t in PLANNED.items():
-        if site not in t.sites() or (site != "matmul" and W.shape[1] % t.block):
+        if site not in t.sites() or (site not in ("matmul", "body") and W.shape[1] % t.block):
             continue
         f = t.fit(W, G, site)
         if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)
             fitted[(name, t)] = f
-        out.append(make_option(t.nbytes(W.shape, site) + overhead, loss_with(name, _as_weight(f, site)), (key, 1.0)))
+        nbytes = t.nbytes(W.shape, site, qdq.body_copies(model, name) if site == "body" else 1)
+        out.append(make_option(nbytes + overhead, loss_with(name, _as_weight(f, site)), (key, 1.0)))
     return out
 
 
@@ -280,5 +286,5 @@ def _as_weight(f, site: str) -> np.ndarray:
     if isinstance(f, tuple):
         return (f[0].dequantize() @ f[1].dequantize()).astype(np.float32)
     out = f.dequantize()
-    return (out.T if site != "matmul" else out).astype(np.float32)
+    return (out.T if site not in ("matmul", "body") else out).astype(np.float32)
 

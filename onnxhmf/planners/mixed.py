@@ -50,6 +50,7 @@ from ..executor import ExecContext, execute
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
+from ..graph.qdq import site_kind
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
 from ..passes.calibrated import _merged, measure_sensitivities, output_loss, reference_outputs
@@ -94,6 +95,7 @@ class Planner:
     cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
     meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
     costs: object = None  # graph/pivot.PivotCosts: the pivoted treatments' ranks and maps (None: --no-pivot)
+    memory: object = None  # planners/memory.MemoryCap (--max-memory): the loaded weights' budget
 
     @property
     def held(self):
@@ -102,10 +104,14 @@ class Planner:
     # -- the plan -------------------------------------------------------------------------
     def allocate(self, budget: int) -> dict[str, Option]:
         names = list(self.options)
-        picked = allocate([self.options[n] for n in names], max(int(budget) - self.fixed, 0))
+        left = max(int(budget) - self.fixed, 0)
+        picked = (self.memory.allocate(self, names, left) if self.memory is not None
+                  else allocate([self.options[n] for n in names], left))
         return dict(zip(names, picked))
 
     def floor(self) -> int:
+        if self.memory is not None:
+            return self.fixed + self.memory.floor(self)
         return self.fixed + sum(min(o.cost for o in opts) for opts in self.options.values())
 
     def ceiling(self) -> int:
@@ -217,7 +223,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
                                 fitted.setdefault("blocked fits", {})) if blocked else []
-        opts += fused or _weight_only(g, T, loss_with, cost, int4)
+        # (a body weight's fused form stores its integers once per reading graph: both are offered)
+        opts += fused + (_weight_only(g, T, loss_with, cost, int4) if not fused or site_kind(work, g.name) == "body" else [])
         if direct and (only_gather or not gather) and (lmf or plmf):
             opts += _quantized_lowrank_options(costs, fpass, g, T, lmf, plmf, gather, loss_with, rank_multiple, not fused)
         out[g.name] = opts
@@ -313,6 +320,14 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
                       options, finish, meter=meter, cache=cache, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
+    if options.budget.max_memory is not None:
+        from .memory import MemoryCap
+
+        planner.memory = MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
+    elif options.budget.fidelity is not None:  # the default planner: never more weight memory than the input's
+        from .memory import MemoryCap
+
+        planner.memory = MemoryCap.no_more_than_float(planner)
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
     limit = options.budget.plan.get("max_latency_ratio")
@@ -330,6 +345,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     if limit is not None and ratio > limit:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
+    if planner.memory is not None:
+        res = planner.memory.enforce(search, res)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
@@ -378,6 +395,8 @@ class _Search:
             alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
             if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
                 continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
+            if p.memory is not None and not p.memory.fits(p, alt):
+                continue
             built = p.assemble(self.work, alt)
             size = built.model.ByteSize()
             if size > target:
@@ -415,7 +434,9 @@ class _Search:
         ceiling = hi
         best = self.trial(hi)
         if best.fidelity < goal:
-            raise OnnxHmfError(f"--plan auto: even the largest plan gives held-out fidelity {best.fidelity:.4f} < {goal}")
+            capped = p.memory is not None and p.memory.cap is not None
+            raise OnnxHmfError(f"--plan auto: even the largest plan{' within --max-memory' if capped else ''} gives held-out "
+                               f"fidelity {best.fidelity:.4f} < {goal}" + ("; give a larger --max-memory" if capped else ""))
         for _ in range(8):
             mid = (lo + hi) // 2
             res = self.trial(mid)
@@ -446,6 +467,8 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
                else {"heldout_fidelity": round(res.fidelity, 5)}),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
+    if planner.memory is not None and planner.memory.cap is not None:
+        info["max_memory"], info["memory"] = planner.memory.cap, planner.memory.measured
     if fast_only:
         info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
     return info

@@ -1,0 +1,164 @@
+"""``--max-memory``: the mixed planner's plans fit a cap on the loaded model's resident memory.
+
+What a weight costs once onnxruntime has loaded the model (:func:`loaded_bytes`) is what its
+stored form costs, except for the weight-only integers (int8w, int4w, the factors of lmf-int8w
+and plmf-int8w): their ``Cast``·``Mul`` on a constant is folded at load, so they are float again,
+and folding leaves more behind in the process than the float result. Measured with onnxruntime
+1.32 on MiniLM (86 MiB of 2-D weights, every one weight-only; resident growth 130.7 MiB float,
+167.6 MiB int8, 242 MiB int4): int8 costs about 1.43× the float weights (≈ 6 bytes a value),
+int4 (unpacked through BitShift/Concat before the Mul) about 2.3× (≈ 9 bytes a value). The cap is on what a fresh process gains by loading and running the model
+(runtime.resident_memory). The part that does not depend on the plan (runtime, activations:
+the input's resident growth minus its weight bytes) is measured once; the rest is the weights'
+share, ``weights``.
+
+Without ``--max-memory`` the default planner keeps the planned weights' predicted loaded bytes
+within their float bytes (``no_more_than_float``, nothing measured): a plan never takes more
+weight memory than the input, which weight-only int4 alone would (2.3×).
+
+The knapsack keeps its byte budget and minimises Σ loss + μ·Σ loaded, with μ ≥ 0 the smallest
+(bisection on a log scale) that brings Σ loaded within ``weights``: a Lagrangian relaxation of
+the second constraint inside the one search. The built plan is then measured; when it is over
+the cap (the prediction misses allocator slack), ``weights`` is lowered by the excess and the
+search runs again, at most twice.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from ..errors import OnnxHmfError
+from ..factorize.allocate import Option, allocate
+from ..factorize.pivot import pivoted_params
+from ..factorize.svd import rank_for_keep
+
+__all__ = ["MemoryCap", "loaded_bytes"]
+
+# planners/mixed.SLOW, folded to float at load: resident bytes a value (see above)
+_FLOAT_AT_LOAD = {"int8w": 6, "int4w": 9, "lmf-int8w": 6, "plmf-int8w": 6}
+
+
+def loaded_bytes(planner, name: str, o: Option) -> int:
+    """Bytes of weight ``name`` under option ``o`` once onnxruntime has loaded the model."""
+    kind, keep = o.tag
+    if kind not in _FLOAT_AT_LOAD:
+        return int(o.cost)
+    m, n = planner.groups[name].shape
+    per = _FLOAT_AT_LOAD[kind]
+    if kind in ("int8w", "int4w"):
+        return per * m * n
+    if kind == "lmf-int8w":
+        return per * rank_for_keep(m, n, keep, planner.rank_multiple) * (m + n)
+    r = planner.costs.rank(planner.groups[name], keep, planner.rank_multiple)
+    return per * pivoted_params(m, n, r)
+
+
+def _resident(model: onnx.ModelProto, feeds: dict) -> int:
+    from ..runtime import resident_memory
+
+    with tempfile.TemporaryDirectory(prefix="onnxhmf-mem-") as d:
+        path = Path(d) / "m.onnx"
+        onnx.save(model, path)
+        got = resident_memory(path, feeds)
+    if got is None:
+        raise OnnxHmfError("--max-memory: resident memory cannot be measured here (no /proc, or onnxruntime failed)")
+    return got
+
+
+@dataclass
+class MemoryCap:
+    cap: int | None  # bytes of resident memory the loaded model may take (None: the weights' share only, not measured)
+    overhead: int  # the input's resident growth minus its weight bytes (runtime, activations)
+    weights: int  # what the planned weights may take once loaded
+    feeds: dict
+    measured: int | None = None  # the chosen plan's resident growth
+
+    @classmethod
+    def measure(cls, work: onnx.ModelProto, feeds: dict, cap: int, src_bytes: int, fixed: int) -> "MemoryCap":
+        """The weights' share of ``cap``: cap − (input's resident growth − its bytes) − ``fixed``
+        (the bytes outside the planned weights, loaded as they are)."""
+        base = _resident(work, feeds)
+        overhead = max(base - int(src_bytes), 0)
+        weights = cap - overhead - int(fixed)
+        if weights <= 0:
+            raise OnnxHmfError(f"--max-memory {cap / 2**20:.1f} MiB: onnxruntime and the activations alone take about "
+                               f"{(overhead + fixed) / 2**20:.1f} MiB for this model and input (the input takes "
+                               f"{base / 2**20:.1f} MiB)")
+        return cls(cap, overhead, weights, feeds)
+
+    @classmethod
+    def no_more_than_float(cls, planner) -> "MemoryCap":
+        """The default planner's cap, predicted only (nothing measured): the planned weights take
+        no more loaded bytes than they do as float (their dense option)."""
+        return cls(None, 0, sum(opts[0].cost for opts in planner.options.values()), {})
+
+    def floor(self, planner) -> int:
+        """The fewest bytes of a choice that fits ``weights`` (the knapsack with the roles of
+        bytes and loaded bytes swapped: loaded bytes are the budget, bytes the loss)."""
+        names = list(planner.options)
+        sites = [[Option(loaded_bytes(planner, n, o), float(o.cost), o) for o in planner.options[n]] for n in names]
+        try:
+            return int(sum(c.tag.cost for c in allocate(sites, self.weights)))
+        except ValueError:
+            return int(sum(max(o.cost for o in planner.options[n]) for n in names))
+
+    def fits(self, planner, choice: dict[str, Option]) -> bool:
+        return sum(loaded_bytes(planner, n, o) for n, o in choice.items()) <= self.weights
+
+    def allocate(self, planner, names: list[str], budget: int) -> list[Option]:
+        """The knapsack's choice within ``budget`` bytes whose loaded bytes fit ``weights``."""
+        sites = [planner.options[n] for n in names]
+        loads = [[loaded_bytes(planner, n, o) for o in s] for n, s in zip(names, sites)]
+
+        def pick(mu: float):
+            wrapped = [[Option(o.cost, o.error + mu * lo, i) for i, (o, lo) in enumerate(zip(s, ls))]
+                       for s, ls in zip(sites, loads)]
+            idx = [c.tag for c in allocate(wrapped, budget)]
+            return [s[i] for s, i in zip(sites, idx)], sum(ls[i] for ls, i in zip(loads, idx))
+
+        best, used = pick(0.0)
+        if used <= self.weights:
+            return best
+        lo, hi = 0.0, 1e-12
+        while True:
+            best, used = pick(hi)
+            if used <= self.weights:
+                break
+            if hi > 1e6:
+                if self.cap is None:  # no_more_than_float: dense everywhere always fits
+                    return best
+                raise OnnxHmfError(f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; "
+                                   f"the smallest loaded one takes about {(used + self.overhead) / 2**20:.1f} MiB "
+                                   "(weights + runtime and activations)")
+            lo, hi = hi, hi * 10
+        for _ in range(24):  # to a few percent of μ
+            mid = math.sqrt(lo * hi) if lo > 0 else hi / 10
+            p, u = pick(mid)
+            if u <= self.weights:
+                hi, best = mid, p
+            else:
+                lo = mid
+            if lo > 0 and hi / lo < 1.05:
+                break
+        return best
+
+    def enforce(self, search, res):
+        """Measure the built plan; over the cap, lower the weights' share by the excess and
+        search again (twice at most)."""
+        if self.cap is None:
+            return res
+        for attempt in range(3):
+            self.measured = _resident(res.built.model, self.feeds)
+            if self.measured <= self.cap:
+                return res
+            if attempt == 2:
+                break
+            self.weights -= self.measured - self.cap + int(0.01 * self.cap)
+            if self.weights <= 0:
+                break
+            res = search.run()
+        raise OnnxHmfError(f"--max-memory {self.cap / 2**20:.1f} MiB: the plan takes {self.measured / 2**20:.1f} MiB "
+                           "once loaded (measured); give a larger cap or a smaller --target-size")

@@ -1,0 +1,98 @@
+"""--max-memory: the planner's choice fits a cap on the loaded model's resident memory."""
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+
+import graphs
+from onnxhmf.api import optimize
+from onnxhmf.cli import main
+from onnxhmf.errors import OnnxHmfError
+from onnxhmf.factorize.allocate import Option
+from onnxhmf.planners.memory import MemoryCap, loaded_bytes
+
+
+@pytest.fixture
+def tmodel():
+    return graphs.token_mlp_model(vocab=300, d=32, h=64)
+
+
+@pytest.fixture
+def calib_npz(tmp_path):
+    p = tmp_path / "calib.npz"
+    np.savez(p, **graphs.token_batches(n=128, seed=1))
+    return p
+
+
+@pytest.fixture
+def mlp(tmp_path):
+    p = tmp_path / "mlp.onnx"
+    onnx.save(graphs.mlp_model(), p)
+    return p
+
+
+def _planner():
+    """Three 100x100 weights; int8w is the smallest file but float (and more) once loaded."""
+    m = n = 100
+    opts = [Option(4 * m * n, 0.0, ("dense", 1.0)), Option(m * n + 400, 0.001, ("int8w", 1.0)),
+            Option(m * n // 2 + 400, 0.004, ("int4w", 1.0)), Option(4 * 25 * (m + n), 0.01, ("lmf", 0.5))]
+    names = ["a", "b", "c"]
+    return SimpleNamespace(options={k: list(opts) for k in names}, groups={k: SimpleNamespace(shape=(m, n)) for k in names},
+                           rank_multiple=1, costs=None), names
+
+
+def test_loaded_bytes_counts_weight_only_as_float_and_more():
+    p, _ = _planner()
+    dense, w8, w4, lmf = p.options["a"]
+    assert loaded_bytes(p, "a", dense) == dense.cost and loaded_bytes(p, "a", lmf) == lmf.cost
+    assert loaded_bytes(p, "a", w8) > dense.cost > w8.cost  # folded to float at load, the ints left behind
+    assert loaded_bytes(p, "a", w4) > loaded_bytes(p, "a", w8)
+
+
+@pytest.mark.parametrize("weights", [150_000, 110_000, 60_000])
+def test_the_knapsack_keeps_the_loaded_bytes_within_the_share(weights):
+    p, names = _planner()
+    cap = MemoryCap(cap=0, overhead=0, weights=weights, feeds={})
+    budget = 60_000  # by bytes alone every weight is int8w (loaded: 180,000); three lmf fit too (60,000)
+    free = [o.tag[0] for o in MemoryCap(0, 0, 10**9, {}).allocate(p, names, budget)]
+    assert free == ["int8w"] * 3
+    picked = cap.allocate(p, names, budget)
+    assert sum(o.cost for o in picked) <= budget
+    assert sum(loaded_bytes(p, n, o) for n, o in zip(names, picked)) <= weights
+    assert sum(o.error for o in picked) > 0.003  # it paid in loss for the memory
+
+
+def test_the_knapsack_says_when_nothing_fits():
+    p, names = _planner()
+    with pytest.raises(OnnxHmfError, match="--max-memory .* no plan within the size budget fits"):
+        MemoryCap(cap=10**6, overhead=0, weights=20_000, feeds={}).allocate(p, names, 60_000)
+
+
+def test_plan_auto_measures_and_reports_the_memory(tmodel, calib_npz):
+    _, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5}, max_memory=2**30, verify=False)
+    assert rep.plan["max_memory"] == 2**30 and 0 < rep.plan["memory"] <= 2**30
+    with pytest.raises(OnnxHmfError, match="onnxruntime and the activations alone"):
+        optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5}, max_memory=1000, verify=False)
+
+
+def test_cli_max_memory_rules(mlp, tmp_path, capsys):
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(mlp), str(out), "--keep", "0.5", "--max-memory", "10MB"]) == 2
+    assert "--max-memory goes with the default fidelity target or --plan auto" in capsys.readouterr().err
+    assert main(["optimize", str(mlp), str(out), "--max-memory", "lots"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-memory" in err and "is not a size" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_the_default_cap_keeps_weight_memory_within_float():
+    """Without --max-memory the default planner's weights take no more loaded bytes than float:
+    by bytes alone all three would be weight-only (1.5x float once loaded)."""
+    p, names = _planner()
+    cap = MemoryCap.no_more_than_float(p)
+    assert cap.cap is None and cap.weights == 3 * 40_000
+    picked = cap.allocate(p, names, 60_000)
+    assert sum(loaded_bytes(p, n, o) for n, o in zip(names, picked)) <= cap.weights
+    assert {o.tag[0] for o in picked} != {"int8w"}
+    assert cap.floor(p) <= 60_000 and cap.enforce(None, "res") == "res"  # nothing measured
