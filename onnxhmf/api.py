@@ -117,7 +117,7 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         planned.plan.decisions += recurrent_decisions(work, options)
     planned.plan.bytes_before = bytes_before
     planned.plan.params_before = count_params(work)
-    if planned.plan.settings.get("quantize") == "int8":
+    if planned.plan.settings.get("quantize") in ("int8", "int8pc"):
         from .planners.common import predict_int8
 
         predict_int8(work, planned.plan)

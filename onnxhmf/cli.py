@@ -97,9 +97,16 @@ _METHODS = _Group("How weights are stored", [
        help="Linear sites: lmf = truncated SVD, hmf = hybrid dense + low rank, prune = magnitude pruning (baseline)."),
     _o("--embedding-method", type=click.Choice(["svd", "hmf", "prune", "skip", "ae"]), default=None,
        help="Embedding tables (Gather): default follows --method (lmf -> svd); ae = trained autoencoder."),
-    _o("--quantize", type=click.Choice(["int8"]), default=None,
+    _o("--quantize", type=click.Choice(["int8", "int8pc"]), default=None,
        help="After factorization, store weight MatMuls (factors included) and Gather tables as int8 "
-            "(standard ops: MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)."),
+            "(standard ops: MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear); int8pc: one weight "
+            "scale per output column (onnxruntime's per_channel=True: more accurate, as fast)."),
+    _o("--smooth", type=click.Choice(["cheap", "all", "free"]), is_flag=False, flag_value="cheap", default=None,
+       metavar="[cheap|all|free]",
+       help="With --quantize int8pc and --calib: SmoothQuant first, moving activation outliers into the weights "
+            "(docs/quantization.md); exact in float. The 1/s is folded into the graph where that is free (free: "
+            "only there); elsewhere one Mul node per site, where the MatMuls' outputs are at least as wide as "
+            "their input (cheap, the default) or everywhere (all: more accurate, a little slower)."),
     _o("--no-fold", is_flag=True, help="HMF: always restore column order with a Gather instead of folding it into consumers."),
     _o("--share-bases", is_flag=True,
        help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that lowers the "
@@ -112,7 +119,7 @@ _METHODS = _Group("How weights are stored", [
        help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
             "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
-              "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"],
+              "smooth": p["smooth"], "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"],
               "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"]})
 
 _CALIBRATION = _Group("Calibration data", [

@@ -87,7 +87,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
         if done:
             notes.append(f"weight-only int8/int4: {len(done)} weights stored as integers + per-column scales, "
                          "rebuilt by a constant subgraph that onnxruntime folds at load (float MatMuls): disk only")
-    everything = plan.settings.get("quantize") == "int8"
+    everything = plan.settings.get("quantize") in ("int8", "int8pc")
     if everything or _stored(plan, "int8"):
         if ctx.store is not None:
             from .external import inline_external, needs_external_data
@@ -97,19 +97,45 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
                 raise OnnxHmfError("--quantize needs the model in memory: not supported past 2 GB")
             inline_external(model, ctx.store)
         names = None if everything else factor_names(model, plan, "int8", original)
-        model, done = quantize_int8(model, names, notes=notes)
+        per_channel = plan.settings.get("quantize") == "int8pc"
+        if per_channel and plan.settings.get("smooth"):
+            model = _smooth(model, names, ctx, notes, plan.settings["smooth"])
+        model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes)
         if not done and not any(s.status == "rewritten" for s in sites):
             from .errors import OnnxHmfError
 
             why = "; ".join(n for n in notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
             raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
-        notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer, QOperator: "
+        notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer"
+                     f"{', per-channel weight scales' if per_channel else ''}, QOperator: "
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
             sites = _int8_everything(sites, set(done))
     model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
     return Built(model, sites, notes)
+
+
+def _smooth(model: onnx.ModelProto, names, ctx: ExecContext, notes: list[str], how="cheap") -> onnx.ModelProto:
+    """SmoothQuant before per-channel int8 (passes/smooth.py) on the MatMuls about to be quantized;
+    ``how`` (--smooth): which sites with no free fold get a Mul node (cheap, all; free: none)."""
+    from .errors import OnnxHmfError
+    from .passes.smooth import smooth_for_int8
+
+    if ctx.calibration is None:
+        raise OnnxHmfError("--smooth needs calibration data (--calib)")
+    nodes = {"free": "none", "all": "all"}.get(how, "cheap")
+    model, res = smooth_for_int8(model, ctx.calibration, weights=None if names is None else set(names), nodes=nodes)
+    folded = [n for n in res.notes if "folded by" in n]
+    kinds = {}
+    for n in folded:
+        k = n.split("folded by ")[1].split(",")[0]
+        kinds[k] = kinds.get(k, 0) + 1
+    notes.append(f"smooth: {len(folded)} sites smoothed before int8 (1/s folded: "
+                 + ", ".join(f"{v} by {k}" for k, v in sorted(kinds.items())) + f"; float outputs within "
+                 f"{res.float_error:.1e} of the input's)")
+    notes += res.notes
+    return model
 
 
 def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: list[str],

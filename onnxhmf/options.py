@@ -116,7 +116,8 @@ class Methods:
     seed: int = 0
     ae_options: dict = field(default_factory=dict)  # EmbeddingAEConfig fields
     storage_ae: dict | None = None  # StorageAEPass fields: include, keep, options
-    quantize: str | None = None
+    quantize: str | None = None  # int8 (per-tensor weights) | int8pc (per-channel weights)
+    smooth: str | None = None  # int8pc: SmoothQuant first (passes/smooth.py; needs calibration data): cheap | all | free
     lower_recurrent: bool = False  # LSTM/GRU/RNN lowered to Scan so R is factorized too (passes/recurrent.py)
     pivot: bool = True  # low-rank results stored pivoted (W_p, C: r(m+n−r)); False keeps A·B (--no-pivot)
 
@@ -125,8 +126,12 @@ class Methods:
             _fail(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.embedding_method is not None and self.embedding_method not in EMBEDDING_METHODS:
             _fail(f"embedding method must be one of {', '.join(EMBEDDING_METHODS)}, got {self.embedding_method!r}")
-        if self.quantize not in (None, "int8"):
-            _fail(f"quantize must be int8 or None, got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "int8pc"):
+            _fail(f"quantize must be int8, int8pc or None, got {self.quantize!r}")
+        if self.smooth not in (None, "cheap", "all", "free"):
+            _fail(f"smooth must be cheap, all, free or None, got {self.smooth!r}")
+        if self.smooth and self.quantize != "int8pc":
+            _fail("--smooth goes with --quantize int8pc")
         from .factorize.whiten import check_damp
 
         try:
@@ -187,7 +192,7 @@ _GROUPS = {
     "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast",
                         "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
-                          "ae_options", "storage_ae", "quantize", "lower_recurrent", "pivot"}),
+                          "ae_options", "storage_ae", "quantize", "smooth", "lower_recurrent", "pivot"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -254,6 +259,8 @@ class Options:
             if b.min_fidelity is not None or m.sequential or b.rank is not None or m.storage_ae:
                 _fail("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
                       "--rank or the storage autoencoder")
+        if m.smooth and not c.given:
+            _fail("--smooth needs calibration data (--calib)")
         if not c.given and (b.allocation == "measured" or b.min_fidelity is not None or m.sequential):
             _fail("--allocate measured, --min-fidelity and --sequential need calibration data (--calib)")
         if b.rank is not None and (b.min_fidelity is not None or b.allocation == "measured"):
@@ -284,6 +291,7 @@ class Options:
             **({"storage_ae": dict(m.storage_ae)} if m.storage_ae else {}),
             "allocation": b.allocation if c.given else None, "sequential": m.sequential or None,
             "share_bases": m.share_bases or None, "min_fidelity": b.min_fidelity, "quantize": m.quantize,
+            **({"smooth": m.smooth} if m.smooth else {}),
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
             "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
             "lower_recurrent": m.lower_recurrent or None,

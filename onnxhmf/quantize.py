@@ -42,7 +42,8 @@ import onnx
 from .errors import OnnxHmfError
 from .graph.index import default_opset
 
-__all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis"]
+__all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis",
+           "drop_zero_points"]
 
 # bytes a quantized site adds besides its m·n int8 values: scale and zero point initializers
 # (+ their names) and the extra nodes; measured on MiniLM's sites (see tests/test_quantize.py)
@@ -220,8 +221,35 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
             if v.name in mine:
                 v.CopyFrom(mine[v.name])
     q.graph.name = model.graph.name
+    if per_channel:
+        drop_zero_points(q)
     left = set(weight_nodes(q))
     return q, [w for w in chosen if w not in left]
+
+
+def drop_zero_points(model: onnx.ModelProto) -> int:
+    """Remove MatMulInteger's weight zero point (input 3) where it is a constant all-zero int8
+    initializer (symmetric weights: the quantizer stores one zero per column); ONNX's default for
+    the missing input is 0, so the result is the same. Returns the bytes of zero points removed."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    dropped = set()
+    for n in g.node:
+        if n.op_type == "MatMulInteger" and n.domain in ("", "ai.onnx") and len(n.input) == 4 and n.input[3] in inits:
+            t = inits[n.input[3]]
+            if t.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(t).any():
+                dropped.add(n.input[3])
+                del n.input[3]
+    from .graph.index import subgraph_names
+
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output} | {i.name for i in g.input} | \
+        subgraph_names(g)
+    gone = [t for t in g.initializer if t.name in dropped and t.name not in used]
+    for t in gone:
+        g.initializer.remove(t)
+    return sum(len(t.SerializeToString()) for t in gone)
 
 
 def _scales(W: np.ndarray, bits: int) -> tuple[np.ndarray, int]:

@@ -10,6 +10,7 @@ from onnxhmf.api import optimize
 from onnxhmf.cli import main
 from onnxhmf.errors import OnnxHmfError
 from onnxhmf.factorize.allocate import Option
+from onnxhmf.planners.caps import capped_allocate, capped_floor
 from onnxhmf.planners.memory import MemoryCap, loaded_bytes
 
 
@@ -55,9 +56,9 @@ def test_the_knapsack_keeps_the_loaded_bytes_within_the_share(weights):
     p, names = _planner()
     cap = MemoryCap(cap=0, overhead=0, weights=weights, feeds={})
     budget = 60_000  # by bytes alone every weight is int8w (loaded: 180,000); three lmf fit too (60,000)
-    free = [o.tag[0] for o in MemoryCap(0, 0, 10**9, {}).allocate(p, names, budget)]
+    free = [o.tag[0] for o in capped_allocate(p, names, budget, [MemoryCap(0, 0, 10**9, {})])]
     assert free == ["int8w"] * 3
-    picked = cap.allocate(p, names, budget)
+    picked = capped_allocate(p, names, budget, [cap])
     assert sum(o.cost for o in picked) <= budget
     assert sum(loaded_bytes(p, n, o) for n, o in zip(names, picked)) <= weights
     assert sum(o.error for o in picked) > 0.003  # it paid in loss for the memory
@@ -66,7 +67,7 @@ def test_the_knapsack_keeps_the_loaded_bytes_within_the_share(weights):
 def test_the_knapsack_says_when_nothing_fits():
     p, names = _planner()
     with pytest.raises(OnnxHmfError, match="--max-memory .* no plan within the size budget fits"):
-        MemoryCap(cap=10**6, overhead=0, weights=20_000, feeds={}).allocate(p, names, 60_000)
+        capped_allocate(p, names, 60_000, [MemoryCap(cap=10**6, overhead=0, weights=20_000, feeds={})])
 
 
 def test_plan_auto_measures_and_reports_the_memory(tmodel, calib_npz):
@@ -92,7 +93,10 @@ def test_the_default_cap_keeps_weight_memory_within_float():
     p, names = _planner()
     cap = MemoryCap.no_more_than_float(p)
     assert cap.cap is None and cap.weights == 3 * 40_000
-    picked = cap.allocate(p, names, 60_000)
+    picked = capped_allocate(p, names, 60_000, [cap])
     assert sum(loaded_bytes(p, n, o) for n, o in zip(names, picked)) <= cap.weights
     assert {o.tag[0] for o in picked} != {"int8w"}
-    assert cap.floor(p) <= 60_000 and cap.enforce(None, "res") == "res"  # nothing measured
+    assert capped_floor(p, [cap]) <= 60_000 and cap.enforce(None, "res") == "res"  # nothing measured
+    # where the budget leaves only weight-only forms, the default rule gives way (no error)
+    tight = capped_allocate(p, names, 3 * 10_400, [cap])
+    assert {o.tag[0] for o in tight} <= {"int8w", "int4w"}

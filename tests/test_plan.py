@@ -12,6 +12,7 @@ from onnxhmf.api import optimize, optimize_file
 from onnxhmf.calibration import load_calibration
 from onnxhmf.cli import main, parse_size
 from onnxhmf.errors import OnnxHmfError
+from onnxhmf.factorize.allocate import Option
 from onnxhmf.passes.calibrated import fidelity, reference_outputs
 from onnxhmf.planners.mixed import _fake_quant_inputs
 from onnxhmf.quantize import int8_weight, int8w_weight, quantize_int8, weight_only
@@ -252,6 +253,8 @@ def test_too_slow_plans_again_without_the_slower_forms(tmodel, calib_npz, monkey
         return 2.0 if factored else 0.5
 
     monkeypatch.setattr(mixed, "latency_ratio", fake)
+    # the one search's latency cap predicts nothing here (no profiled MatMuls): the fallback is tested
+    monkeypatch.setattr(mixed.LatencyCap, "measure", classmethod(lambda cls, work, feeds, limit, planner: cls(limit, 1.0, {}, 1e9)))
     model, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.3, "max_latency_ratio": 1.0}, verify=False)
     kinds = {r["treatment"].split()[0] for r in rep.plan["sites"]}
     assert seen[0] and not seen[-1]  # the first plan was factored and "slow", the kept one is not
@@ -274,3 +277,30 @@ def test_a_tied_table_may_be_int8():
         (g,) = find_weight_groups(GraphIndex(model))
         direct, gather, only_gather = _int8_uses(g, len(weight_nodes(model).get(g.name, [])))
         assert direct and gather and only_gather == (not tied)
+
+
+def test_the_latency_cap_is_inside_the_one_search(tmodel, calib_npz, monkeypatch):
+    """With a predicted latency per option the first search already keeps within the limit:
+    here factored forms are predicted slow (the profile and factors are faked), so the first plan
+    has none and nothing is planned twice."""
+    import onnxhmf.planners.mixed as mixed
+    from onnxhmf.planners.latency import LatencyCap
+
+    def measure(cls, work, feeds, limit, planner):
+        weights = {n: (1e-3, 6, planner.groups[n].shape[0]) for n in planner.options}
+        f = {"int8": 0.5, "int4b": 0.9, "int8b": 0.8, "lmf": 9.0, "lmf-int8": 9.0, "r0": 1}
+        factors = {(6, g.shape[0], g.shape[1]): f for g in (planner.groups[n] for n in planner.options)}
+        return cls(limit, 1.0, weights, sum(t for t, _, _ in weights.values()), factors)
+
+    runs = []
+    monkeypatch.setattr(mixed.LatencyCap, "measure", classmethod(measure))
+    monkeypatch.setattr(mixed, "latency_ratio", lambda base, model, data, repeats=7: runs.append(1) or 0.9)
+    _, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.4, "max_latency_ratio": 1.0}, verify=False)
+    kinds = [r["treatment"].split()[0] for r in rep.plan["sites"]]
+    assert not any("lmf" in k for k in kinds) and set(kinds) - {"dense"}
+    assert len(runs) == 1 and "note" not in rep.plan  # measured once, no fallback
+    cap = LatencyCap(1.0, 1.0, {"w": (1e-3, 6, 4)}, 1e-3, {(6, 4, 8): {"int8": 0.5, "lmf": 2.0, "lmf-int8": 1.0, "r0": 2}})
+    p = type("P", (), {"groups": {"w": type("G", (), {"shape": (4, 8)})()}, "rank_multiple": 1, "costs": None})()
+    assert cap.resource(p, "w", Option(1, 0.0, ("int8", 1.0))) == pytest.approx(0.5e-3)
+    assert cap.resource(p, "w", Option(1, 0.0, ("int8w", 1.0))) == pytest.approx(1e-3)  # runs as the float MatMul
+    assert cap.resource(p, "w", Option(1, 0.0, ("lmf-int8", 0.5))) == pytest.approx(1e-3 * 1.0 * 1 / 2)  # rank 1 of r0 2

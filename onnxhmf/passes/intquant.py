@@ -17,7 +17,8 @@ Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind)
   lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
   int8pc          onnxruntime's dynamic per-channel int8 (DynamicQuantizeLinear → MatMulInteger,
                   any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
-                  quantizer's own scales (matmul sites).
+                  quantizer's own scales; ``smooth``: SmoothQuant scales first (passes/smooth.py).
+                  On a plain table: the quantizer's Gather (uint8 rows, one scale, DequantizeLinear).
 
 Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
 gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
@@ -38,6 +39,7 @@ from ..errors import OnnxHmfError
 from ..factorize import quant as Q
 from ..graph import qdq
 from ..graph.index import default_opset
+from ..quantize import int8_weight
 
 __all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment", "planner_options", "apply_planned",
            "can_upgrade"]
@@ -51,13 +53,14 @@ class IntTreatment:
     symmetric: bool = True
     method: str = "rtn"  # rtn | clip | gptq
     rank: int = 0
+    smooth: bool = False  # int8pc: SmoothQuant scales first (passes/smooth.py), which needs calibration data
 
     @property
     def name(self) -> str:
         core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
         base = core.get(self.kind, f"int{self.bits}b")
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
-        return f"{base}{blk}-{self.method}"
+        return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}"
 
     def opset(self, site: str = "matmul") -> int:
         """The opset the treatment needs on ``site``: blocked DQ needs 21; gathered table rows
@@ -65,11 +68,14 @@ class IntTreatment:
         return 11 if self.kind == "int8pc" or site == "table" else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
-        return ("matmul", "table", "tied", "body") if self.kind in ("int4b", "int8b") else ("matmul",)
+        return ("matmul", "table", "tied", "body") if self.kind in ("int4b", "int8b") else \
+            ("matmul", "table") if self.kind == "int8pc" else ("matmul",)
 
     def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
         """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
         W = np.asarray(W, np.float64)
+        if site == "table" and self.kind == "int8pc":  # the quantizer's Gather: uint8 rows, one scale and zero point
+            return int8_weight(W, table=True)
         if site not in ("matmul", "body"):
             M, G = W.T, (None if site == "table" or G is None else G / max(np.mean(np.diag(G)), 1e-30) + np.eye(len(G)))
             return Q.clip_search(M, G, self.bits, self.block, self.symmetric) if self.method != "rtn" else \
@@ -100,7 +106,7 @@ class IntTreatment:
             return copies * self.nbytes(shape)
         K, N = shape if site == "matmul" else shape[::-1]
         if self.kind == "int8pc":
-            return K * N + 5 * N
+            return K * N + (5 * N if site == "matmul" else 16)
         if self.kind in ("lqer", "lmf-b"):
             r = Q.round_to_block(self.rank, self.block, min(K, N))
             lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
@@ -111,15 +117,16 @@ class IntTreatment:
 
 
 def parse_treatment(text: str) -> IntTreatment:
-    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq]'."""
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]'."""
     p = text.split(":")
     try:
         if p[0] in ("int4b", "int8b"):
             return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
         if p[0] in ("lqer", "lmf-b"):
             return IntTreatment(p[0], int(p[1]), int(p[2]), True, p[4] if len(p) > 4 else "clip", int(p[3].lstrip("r")))
-        if p[0] == "int8pc":
-            return IntTreatment("int8pc", 8, 0, True, p[1] if len(p) > 1 else "rtn")
+        if p[0] == "int8pc" and all(x in ("rtn", "gptq", "smooth") for x in p[1:]) and p.count("smooth") <= 1:
+            method = next((x for x in p[1:] if x != "smooth"), "rtn")
+            return IntTreatment("int8pc", 8, 0, True, method, smooth="smooth" in p)
     except (IndexError, ValueError):
         pass
     raise OnnxHmfError(f"bad integer treatment {text!r}")
@@ -172,6 +179,7 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
     need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
     if grams is None:
         grams = weight_grams(model, need, calib)
+    out, grams = _smooth(out, todo, calib, grams, notes)
     arrays = {t.name: t for t in out.graph.initializer if t.name in todo}
     pc = []
     for w, t in todo.items():
@@ -196,6 +204,27 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
     if pc:
         out = _per_channel(out, pc)
     return out, notes
+
+
+def _smooth(model: onnx.ModelProto, todo: dict[str, IntTreatment], calib, grams: dict[str, np.ndarray],
+            notes: list[str]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """SmoothQuant (passes/smooth.py) for the int8pc weights asking for it: the smoothed model,
+    and the Grams of their new inputs X/s (G → G / s·sᵀ)."""
+    want = {w for w, t in todo.items() if t.kind == "int8pc" and t.smooth}
+    if not want:
+        return model, grams
+    if calib is None or not calib.batches:
+        notes.append(f"smooth: {len(want)} int8pc weights not smoothed (needs calibration data)")
+        return model, grams
+    from .smooth import smooth_for_int8
+
+    out, res = smooth_for_int8(model, calib, weights=want)
+    notes += res.notes
+    grams = dict(grams)
+    for w, s in res.scales.items():
+        if w in grams:
+            grams[w] = grams[w] / np.outer(s, s)
+    return out, grams
 
 
 def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> onnx.ModelProto:
@@ -243,7 +272,7 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
     G = grams.get(act) if act else None
     out = []
     for key, t in PLANNED.items():
-        if site not in t.sites() or (site not in ("matmul", "body") and W.shape[1] % t.block):
+        if site not in t.sites() or (site not in ("matmul", "body") and t.block and W.shape[1] % t.block):
             continue
         f = t.fit(W, G, site)
         if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)

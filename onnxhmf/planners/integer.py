@@ -58,7 +58,7 @@ def integer_plan(model: onnx.ModelProto, calib, target_bytes: int, menu: list[In
         G = grams.get(w)
         opts, measured = [Option(4 * W.size, 0.0, None)], None
         for t in menu:
-            if sites[w] not in t.sites() or (sites[w] != "matmul" and W.shape[1] % t.block):
+            if sites[w] not in t.sites() or (sites[w] != "matmul" and t.block and W.shape[1] % t.block):
                 continue
             f = fitted[(w, t)] = t.fit(W, G, sites[w])
             Wq = _as_weight(f, sites[w])

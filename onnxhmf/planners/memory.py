@@ -6,7 +6,9 @@ and plmf-int8w): their ``Cast``·``Mul`` on a constant is folded at load, so the
 and folding leaves more behind in the process than the float result. Measured with onnxruntime
 1.32 on MiniLM (86 MiB of 2-D weights, every one weight-only; resident growth 130.7 MiB float,
 167.6 MiB int8, 242 MiB int4): int8 costs about 1.43× the float weights (≈ 6 bytes a value),
-int4 (unpacked through BitShift/Concat before the Mul) about 2.3× (≈ 9 bytes a value). The cap is on what a fresh process gains by loading and running the model
+int4 (unpacked through BitShift/Concat before the Mul) about 2.3× (≈ 9 bytes a value).
+
+The cap is on what a fresh process gains by loading and running the model
 (runtime.resident_memory). The part that does not depend on the plan (runtime, activations:
 the input's resident growth minus its weight bytes) is measured once; the rest is the weights'
 share, ``weights``.
@@ -15,15 +17,13 @@ Without ``--max-memory`` the default planner keeps the planned weights' predicte
 within their float bytes (``no_more_than_float``, nothing measured): a plan never takes more
 weight memory than the input, which weight-only int4 alone would (2.3×).
 
-The knapsack keeps its byte budget and minimises Σ loss + μ·Σ loaded, with μ ≥ 0 the smallest
-(bisection on a log scale) that brings Σ loaded within ``weights``: a Lagrangian relaxation of
-the second constraint inside the one search. The built plan is then measured; when it is over
-the cap (the prediction misses allocator slack), ``weights`` is lowered by the excess and the
-search runs again, at most twice.
+The knapsack keeps the loaded bytes within ``weights`` inside the one search (caps.py: a
+Lagrangian on them). The built plan is then measured; when it is over the cap (the prediction
+misses allocator slack), ``weights`` is lowered by the excess and the search runs again, at most
+twice.
 """
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import OnnxHmfError
-from ..factorize.allocate import Option, allocate
+from ..factorize.allocate import Option
 from ..factorize.pivot import pivoted_params
 from ..factorize.svd import rank_for_keep
 
@@ -95,55 +95,23 @@ class MemoryCap:
         no more loaded bytes than they do as float (their dense option)."""
         return cls(None, 0, sum(opts[0].cost for opts in planner.options.values()), {})
 
-    def floor(self, planner) -> int:
-        """The fewest bytes of a choice that fits ``weights`` (the knapsack with the roles of
-        bytes and loaded bytes swapped: loaded bytes are the budget, bytes the loss)."""
-        names = list(planner.options)
-        sites = [[Option(loaded_bytes(planner, n, o), float(o.cost), o) for o in planner.options[n]] for n in names]
-        try:
-            return int(sum(c.tag.cost for c in allocate(sites, self.weights)))
-        except ValueError:
-            return int(sum(max(o.cost for o in planner.options[n]) for n in names))
+    @property
+    def strict(self) -> bool:
+        return self.cap is not None  # the default rule gives way where no plan within the budget fits it
+
+    @property
+    def share(self) -> int:
+        return self.weights
+
+    def resource(self, planner, name: str, o: Option) -> int:
+        return loaded_bytes(planner, name, o)
+
+    def infeasible(self, used: float) -> str:
+        return (f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; the smallest loaded one "
+                f"takes about {(used * self.weights + self.overhead) / 2**20:.1f} MiB (weights + runtime and activations)")
 
     def fits(self, planner, choice: dict[str, Option]) -> bool:
         return sum(loaded_bytes(planner, n, o) for n, o in choice.items()) <= self.weights
-
-    def allocate(self, planner, names: list[str], budget: int) -> list[Option]:
-        """The knapsack's choice within ``budget`` bytes whose loaded bytes fit ``weights``."""
-        sites = [planner.options[n] for n in names]
-        loads = [[loaded_bytes(planner, n, o) for o in s] for n, s in zip(names, sites)]
-
-        def pick(mu: float):
-            wrapped = [[Option(o.cost, o.error + mu * lo, i) for i, (o, lo) in enumerate(zip(s, ls))]
-                       for s, ls in zip(sites, loads)]
-            idx = [c.tag for c in allocate(wrapped, budget)]
-            return [s[i] for s, i in zip(sites, idx)], sum(ls[i] for ls, i in zip(loads, idx))
-
-        best, used = pick(0.0)
-        if used <= self.weights:
-            return best
-        lo, hi = 0.0, 1e-12
-        while True:
-            best, used = pick(hi)
-            if used <= self.weights:
-                break
-            if hi > 1e6:
-                if self.cap is None:  # no_more_than_float: dense everywhere always fits
-                    return best
-                raise OnnxHmfError(f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; "
-                                   f"the smallest loaded one takes about {(used + self.overhead) / 2**20:.1f} MiB "
-                                   "(weights + runtime and activations)")
-            lo, hi = hi, hi * 10
-        for _ in range(24):  # to a few percent of μ
-            mid = math.sqrt(lo * hi) if lo > 0 else hi / 10
-            p, u = pick(mid)
-            if u <= self.weights:
-                hi, best = mid, p
-            else:
-                lo = mid
-            if lo > 0 and hi / lo < 1.05:
-                break
-        return best
 
     def enforce(self, search, res):
         """Measure the built plan; over the cap, lower the weights' share by the excess and

@@ -31,8 +31,11 @@ target, the budget is lowered by the overshoot (plus a growing margin) and the p
 Plans of one treatment (all int8w, int8 or int4w where the weight allows) that fit are measured
 too, and the lowest measured loss wins: the knapsack adds per-weight losses, the model need not.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
-held-out fidelity meets the target. ``--max-latency-ratio``: when the plan is too slow, plan
-again without the weight-only treatments (float MatMuls), and fail if still slow.
+held-out fidelity meets the target. ``--max-latency-ratio``: the predicted latency of each
+option is a cap inside the same search (latency.py), the built plan is measured and the cap
+tightened by the excess; what is still too slow is planned again without whole families of
+treatments (``_SLOWER_FIRST``), and fails if still slow. ``--max-memory`` (and the default
+planner's rule that weights take no more memory than as float) is a cap the same way (memory.py).
 """
 from __future__ import annotations
 
@@ -59,8 +62,11 @@ from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
+from .caps import capped_allocate, capped_floor
 from .common import Planned, candidate, decision, dense, pivot_costs
+from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
+from .memory import MemoryCap
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -95,7 +101,7 @@ class Planner:
     cache: dict = field(default_factory=dict)  # LMF factors shared by the trial builds (the same for a weight and rank)
     meter: Callable[[onnx.ModelProto], tuple[float, float]] | None = None  # (fidelity, loss) instead of cosines
     costs: object = None  # graph/pivot.PivotCosts: the pivoted treatments' ranks and maps (None: --no-pivot)
-    memory: object = None  # planners/memory.MemoryCap (--max-memory): the loaded weights' budget
+    caps: list = field(default_factory=list)  # planners/memory.MemoryCap, latency.LatencyCap (caps.py)
 
     @property
     def held(self):
@@ -105,13 +111,13 @@ class Planner:
     def allocate(self, budget: int) -> dict[str, Option]:
         names = list(self.options)
         left = max(int(budget) - self.fixed, 0)
-        picked = (self.memory.allocate(self, names, left) if self.memory is not None
+        picked = (capped_allocate(self, names, left, self.caps) if self.caps
                   else allocate([self.options[n] for n in names], left))
         return dict(zip(names, picked))
 
     def floor(self) -> int:
-        if self.memory is not None:
-            return self.fixed + self.memory.floor(self)
+        if self.caps:
+            return self.fixed + capped_floor(self, self.caps)
         return self.fixed + sum(min(o.cost for o in opts) for opts in self.options.values())
 
     def ceiling(self) -> int:
@@ -320,21 +326,21 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
                       options, finish, meter=meter, cache=cache, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
-    if options.budget.max_memory is not None:
-        from .memory import MemoryCap
-
-        planner.memory = MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
-    elif options.budget.fidelity is not None:  # the default planner: never more weight memory than the input's
-        from .memory import MemoryCap
-
-        planner.memory = MemoryCap.no_more_than_float(planner)
+    mem = (MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
+           if options.budget.max_memory is not None
+           else MemoryCap.no_more_than_float(planner) if options.budget.fidelity is not None else None)
+    limit = options.budget.plan.get("max_latency_ratio")
+    lat = LatencyCap.measure(work, c.held.batches[0], limit, planner) if limit is not None else None
+    planner.caps = [cap for cap in (mem, lat) if cap is not None]
     search = _Search(planner, work, options.budget.plan, src_bytes)
     res = search.run()
-    limit = options.budget.plan.get("max_latency_ratio")
-    ratio = latency_ratio(work, res.built.model, c.held) if limit is not None else None
+    ratio = None
+    if lat is not None:
+        res = lat.enforce(search, res, lambda m: latency_ratio(work, m, c.held))
+        ratio = lat.measured
     fast_only = None  # the treatments left out to meet the limit
     full = planner.options
-    for left_out, drop in _SLOWER_FIRST:
+    for left_out, drop in _SLOWER_FIRST:  # what the one search could not bring within the limit
         if limit is None or ratio <= limit:
             break
         if not any(drop(o.tag[0]) for o in res.choice.values()):
@@ -345,8 +351,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     if limit is not None and ratio > limit:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
-    if planner.memory is not None:
-        res = planner.memory.enforce(search, res)
+    if mem is not None:
+        res = mem.enforce(search, res)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
@@ -395,7 +401,7 @@ class _Search:
             alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
             if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
                 continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
-            if p.memory is not None and not p.memory.fits(p, alt):
+            if not all(cap.fits(p, alt) for cap in p.caps):
                 continue
             built = p.assemble(self.work, alt)
             size = built.model.ByteSize()
@@ -434,7 +440,7 @@ class _Search:
         ceiling = hi
         best = self.trial(hi)
         if best.fidelity < goal:
-            capped = p.memory is not None and p.memory.cap is not None
+            capped = any(getattr(cap, "cap", None) is not None for cap in p.caps)
             raise OnnxHmfError(f"--plan auto: even the largest plan{' within --max-memory' if capped else ''} gives held-out "
                                f"fidelity {best.fidelity:.4f} < {goal}" + ("; give a larger --max-memory" if capped else ""))
         for _ in range(8):
@@ -467,8 +473,9 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
                else {"heldout_fidelity": round(res.fidelity, 5)}),
             "heldout_samples": planner.held.samples, "fit_samples": planner.calibrated.fit.samples,
             "latency_ratio": None if ratio is None else round(ratio, 3), "trials": search.tried, "sites": rows}
-    if planner.memory is not None and planner.memory.cap is not None:
-        info["max_memory"], info["memory"] = planner.memory.cap, planner.memory.measured
+    mem = next((cap for cap in planner.caps if isinstance(cap, MemoryCap)), None)
+    if mem is not None and mem.cap is not None:
+        info["max_memory"], info["memory"] = mem.cap, mem.measured
     if fast_only:
         info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
     return info
