@@ -10,6 +10,9 @@ exp(−KL), top-1 and the perplexity ratio; a KV-cache decoder is run as a first
 empty past and a cached step fed its own presents.
 
     ONNXHMF_MODEL_CACHE=models/cache OPENBLAS_NUM_THREADS=1 python benchmarks/bench_default.py [minilm] [glassllm] [kv]
+        [--no-pivot-too]
+
+``--no-pivot-too``: also the default run with ``--no-pivot`` (A·B low-rank storage), beside it.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def _cli(args: list) -> tuple[int, float, str]:
     return r.returncode, time.perf_counter() - t, r.stdout + r.stderr
 
 
-def run(label: str, path: Path, tokenizer: Path, tmp: Path) -> list[tuple]:
+def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool = False) -> list[tuple]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from onnxhmf.discover import discover_calibration
@@ -46,12 +49,13 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path) -> list[tuple]:
     _, held = d.split()
     sets = {"held-out": held} | _text_sets(path, tokenizer, d)
     rows = []
-    out = tmp / f"{label.replace(' ', '_')}.default.onnx"
-    code, secs, log = _cli([path, out, "-q"])
-    if code != 0:
-        print(f"{label}: the default run failed ({code}): {log.strip().splitlines()[-1]}", flush=True)
-    else:
-        rows.append((out, "onnxhmf, no flags", secs))
+    for extra, variant in [([], "onnxhmf, no flags")] + ([(["--no-pivot"], "onnxhmf, --no-pivot")] if no_pivot_too else []):
+        out = tmp / f"{label.replace(' ', '_')}.default{'.ab' if extra else ''}.onnx"
+        code, secs, log = _cli([path, out, "-q", *extra])
+        if code != 0:
+            print(f"{label}: the {variant} run failed ({code}): {log.strip().splitlines()[-1]}", flush=True)
+        else:
+            rows.append((out, variant, secs))
     for per_channel in (False, True):
         q = tmp / f"{label.replace(' ', '_')}.int8{'pc' if per_channel else ''}.onnx"
         t = time.perf_counter()
@@ -66,7 +70,8 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path) -> list[tuple]:
 
 
 def main(argv: list[str]) -> int:
-    which = argv or ["minilm", "glassllm", "kv"]
+    no_pivot_too = "--no-pivot-too" in argv
+    which = [a for a in argv if a != "--no-pivot-too"] or ["minilm", "glassllm", "kv"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-"))
     rows = []
     try:
@@ -76,16 +81,16 @@ def main(argv: list[str]) -> int:
         (tmp / "glassllm.tokenizer.json").write_text(hf_tok, encoding="utf-8")
         if "minilm" in which:
             folder = _script("build_minilm_folder").build_folder(tmp / "minilm", source=CACHE / "minilm.onnx")
-            rows += run("MiniLM folder", folder / "model.onnx", folder / "tokenizer.json", tmp)
+            rows += run("MiniLM folder", folder / "model.onnx", folder / "tokenizer.json", tmp, no_pivot_too)
         if "glassllm" in which:
             (tmp / "glassllm").mkdir()
             shutil.copyfile(ROOT / "models" / "glassllm.onnx", tmp / "glassllm" / "glassllm.onnx")
-            rows += run("glassllm.onnx", tmp / "glassllm" / "glassllm.onnx", tmp / "glassllm.tokenizer.json", tmp)
+            rows += run("glassllm.onnx", tmp / "glassllm" / "glassllm.onnx", tmp / "glassllm.tokenizer.json", tmp, no_pivot_too)
         if "kv" in which:
             kv_dir = tmp / "glassllm_kv"
             subprocess.run([sys.executable, str(ROOT / "models" / "build_glassllm_kv.py"), "--out", str(kv_dir)],
                            check=True, capture_output=True)
-            rows += run("glassllm KV folder", kv_dir / "decoder_model_merged.onnx", kv_dir / "tokenizer.json", tmp)
+            rows += run("glassllm KV folder", kv_dir / "decoder_model_merged.onnx", kv_dir / "tokenizer.json", tmp, no_pivot_too)
         head = ("model", "variant", "bytes", "time s", "fidelity (cosine; logits: exp(-KL), top-1, perplexity ratio)")
         print()
         print("| " + " | ".join(head) + " |")

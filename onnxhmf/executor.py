@@ -111,7 +111,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
             sites = _int8_everything(sites, set(done))
-    model = _store_blocked(model, plan, ctx, notes)
+    model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
     return Built(model, sites, notes)
 
@@ -138,9 +138,11 @@ def _smooth(model: onnx.ModelProto, names, ctx: ExecContext, notes: list[str], h
     return model
 
 
-def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: list[str]) -> onnx.ModelProto:
+def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: list[str],
+                   rows: dict | None = None) -> onnx.ModelProto:
     """5. blocked int4/int8 (int4b, int8b; passes/intquant.py): DequantizeLinear(block_size) →
-    MatMul, integer at run time; the opset is raised to 21 only where a MatMul needs it."""
+    MatMul, integer at run time; the opset is raised to 21 only where a MatMul needs it.
+    ``rows``: {weight: permutation} of rows a fold in step 1 applied (apply_planned fits W[perm])."""
     blocked = {d.weight: d.treatment for d in plan.decisions if d.spec.store in ("int4b", "int8b")}
     if not blocked:
         return model
@@ -149,7 +151,7 @@ def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: 
 
     before = default_opset(model)
     fitted = ctx.cache.setdefault("blocked fits", {}) if ctx.cache is not None else None
-    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {}, fitted)
+    model = apply_planned(model, blocked, ctx.stats.grams if ctx.stats is not None else {}, fitted, rows)
     notes.append(f"blocked int4/int8: {len(blocked)} weights as DequantizeLinear(block_size) → MatMul or gathered "
                  "integer rows (integer at run time)" + (f"; opset {before} -> {default_opset(model)}"
                                                           if default_opset(model) != before else ""))

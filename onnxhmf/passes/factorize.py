@@ -113,6 +113,9 @@ class FactorizePass:
             if name not in self._done:
                 group = next(g for g in groups if g.name == name)
                 rewrite_dense(self._editor, group, index.array(group.ref)[perm])
+        # rows a fold permuted in weights this pass did not otherwise touch: the integer steps after
+        # it (executor: blocked int4/int8) must fit W[perm] with the Gram permuted alike
+        self.row_permutations = {n: p for n, p in self._pending.items() if n not in self._done}
         self._pending = {}  # (sides() permutes a folded weight's Gram only during the run)
         self._editor.commit()
         by_name = {g.name: g for g in groups}

@@ -283,19 +283,28 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
 
 
 def apply_planned(model: onnx.ModelProto, tags: dict[str, str], grams: dict[str, np.ndarray],
-                  fitted: dict | None = None) -> onnx.ModelProto:
+                  fitted: dict | None = None, rows: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
     """Apply the planner's choice {weight: PLANNED key} (other treatments ignored); ``fitted``:
-    fits to reuse, and where new ones are kept."""
+    fits to reuse, and where new ones are kept. ``rows``: {weight: perm} for weights whose rows
+    were permuted (W[perm]) after the Grams were captured and the fits made (a pivoted or hybrid
+    producer's column order folded into them): their Gram is G[perm][:, perm] (the activation is
+    permuted alike) and their fits are their own, kept under (weight, treatment, perm), never the
+    unpermuted weight's."""
     plan = {w: PLANNED[k] for w, k in tags.items() if k in PLANNED}
     if not plan:
         return model
+    rows = {w: np.asarray(p) for w, p in (rows or {}).items() if w in plan}
     per_weight = {}
     for w in plan:
         site = qdq.site_kind(model, w)
         act = _activation(model, w, site) if site else None
         if act in grams:
-            per_weight[w] = grams[act]
-    out, _ = apply_treatments(model, plan, grams=per_weight, fitted=fitted)
+            per_weight[w] = grams[act][np.ix_(rows[w], rows[w])] if w in rows else grams[act]
+    key = lambda w, t: (w, t, rows[w].tobytes()) if w in rows else (w, t)  # noqa: E731
+    own = None if fitted is None else {(w, t): fitted[key(w, t)] for w, t in plan.items() if key(w, t) in fitted}
+    out, _ = apply_treatments(model, plan, grams=per_weight, fitted=own)
+    if fitted is not None:
+        fitted.update({key(w, t): f for (w, t), f in own.items()})
     return out
 
 

@@ -15,9 +15,12 @@ only that group is changed, as in calibrated.measure_sensitivities):
 * int4w (the same with 4 bits, two values per byte, unpacked by BitShift/Sub/Concat): m·n/2 +
   4n + c', opset ≥ 11 and an even side. Both are folded by onnxruntime at load, tables included.
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
-* LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ, δ = max(0, measured
-  loss of the quantized factors at the probe rank − the same with float factors); the
-  quantization noise of the factors is taken as independent of r.
+* LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ(r), δ = max(0, measured
+  loss of the quantized factors − the same with float factors), measured at the ranks of three
+  keeps (DELTA_KEEPS: 0.2, 0.5 and the grid's top 0.95) and interpolated linearly in r between
+  them: it grows with the rank, convexly, so the chords are upper bounds.
+* Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
+  rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
 Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
@@ -67,7 +70,9 @@ from .memory import MemoryCap
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
-PROBE_KEEP = 0.5  # where LMF with int8 factors is measured
+# where the loss of LMF with int8 factors is measured, interpolated in rank between: δ(r) grows convexly
+# with r, so the chords bound it from above, and the last probe is KEEP_GRID's top (held beyond, δ under-states)
+DELTA_KEEPS = (0.2, 0.5, 0.95)
 SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as float MatMuls (no int8 kernels)
 # Too slow for --max-latency-ratio: plan again without, in turn, weight-only integers (float
 # MatMuls); factored forms (two MatMuls and their quantizers in place of one: on small matrices
@@ -226,26 +231,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
                                 fitted.setdefault("blocked fits", {})) if blocked else []
         # (a body weight's fused form stores its integers once per reading graph: both are offered)
         opts += fused + (_weight_only(g, T, loss_with, cost, int4) if not fused or site_kind(work, g.name) == "body" else [])
-        if direct and (only_gather or not gather) and plmf:
-            opts += _pivoted_int8_options(costs, fpass, g, T, plmf, gather, loss_with, rank_multiple, not fused)
-        if direct and (only_gather or not gather) and lmf:
-            transposed = factor_orientation(g)
-            r = rank_for_keep(m, n, PROBE_KEEP, rank_multiple)
-            if 1 <= r and r * (m + n) < m * n:
-                f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
-                Wq = int8_weight(f.A, table=gather) @ int8_weight(f.B)
-                Wq = (Wq.T if transposed else Wq).astype(np.float32)
-                Wr = (f.A @ f.B)
-                Wr = (Wr.T if transposed else Wr).astype(np.float32)
-                base = loss_with(g.name, Wr)
-                delta = max(0.0, loss_with(g.name, Wq, not gather) - base)
-                opts += [Option(cost("lmf-int8", o.cost // (m + n)), o.error + delta, ("lmf-int8", o.tag))
-                         for o in lmf]
-                if not gather and not transposed and not fused:  # factors as A (m×r), B (r×n): weight-only int8
-                    Ww = (int8w_weight(f.A) @ int8w_weight(f.B)).astype(np.float32)
-                    dw = max(0.0, loss_with(g.name, Ww) - base)
-                    opts += [Option(cost("lmf-int8w", o.cost // (m + n)),
-                                    o.error + dw, ("lmf-int8w", o.tag)) for o in lmf]
+        if direct and (only_gather or not gather) and (lmf or plmf):
+            opts += _quantized_lowrank_options(costs, fpass, g, T, lmf, plmf, gather, loss_with, rank_multiple, not fused)
         out[g.name] = opts
     return out
 
@@ -533,34 +520,49 @@ def _lowrank_options(costs, g, sens: list[Option], rank_multiple: int) -> tuple[
     return ab, piv
 
 
-def _pivoted_int8_options(costs, fpass, g, T: np.ndarray, plmf: list[Option], gather: bool, loss_with, rank_multiple: int,
-                          weight_only: bool) -> list[Option]:
-    """plmf-int8 (and plmf-int8w for untransposed MatMul weights): W_p and C quantized, loss
-    L(r) + δ with δ measured at the probe rank, as for A·B's quantized factors."""
+def _quantized_lowrank_options(costs, fpass, g, T: np.ndarray, lmf: list[Option], plmf: list[Option], gather: bool,
+                               loss_with, rank_multiple: int, weight_only: bool) -> list[Option]:
+    """lmf-int8 / plmf-int8 (A·B or W_p and C quantized; with ``weight_only``, also the -int8w forms
+    of untransposed MatMul weights) beside the float options ``lmf`` / ``plmf``: loss L(r) + δ(r).
+
+    δ(r) = max(0, loss with the quantized factors − loss with the float ones) is measured at the
+    ranks of DELTA_KEEPS (one factorization each, shared by the two forms: the pivoted product is
+    A·B's) and interpolated linearly in r between them, held at the ends. The quantization loss
+    grows with the rank, and faster for the pivoted form, whose coefficients C carry W_p's error
+    into the other n − r outputs: one probe at keep 0.5 under-stated δ at keep 0.95 by 2.7× on
+    MiniLM's FFN1, and one at 0.9 held to 0.95 by 1.4× (docs/pivot.md)."""
     from ..factorize.pivot import pivot_factors
 
     m, n = g.shape
     transposed = factor_orientation(g)
-    r = costs.rank(g, PROBE_KEEP, rank_multiple)
-    if r < 1 or not costs.stores_pivoted(g, r):
-        return []
-    f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
-    pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
-
-    def weight(Wp: np.ndarray, C: np.ndarray) -> np.ndarray:
-        W = np.concatenate([Wp, Wp @ C], axis=1)[:, pf.inverse]
-        return (W.T if transposed else W).astype(np.float32)
-
-    def rank_of(o: Option) -> int:
-        return costs.rank(g, o.tag, rank_multiple)
-
-    index = costs.map_cost(g)
-    base = loss_with(g.name, weight(pf.F, pf.C))
-    delta = max(0.0, loss_with(g.name, weight(int8_weight(pf.F, table=gather), int8_weight(pf.C)), not gather) - base)
-    out = [Option(treatment_bytes("lmf-int8", (m, n), rank=rank_of(o), pivot=True, index=index), o.error + delta,
-                  ("plmf-int8", o.tag)) for o in plmf]
-    if weight_only and not gather and not transposed:  # weight-only int8 of W_p (m×r) and C (r×(n−r))
-        dw = max(0.0, loss_with(g.name, weight(int8w_weight(pf.F), int8w_weight(pf.C))) - base)
-        out += [Option(treatment_bytes("lmf-int8w", (m, n), rank=rank_of(o), pivot=True, index=index), o.error + dw,
-                       ("plmf-int8w", o.tag)) for o in plmf]
+    w8 = weight_only and not gather and not transposed  # factors as A (m×r), B (r×n): weight-only int8
+    oriented = lambda W: (W.T if transposed else W).astype(np.float32)  # noqa: E731
+    rank_at = (lambda k: costs.rank(g, k, rank_multiple)) if costs is not None else (  # noqa: E731
+        lambda k: rank_for_keep(m, n, k, rank_multiple))
+    ranks = sorted({r for r in map(rank_at, DELTA_KEEPS) if 1 <= r < min(m, n)})
+    deltas: dict[str, list[float]] = {}
+    for r in ranks:
+        f, _ = fpass._lmf(g, T.T if transposed else T, r, transposed)
+        base = loss_with(g.name, oriented(f.A @ f.B))
+        probes = {}
+        if lmf:
+            probes["lmf-int8"] = (int8_weight(f.A, table=gather) @ int8_weight(f.B), not gather)
+            if w8:
+                probes["lmf-int8w"] = (int8w_weight(f.A) @ int8w_weight(f.B), False)
+        if plmf:
+            pf = pivot_factors(f.A, f.B, f.residual_sq, f.total_sq)
+            pivoted = lambda Wp, C: np.concatenate([Wp, Wp @ C], axis=1)[:, pf.inverse]  # noqa: E731
+            probes["plmf-int8"] = (pivoted(int8_weight(pf.F, table=gather), int8_weight(pf.C)), not gather)
+            if w8:
+                probes["plmf-int8w"] = (pivoted(int8w_weight(pf.F), int8w_weight(pf.C)), False)
+        for kind, (W, quantized_input) in probes.items():
+            deltas.setdefault(kind, []).append(max(0.0, loss_with(g.name, oriented(W), quantized_input) - base))
+    index = costs.map_cost(g) if costs is not None else 0
+    out = []
+    for kind, ds in deltas.items():
+        pivot = kind.startswith("plmf")
+        for o in plmf if pivot else lmf:
+            r = costs.rank(g, o.tag, rank_multiple) if pivot else o.cost // (m + n)
+            nbytes = treatment_bytes(kind[1:] if pivot else kind, (m, n), rank=r, **({"pivot": True, "index": index} if pivot else {}))
+            out.append(Option(nbytes, o.error + float(np.interp(r, ranks, ds)), (kind, o.tag)))
     return out
