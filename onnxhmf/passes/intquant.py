@@ -23,8 +23,9 @@ Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind)
 Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
 gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
 opset only when a treatment applied needs it and the model passes graph/qdq.upgrade_opset's
-check, else it skips those and says why. Raising it is not free: onnxruntime 1.32 matches several
-of its fusions on op versions, and MiniLM at opset 21 runs 1.15x slower in float (bench_runtime.py).
+check, else it skips those and says why. (An earlier bench_runtime.py run had MiniLM 1.15x slower
+in float at opset 21; remeasured interleaved, upgrade_opset alone: 1.001x, onnx's version
+converter: 1.01-1.04x, so the opset itself costs little.)
 """
 from __future__ import annotations
 
