@@ -84,7 +84,8 @@ _BUDGET = _Group("How much to keep", [
     _o("--target-fidelity", type=click.FloatRange(-1, 1), default=None, metavar="COSINE",
        help="--plan auto: the smallest plan whose outputs keep this mean cosine on held-out calibration data."),
     _o("--max-latency-ratio", type=click.FloatRange(0, min_open=True), default=None, metavar="X",
-       help="--plan auto: fail unless the plan runs within X times the input's onnxruntime latency."),
+       help="--plan auto: the plan runs within X times the input's onnxruntime latency (one thread; predicted "
+            "inside the search, then measured; fails if no plan does)."),
     _o("--max-memory", default=None, metavar="SIZE",
        help="With the default target or --plan auto: the loaded model's resident memory (a fresh onnxruntime "
             "process that loads and runs it) at most SIZE, e.g. 60MB; weight-only (float once loaded) forms give way."),
