@@ -162,6 +162,25 @@ def mlp_model(d=32, h=96, seed=0, true_rank=None) -> onnx.ModelProto:
     return model(nodes, [vi("X", ["batch", "seq", d])], [vi("Y", ["batch", "seq", d])], inits)
 
 
+def column_hybrid_mlp(monkeypatch):
+    """mlp_model(32, 96) whose W1 is rank 8 except every 5th column: exact as HMF (20 dense
+    columns + rank 8), not as LMF. Patches passes/factorize's hmf to those exact factors for W1
+    (the others as usual); returns (model, dense column indices)."""
+    import onnxhmf.passes.factorize as fz
+    from onnxhmf.factorize.hmf import hmf_fixed
+
+    model = mlp_model(32, 96, true_rank=8)
+    dense = np.arange(0, 96, 5)
+    W1 = next(t for t in model.graph.initializer if t.name == "W1")
+    arr = numpy_helper.to_array(W1).copy()
+    arr[:, dense] = np.random.default_rng(5).standard_normal((32, len(dense)))
+    W1.CopyFrom(numpy_helper.from_array(arr, "W1"))
+    orig = fz.hmf
+    monkeypatch.setattr(fz, "hmf", lambda W, budget, **kw: (
+        hmf_fixed(W, dense, 8, axis=1) if W.shape == (32, 96) else orig(W, budget, **kw)))
+    return model, dense
+
+
 def token_mlp_model(vocab=300, d=32, h=64, seed=0) -> onnx.ModelProto:
     """ids, attention_mask → Gather(E)·mask → MatMul(W1) → Relu → MatMul(W2) → Y: a tiny text
     model with anisotropic activations (E's columns span four decades), so data-aware

@@ -106,19 +106,7 @@ def test_fold_removes_the_permutation_and_matches_gather_form():
 
 def test_fold_forced_columns_exact_at_full_budget(monkeypatch):
     """Columns HMF on W1 with exact factors: folded output equals the original."""
-    import onnxhmf.passes.factorize as fz
-
-    model = graphs.mlp_model(32, 96, true_rank=8)
-    # Rank 8 except for every 5th column: exact as HMF (20 dense columns + rank 8), not as LMF.
-    dense = np.arange(0, 96, 5)
-    W1 = next(t for t in model.graph.initializer if t.name == "W1")
-    arr = onnx.numpy_helper.to_array(W1).copy()
-    arr[:, dense] = np.random.default_rng(5).standard_normal((32, len(dense)))
-    W1.CopyFrom(onnx.numpy_helper.from_array(arr, "W1"))
-    orig = fz.hmf
-    exact_cols = lambda W, budget, **kw: (  # noqa: E731
-        hmf_fixed(W, dense, 8, axis=1) if W.shape == (32, 96) else orig(W, budget, **kw))
-    monkeypatch.setattr(fz, "hmf", exact_cols)
+    model, _ = graphs.column_hybrid_mlp(monkeypatch)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     reports = execute(out, uniform_plan(out, Options.from_kwargs(method="hmf", keep=0.9))).sites

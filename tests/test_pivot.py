@@ -104,7 +104,7 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 from onnxhmf import optimize, optimize_file  # noqa: E402
 from onnxhmf.verify import run_onnxruntime  # noqa: E402
-from test_rewrite import STANDARD_OPS, assert_same_interface, feeds_for, run_both  # noqa: E402
+from test_rewrite import STANDARD_OPS, assert_same_interface, assert_same_outputs, feeds_for, run_both  # noqa: E402
 
 PIVOT_OPS = STANDARD_OPS | {"Concat", "Shape", "Reshape", "Flatten"}
 
@@ -114,11 +114,7 @@ def _exact(original, **kw):
     assert report.rewritten, report.format()
     assert_same_interface(original, out)
     assert {n.op_type for n in out.graph.node} <= PIVOT_OPS | {n.op_type for n in original.graph.node}
-    feeds, a_ort, a_ref = run_both(original)
-    _, b_ort, b_ref = run_both(out)
-    for k in a_ort:
-        np.testing.assert_allclose(b_ort[k], a_ort[k], atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(b_ref[k], a_ref[k], atol=1e-5, rtol=1e-5)
+    assert_same_outputs(original, out)
     return out, report
 
 
@@ -183,18 +179,7 @@ def test_keep_buys_more_rank_pivoted():
 
 
 def test_hmf_with_pivots_exact_where_the_hybrid_is(monkeypatch):
-    import onnxhmf.passes.factorize as fz
-    from onnxhmf.factorize.hmf import hmf_fixed
-
-    model = graphs.mlp_model(32, 96, true_rank=8)
-    dense = np.arange(0, 96, 5)
-    W1 = next(t for t in model.graph.initializer if t.name == "W1")
-    arr = onnx.numpy_helper.to_array(W1).copy()
-    arr[:, dense] = np.random.default_rng(5).standard_normal((32, len(dense)))
-    W1.CopyFrom(onnx.numpy_helper.from_array(arr, "W1"))
-    orig = fz.hmf
-    monkeypatch.setattr(fz, "hmf", lambda W, budget, **kw: (
-        hmf_fixed(W, dense, 8, axis=1) if W.shape == (32, 96) else orig(W, budget, **kw)))
+    model, dense = graphs.column_hybrid_mlp(monkeypatch)
     for fold in (True, False):
         out, report = _exact(model, method="hmf", keep=0.9, fold=fold)
         w1 = {s.weight: s for s in report.sites}["W1"]

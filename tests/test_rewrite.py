@@ -45,17 +45,22 @@ def assert_same_interface(a, b):
     assert "onnxhmf" in {p.key for p in b.metadata_props}
 
 
+def assert_same_outputs(original, out, tol=1e-5):
+    """Both models pass the checker and agree in onnxruntime and onnx.reference to ``tol``."""
+    _, a_ort, a_ref = run_both(original)
+    _, b_ort, b_ref = run_both(out)
+    for k in a_ort:
+        np.testing.assert_allclose(b_ort[k], a_ort[k], atol=tol, rtol=tol)
+        np.testing.assert_allclose(b_ref[k], a_ref[k], atol=tol, rtol=tol)
+
+
 def check_full_rank(original, rank, n_sites=1):
     out, report = optimize(original, rank=rank, verify=False, pivot=False)  # A·B (pivoted: tests/test_pivot.py)
     assert len(report.rewritten) == n_sites, report.format()
     assert_same_interface(original, out)
     assert {n.op_type for n in out.graph.node} <= STANDARD_OPS
     assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)
-    feeds, a_ort, a_ref = run_both(original)
-    _, b_ort, b_ref = run_both(out)
-    for k in a_ort:
-        np.testing.assert_allclose(b_ort[k], a_ort[k], atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(b_ref[k], a_ref[k], atol=1e-5, rtol=1e-5)
+    assert_same_outputs(original, out)
     return out, report
 
 

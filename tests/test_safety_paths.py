@@ -223,14 +223,20 @@ SLOW_PASS = ("import sys, time; from onnxhmf.passes.factorize import FactorizePa
              "from onnxhmf.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
-def test_sigterm_and_sighup_clean_the_stage(tmp_path, sig):
+def _start_slow_run(tmp_path, d, h):
+    """An external-data MLP in tmp_path, its snapshot, and a CLI run of it held mid-factorization."""
     p = tmp_path / "in.onnx"
-    onnx.save(graphs.mlp_model(256, 512), p, save_as_external_data=True, location="in.data", size_threshold=0)
+    onnx.save(graphs.mlp_model(d, h), p, save_as_external_data=True, location="in.data", size_threshold=0)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PASS, "optimize", str(p), str(tmp_path / "o.onnx"),
                              "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
     assert proc.stderr.readline().strip() == "FACTORIZING"
+    return p, before, proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGHUP, marks=pytest.mark.slow)])
+def test_sigterm_and_sighup_clean_the_stage(tmp_path, sig):
+    p, before, proc = _start_slow_run(tmp_path, 256, 512)
     stage = [n for n in os.listdir(tmp_path) if n.endswith(".onnxhmf-tmp")]
     assert stage and os.listdir(tmp_path / stage[0])  # the stage holds the spill file mid-run
     proc.send_signal(sig)
@@ -241,12 +247,7 @@ def test_sigterm_and_sighup_clean_the_stage(tmp_path, sig):
 
 
 def test_stale_stage_of_killed_run_removed_by_next_run(tmp_path, capsys):
-    p = tmp_path / "in.onnx"
-    onnx.save(graphs.mlp_model(64, 192), p, save_as_external_data=True, location="in.data", size_threshold=0)
-    before = snapshot(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PASS, "optimize", str(p), str(tmp_path / "o.onnx"),
-                             "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
-    assert proc.stderr.readline().strip() == "FACTORIZING"
+    p, before, proc = _start_slow_run(tmp_path, 64, 192)
     proc.kill()
     proc.wait(timeout=20)
     stale = [n for n in os.listdir(tmp_path) if n.endswith(".onnxhmf-tmp")]
