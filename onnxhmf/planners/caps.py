@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..errors import OnnxHmfError
 from ..factorize.allocate import Option, allocate
 
-__all__ = ["capped_allocate", "capped_floor"]
+__all__ = ["capped_allocate", "capped_floor", "fits"]
 
 _TOL = 1e-9
 
@@ -70,6 +70,11 @@ def capped_allocate(planner, names: list[str], budget: int, caps: list) -> list[
     if broken and caps[broken[0]].strict:
         raise OnnxHmfError(caps[broken[0]].infeasible(used[broken[0]]))
     return best
+
+
+def fits(planner, choice: dict, caps: list) -> bool:
+    """Whether ``choice`` ({weight: Option}) keeps within every cap's share."""
+    return all(sum(c.resource(planner, n, o) for n, o in choice.items()) <= c.share for c in caps)
 
 
 def capped_floor(planner, caps: list) -> int:

@@ -147,9 +147,6 @@ class LatencyCap:
     def infeasible(self, used: float) -> str:  # (not strict: never raised)
         return f"--max-latency-ratio {self.limit}: no plan within the size budget is predicted within it"
 
-    def fits(self, planner, choice: dict) -> bool:
-        return sum(self.resource(planner, n, o) for n, o in choice.items()) <= self.share
-
     def enforce(self, search, res, ratio_of):
         """Measure the built plan (``ratio_of(model)``); over the limit, lower the share by the
         excess and search again (twice at most). Returns the last plan; ``measured`` its ratio."""

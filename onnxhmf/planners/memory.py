@@ -110,9 +110,6 @@ class MemoryCap:
         return (f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; the smallest loaded one "
                 f"takes about {(used * self.weights + self.overhead) / 2**20:.1f} MiB (weights + runtime and activations)")
 
-    def fits(self, planner, choice: dict[str, Option]) -> bool:
-        return sum(loaded_bytes(planner, n, o) for n, o in choice.items()) <= self.weights
-
     def enforce(self, search, res):
         """Measure the built plan; over the cap, lower the weights' share by the excess and
         search again (twice at most)."""

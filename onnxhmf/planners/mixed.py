@@ -62,7 +62,7 @@ from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
-from .caps import capped_allocate, capped_floor
+from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
@@ -401,7 +401,7 @@ class _Search:
             alt = {n: next((o for o in p.options[n] if o.tag[0] == kind), res.choice[n]) for n in res.choice}
             if alt == res.choice or p.fixed + sum(o.cost for o in alt.values()) > 1.05 * target:
                 continue  # (the estimate can be off by the overheads: only a clear miss is skipped)
-            if not all(cap.fits(p, alt) for cap in p.caps):
+            if not fits(p, alt, p.caps):
                 continue
             built = p.assemble(self.work, alt)
             size = built.model.ByteSize()
