@@ -272,6 +272,11 @@ def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judg
     report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol,
                                     min_cosine=None if judge is not None else v.min_cosine,
                                     min_top1=None if judge is not None else v.min_top1)  # (the judge scores logits itself)
+    dead = [k for k, r in ref.items() if np.issubdtype(r.dtype, np.floating) and r.size and not np.isfinite(r).any()]
+    if dead and report.failures:  # say why, rather than "mean cosine 0.00000"
+        report.failures = [f"{k}: the input model's own output is NaN or Inf everywhere on these inputs (a NaN/Inf "
+                           "constant in the model, or an overflow): nothing to compare against" for k in dead] + \
+                          [f for f in report.failures if f.split(":")[0] not in dead]
     if judge is not None:
         res = judge.score(cand)
         report.fidelity = {"samples": judge.calibration.samples, "source": judge.calibration.source,

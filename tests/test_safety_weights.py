@@ -175,3 +175,17 @@ def test_storage_ae_leaves_a_non_finite_weight(tmp_path, capfd):
         assert site["status"] == "skipped" and "NaN or Inf" in site["reason"], site
     else:
         assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flags", [[], ["--keep", "0.5"]])
+def test_a_model_whose_own_output_is_all_nan_says_so(flags, tmp_path, capfd):
+    """A NaN in a constant that no treatment touches (a bias) makes the input's own output NaN
+    everywhere: verification fails saying that, not "mean cosine 0"."""
+    model = graphs.mlp_model()
+    set_weight(model, "b2", np.full(32, np.nan, np.float32))
+    src, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(model, src)
+    code = main(["optimize", str(src), str(out), "-q", *flags])
+    _, err = capfd.readouterr()
+    assert code == 1 and err.count("\n") == 1, err
+    assert "Y: the input model's own output is NaN or Inf everywhere" in err and not out.exists()
