@@ -68,6 +68,10 @@ def _resident(model: onnx.ModelProto, feeds: dict) -> int:
     return got
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**17 else f"{n:,} B"
+
+
 @dataclass
 class MemoryCap:
     cap: int | None  # bytes of resident memory the loaded model may take (None: the weights' share only, not measured)
@@ -84,7 +88,7 @@ class MemoryCap:
         overhead = max(base - int(src_bytes), 0)
         weights = cap - overhead - int(fixed)
         if weights <= 0:
-            raise OnnxHmfError(f"--max-memory {cap / 2**20:.1f} MiB: onnxruntime and the activations alone take about "
+            raise OnnxHmfError(f"--max-memory {_mib(cap)}: onnxruntime and the activations alone take about "
                                f"{(overhead + fixed) / 2**20:.1f} MiB for this model and input (the input takes "
                                f"{base / 2**20:.1f} MiB)")
         return cls(cap, overhead, weights, feeds)
@@ -107,7 +111,7 @@ class MemoryCap:
         return loaded_bytes(planner, name, o)
 
     def infeasible(self, used: float) -> str:
-        return (f"--max-memory {self.cap / 2**20:.1f} MiB: no plan within the size budget fits; the smallest loaded one "
+        return (f"--max-memory {_mib(self.cap)}: no plan within the size budget fits; the smallest loaded one "
                 f"takes about {(used * self.weights + self.overhead) / 2**20:.1f} MiB (weights + runtime and activations)")
 
     def enforce(self, search, res):
@@ -125,5 +129,5 @@ class MemoryCap:
             if self.weights <= 0:
                 break
             res = search.run()
-        raise OnnxHmfError(f"--max-memory {self.cap / 2**20:.1f} MiB: the plan takes {self.measured / 2**20:.1f} MiB "
+        raise OnnxHmfError(f"--max-memory {_mib(self.cap)}: the plan takes {self.measured / 2**20:.1f} MiB "
                            "once loaded (measured); give a larger cap or a smaller --target-size")
