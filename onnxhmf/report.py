@@ -184,7 +184,7 @@ class Report:
             counted = {n: o for n, o in self.fidelity["outputs"].items() if o["counted"]}
             for n, o in counted.items():
                 rows.append((f"fidelity: {n}", "1", f"{o['describe']} (minimum {o['minimum']:.4g})", ""))
-            rows.append(("", "", f"on {self.fidelity['samples']} held-out samples of {self.fidelity['source']}", ""))
+            rows.append(("", "", f"on {self.fidelity['samples']} held-out samples ({self.fidelity['source']})", ""))
         elif fid:
             worst = min(fid, key=lambda o: o.mean_cosine)
             top = [o for o in self.outputs if o.top1 is not None]
