@@ -124,7 +124,8 @@ _METHODS = _Group("How weights are stored", [
        help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
             "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
-              "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"],
+              "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"],
+              "share_bases": p["share_bases"], "seed": p["seed"],
               "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"]})
 
 _CALIBRATION = _Group("Calibration data", [

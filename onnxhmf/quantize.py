@@ -199,10 +199,10 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     chosen = sorted(uses if weights is None else set(weights) & set(uses))
     if not chosen:
         return work, []
-    tied = _own_tables(work, chosen, notes, table_bits)
-    chosen = [w for w in chosen if w not in tied]
+    own = _own_tables(work, chosen, notes, table_bits)
+    chosen = [w for w in chosen if w not in own]
     if not chosen:
-        return _restore_header(work, model, notes), tied
+        return _restore_header(work, model, notes), own
     uses = weight_nodes(work)
     q = _quantize(work, chosen, uses, per_channel)
     floats = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
@@ -219,7 +219,7 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     if per_channel:
         drop_zero_points(q)
     left = set(weight_nodes(q))
-    return q, tied + [w for w in chosen if w not in left]
+    return q, own + [w for w in chosen if w not in left]
 
 
 def _own_tables(work: onnx.ModelProto, chosen: list[str], notes: list[str], bits: int = 8) -> list[str]:
