@@ -1,0 +1,127 @@
+"""Product-quantized tables: the k-means math, the codes → codebook Gather graph, the treatment."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphs import gather_model, matmul_model, model, token_batches, token_mlp_model, vi
+from onnxhmf.calibration import Calibration
+from onnxhmf.errors import OnnxHmfError
+from onnxhmf.factorize.codebook import ProductQuantized, kmeans, pq_bytes, product_quantize
+from onnxhmf.graph.codebook import codebook_table
+from onnxhmf.graph.qdq import default_opset
+from onnxhmf.passes.intquant import IntTreatment, apply_treatments, parse_treatment
+
+
+def _run(m, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _table_from_codebooks(V=300, S=8, k=16, d=4, seed=0):
+    """A table whose sub-vectors take at most k distinct values per subspace: PQ with k centroids is exact."""
+    rng = np.random.default_rng(seed)
+    books = rng.standard_normal((S, k, d))
+    codes = rng.integers(0, k, (V, S))
+    codes[:k] = np.arange(k)[:, None]  # every centroid used
+    return books[np.arange(S)[None, :], codes].reshape(V, S * d), books, codes
+
+
+def test_kmeans_recovers_separated_clusters_and_is_exact_when_k_covers_the_rows():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((5, 3)) * 10
+    X = np.repeat(centers, 40, axis=0) + 0.01 * rng.standard_normal((200, 3))
+    C, a = kmeans(X, 5, seed=1)
+    assert np.abs(C[a] - X).max() < 0.1
+    assert len(set(a.tolist())) == 5
+    Y = rng.standard_normal((7, 3))
+    C, a = kmeans(Y, 10)
+    np.testing.assert_array_equal(C[a], Y)
+
+
+def test_product_quantize_is_exact_on_a_table_built_from_codebooks():
+    E, _, _ = _table_from_codebooks()
+    pq = product_quantize(E, sub=4, k=16)
+    assert pq.codes.dtype == np.uint8 and pq.codes.shape == (300, 8) and pq.codebooks.shape == (8, 16, 4)
+    np.testing.assert_allclose(pq.dequantize(), E, atol=1e-6)
+    assert pq.nbytes() == pq_bytes(300, 32, 4, 16) == 300 * 8 + 8 * 16 * 4 * 4
+
+
+def test_product_quantize_error_falls_with_more_centroids_and_shorter_subvectors():
+    E = np.random.default_rng(3).standard_normal((400, 32))
+    err = lambda pq: np.linalg.norm(pq.dequantize() - E)  # noqa: E731
+    assert err(product_quantize(E, 4, 256)) < err(product_quantize(E, 4, 16)) < err(product_quantize(E, 8, 16))
+    half = product_quantize(E, 4, 64, itemsize=2)
+    assert half.nbytes() == 400 * 8 + 8 * 64 * 4 * 2
+    # the float16 codebook's values are what dequantize uses
+    np.testing.assert_array_equal(half.dequantize(), half.codebooks.astype(np.float16).astype(np.float32)[
+        np.arange(8)[None, :], half.codes.astype(np.int64)].reshape(400, 32))
+    with pytest.raises(ValueError):
+        product_quantize(E, 5)
+    with pytest.raises(ValueError):
+        product_quantize(E, 4, 512)
+
+
+@pytest.mark.parametrize("itemsize", [4, 2])
+def test_codebook_table_runs_in_onnxruntime_exactly_with_standard_ops(itemsize):
+    m = gather_model(300, 32)
+    E = numpy_helper.to_array(m.graph.initializer[0])
+    pq = product_quantize(E, 4, 64, itemsize=itemsize)
+    assert codebook_table(m, "E", pq) == 1
+    onnx.checker.check_model(m, full_check=True)
+    assert default_opset(m) == 17 and all(n.domain in ("", "ai.onnx") for n in m.graph.node)
+    ids = np.random.default_rng(0).integers(0, 300, (3, 7))
+    np.testing.assert_array_equal(_run(m, {"ids": ids}), pq.dequantize()[ids])
+    assert not any(t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 300 * 32 // 4 for t in m.graph.initializer)
+    assert m.ByteSize() < pq.nbytes() + 800
+
+
+def test_codebook_table_serves_gathers_of_different_index_ranks():
+    E, _, _ = _table_from_codebooks(V=64, S=4, k=16, d=2)
+    E = E.astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "a"], ["ya"], name="ga", axis=0),
+             helper.make_node("Gather", ["E", "b"], ["yb"], name="gb", axis=0)]
+    m = model(nodes, [vi("a", ["n"], TensorProto.INT64), vi("b", ["p", "q"], TensorProto.INT64)],
+              [vi("ya", ["n", 8]), vi("yb", ["p", "q", 8])], [numpy_helper.from_array(E, "E")])
+    pq = product_quantize(E, 2, 16)
+    assert codebook_table(m, "E", pq) == 2
+    onnx.checker.check_model(m, full_check=True)
+    a, b = np.array([3, 0, 63]), np.array([[1, 2], [5, 7], [9, 11]])
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    ya, yb = s.run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(ya, E[a], atol=1e-6)  # exact table: the rows themselves
+    np.testing.assert_allclose(yb, E[b], atol=1e-6)
+
+
+def test_codebook_table_refuses_other_sites_and_wrong_shapes():
+    m = matmul_model(48, 40)
+    with pytest.raises(OnnxHmfError, match="not a product-quantized table"):
+        codebook_table(m, "W", product_quantize(np.zeros((48, 40)), 4, 8))
+    g = gather_model(200, 32)
+    with pytest.raises(OnnxHmfError, match="not a product-quantized table"):
+        codebook_table(g, "E", ProductQuantized(np.zeros((100, 8), np.uint8), np.zeros((8, 4, 4), np.float32)))
+
+
+def test_pq_treatment_through_apply_treatments():
+    t = parse_treatment("pq:4:f16")
+    assert t == IntTreatment("pq", 8, 4, True, "f16") and t.name == "pq4k256-f16" and t.sites() == ("table",)
+    assert t.nbytes((320, 32)) == pq_bytes(320, 32, 4, 256, 2)
+    with pytest.raises(OnnxHmfError):
+        parse_treatment("pq:4:f8")
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    cal = Calibration([token_batches(320, 32, 12, seed=1)], mask="attention_mask")
+    out, notes = apply_treatments(m, {"E": t, "W1": t}, calib=cal)
+    assert any("W1: pq4k256-f16 skipped" in n for n in notes)
+    assert default_opset(out) == 17 and {i.name for i in out.graph.initializer} >= {"E.pq4.codes", "E.pq4.codebook"}
+    E = numpy_helper.to_array(next(i for i in m.graph.initializer if i.name == "E"))
+    Eq = t.weight(E, None, "table")
+    assert Eq.shape == E.shape and np.linalg.norm(Eq - E) < 0.5 * np.linalg.norm(E)
+    feeds = token_batches(320, 4, 12, seed=5)
+    ref = m.graph
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    next(i for i in probe.graph.initializer if i.name == "E").CopyFrom(numpy_helper.from_array(Eq, "E"))
+    np.testing.assert_allclose(_run(out, feeds), _run(probe, feeds), rtol=1e-5, atol=1e-5)
+    assert ref is m.graph
