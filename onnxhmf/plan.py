@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import OnnxHmfError
+from .factorize.codebook import pq_bytes
 from .factorize.quant import blocked_bytes
 
 __all__ = ["Treatment", "TREATMENTS", "Decision", "Plan", "treatment_bytes", "LMF_OVERHEAD", "INT8_OVERHEAD",
@@ -60,6 +61,10 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
               "fused to MatMulNBits; tables: gathered int4 rows (integer at run time; opset 21 for MatMuls)"),
     Treatment("int8b", None, "int8b", "blocked int8 (block 128): DequantizeLinear(block_size) → MatMul "
               "(integer at run time; opset 21 for MatMuls)"),
+    Treatment("int4b128", None, "int4b128", "blocked int4 (block 128, GPTQ): DequantizeLinear(block_size) → MatMul, "
+              "fused to MatMulNBits (integer at run time; opset 21)"),
+    Treatment("pq4", None, "pq4", "product-quantized table: a uint8 code per 4 values into 256-centroid float16 "
+              "codebooks (2 bits a value), rebuilt after the Gather (Gather, Cast, Add, Gather, Reshape; opset kept)"),
 )}
 
 
@@ -92,6 +97,8 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
         "int4b": lambda: blocked_bytes(m, n, 4, 32) + INT8_OVERHEAD,  # blocks along m (tables: along n, ≈ the same)
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
+        "int4b128": lambda: blocked_bytes(m, n, 4, 128) + INT8_OVERHEAD,
+        "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + INT8_OVERHEAD,  # a table: m rows of n values
     }
     if treatment not in cost:
         raise OnnxHmfError(f"unknown treatment {treatment!r} (known: {', '.join(TREATMENTS)})")

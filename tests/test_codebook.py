@@ -125,3 +125,47 @@ def test_pq_treatment_through_apply_treatments():
     next(i for i in probe.graph.initializer if i.name == "E").CopyFrom(numpy_helper.from_array(Eq, "E"))
     np.testing.assert_allclose(_run(out, feeds), _run(probe, feeds), rtol=1e-5, atol=1e-5)
     assert ref is m.graph
+
+
+def test_planner_offers_pq4_for_tables_only_and_prices_it():
+    from onnxhmf.passes.intquant import PLANNED, planner_options
+    from onnxhmf.plan import treatment_bytes
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    arrays = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    probes = []
+
+    def loss_with(name, W):
+        probes.append((name, W.shape))
+        return float(np.linalg.norm(W - arrays[name]))
+
+    opts = {w: planner_options(m, w, arrays[w], {}, loss_with, lambda b, l, t: (b, l, t)) for w in ("E", "W1")}
+    assert "pq4" in [t[0] for _, _, t in opts["E"]] and "pq4" not in [t[0] for _, _, t in opts["W1"]]
+    b, lost, _ = next(o for o in opts["E"] if o[2][0] == "pq4")
+    assert b == PLANNED["pq4"].nbytes((320, 32), "table") and lost > 0
+    assert abs(treatment_bytes("pq4", (320, 32)) - b) <= 400 and ("E", (320, 32)) in probes
+
+
+def test_a_plan_file_with_pq4_writes_codes(tmp_path):
+    import json
+
+    from onnxhmf.api import optimize
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    p = tmp_path / "p.json"
+    from onnxhmf.cli import main
+
+    assert main(["optimize", str(src), str(tmp_path / "x.onnx"), "--dry-run", "--save-plan", str(p), "-q"]) == 0
+    data = json.loads(p.read_text())
+    for d in data["decisions"]:
+        d.update(treatment="pq4" if d["weight"] == "E" else "dense", rank=None, budget=None)
+    data["settings"]["quantize"] = None  # (the data-free plan int8-quantizes what it keeps dense)
+    p.write_text(json.dumps(data))
+    out, report = optimize(str(src), plan_file=p, verify=False)
+    assert "E.pq4.codes" in {t.name for t in out.graph.initializer} and default_opset(out) == 17
+    assert {s.weight: s.method for s in report.rewritten}.get("E") == "pq4"
+    feeds = token_batches(320, 4, 12, seed=5)
+    a, b = _run(m, feeds).ravel(), _run(out, feeds).ravel()
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9

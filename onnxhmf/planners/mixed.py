@@ -79,7 +79,7 @@ SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as f
 # the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
 # which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
 # within the limit wins.
-_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b"))
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128"))
 _SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
                  ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
                  ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
@@ -411,7 +411,30 @@ class _Search:
             self.tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
             if loss < res.loss:
                 res = _Trial(alt, size, fid, loss, built)
-        return res
+        return self._unfactored(res, target)
+
+    def _unfactored(self, res: _Trial, target: int) -> _Trial:
+        """The knapsack again without the low-rank forms, if the plan took any: measured, it
+        wins where its held-out loss is lower (low-rank losses measured one weight at a time
+        under-predict what the whole model loses, docs/pivot.md)."""
+        p = self.planner
+        if not any(_FACTORED(o.tag[0]) for o in res.choice.values()):
+            return res
+        full = p.options
+        p.options = {n: [o for o in v if not _FACTORED(o.tag[0])] for n, v in full.items()}
+        try:
+            if p.floor() > target:
+                return res
+            budget = target
+            for i in range(3):
+                alt = self.trial(budget)
+                self.tried[-1]["unfactored"] = True
+                if alt.size <= target:
+                    return alt if alt.loss < res.loss else res
+                budget -= alt.size - target + int(0.001 * target * 2**i)
+            return res
+        finally:
+            p.options = full
 
     def run(self) -> _Trial:
         if self.goal.get("target_fidelity") is None:
