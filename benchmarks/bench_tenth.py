@@ -111,9 +111,10 @@ def run(targets: list[float], samples: int, rounds: int, cli: bool) -> str:
     if cli:
         more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", targets)
         paths.update(more), secs.update(s2), notes.extend(n2)
-    half = H.heldout_sentences(600)
-    fid = {part: H.minilm_fidelity(paths, sents) for part, sents in
-           (("shakespeare", half[:300]), ("kjv", half[300:]), ("both", half))}
+    sents = H.heldout_sentences(600)  # 300 Shakespeare, then 300 KJV
+    embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
+    parts = {"shakespeare": slice(0, 300), "kjv": slice(300, 600), "both": slice(0, 600)}
+    fid = {part: {k: H.embed_eval.fidelity(embs["original"][sl], e[sl]) for k, e in embs.items()} for part, sl in parts.items()}
     lat = H.latency(paths, feeds, threads=1, rounds=rounds, per_round=2)
     mem = {k: resident(p, out / "feeds.npz") for k, p in paths.items()}
     size0 = os.path.getsize(src)

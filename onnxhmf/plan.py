@@ -63,6 +63,8 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
               "(integer at run time; opset 21 for MatMuls)"),
     Treatment("int4b128", None, "int4b128", "blocked int4 (block 128, GPTQ): DequantizeLinear(block_size) → MatMul, "
               "fused to MatMulNBits (integer at run time; opset 21)"),
+    Treatment("int4b256", None, "int4b256", "blocked int4 (block 256, GPTQ): DequantizeLinear(block_size) → MatMul, "
+              "fused to MatMulNBits (integer at run time; opset 21)"),
     Treatment("pq4", None, "pq4", "product-quantized table: a uint8 code per 4 values into 256-centroid float16 "
               "codebooks (2 bits a value), rebuilt after the Gather (Gather, Cast, Add, Gather, Reshape; opset kept)"),
 )}
@@ -98,6 +100,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "int4b": lambda: blocked_bytes(m, n, 4, 32) + INT8_OVERHEAD,  # blocks along m (tables: along n, ≈ the same)
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
         "int4b128": lambda: blocked_bytes(m, n, 4, 128) + INT8_OVERHEAD,
+        "int4b256": lambda: blocked_bytes(m, n, 4, 256) + INT8_OVERHEAD,
         "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + INT8_OVERHEAD,  # a table: m rows of n values
     }
     if treatment not in cost:

@@ -79,7 +79,7 @@ SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as f
 # the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
 # which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
 # within the limit wins.
-_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128"))
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128", "int4b256"))
 _SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
                  ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
                  ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
