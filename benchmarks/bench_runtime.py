@@ -24,6 +24,14 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
     hmf plan @nbits4             planners.integer.integer_plan at the file size of "ort nbits4": per weight
                                  int4 b32 GPTQ, int8 b128 or int4 b128 (or dense), one knapsack over
                                  measured losses
+    cli int8                     `onnxhmf optimize --quantize int8` (tied tables: shared int8 rows and a
+                                 MatMulInteger head)
+    cli plan @P                  `onnxhmf optimize --plan auto --target-size <P's bytes>
+                                 --max-latency-ratio <P's 1-thread latency ratio, measured first>
+                                 --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc)
+
+glassllm's fidelity is also given as the mean KL(original ‖ variant) per token, in nats
+(lm_eval.kl_to_reference): perplexity moves by ±0.5 either way under changes whose KL differs 5×.
 
 Columns: size (ratio to the original file), fidelity, latency at 1 and 2 threads (ratio to the
 original, interleaved), resident memory (RSS growth of a fresh process that loads the model and
@@ -160,7 +168,27 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
     return paths, secs, mixes
 
 
-def run(name: str, samples: int, rounds: int) -> str:
+def cli_plans(src: Path, out: Path, calib: list[str], peers: dict[str, Path], lat: dict[str, float]) -> tuple[dict, dict]:
+    """The tool's own runs: --quantize int8, and --plan auto at each peer's size and latency
+    (``calib``: the --calib/--tokenizer arguments)."""
+    paths, secs = {}, {}
+    runs = {"cli int8": ["--quantize", "int8", "--no-measure"]}
+    for k, p in peers.items():
+        runs[f"cli plan @{k.removeprefix('ort ')}"] = [
+            "--plan", "auto", "--target-size", str(os.path.getsize(p)), "--max-latency-ratio",
+            f"{lat[k] / lat['original']:.3f}", "--no-measure", *calib]
+    for label, args in runs.items():
+        dst = out / (label.replace(" ", "_").replace("@", "at_") + ".onnx")
+        r = H.optimize(src, dst, *args)
+        if r["exit"] != 0 or not dst.exists():
+            print(f"  {label}: exit {r['exit']}", flush=True)
+            continue
+        paths[label], secs[label] = dst, r["wall_s"]
+        print(f"  {label}: {r['wall_s']:.1f} s", flush=True)
+    return paths, secs
+
+
+def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
     out = H.OUT / "runtime" / name
     out.mkdir(parents=True, exist_ok=True)
     src = H.ensure_minilm() if name == "minilm" else H.GLASSLLM
@@ -187,14 +215,24 @@ def run(name: str, samples: int, rounds: int) -> str:
     paths = {"original": src, **peers(src, out, cal)}
     mine, secs, mixes = ours(src, out, cal, tables, matmuls, {"hmf plan @nbits4": os.path.getsize(paths["ort nbits4"])})
     paths.update(mine)
+    if plan_peers:
+        chosen = {k: paths[k] for k in plan_peers}
+        first = H.latency({"original": src, **chosen}, feeds, threads=1, rounds=rounds, per_round=2)
+        calib = ["--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)] if name == "minilm" \
+            else ["--calib", str(out / "cal.npz")]
+        cli, cli_s = cli_plans(src, out, calib, chosen, first)
+        paths.update(cli)
+        secs.update(cli_s)
     if name == "minilm":
         fid = H.minilm_fidelity(paths, H.heldout_sentences(300))
         cols = ["cosine"]
         vals = {k: [f"{v['mean_cosine']:.4f}"] for k, v in fid.items()}
     else:
         ppl = H.glassllm_perplexity(paths, tokens=8192)
-        cols = ["ppl shakesp", "ppl kjv"]
-        vals = {k: [f"{v['shakespeare']:.2f}", f"{v['kjv']:.2f}"] for k, v in ppl.items()}
+        kl = H.glassllm_kl(paths, tokens=8192)
+        cols = ["ppl shakesp", "ppl kjv", "KL shakesp", "KL kjv"]
+        vals = {k: [f"{v['shakespeare']:.2f}", f"{v['kjv']:.2f}", f"{kl[k]['shakespeare']:.5f}", f"{kl[k]['kjv']:.5f}"]
+                for k, v in ppl.items()}
     lat1 = H.latency(paths, feeds, threads=1, rounds=rounds, per_round=2)
     lat2 = H.latency(paths, feeds, threads=2, rounds=rounds, per_round=2)
     mem = {k: resident(p, out / "feeds.npz") for k, p in paths.items()}
@@ -216,9 +254,11 @@ def main() -> None:
     ap.add_argument("--models", default="minilm,glassllm")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--plans", default="ort dyn pt,ort dyn pc",
+                    help="peers to run `--plan auto` at (their size and latency); '' for none")
     args = ap.parse_args()
     for name in args.models.split(","):
-        print(run(name, args.samples, args.rounds), flush=True)
+        print(run(name, args.samples, args.rounds, [p for p in args.plans.split(",") if p]), flush=True)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,14 @@ def glassllm_perplexity(paths: dict[str, Path], tokens: int = 20480) -> dict[str
     return {name: {k: lm_eval.perplexity(str(p), v) for k, v in ids.items()} for name, p in paths.items()}
 
 
+def glassllm_kl(paths: dict[str, Path], tokens: int = 8192, ref: str = "original") -> dict[str, dict]:
+    """Mean KL(original ‖ variant) per token on Shakespeare and KJV (lm_eval.kl_to_reference)."""
+    texts = {"shakespeare": corpora.shakespeare_text(), "kjv": corpora.kjv_text()}
+    ids = {k: lm_eval.glassllm_token_ids(t)[:tokens] for k, t in texts.items()}
+    return {name: {k: lm_eval.kl_to_reference(str(paths[ref]), str(p), v) for k, v in ids.items()}
+            for name, p in paths.items()}
+
+
 def _session(path: Path, threads: int):
     import onnxruntime as ort
 

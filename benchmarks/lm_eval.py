@@ -86,6 +86,31 @@ def perplexity(model: Model, ids: np.ndarray, window: int = 128, stride: int = 1
     return math.exp(total / count)
 
 
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, dtype=np.float64)
+    top = x.max(axis=-1, keepdims=True)
+    return x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+
+
+def kl_to_reference(reference: Model, model: Model, ids: np.ndarray, window: int = 128, batch: int = 8,
+                    threads: int | None = None) -> float:
+    """Mean over positions of KL(p_reference ‖ p_model), nats per token, on consecutive windows of
+    ``ids``: how far the model's next-token distributions moved from the reference's. Unlike a
+    perplexity difference it is never negative, and it is not hidden by changes that cancel."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    starts = list(range(0, len(ids) - window + 1, window))
+    if not starts:
+        raise ValueError(f"need at least window={window} tokens, got {len(ids)}")
+    ref, run = _logits_fn(reference, threads), _logits_fn(model, threads)
+    total, count = 0.0, 0
+    for first in range(0, len(starts), batch):
+        x = np.stack([ids[s:s + window] for s in starts[first:first + batch]])
+        lp, lq = _log_softmax(ref(x)), _log_softmax(run(x))
+        total += float((np.exp(lp) * (lp - lq)).sum())
+        count += lp.shape[0] * lp.shape[1]
+    return total / count
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=ROOT / "models" / "glassllm.onnx")

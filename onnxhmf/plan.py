@@ -30,7 +30,8 @@ PLAN_FORMAT = 1
 LMF_OVERHEAD = 300  # an LMF rewrite: two factor initializers and one more MatMul
 INT8_OVERHEAD = 400  # one quantized tensor: scale and zero point initializers and the extra nodes
 INT4_OVERHEAD = 400  # the int4 unpacking subgraph's nodes and constants
-PIVOT_INT8_OVERHEAD = 2000  # more quantizer nodes for a pivoted pair with int8 factors (one fit; see treatment_bytes)
+PIVOT_INT8_OVERHEAD = 1250  # more quantizer nodes for a pivoted pair with int8 factors (one fit; see treatment_bytes)
+TIED_INT8_OVERHEAD = 550  # a tied table's int8 head: DynamicQuantizeLinear, MatMulInteger, unpacking (tests' tied model)
 PIVOT_OVERHEAD = 350  # a pivoted LMF site's nodes and names beyond A·B's LMF_OVERHEAD (tests' models: 300-450)
 
 
@@ -71,10 +72,11 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
 
 
 def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None = None, budget: int | None = None,
-                    itemsize: int = 4, pivot: bool = False, index: int = 0) -> int:
+                    itemsize: int = 4, pivot: bool = False, index: int = 0, tied: bool = False) -> int:
     """Predicted file bytes of one weight under ``treatment`` (the one cost model). ``pivot``: the
     low-rank result is stored pivoted (factorize/pivot.py): r(m+n−r) values and ``index`` int32
-    index-map entries instead of A·B's r(m+n)."""
+    index-map entries instead of A·B's r(m+n). ``tied``: an m×n tied table, whose int8 rows carry
+    one scale each and whose head is a MatMulInteger (quantize._tied_rows)."""
     m, n = shape
     r = rank or 0
     if pivot and TREATMENTS.get(treatment) is not None and TREATMENTS[treatment].factor == "lmf":
@@ -92,7 +94,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "ae": lambda: itemsize * (budget or 0),  # at most
         "prune": lambda: itemsize * m * n,  # stored dense with zeros
         "storage-ae": lambda: itemsize * (budget or 0),
-        "int8": lambda: m * n + INT8_OVERHEAD,
+        "int8": lambda: m * n + INT8_OVERHEAD + (4 * m + TIED_INT8_OVERHEAD if tied else 0),
         "int8w": lambda: m * n + 4 * n + INT8_OVERHEAD,
         "int4w": lambda: m * n // 2 + 4 * n + INT8_OVERHEAD + INT4_OVERHEAD,
         "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,

@@ -50,8 +50,10 @@ __all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_
 INT8_OVERHEAD = 400
 
 
-def int8_weight(W: np.ndarray, table: bool = False) -> np.ndarray:
-    """The weight onnxruntime's dynamic quantizer stores, dequantized.
+def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False) -> np.ndarray:
+    """The weight onnxruntime's dynamic quantizer stores, dequantized (``tied``: what
+    :func:`_tied_rows` stores for a tied table instead, symmetric int8 rows with
+    s_i = max_j |W_ij|/127).
 
     MatMul weights (``table`` False): symmetric int8, s = max|W|/127, W_q = s·round(W/s).
     Gather tables (``table`` True): asymmetric uint8 over [min(W,0), max(W,0)],
@@ -60,6 +62,10 @@ def int8_weight(W: np.ndarray, table: bool = False) -> np.ndarray:
     W = np.asarray(W, dtype=np.float32)
     if not W.size:
         return W.copy()
+    if tied:
+        s = np.abs(W).max(axis=1, keepdims=True) / 127.0
+        s = np.where(s > 0, s, 1.0).astype(np.float32)
+        return (np.clip(np.round(W / s), -128, 127) * s).astype(np.float32)
     if table:
         lo, hi = min(float(W.min()), 0.0), max(float(W.max()), 0.0)
         if hi == lo:
@@ -191,6 +197,11 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     chosen = sorted(uses if weights is None else set(weights) & set(uses))
     if not chosen:
         return work, []
+    tied = _tied_rows(work, chosen, notes)
+    chosen = [w for w in chosen if w not in tied]
+    if not chosen:
+        return _restore_header(work, model, notes), tied
+    uses = weight_nodes(work)
     q = _quantize(work, chosen, uses, per_channel)
     floats = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     both = [w for w in chosen if w in floats and f"{w}_quantized" in {t.name for t in q.graph.initializer}]
@@ -202,7 +213,42 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
                   if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in theirs_before})
     if bad:
         raise OnnxHmfError(f"internal error: the int8 quantizer emitted non-standard ops {bad}")
-    # restore what the quantizer rewrites in the header
+    q = _restore_header(q, model, notes)
+    if per_channel:
+        drop_zero_points(q)
+    left = set(weight_nodes(q))
+    return q, tied + [w for w in chosen if w not in left]
+
+
+def _tied_rows(work: onnx.ModelProto, chosen: list[str], notes: list[str]) -> list[str]:
+    """Quantize the tied tables among ``chosen`` (a Gather and a Transpose → MatMul head read
+    them; graph/qdq.site_kind 'tied') in place, as int8 rows with one scale per row that the
+    Gathers and the head share: the head becomes DynamicQuantizeLinear → MatMulInteger, as fast
+    as the other int8 MatMuls, where onnxruntime's quantizer would dequantize the whole table
+    each run and multiply in float. Needs opset 11 (DynamicQuantizeLinear)."""
+    from onnx import numpy_helper
+
+    from .factorize.quant import quantize_blocked
+    from .graph import qdq
+
+    if default_opset(work) < 11:
+        return []
+    done = []
+    for w in chosen:
+        if qdq.site_kind(work, w) != "tied":
+            continue
+        E = next(numpy_helper.to_array(t) for t in work.graph.initializer if t.name == w).astype(np.float64)
+        qdq.blocked_table(work, w, quantize_blocked(E.T, 8, E.shape[1], True))
+        notes.append(f"int8: tied table {w!r}: int8 rows, one scale per row, read by its Gathers and by the head "
+                     "(MatMulInteger)")
+        done.append(w)
+    return done
+
+
+def _restore_header(q: onnx.ModelProto, model: onnx.ModelProto, notes: list[str]) -> onnx.ModelProto:
+    """Give the quantized ``q`` the input's IR version, metadata, producer fields, opsets (raised
+    to 11 where int8 needs it), graph input/output infos and name; drop value infos the quantizer
+    added (shape inference results the input did not carry: bytes in the file, nothing else)."""
     q.ir_version = model.ir_version
     del q.metadata_props[:]
     q.metadata_props.extend(model.metadata_props)
@@ -221,10 +267,11 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
             if v.name in mine:
                 v.CopyFrom(mine[v.name])
     q.graph.name = model.graph.name
-    if per_channel:
-        drop_zero_points(q)
-    left = set(weight_nodes(q))
-    return q, [w for w in chosen if w not in left]
+    kept = {v.name for v in model.graph.value_info}
+    infos = [v for v in q.graph.value_info if v.name in kept]
+    del q.graph.value_info[:]
+    q.graph.value_info.extend(infos)
+    return q
 
 
 def drop_zero_points(model: onnx.ModelProto) -> int:

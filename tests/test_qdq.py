@@ -97,6 +97,60 @@ def test_tied_head(bits):
     assert len(ints) == (1 if bits == 8 else 2)  # int8: one stored tensor read by both
 
 
+def _dynamic_int8_head(H, Eq):
+    """What DynamicQuantizeLinear → MatMulInteger computes for H·Eqᵀ: H as onnxruntime's
+    DynamicQuantizeLinear rounds it (uint8, one scale and zero point), then multiplied exactly."""
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["H"], ["q", "s", "z"])], "dql",
+                          [vi("H", list(H.shape))], [helper.make_tensor_value_info(n, t, None) for n, t in
+                                                     (("q", TensorProto.UINT8), ("s", TensorProto.FLOAT),
+                                                      ("z", TensorProto.UINT8))])
+    q, s, z = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+                                   .SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"H": H})
+    return ((q.astype(np.float64) - z) * s) @ Eq.T.astype(np.float64)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+def test_tied_rows_shared_with_an_integer_head(bits, sym):
+    """One scale per row (block = D): the Gather and the head read the same stored rows, the
+    head runs as DynamicQuantizeLinear → MatMulInteger, and the opset stays 17."""
+    m = tied_model(256, 64)
+    E = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "E"))
+    bq = Q.quantize_blocked(E.T, bits, 64, sym)
+    info = qdq.blocked_table(m, "E", bq)
+    assert info["shared"] and info["head"] and info["gathers"] == 1
+    assert qdq.default_opset(m) == 17 and all(n.domain == "" for n in m.graph.node)
+    onnx.checker.check_model(m, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 5))
+    Eq = bq.dequantize().T
+    got = _run(m, {"ids": ids})
+    np.testing.assert_allclose(got, _dynamic_int8_head(Eq[ids] * 0.5, Eq), rtol=1e-4, atol=1e-5)
+    assert _fused_ops(m, {"ids": ids})["MatMul"] == 0  # the head is integer at run time
+    ints = [t for t in m.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)
+            and np.prod(t.dims) >= 256 * 64 // 4]
+    assert len(ints) == 1 and m.ByteSize() < bq.nbytes() + 2500
+
+
+def test_quantize_int8_shares_a_tied_table(tmp_path):
+    """--quantize int8 on a tied table: int8 rows once (onnxruntime's quantizer would dequantize
+    the table every run for a float head), per-row scales more accurate than its per-tensor uint8,
+    and the value infos the quantizer adds are not written."""
+    from onnxhmf.quantize import int8_weight, quantize_int8
+
+    m = tied_model(256, 64)
+    E = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "E"))
+    E = E * np.geomspace(0.2, 5, 256, dtype=np.float32)[:, None]  # rows of different norms, as real tables have
+    next(t for t in m.graph.initializer if t.name == "E").CopyFrom(numpy_helper.from_array(E, "E"))
+    q, done = quantize_int8(m)
+    assert done == ["E"] and not q.graph.value_info
+    assert [n.op_type for n in q.graph.node].count("MatMulInteger") == 1
+    ids = np.random.default_rng(1).integers(0, 256, (2, 5))
+    ref = _run(m, {"ids": ids})
+    rows = int8_weight(E, tied=True)
+    np.testing.assert_allclose(_run(q, {"ids": ids}), _dynamic_int8_head(rows[ids] * 0.5, rows), rtol=1e-4, atol=1e-4)
+    assert np.linalg.norm(rows - E) < 0.5 * np.linalg.norm(int8_weight(E, table=True) - E)
+    assert np.abs(_run(q, {"ids": ids}) - ref).max() < 0.05 * np.abs(ref).max()
+
+
 def _reduce_model(extra=None):
     inits = [numpy_helper.from_array(np.ones(2, np.float32), "sc")] if extra is not None else []
     nodes = [helper.make_node("ReduceMean", ["X"], ["m"], name="rm", axes=[-1], keepdims=1),

@@ -20,6 +20,9 @@
   read the same stored Eᵀ_q (D×V, blocks along D): the Gather takes columns (axis 1) of it and
   of its scales and dequantizes them with a blocked DQ on axis 0, then transposes. With 4 bits
   ONNX's Gather cannot read the int4 tensor, so the rows are stored a second time, packed.
+  With one scale per row (block = D), any bits: the rows are stored once, the Gathers read them,
+  and the head is X·Eᵀ = DynamicQuantizeLinear(X) → MatMulInteger(X_q, U) · x_scale·s_row, U the
+  rows unpacked and transposed by constant nodes (folded at load to integers). Opset 11.
 
 ``upgrade_opset`` raises the default-domain opset to 21 where the model allows it: every node
 (subgraphs included) must be an op whose versions between the two opsets only add types or
@@ -399,6 +402,8 @@ def blocked_table(model: onnx.ModelProto, name: str, bq: Blocked) -> dict:
     if None in ranks.values():
         raise OnnxHmfError(f"{name}: the rank of a Gather's indices is unknown")
     _take(model, name)
+    if kind == "tied" and bq.block == D:
+        return _tied_rows(model, name, bq, ranks, len(gathers))
     shared = kind == "tied" and bq.bits == 8
     if kind == "tied":
         _need_opset(model)
@@ -425,3 +430,51 @@ def blocked_table(model: onnx.ModelProto, name: str, bq: Blocked) -> dict:
                      mk("Transpose", [p + ".dq"], [u.output[0]], name=p + ".tr", perm=list(range(1, rank + 1)) + [0])]
     n = _rebuild(model, fn)
     return {"gathers": len(gathers), "head": kind == "tied", "shared": shared, "nodes": n}
+
+
+def _tied_rows(model: onnx.ModelProto, name: str, bq: Blocked, ranks: dict, gathers: int) -> dict:
+    """A tied table with one scale per row (block = D): the Gathers and the head read the same
+    stored rows. The head X·Eᵀ becomes onnxruntime's dynamic-quantization pattern,
+    DynamicQuantizeLinear(X) → MatMulInteger(X_q, U, x_zero, u_zero) → Cast → ·(x_scale·s_row),
+    where U (D×V, uint8 or int8) is the rows unpacked and transposed: a constant subgraph that
+    onnxruntime folds at load into integers (not floats). Opset unchanged (11 suffices)."""
+    D, V = bq.shape
+    rows = _gather_rows(model, name, bq)
+    base = f"{name}.rows{bq.bits}"
+    init, mk = model.graph.initializer, helper.make_node
+    sym = bq.zero is None
+    init.append(numpy_helper.from_array(np.array([V, D], np.int64), f"{base}.vd"))
+    init.append(numpy_helper.from_array(np.array([V], np.int64), f"{base}.v"))
+    if bq.bits == 4 and sym:  # the packed rows hold q + 8
+        init.append(numpy_helper.from_array(np.array(8, np.uint8), f"{base}.uzero"))
+    u_zero = f"{base}.uzero" if bq.bits == 4 and sym else (f"{base}.zvec" if not sym else "")
+    h = f"{name}.head"
+    unpack = [mk("BitShift", [base, f"{base}.four"], [h + ".hi"], name=h + ".hi", direction="RIGHT"),
+              mk("BitShift", [h + ".hi", f"{base}.four"], [h + ".hi16"], name=h + ".hi16", direction="LEFT"),
+              mk("Sub", [base, h + ".hi16"], [h + ".lo"], name=h + ".lo"),
+              mk("Concat", [h + ".lo", h + ".hi"], [h + ".u"], name=h + ".u", axis=-1)] if bq.bits == 4 else []
+    src = h + ".u" if bq.bits == 4 else base
+    const = unpack + [mk("Reshape", [src, f"{base}.vd"], [h + ".vd"], name=h + ".vd"),
+                      mk("Transpose", [h + ".vd"], [h + ".q"], name=h + ".q", perm=[1, 0]),
+                      mk("Reshape", [f"{base}.scale", f"{base}.v"], [h + ".s"], name=h + ".s")]
+    if not sym:
+        const.append(mk("Reshape", [f"{base}.zero", f"{base}.v"], [f"{base}.zvec"], name=f"{base}.zvec"))
+    heads = [n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == name]
+    count = iter(range(1 << 30))
+
+    def fn(u):
+        if u.op_type == "Transpose" and u.input[0] == name:
+            return const
+        if u.op_type == "MatMul" and u.input[1] in heads:
+            p = f"{h}{next(count)}"
+            return [mk("DynamicQuantizeLinear", [u.input[0]], [p + ".xq", p + ".xs", p + ".xz"], name=p + ".dql"),
+                    mk("MatMulInteger", [p + ".xq", h + ".q", p + ".xz"] + ([u_zero] if u_zero else []), [p + ".i"],
+                       name=p + ".mmi"),
+                    mk("Cast", [p + ".i"], [p + ".f"], name=p + ".f", to=TensorProto.FLOAT),
+                    mk("Mul", [p + ".xs", h + ".s"], [p + ".sc"], name=p + ".sc"),
+                    mk("Mul", [p + ".f", p + ".sc"], [u.output[0]], name=p + ".y")]
+        if u.op_type == "Gather" and u.input[0] == name:
+            return rows(u, ranks[u.input[1]])
+        return None
+    n = _rebuild(model, fn)
+    return {"gathers": gathers, "head": True, "shared": True, "nodes": n}

@@ -24,8 +24,12 @@ Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind)
                   quantizer's own scales; ``smooth``: SmoothQuant scales first (passes/smooth.py).
                   On a plain table: the quantizer's Gather (uint8 rows, one scale, DequantizeLinear).
 
-Blocked MatMul weights (and a tied table's head) need opset 21; plain tables (integer rows
-gathered, then Cast/BitShift/Mul) and int8pc need only 11. :func:`apply_treatments` raises the
+A tied table (Gather and a Transpose → MatMul head) with block = D (one scale per row) stores
+its rows once: the Gathers read them and the head is DynamicQuantizeLinear → MatMulInteger on the
+same integers (graph/qdq._tied_rows). With smaller blocks the head is a blocked DQ → MatMul.
+
+Blocked MatMul weights (and a tied table's head below block = D) need opset 21; plain tables
+(integer rows gathered, then Cast/BitShift/Mul), per-row tied tables and int8pc need only 11. :func:`apply_treatments` raises the
 opset only when a treatment applied needs it and the model passes graph/qdq.upgrade_opset's
 check, else it skips those and says why. (An earlier bench_runtime.py run had MiniLM 1.15x slower
 in float at opset 21; remeasured interleaved, upgrade_opset alone: 1.001x, onnx's version
@@ -71,10 +75,12 @@ class IntTreatment:
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
         return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}"
 
-    def opset(self, site: str = "matmul") -> int:
-        """The opset the treatment needs on ``site``: blocked DQ needs 21; gathered table rows
-        (Cast, BitShift, Mul) and MatMulInteger need only 11."""
-        return 11 if self.kind in ("int8pc", "pq") or site == "table" else qdq.QDQ_OPSET
+    def opset(self, site: str = "matmul", shape: tuple[int, ...] | None = None) -> int:
+        """The opset the treatment needs on ``site`` (a V×D table: ``shape``): blocked DQ needs 21;
+        gathered table rows (Cast, BitShift, Mul), product-quantized tables and MatMulInteger need
+        only 11, and so does a tied table with one scale per row (block = D: its head is MatMulInteger)."""
+        rows = site == "tied" and shape is not None and self.block == shape[-1]
+        return 11 if self.kind in ("int8pc", "pq") or site == "table" or rows else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
         if self.kind == "pq":
@@ -128,7 +134,8 @@ class IntTreatment:
                 Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
             return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
         one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric)
-        return 2 * one if site == "tied" and self.bits == 4 else one  # int4 tied: head + packed rows
+        # int4 tied with blocks below D: the head's int4 and the packed rows (one scale per row: shared)
+        return 2 * one if site == "tied" and self.bits == 4 and self.block < K else one
 
 
 def parse_treatment(text: str) -> IntTreatment:
@@ -186,14 +193,15 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
             notes.append(f"{w}: {t.name} skipped ({sites[w] or 'not a plain MatMul/Gather weight'})")
         else:
             todo[w] = t
-    if any(t.opset(sites[w]) > default_opset(out) for w, t in todo.items()):
+    dims = {t.name: tuple(t.dims) for t in out.graph.initializer if t.name in todo}
+    if any(t.opset(sites[w], dims[w]) > default_opset(out) for w, t in todo.items()):
         old = default_opset(out)
         try:
             notes += qdq.upgrade_opset(out)
             notes.append(f"opset {old} -> {qdq.QDQ_OPSET} (blocked DequantizeLinear)")
         except OnnxHmfError as e:
             notes.append(f"blocked treatments skipped: {e}")
-            todo = {w: t for w, t in todo.items() if t.opset(sites[w]) <= old}
+            todo = {w: t for w, t in todo.items() if t.opset(sites[w], dims[w]) <= old}
     need = [w for w, t in todo.items() if t.method != "rtn" or t.kind in ("lqer", "lmf-b")]
     if grams is None:
         grams = weight_grams(model, need, calib)

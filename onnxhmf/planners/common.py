@@ -96,9 +96,12 @@ def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
     int8 price; the factors of a table that something else also reads (a tied head) stay float
     (quantize_int8 leaves them)."""
     from ..plan import treatment_bytes
+    from ..graph.index import default_opset
+    from ..graph.qdq import site_kind
     from ..quantize import weight_nodes
 
     takes = weight_nodes(model)
+    tied = lambda w: default_opset(model) >= 11 and site_kind(model, w) == "tied"  # noqa: E731 (quantize._tied_rows)
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in set(node.input):
@@ -108,7 +111,8 @@ def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
         if nodes is None:
             continue
         if d.treatment == "dense":
-            d.predicted_bytes = treatment_bytes("int8", d.shape)
-        elif d.treatment == "lmf" and (len(nodes) >= readers.get(d.weight, 0) or d.pivot):
-            # (a pivoted tied table is quantized once: its head reads W_p directly, no Transpose)
+            d.predicted_bytes = treatment_bytes("int8", d.shape, tied=tied(d.weight))
+        elif d.treatment == "lmf" and (len(nodes) >= readers.get(d.weight, 0) or d.pivot or tied(d.weight)):
+            # (a pivoted tied table is quantized once: its head reads W_p directly, no Transpose;
+            # a tied factor's int8 rows are shared by its Gather and its head)
             d.predicted_bytes = treatment_bytes("lmf-int8", d.shape, rank=d.rank, pivot=d.pivot, index=d.index)

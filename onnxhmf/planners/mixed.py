@@ -217,14 +217,15 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
             continue
         m, n = g.shape
         T = index.array(g.ref)
-        cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r)  # noqa: E731
+        tied = site_kind(work, g.name) == "tied" and default_opset(work) >= 11  # quantize._tied_rows
+        cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r, tied=tied)  # noqa: E731
         opts = [Option(cost("dense"), 0.0, ("dense", 1.0))]
         lmf, plmf = _lowrank_options(costs, g, sens[g.name], rank_multiple)
         opts += [Option(cost("lmf", o.cost // (m + n)), o.error, ("lmf", o.tag)) for o in lmf]
         opts += [Option(o.cost, o.error, ("plmf", o.tag)) for o in plmf]
         direct, gather, only_gather = _int8_uses(g, len(uses.get(g.name, [])))
         if direct:
-            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather), not gather), ("int8", 1.0)))
+            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather, tied=tied), not gather), ("int8", 1.0)))
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
