@@ -7,7 +7,7 @@ C_s (k×d, k ≤ 256) and row v a code c_vs ∈ [0, k), so
 
 which costs V·S bytes plus S·k·d stored codebook values: 8/d bits a value (d = 4: 2 bits) plus
 the codebooks. Each codebook is Lloyd's k-means on that subspace's V sub-vectors (k-means++
-seeds, 12 rounds; an emptied centroid is moved to the row worst served),
+seeds from a random subset of 4096 rows, 12 rounds; an emptied centroid is moved to the row worst served),
 which minimises Σ_v ‖E_v − E′_v‖² subspace by subspace.
 
 A gathered row is rebuilt with standard ONNX ops only (graph/codebook.py): Gather the codes, add
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ProductQuantized", "product_quantize", "pq_bytes", "kmeans"]
+__all__ = ["ProductQuantized", "product_quantize", "pq_bytes", "kmeans", "nearest"]
+
+SEED_ROWS = 4096  # k-means++ seeds are drawn from at most this many rows (a random subset)
 
 
 @dataclass
@@ -61,21 +63,26 @@ def kmeans(X: np.ndarray, k: int, iters: int = 12, seed: int = 0) -> tuple[np.nd
         C = np.zeros((k, X.shape[1]))
         C[:n] = X
         return C, np.arange(n)
-    C = _seeds(X, k, np.random.default_rng(seed))
-    xx = (X * X).sum(1)
-    a = np.zeros(n, np.int64)
+    rng = np.random.default_rng(seed)
+    C = _seeds(X[rng.permutation(n)[:SEED_ROWS]] if n > SEED_ROWS else X, k, rng)
+    xx, X32 = (X * X).sum(1), X.astype(np.float32)
     for _ in range(iters):
-        dist = xx[:, None] - 2 * X @ C.T + (C * C).sum(1)[None]
-        a = dist.argmin(1)
+        C32 = C.astype(np.float32)
+        part = (C32 * C32).sum(1)[None] - 2 * (X32 @ C32.T)  # ‖x − c‖² − ‖x‖² (float32: the rounds only)
+        a = part.argmin(1)
         count = np.bincount(a, minlength=k)
         sums = np.stack([np.bincount(a, weights=X[:, j], minlength=k) for j in range(X.shape[1])], axis=1)
         empty = np.flatnonzero(count == 0)
         C = np.where(count[:, None] > 0, sums / np.maximum(count, 1)[:, None], C)
         if empty.size:  # reseed emptied centroids at the rows served worst
-            worst = np.argsort(dist[np.arange(n), a])[::-1][: empty.size]
+            worst = np.argsort(part[np.arange(n), a] + xx)[::-1][: empty.size]
             C[empty] = X[worst]
-    dist = xx[:, None] - 2 * X @ C.T + (C * C).sum(1)[None]
-    return C, dist.argmin(1)
+    return C, nearest(X, C)
+
+
+def nearest(X: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Index of the nearest row of C for each row of X (float64)."""
+    return ((C * C).sum(1)[None] - 2 * X @ C.T).argmin(1)
 
 
 def _seeds(X: np.ndarray, k: int, rng) -> np.ndarray:
@@ -106,10 +113,10 @@ def product_quantize(E: np.ndarray, sub: int = 4, k: int = 256, iters: int = 12,
     books = np.zeros((S, k, sub), np.float32)
     for s in range(S):
         X = E[:, s * sub:(s + 1) * sub]
-        C, _ = kmeans(X, k, iters, seed + s)
+        C, a = kmeans(X, k, iters, seed + s)
         if itemsize == 2:
             C = C.astype(np.float16).astype(np.float64)
-        dist = (X * X).sum(1)[:, None] - 2 * X @ C.T + (C * C).sum(1)[None]
-        codes[:, s] = dist.argmin(1)
+            a = nearest(X, C)
+        codes[:, s] = a
         books[s] = C
     return ProductQuantized(codes, books, itemsize)
