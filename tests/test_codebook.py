@@ -169,3 +169,22 @@ def test_a_plan_file_with_pq4_writes_codes(tmp_path):
     feeds = token_batches(320, 4, 12, seed=5)
     a, b = _run(m, feeds).ravel(), _run(out, feeds).ravel()
     assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9
+
+
+@pytest.mark.slow
+def test_minilm_word_table_as_pq4_is_small_standard_and_close(minilm_path):
+    m = onnx.load(minilm_path)
+    word = "embeddings.word_embeddings.weight"
+    t = parse_treatment("pq:4:f16")
+    out, notes = apply_treatments(m, {word: t})
+    assert default_opset(out) == default_opset(m) and not notes
+    assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)
+    assert m.ByteSize() - out.ByteSize() > 30522 * 384 * 4 - t.nbytes((30522, 384)) - 2000
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, 30000, (4, 32))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    s = [ort.InferenceSession(x.SerializeToString(), providers=["CPUExecutionProvider"]) for x in (m, out)]
+    name = "sentence_embedding"
+    a, b = (x.run([name], feeds)[0] for x in s)
+    cos = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.mean() > 0.95  # random ids: every row is as likely as any (held-out text: 0.984)

@@ -348,3 +348,22 @@ def test_plan_auto_measures_its_knapsack_without_lowrank_forms(monkeypatch, lmf_
     assert {o.tag[0] for o in res.choice.values()} == {winner}
     assert any(t.get("unfactored") for t in search.tried)
     assert all(o.tag[0] == "lmf" for o in p.allocate(100).values())  # the full menu is back
+
+
+def test_plan_auto_without_lowrank_forms_stops_at_the_cheapest_plan(monkeypatch):
+    """Built plans overshooting their estimate lower the budget; below the cheapest plan without
+    low-rank forms the knapsack's own plan is kept (no 'no plan fits' error)."""
+    from onnxhmf.planners import mixed
+
+    p = _FakePlanner(0.05)
+
+    def measure(self, choice, row):
+        size, loss = p._measure(choice)
+        self.tried.append({**row, "bytes": size + (30 if "lmf" not in str(choice) else 0)})
+        return mixed._Trial(choice, self.tried[-1]["bytes"], 1 - loss, loss, None)
+
+    monkeypatch.setattr(mixed._Search, "_measure", measure)
+    search = mixed._Search(p, None, {"target_size": 100}, 1000)
+    first = search.trial(100)
+    assert search._unfactored(first, 100) is first
+    assert sum(bool(t.get("unfactored")) for t in search.tried) == 1

@@ -424,10 +424,10 @@ class _Search:
         full = p.options
         p.options = {n: [o for o in v if not _FACTORED(o.tag[0])] for n, v in full.items()}
         try:
-            if p.floor() > target:
-                return res
             budget = target
             for i in range(3):
+                if budget < p.floor():  # (the estimates' overshoot took the budget below the cheapest plan)
+                    return res
                 alt = self.trial(budget)
                 self.tried[-1]["unfactored"] = True
                 if alt.size <= target:
