@@ -21,6 +21,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
   them: it grows with the rank, convexly, so the chords are upper bounds.
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
+* Integers at run time (passes/intquant.PLANNED): blocked int4 (blocks 32, 128, 256; GPTQ) and
+  int8 (block 128) for MatMuls and tables, and 2-bit product-quantized tables (pq4); loss measured.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
 Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
@@ -30,6 +32,7 @@ measured on held-out calibration batches: file bytes and fidelity. If the file o
 target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
 Plans of one treatment (all int8w, int8 or int4w where the weight allows) that fit are measured
 too, and the lowest measured loss wins: the knapsack adds per-weight losses, the model need not.
+Where the plan took low-rank forms, the knapsack without them is built and measured as well.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
 held-out fidelity meets the target. ``--max-latency-ratio``: the predicted latency of each
 option is a cap inside the same search (latency.py), the built plan is measured and the cap
