@@ -367,3 +367,7 @@ def test_plan_auto_without_lowrank_forms_stops_at_the_cheapest_plan(monkeypatch)
     first = search.trial(100)
     assert search._unfactored(first, 100) is first
     assert sum(bool(t.get("unfactored")) for t in search.tried) == 1
+    # the floor itself can be out of the knapsack's reach (it rounds costs up to budget/4000 units)
+    from onnxhmf.factorize.allocate import allocate
+    with pytest.raises(ValueError):
+        allocate([[Option(4001, 0.0)], [Option(3999, 0.0)]], 8000, resolution=2)

@@ -429,9 +429,10 @@ class _Search:
         try:
             budget = target
             for i in range(3):
-                if budget < p.floor():  # (the estimates' overshoot took the budget below the cheapest plan)
+                try:
+                    alt = self.trial(budget)
+                except ValueError:  # below the cheapest plan (the knapsack rounds costs up to its units)
                     return res
-                alt = self.trial(budget)
                 self.tried[-1]["unfactored"] = True
                 if alt.size <= target:
                     return alt if alt.loss < res.loss else res
