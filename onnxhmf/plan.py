@@ -30,6 +30,7 @@ PLAN_FORMAT = 1
 LMF_OVERHEAD = 300  # an LMF rewrite: two factor initializers and one more MatMul
 INT8_OVERHEAD = 400  # one quantized tensor: scale and zero point initializers and the extra nodes
 INT4_OVERHEAD = 400  # the int4 unpacking subgraph's nodes and constants
+PQ_OVERHEAD = 2100  # a product-quantized table's names, offsets and nodes (MiniLM's word table: 2,088 B)
 PIVOT_INT8_OVERHEAD = 1250  # more quantizer nodes for a pivoted pair with int8 factors (one fit; see treatment_bytes)
 TIED_INT8_OVERHEAD = 550  # a tied table's int8 head: DynamicQuantizeLinear, MatMulInteger, unpacking (tests' tied model)
 PIVOT_OVERHEAD = 350  # a pivoted LMF site's nodes and names beyond A·B's LMF_OVERHEAD (tests' models: 300-450)
@@ -103,7 +104,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
         "int4b128": lambda: blocked_bytes(m, n, 4, 128) + INT8_OVERHEAD,
         "int4b256": lambda: blocked_bytes(m, n, 4, 256) + INT8_OVERHEAD,
-        "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + INT8_OVERHEAD,  # a table: m rows of n values
+        "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + PQ_OVERHEAD,  # a table: m rows of n values
     }
     if treatment not in cost:
         raise OnnxHmfError(f"unknown treatment {treatment!r} (known: {', '.join(TREATMENTS)})")

@@ -143,7 +143,7 @@ def test_planner_offers_pq4_for_tables_only_and_prices_it():
     assert "pq4" in [t[0] for _, _, t in opts["E"]] and "pq4" not in [t[0] for _, _, t in opts["W1"]]
     b, lost, _ = next(o for o in opts["E"] if o[2][0] == "pq4")
     assert b == PLANNED["pq4"].nbytes((320, 32), "table") and lost > 0
-    assert abs(treatment_bytes("pq4", (320, 32)) - b) <= 400 and ("E", (320, 32)) in probes
+    assert 0 < treatment_bytes("pq4", (320, 32)) - b <= 2100 and ("E", (320, 32)) in probes
 
 
 def test_a_plan_file_with_pq4_writes_codes(tmp_path):
@@ -179,7 +179,7 @@ def test_minilm_word_table_as_pq4_is_small_standard_and_close(minilm_path):
     out, notes = apply_treatments(m, {word: t})
     assert default_opset(out) == default_opset(m) and not notes
     assert all(n.domain in ("", "ai.onnx") for n in out.graph.node)
-    assert m.ByteSize() - out.ByteSize() > 30522 * 384 * 4 - t.nbytes((30522, 384)) - 2000
+    assert m.ByteSize() - out.ByteSize() > 30522 * 384 * 4 - t.nbytes((30522, 384)) - 3000  # (names, nodes: 2.1 KB)
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 30000, (4, 32))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
