@@ -26,9 +26,13 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
                                  measured losses
     cli int8                     `onnxhmf optimize --quantize int8` (tied tables: shared int8 rows and a
                                  MatMulInteger head)
+    cli int8pc smooth [t4]       `--quantize int8pc --smooth all --calib <pydoc>` [`--table-bits 4`]
     cli plan @P                  `onnxhmf optimize --plan auto --target-size <P's bytes>
-                                 --max-latency-ratio <P's 1-thread latency ratio, measured first>
+                                 --max-latency-ratio <1.05 × P's 1-thread latency ratio, measured first>
                                  --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc)
+    cli file NAME                `onnxhmf optimize --plan-file benchmarks/plans/<model>_NAME.json`
+                                 for every plan file there (glassllm_int8_w2w: int8 everywhere but
+                                 blocks.0.ffn.w2, weight-only int8: a plan the planner does not make)
 
 glassllm's fidelity is also given as the mean KL(original ‖ variant) per token, in nats
 (lm_eval.kl_to_reference): perplexity moves by ±0.5 either way under changes whose KL differs 5×.
@@ -168,15 +172,20 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
     return paths, secs, mixes
 
 
-def cli_plans(src: Path, out: Path, calib: list[str], peers: dict[str, Path], lat: dict[str, float]) -> tuple[dict, dict]:
+def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str, Path],
+              lat: dict[str, float]) -> tuple[dict, dict]:
     """The tool's own runs: --quantize int8, and --plan auto at each peer's size and latency
     (``calib``: the --calib/--tokenizer arguments)."""
     paths, secs = {}, {}
-    runs = {"cli int8": ["--quantize", "int8", "--no-measure"]}
+    runs = {"cli int8": ["--quantize", "int8", "--no-measure"],
+            "cli int8pc smooth": ["--quantize", "int8pc", "--smooth", "all", "--no-measure", *calib],
+            "cli int8pc smooth t4": ["--quantize", "int8pc", "--smooth", "all", "--table-bits", "4", "--no-measure", *calib]}
     for k, p in peers.items():
         runs[f"cli plan @{k.removeprefix('ort ')}"] = [
             "--plan", "auto", "--target-size", str(os.path.getsize(p)), "--max-latency-ratio",
-            f"{lat[k] / lat['original']:.3f}", "--no-measure", *calib]
+            f"{1.05 * lat[k] / lat['original']:.3f}", "--no-measure", *calib]
+    for f in sorted((ROOT / "benchmarks" / "plans").glob(f"{name}_*.json")):
+        runs[f"cli file {f.stem.removeprefix(name + '_')}"] = ["--plan-file", str(f), "--no-measure", *calib]
     for label, args in runs.items():
         dst = out / (label.replace(" ", "_").replace("@", "at_") + ".onnx")
         r = H.optimize(src, dst, *args)
@@ -220,7 +229,7 @@ def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
         first = H.latency({"original": src, **chosen}, feeds, threads=1, rounds=rounds, per_round=2)
         calib = ["--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)] if name == "minilm" \
             else ["--calib", str(out / "cal.npz")]
-        cli, cli_s = cli_plans(src, out, calib, chosen, first)
+        cli, cli_s = cli_plans(name, src, out, calib, chosen, first)
         paths.update(cli)
         secs.update(cli_s)
     if name == "minilm":

@@ -108,6 +108,10 @@ _METHODS = _Group("How weights are stored", [
             "(docs/quantization.md); exact in float. The 1/s is folded into the graph where that is free (free: "
             "only there); elsewhere one Mul node per site, where the MatMuls' outputs are at least as wide as "
             "their input (cheap, the default) or everywhere (all: more accurate, a little slower)."),
+    _o("--table-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+       help="With --quantize: Gather tables as int8 (onnxruntime's quantizer; a tied table: int8 rows shared with "
+            "an int8 head) or as int4 rows (block 32, clip-searched scales; a tied table: one scale per row, shared). "
+            "Only the gathered rows are dequantized; the opset is unchanged."),
     _o("--no-fold", is_flag=True, help="HMF: always restore column order with a Gather instead of folding it into consumers."),
     _o("--share-bases", is_flag=True,
        help="LMF weights that read the same activation (e.g. Q, K, V) share one first factor, where that lowers the "
@@ -120,7 +124,8 @@ _METHODS = _Group("How weights are stored", [
        help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
             "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
-              "smooth": p["smooth"], "fold": not p["no_fold"], "share_bases": p["share_bases"], "seed": p["seed"],
+              "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"],
+              "share_bases": p["share_bases"], "seed": p["seed"],
               "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"]})
 
 _CALIBRATION = _Group("Calibration data", [

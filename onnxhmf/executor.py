@@ -102,7 +102,8 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
         per_channel = plan.settings.get("quantize") == "int8pc"
         if per_channel and plan.settings.get("smooth"):
             model = _smooth(model, names, ctx, notes, plan.settings["smooth"])
-        model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes)
+        model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes,
+                                    table_bits=plan.settings.get("table_bits", 8) if everything else 8)
         if not done and not any(s.status == "rewritten" for s in sites):
             from .errors import OnnxHmfError
 

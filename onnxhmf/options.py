@@ -118,6 +118,7 @@ class Methods:
     storage_ae: dict | None = None  # StorageAEPass fields: include, keep, options
     quantize: str | None = None  # int8 (per-tensor weights) | int8pc (per-channel weights)
     smooth: str | None = None  # int8pc: SmoothQuant first (passes/smooth.py; needs calibration data): cheap | all | free
+    table_bits: int = 8  # --quantize: Gather tables as 8-bit (the quantizer's) or 4-bit rows (graph/qdq.blocked_table)
     lower_recurrent: bool = False  # LSTM/GRU/RNN lowered to Scan so R is factorized too (passes/recurrent.py)
     pivot: bool = True  # low-rank results stored pivoted (W_p, C: r(m+n−r)); False keeps A·B (--no-pivot)
 
@@ -132,6 +133,10 @@ class Methods:
             _fail(f"smooth must be cheap, all, free or None, got {self.smooth!r}")
         if self.smooth and self.quantize != "int8pc":
             _fail("--smooth goes with --quantize int8pc")
+        if self.table_bits not in (4, 8):
+            _fail(f"table bits must be 4 or 8, got {self.table_bits!r}")
+        if self.table_bits != 8 and self.quantize is None:
+            _fail("--table-bits goes with --quantize")
         from .factorize.whiten import check_damp
 
         try:
@@ -192,7 +197,8 @@ _GROUPS = {
     "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast",
                         "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
-                          "ae_options", "storage_ae", "quantize", "smooth", "lower_recurrent", "pivot"}),
+                          "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
+                          "pivot"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -292,6 +298,7 @@ class Options:
             "allocation": b.allocation if c.given else None, "sequential": m.sequential or None,
             "share_bases": m.share_bases or None, "min_fidelity": b.min_fidelity, "quantize": m.quantize,
             **({"smooth": m.smooth} if m.smooth else {}),
+            **({"table_bits": m.table_bits} if m.table_bits != 8 else {}),
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
             "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
             "lower_recurrent": m.lower_recurrent or None,

@@ -77,7 +77,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
     """Predicted file bytes of one weight under ``treatment`` (the one cost model). ``pivot``: the
     low-rank result is stored pivoted (factorize/pivot.py): r(m+n−r) values and ``index`` int32
     index-map entries instead of A·B's r(m+n). ``tied``: an m×n tied table, whose int8 rows carry
-    one scale each and whose head is a MatMulInteger (quantize._tied_rows)."""
+    one scale each and whose head is a MatMulInteger (quantize._own_tables)."""
     m, n = shape
     r = rank or 0
     if pivot and TREATMENTS.get(treatment) is not None and TREATMENTS[treatment].factor == "lmf":

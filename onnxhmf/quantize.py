@@ -52,7 +52,7 @@ INT8_OVERHEAD = 400
 
 def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False) -> np.ndarray:
     """The weight onnxruntime's dynamic quantizer stores, dequantized (``tied``: what
-    :func:`_tied_rows` stores for a tied table instead, symmetric int8 rows with
+    :func:`_own_tables` stores for a tied table instead, symmetric int8 rows with
     s_i = max_j |W_ij|/127).
 
     MatMul weights (``table`` False): symmetric int8, s = max|W|/127, W_q = s·round(W/s).
@@ -168,11 +168,13 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
 
 
 def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
-                  per_channel: bool = False, notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+                  per_channel: bool = False, notes: list[str] | None = None,
+                  table_bits: int = 8) -> tuple[onnx.ModelProto, list[str]]:
     """(model with int8 weights, the initializer names quantized).
 
     ``per_channel``: onnxruntime's per_channel=True (per-column weight scales; still
-    MatMulInteger, far more accurate on BERT's FFN weights).
+    MatMulInteger, far more accurate on BERT's FFN weights). ``table_bits`` 4: Gather tables
+    as int4 rows instead (:func:`_own_tables`).
 
     ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
     A weight the quantizer would store twice (int8 for its Gather, float for another reader such
@@ -197,10 +199,10 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     chosen = sorted(uses if weights is None else set(weights) & set(uses))
     if not chosen:
         return work, []
-    tied = _tied_rows(work, chosen, notes)
-    chosen = [w for w in chosen if w not in tied]
+    own = _own_tables(work, chosen, notes, table_bits)
+    chosen = [w for w in chosen if w not in own]
     if not chosen:
-        return _restore_header(work, model, notes), tied
+        return _restore_header(work, model, notes), own
     uses = weight_nodes(work)
     q = _quantize(work, chosen, uses, per_channel)
     floats = {t.name for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
@@ -217,30 +219,40 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     if per_channel:
         drop_zero_points(q)
     left = set(weight_nodes(q))
-    return q, tied + [w for w in chosen if w not in left]
+    return q, own + [w for w in chosen if w not in left]
 
 
-def _tied_rows(work: onnx.ModelProto, chosen: list[str], notes: list[str]) -> list[str]:
-    """Quantize the tied tables among ``chosen`` (a Gather and a Transpose → MatMul head read
-    them; graph/qdq.site_kind 'tied') in place, as int8 rows with one scale per row that the
-    Gathers and the head share: the head becomes DynamicQuantizeLinear → MatMulInteger, as fast
-    as the other int8 MatMuls, where onnxruntime's quantizer would dequantize the whole table
-    each run and multiply in float. Needs opset 11 (DynamicQuantizeLinear)."""
+def _own_tables(work: onnx.ModelProto, chosen: list[str], notes: list[str], bits: int = 8) -> list[str]:
+    """Quantize in place the tables among ``chosen`` that onnxruntime's quantizer would store
+    worse (graph/qdq.blocked_table), returning their names:
+
+    * tied tables (a Gather and a Transpose → MatMul head read them; site_kind 'tied'): ``bits``
+      rows with one scale per row, read by the Gathers and by the head, which becomes
+      DynamicQuantizeLinear → MatMulInteger, as fast as the other int8 MatMuls (onnxruntime's
+      quantizer would dequantize the whole table each run for a float head);
+    * with ``bits`` 4, plain tables too: int4 rows, block 32 (or one block per row where 32 does
+      not divide D), scales clip-searched for the least squared error.
+
+    Needs opset 11 (DynamicQuantizeLinear, BitShift)."""
     from onnx import numpy_helper
 
-    from .factorize.quant import quantize_blocked
+    from .factorize.quant import clip_search, quantize_blocked
     from .graph import qdq
 
     if default_opset(work) < 11:
         return []
     done = []
     for w in chosen:
-        if qdq.site_kind(work, w) != "tied":
+        kind = qdq.site_kind(work, w)
+        if kind not in ("tied", "table") or (kind == "table" and bits == 8):
             continue
         E = next(numpy_helper.to_array(t) for t in work.graph.initializer if t.name == w).astype(np.float64)
-        qdq.blocked_table(work, w, quantize_blocked(E.T, 8, E.shape[1], True))
-        notes.append(f"int8: tied table {w!r}: int8 rows, one scale per row, read by its Gathers and by the head "
-                     "(MatMulInteger)")
+        block = E.shape[1] if kind == "tied" or E.shape[1] % 32 else 32
+        bq = quantize_blocked(E.T, 8, block, True) if bits == 8 else clip_search(E.T, None, 4, block, True)
+        qdq.blocked_table(work, w, bq)
+        notes.append(f"int8: {'tied ' if kind == 'tied' else ''}table {w!r}: int{bits} rows"
+                     + (", one scale per row, read by its Gathers and by the head (MatMulInteger)" if kind == "tied"
+                        else f", one scale per {block} values (gathered rows dequantized)"))
         done.append(w)
     return done
 

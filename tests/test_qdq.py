@@ -348,3 +348,32 @@ def test_blocked_matmul_in_if_branches_copies_the_integers_and_fuses(main_reader
 def test_a_shadowed_or_otherwise_read_body_weight_is_no_site():
     m, _ = _if_model(shadow=True)
     assert qdq.site_kind(m, "W") is None
+
+
+def test_cli_table_bits_4(tmp_path, capsys):
+    """--quantize int8 --table-bits 4: the table becomes int4 rows (clip-searched, block 32) that
+    onnxruntime gathers exactly; nothing float of the table's size is stored, the opset stays;
+    --dry-run predicts the file within 3%; --table-bits without --quantize is one error line."""
+    from onnxhmf.cli import main
+
+    m = gather_model(400, 64)
+    src, out = tmp_path / "g.onnx", tmp_path / "o.onnx"
+    onnx.save(m, src)
+    args = ["optimize", str(src), str(out), "--quantize", "int8", "--table-bits", "4"]
+    assert main(args + ["--min-cosine", "0", "--min-top1", "0", "-q"]) == 0
+    q = onnx.load(out)
+    assert qdq.default_opset(q) == qdq.default_opset(m)
+    assert not [t for t in q.graph.initializer if t.data_type == TensorProto.FLOAT and np.prod(t.dims) >= 400 * 64 // 8]
+    assert [tuple(t.dims) for t in q.graph.initializer if t.data_type == TensorProto.UINT8 and t.dims] == [(400, 2, 16)]
+    E = numpy_helper.to_array(m.graph.initializer[0]).astype(np.float64)
+    ids = np.random.default_rng(2).integers(0, 400, (3, 5))
+    want = Q.clip_search(E.T, None, 4, 32, True).dequantize().T[ids]
+    np.testing.assert_allclose(_run(q, {"ids": ids}), want, rtol=1e-6, atol=1e-7)
+    capsys.readouterr()
+    assert main(args + ["--dry-run"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("file:")][-1]
+    predicted = int(line.split("~")[1].split()[0].replace(",", ""))
+    assert abs(predicted - out.stat().st_size) < 0.03 * out.stat().st_size, (predicted, out.stat().st_size)
+    assert main(["optimize", str(src), str(tmp_path / "x.onnx"), "--table-bits", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--table-bits goes with --quantize" in err and len(err.strip().splitlines()) == 1

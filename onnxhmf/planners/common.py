@@ -93,15 +93,18 @@ def model_bytes(model: onnx.ModelProto) -> int:
 def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
     """Predicted bytes under ``--quantize int8``: every float weight the quantizer takes (a
     MatMul's B or a Gather's table, factors included) is stored as int8, at the cost model's
-    int8 price; the factors of a table that something else also reads (a tied head) stay float
-    (quantize_int8 leaves them)."""
-    from ..plan import treatment_bytes
+    int8 price (with ``table_bits`` 4, a kept table at the int4 rows' price); the factors of a
+    table that something else also reads (a tied head) stay float (quantize_int8 leaves them),
+    unless the table is tied and shares its rows with the head."""
+    from ..factorize.quant import blocked_bytes
+    from ..plan import INT4_OVERHEAD, TIED_INT8_OVERHEAD, treatment_bytes
     from ..graph.index import default_opset
     from ..graph.qdq import site_kind
     from ..quantize import weight_nodes
 
     takes = weight_nodes(model)
-    tied = lambda w: default_opset(model) >= 11 and site_kind(model, w) == "tied"  # noqa: E731 (quantize._tied_rows)
+    four = plan.settings.get("table_bits") == 4
+    tied = lambda w: default_opset(model) >= 11 and site_kind(model, w) == "tied"  # noqa: E731 (quantize._own_tables)
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in set(node.input):
@@ -110,7 +113,11 @@ def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
         nodes = takes.get(d.weight)
         if nodes is None:
             continue
-        if d.treatment == "dense":
+        if d.treatment == "dense" and four and site_kind(model, d.weight) in ("table", "tied"):
+            V, D = d.shape  # quantize._own_tables: int4 rows, block 32 (one per row if tied or 32 ∤ D)
+            block = D if tied(d.weight) or D % 32 else 32
+            d.predicted_bytes = blocked_bytes(D, V, 4, block) + INT4_OVERHEAD + (TIED_INT8_OVERHEAD if tied(d.weight) else 0)
+        elif d.treatment == "dense":
             d.predicted_bytes = treatment_bytes("int8", d.shape, tied=tied(d.weight))
         elif d.treatment == "lmf" and (len(nodes) >= readers.get(d.weight, 0) or d.pivot or tied(d.weight)):
             # (a pivoted tied table is quantized once: its head reads W_p directly, no Transpose;

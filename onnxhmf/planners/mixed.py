@@ -220,7 +220,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
             continue
         m, n = g.shape
         T = index.array(g.ref)
-        tied = site_kind(work, g.name) == "tied" and default_opset(work) >= 11  # quantize._tied_rows
+        tied = site_kind(work, g.name) == "tied" and default_opset(work) >= 11  # quantize._own_tables
         cost = lambda kind, r=None: treatment_bytes(kind, (m, n), rank=r, tied=tied)  # noqa: E731
         opts = [Option(cost("dense"), 0.0, ("dense", 1.0))]
         lmf, plmf = _lowrank_options(costs, g, sens[g.name], rank_multiple)
