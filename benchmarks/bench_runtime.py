@@ -89,14 +89,19 @@ def standard(path: Path) -> bool:
     return all(n.domain in ("", "ai.onnx") for n in m.graph.node)
 
 
-def peers(src: Path, out: Path, cal) -> dict[str, Path]:
+def peers(src: Path, out: Path, cal, only: str | None = None) -> dict[str, Path]:
+    """onnxruntime's quantizers on ``src`` (``only``: just that one)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     p = {"ort dyn pt": out / "dyn_pt.onnx", "ort dyn pc": out / "dyn_pc.onnx", "ort static qdq": out / "static.onnx",
          "ort nbits4": out / "nbits4.onnx", "ort nbits4 qdq": out / "nbits4_qdq.onnx"}
-    quantize_dynamic(str(src), str(p["ort dyn pt"]), weight_type=QuantType.QInt8)
-    quantize_dynamic(str(src), str(p["ort dyn pc"]), weight_type=QuantType.QInt8, per_channel=True)
+    if only is not None:
+        p = {only: p[only]}
+    if "ort dyn pt" in p:
+        quantize_dynamic(str(src), str(p["ort dyn pt"]), weight_type=QuantType.QInt8)
+    if "ort dyn pc" in p:
+        quantize_dynamic(str(src), str(p["ort dyn pc"]), weight_type=QuantType.QInt8, per_channel=True)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -105,13 +110,16 @@ def peers(src: Path, out: Path, cal) -> dict[str, Path]:
         def get_next(self):
             return next(self.it, None)
 
-    quantize_static(str(src), str(p["ort static qdq"]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+    if "ort static qdq" in p:
+        quantize_static(str(src), str(p["ort static qdq"]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     # the nbits quantizer raises the opset to 21 without converting older ops (glassllm's ReduceMean
     # axes attribute makes its output invalid): give it the input already at opset 21 (exactly equal)
     src21 = onnx.load(str(src))
     qdq.upgrade_opset(src21)
     for key, fmt in (("ort nbits4", QuantFormat.QOperator), ("ort nbits4 qdq", QuantFormat.QDQ)):
+        if key not in p:
+            continue
         cfg = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=fmt,
                                            op_types_to_quantize=("MatMul", "Gather") if fmt == QuantFormat.QOperator
                                            else ("MatMul",))

@@ -29,6 +29,8 @@ from .graph.index import GraphIndex
 from .graph.sites import find_weight_groups
 from .passes.factorize import FactorizePass
 from .plan import TREATMENTS, Plan
+
+BLOCKED_STORES = ("int4b", "int8b", "int4b128", "int4b256", "pq4")  # step 5: passes/intquant.PLANNED's keys
 from .quantize import quantize_int8, weight_nodes, weight_only
 from .report import SiteReport
 
@@ -144,7 +146,7 @@ def _store_blocked(model: onnx.ModelProto, plan: Plan, ctx: ExecContext, notes: 
     """5. blocked int4/int8 (int4b, int8b; passes/intquant.py): DequantizeLinear(block_size) →
     MatMul, integer at run time; the opset is raised to 21 only where a MatMul needs it.
     ``rows``: {weight: permutation} of rows a fold in step 1 applied (apply_planned fits W[perm])."""
-    blocked = {d.weight: d.treatment for d in plan.decisions if d.spec.store in ("int4b", "int8b")}
+    blocked = {d.weight: d.treatment for d in plan.decisions if d.spec.store in BLOCKED_STORES}
     if not blocked:
         return model
     from .graph.index import default_opset
@@ -195,7 +197,7 @@ def _store_reports(plan: Plan) -> list[SiteReport]:
     return [SiteReport(weight=d.weight, ops=d.ops, nodes=list(d.nodes), shape=tuple(d.shape),
                        params_before=d.shape[0] * d.shape[1], status="rewritten", method=d.treatment,
                        params_after=d.shape[0] * d.shape[1], detail=d.spec.summary)
-            for d in plan.decisions if d.spec.factor is None and d.spec.store in ("int8", "int8w", "int4w", "int4b", "int8b")]
+            for d in plan.decisions if d.spec.factor is None and d.spec.store in ("int8", "int8w", "int4w", *BLOCKED_STORES)]
 
 
 def _storage_ae(model, plan: Plan, names: list[str], sites: list[SiteReport]) -> list[SiteReport]:

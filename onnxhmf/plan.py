@@ -17,6 +17,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import OnnxHmfError
+from .factorize.codebook import pq_bytes
 from .factorize.quant import blocked_bytes
 
 __all__ = ["Treatment", "TREATMENTS", "Decision", "Plan", "treatment_bytes", "LMF_OVERHEAD", "INT8_OVERHEAD",
@@ -29,6 +30,7 @@ PLAN_FORMAT = 1
 LMF_OVERHEAD = 300  # an LMF rewrite: two factor initializers and one more MatMul
 INT8_OVERHEAD = 400  # one quantized tensor: scale and zero point initializers and the extra nodes
 INT4_OVERHEAD = 400  # the int4 unpacking subgraph's nodes and constants
+PQ_OVERHEAD = 2100  # a product-quantized table's names, offsets and nodes (MiniLM's word table: 2,088 B)
 PIVOT_INT8_OVERHEAD = 1250  # more quantizer nodes for a pivoted pair with int8 factors (one fit; see treatment_bytes)
 TIED_INT8_OVERHEAD = 550  # a tied table's int8 head: DynamicQuantizeLinear, MatMulInteger, unpacking (tests' tied model)
 PIVOT_OVERHEAD = 350  # a pivoted LMF site's nodes and names beyond A·B's LMF_OVERHEAD (tests' models: 300-450)
@@ -61,6 +63,12 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
               "fused to MatMulNBits; tables: gathered int4 rows (integer at run time; opset 21 for MatMuls)"),
     Treatment("int8b", None, "int8b", "blocked int8 (block 128): DequantizeLinear(block_size) → MatMul "
               "(integer at run time; opset 21 for MatMuls)"),
+    Treatment("int4b128", None, "int4b128", "blocked int4 (block 128, GPTQ): DequantizeLinear(block_size) → MatMul, "
+              "fused to MatMulNBits (integer at run time; opset 21)"),
+    Treatment("int4b256", None, "int4b256", "blocked int4 (block 256, GPTQ): DequantizeLinear(block_size) → MatMul, "
+              "fused to MatMulNBits (integer at run time; opset 21)"),
+    Treatment("pq4", None, "pq4", "product-quantized table: a uint8 code per 4 values into 256-centroid float16 "
+              "codebooks (2 bits a value), rebuilt after the Gather (Gather, Cast, Add, Gather, Reshape; opset kept)"),
 )}
 
 
@@ -94,6 +102,9 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
         "int4b": lambda: blocked_bytes(m, n, 4, 32) + INT8_OVERHEAD,  # blocks along m (tables: along n, ≈ the same)
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
+        "int4b128": lambda: blocked_bytes(m, n, 4, 128) + INT8_OVERHEAD,
+        "int4b256": lambda: blocked_bytes(m, n, 4, 256) + INT8_OVERHEAD,
+        "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + PQ_OVERHEAD,  # a table: m rows of n values
     }
     if treatment not in cost:
         raise OnnxHmfError(f"unknown treatment {treatment!r} (known: {', '.join(TREATMENTS)})")

@@ -253,6 +253,9 @@ def test_too_slow_plans_again_without_the_slower_forms(tmodel, calib_npz, monkey
         return 2.0 if factored else 0.5
 
     monkeypatch.setattr(mixed, "latency_ratio", fake)
+    # (the size search keeps the knapsack's factored plan: its measured comparison without low-rank
+    # forms, test_plan_auto_measures_its_knapsack_without_lowrank_forms, would pick another)
+    monkeypatch.setattr(mixed._Search, "_unfactored", lambda self, res, target: res)
     # the one search's latency cap predicts nothing here (no profiled MatMuls): the fallback is tested
     monkeypatch.setattr(mixed.LatencyCap, "measure", classmethod(lambda cls, work, feeds, limit, planner: cls(limit, 1.0, {}, 1e9)))
     model, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.3, "max_latency_ratio": 1.0}, verify=False)
@@ -304,3 +307,67 @@ def test_the_latency_cap_is_inside_the_one_search(tmodel, calib_npz, monkeypatch
     assert cap.resource(p, "w", Option(1, 0.0, ("int8", 1.0))) == pytest.approx(0.5e-3)
     assert cap.resource(p, "w", Option(1, 0.0, ("int8w", 1.0))) == pytest.approx(1e-3)  # runs as the float MatMul
     assert cap.resource(p, "w", Option(1, 0.0, ("lmf-int8", 0.5))) == pytest.approx(1e-3 * 1.0 * 1 / 2)  # rank 1 of r0 2
+
+
+class _FakePlanner:
+    """Two weights; 'lmf' is predicted cheap and nearly lossless; what the built model loses
+    with it is ``lmf_true_loss`` a weight (``_measure`` stands in for building and measuring)."""
+
+    def __init__(self, lmf_true_loss):
+        self.options = {w: [Option(100, 0.0, ("dense", 1.0)), Option(30, 0.001, ("lmf", 0.3)),
+                            Option(40, 0.01, ("int4b128", 1.0))] for w in ("a", "b")}
+        self.fixed, self.caps, self.lmf_true_loss = 10, [], lmf_true_loss
+
+    def allocate(self, budget):
+        from onnxhmf.factorize.allocate import allocate
+
+        return dict(zip(self.options, allocate(list(self.options.values()), budget - self.fixed)))
+
+    def floor(self):
+        return self.fixed + sum(min(o.cost for o in v) for v in self.options.values())
+
+    def _measure(self, choice):
+        loss = sum(self.lmf_true_loss if o.tag[0] == "lmf" else o.error for o in choice.values())
+        return sum(o.cost for o in choice.values()) + self.fixed, loss
+
+
+@pytest.mark.parametrize("lmf_true_loss,winner", [(0.05, "int4b128"), (0.002, "lmf")])
+def test_plan_auto_measures_its_knapsack_without_lowrank_forms(monkeypatch, lmf_true_loss, winner):
+    from onnxhmf.planners import mixed
+
+    p = _FakePlanner(lmf_true_loss)
+
+    def measure(self, choice, row):
+        size, loss = p._measure(choice)
+        self.tried.append({**row, "bytes": size})
+        return mixed._Trial(choice, size, 1 - loss, loss, None)
+
+    monkeypatch.setattr(mixed._Search, "_measure", measure)
+    search = mixed._Search(p, None, {"target_size": 100}, 1000)
+    res = search._unfactored(search.trial(100), 100)
+    assert {o.tag[0] for o in res.choice.values()} == {winner}
+    assert any(t.get("unfactored") for t in search.tried)
+    assert all(o.tag[0] == "lmf" for o in p.allocate(100).values())  # the full menu is back
+
+
+def test_plan_auto_without_lowrank_forms_stops_at_the_cheapest_plan(monkeypatch):
+    """Built plans overshooting their estimate lower the budget; below the cheapest plan without
+    low-rank forms the knapsack's own plan is kept (no 'no plan fits' error)."""
+    from onnxhmf.planners import mixed
+
+    p = _FakePlanner(0.05)
+
+    def measure(self, choice, row):
+        size, loss = p._measure(choice)
+        self.tried.append({**row, "bytes": size + (30 if "lmf" not in str(choice) else 0)})
+        return mixed._Trial(choice, self.tried[-1]["bytes"], 1 - loss, loss, None)
+
+    monkeypatch.setattr(mixed._Search, "_measure", measure)
+    search = mixed._Search(p, None, {"target_size": 100}, 1000)
+    first = search.trial(100)
+    assert search._unfactored(first, 100) is first
+    assert sum(bool(t.get("unfactored")) for t in search.tried) == 1
+    # the floor itself can be out of the knapsack's reach (it rounds costs up to budget/4000 units)
+    from onnxhmf.factorize.allocate import allocate
+    with pytest.raises(ValueError):
+        allocate([[Option(4001, 0.0)], [Option(3999, 0.0)]], 8000, resolution=2)

@@ -15,6 +15,10 @@ Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind)
   lqer            W ≈ Q + L·R: Q blocked ``bits``, L·R rank ``rank`` (rounded to the block) in
                   blocked int8, fitted on the Gram (matmul sites).
   lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
+  pq              tables only: product quantization (factorize/codebook.py), uint8 codes of
+                  sub-vectors of ``block`` values into 2^``bits`` (≤ 256) centroids per subspace;
+                  ``method`` f32 or f16 (codebook storage); gathered codes → codebook Gather
+                  (graph/codebook.py), opset unchanged. block 4: 2 bits a value.
   int8pc          onnxruntime's dynamic per-channel int8 (DynamicQuantizeLinear → MatMulInteger,
                   any opset ≥ 11); ``method`` gptq refits the stored integers with the Gram at the
                   quantizer's own scales; ``smooth``: SmoothQuant scales first (passes/smooth.py).
@@ -42,7 +46,9 @@ from onnx import numpy_helper
 from ..capture import capture_stats
 from ..errors import OnnxHmfError
 from ..factorize import quant as Q
+from ..factorize.codebook import ProductQuantized, pq_bytes, product_quantize
 from ..graph import qdq
+from ..graph.codebook import codebook_table
 from ..graph.index import default_opset
 from ..quantize import int8_weight
 
@@ -52,7 +58,7 @@ __all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment"
 
 @dataclass(frozen=True)
 class IntTreatment:
-    kind: str  # int4b | int8b | lqer | lmf-b | int8pc
+    kind: str  # int4b | int8b | lqer | lmf-b | int8pc | pq
     bits: int = 4
     block: int = 32
     symmetric: bool = True
@@ -62,6 +68,8 @@ class IntTreatment:
 
     @property
     def name(self) -> str:
+        if self.kind == "pq":
+            return f"pq{self.block}k{2 ** self.bits}-{self.method}"
         core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
         base = core.get(self.kind, f"int{self.bits}b")
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
@@ -69,18 +77,22 @@ class IntTreatment:
 
     def opset(self, site: str = "matmul", shape: tuple[int, ...] | None = None) -> int:
         """The opset the treatment needs on ``site`` (a V×D table: ``shape``): blocked DQ needs 21;
-        gathered table rows (Cast, BitShift, Mul) and MatMulInteger need only 11, and so does a
-        tied table with one scale per row (block = D: its head is MatMulInteger)."""
+        gathered table rows (Cast, BitShift, Mul), product-quantized tables and MatMulInteger need
+        only 11, and so does a tied table with one scale per row (block = D: its head is MatMulInteger)."""
         rows = site == "tied" and shape is not None and self.block == shape[-1]
-        return 11 if self.kind == "int8pc" or site == "table" or rows else qdq.QDQ_OPSET
+        return 11 if self.kind in ("int8pc", "pq") or site == "table" or rows else qdq.QDQ_OPSET
 
     def sites(self) -> tuple[str, ...]:
+        if self.kind == "pq":
+            return ("table",)
         return ("matmul", "table", "tied", "body") if self.kind in ("int4b", "int8b") else \
             ("matmul", "table") if self.kind == "int8pc" else ("matmul",)
 
     def fit(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul"):
         """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
         W = np.asarray(W, np.float64)
+        if self.kind == "pq":
+            return product_quantize(W, self.block, 2 ** self.bits, itemsize=2 if self.method == "f16" else 4)
         if site == "table" and self.kind == "int8pc":  # the quantizer's Gather: uint8 rows, one scale and zero point
             return int8_weight(W, table=True)
         if site not in ("matmul", "body"):
@@ -111,6 +123,8 @@ class IntTreatment:
         """Stored bytes; ``copies``: a body weight's integers are stored once per reading graph."""
         if site == "body":
             return copies * self.nbytes(shape)
+        if self.kind == "pq":
+            return pq_bytes(shape[0], shape[1], self.block, 2 ** self.bits, 2 if self.method == "f16" else 4)
         K, N = shape if site == "matmul" else shape[::-1]
         if self.kind == "int8pc":
             return K * N + (5 * N if site == "matmul" else 16)
@@ -125,9 +139,12 @@ class IntTreatment:
 
 
 def parse_treatment(text: str) -> IntTreatment:
-    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]'."""
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]',
+    'pq:4[:f16]' (sub-vectors of 4 values, 256 centroids; float16 codebooks)."""
     p = text.split(":")
     try:
+        if p[0] == "pq" and len(p) in (2, 3) and (len(p) == 2 or p[2] in ("f16", "f32")):
+            return IntTreatment("pq", 8, int(p[1]), True, p[2] if len(p) == 3 else "f32")
         if p[0] in ("int4b", "int8b"):
             return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
         if p[0] in ("lqer", "lmf-b"):
@@ -200,6 +217,8 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
                 fitted[(w, t)] = f
         if t.kind == "int8pc":
             pc.append((w, f))
+        elif t.kind == "pq":
+            codebook_table(out, w, f)
         elif sites[w] == "body":
             qdq.blocked_matmul(out, w, f)
         elif sites[w] != "matmul":
@@ -250,8 +269,10 @@ def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> on
 
 # -------------------------------------------------------------------------- planner hook
 
-# the planner's treatments (plan.TREATMENTS names int4b, int8b)
-PLANNED = {"int4b": IntTreatment("int4b", 4, 32, True, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip")}
+# the planner's treatments (plan.TREATMENTS names them; executor.BLOCKED_STORES lists the keys)
+PLANNED = {"int4b": IntTreatment("int4b", 4, 32, True, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip"),
+           "int4b128": IntTreatment("int4b", 4, 128, True, "gptq"), "int4b256": IntTreatment("int4b", 4, 256, True, "gptq"),
+           "pq4": IntTreatment("pq", 8, 4, True, "f16")}
 
 
 def can_upgrade(model: onnx.ModelProto) -> bool:
@@ -321,6 +342,8 @@ def _as_weight(f, site: str) -> np.ndarray:
     """The float weight a fit stands for (W's own orientation)."""
     if isinstance(f, np.ndarray):
         return f.astype(np.float32)
+    if isinstance(f, ProductQuantized):  # already V×D
+        return f.dequantize()
     if isinstance(f, tuple):
         return (f[0].dequantize() @ f[1].dequantize()).astype(np.float32)
     out = f.dequantize()

@@ -16,7 +16,7 @@ from ..errors import OnnxHmfError
 from ..factorize.smooth import ALPHA_GRID, search_alpha
 from ..graph.smooth import apply_smoothing, smooth_sites
 
-__all__ = ["smooth_for_int8", "SmoothResult", "FLOAT_TOL"]
+__all__ = ["smooth_for_int8", "smooth_for_int4", "smoothed_grams", "SmoothResult", "FLOAT_TOL"]
 
 FLOAT_TOL = 1e-4  # max |Δ output| / max |output| allowed between the smoothed and original float models
 
@@ -93,3 +93,41 @@ def smooth_for_int8(model: onnx.ModelProto, calib, weights=None, grid=ALPHA_GRID
         raise OnnxHmfError(f"internal error: smoothing changed the float model's outputs by {res.float_error:.2e} "
                            f"(relative; allowed {tol:.0e})")
     return out, res
+
+
+def smooth_for_int4(model: onnx.ModelProto, grams: dict[str, np.ndarray], weights=None, block: int = 128,
+                    nodes: str = "all", check=None, tol: float = FLOAT_TOL) -> tuple[onnx.ModelProto, SmoothResult]:
+    """AWQ-style scales before blocked int4 (factorize/awq.py): per site, the α whose simulated
+    int4 block-``block`` output error on the Gram is lowest (α = 0: left alone), folded as
+    smooth_for_int8 does. ``grams``: {weight: Gram of its input} (intquant.weight_grams);
+    ``check``: a calibration batch on which the smoothed float model must match the input.
+    res.scales gives each smoothed weight's s (its new Gram is G / s·sᵀ)."""
+    from ..factorize.awq import awq_scales
+
+    res = SmoothResult()
+    sites = [s for s in smooth_sites(model, weights, nodes) if all(w in grams for w in s.weights)]
+    arrays = {t.name: t for t in model.graph.initializer}
+    scales = {}
+    for site in sites:
+        Ws = [numpy_helper.to_array(arrays[w]).astype(np.float64) for w in site.weights]
+        ch = awq_scales(Ws, grams[site.weights[0]], 4, block)
+        short = site.weights[0] + (f" (+{len(site.weights) - 1})" if len(site.weights) > 1 else "")
+        if ch.alpha > 0:
+            scales[site.act] = ch.scale.astype(np.float32)
+            res.scales.update({w: ch.scale for w in site.weights})
+            res.notes.append(f"awq {short}: alpha {ch.alpha:g}, 1/s folded by {site.fold}, simulated int4 "
+                             f"error x{ch.error / max(ch.baseline, 1e-30):.2f}")
+    if not scales:
+        return model, res
+    out = apply_smoothing(model, sites, scales)
+    if check is not None:
+        res.float_error = float_difference(model, out, check)
+        if not res.float_error <= tol:
+            raise OnnxHmfError(f"internal error: smoothing changed the float model's outputs by {res.float_error:.2e} "
+                               f"(relative; allowed {tol:.0e})")
+    return out, res
+
+
+def smoothed_grams(grams: dict[str, np.ndarray], scales: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Grams of the smoothed weights' inputs X/s: G / s·sᵀ (the others unchanged)."""
+    return {w: G / np.outer(scales[w], scales[w]) if w in scales else G for w, G in grams.items()}

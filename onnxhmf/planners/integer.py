@@ -25,14 +25,17 @@ def _proxy(W: np.ndarray, Wq: np.ndarray, G, site: str) -> float:
 
 
 def integer_plan(model: onnx.ModelProto, calib, target_bytes: int, menu: list[IntTreatment],
-                 grams: dict[str, np.ndarray] | None = None, batches: int = 4, progress=lambda it: it):
+                 grams: dict[str, np.ndarray] | None = None, batches: int = 4, progress=lambda it: it,
+                 fitted: dict | None = None):
     """Per weight, one treatment of ``menu`` (or dense, if it fits) minimising the summed measured
     loss under a file budget: each (weight, treatment) is probed end to end (Σ outputs 1 − mean
     cosine over ``batches`` calibration batches, only that weight changed; int8pc's MatMul input
     goes through DynamicQuantizeLinear → DequantizeLinear, which is what MatMulInteger computes),
     then the multiple-choice knapsack of factorize/allocate.py. To keep it to one probe per weight,
     only the first applicable non-int8pc treatment is measured; the others' losses are that loss
-    scaled by their output-error proxy tr(ΔᵀCΔ) (‖Δ‖² for tables). Returns (model, plan, info)."""
+    scaled by their output-error proxy tr(ΔᵀCΔ) (‖Δ‖² for tables), except product-quantized
+    tables (pq), always probed (their error is not a scaled rounding error). ``fitted``: {(weight,
+    treatment): fit} shared between calls (e.g. several targets). Returns (model, plan, info)."""
     sites = {t.name: qdq.site_kind(model, t.name) for t in model.graph.initializer}
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if sites[t.name]}
     grams = weight_grams(model, list(arrays), calib) if grams is None else grams
@@ -52,7 +55,8 @@ def integer_plan(model: onnx.ModelProto, calib, target_bytes: int, menu: list[In
         return float(np.mean([output_loss(r, sess.run(names, {**b, **extra}), b.get(calib.mask) if calib.mask else None)
                               for b, r in zip(data, refs)]))
 
-    options, fitted = {}, {}
+    options = {}
+    fitted = {} if fitted is None else fitted
     for w in progress(list(arrays)):
         W = arrays[w].astype(np.float64)
         G = grams.get(w)
@@ -60,12 +64,12 @@ def integer_plan(model: onnx.ModelProto, calib, target_bytes: int, menu: list[In
         for t in menu:
             if sites[w] not in t.sites() or (sites[w] != "matmul" and t.block and W.shape[1] % t.block):
                 continue
-            f = fitted[(w, t)] = t.fit(W, G, sites[w])
+            f = fitted[(w, t)] = fitted[(w, t)] if (w, t) in fitted else t.fit(W, G, sites[w])
             Wq = _as_weight(f, sites[w])
             err = _proxy(W, Wq, G, sites[w])
-            if t.kind == "int8pc" or measured is None or measured[1] <= 0:
+            if t.kind in ("int8pc", "pq") or measured is None or measured[1] <= 0:
                 lost = loss(w, Wq, t.kind == "int8pc")
-                if t.kind != "int8pc":
+                if t.kind not in ("int8pc", "pq"):
                     measured = (lost, err)
             else:  # the others scaled by the output-error proxy: one probe per weight
                 lost = measured[0] * err / measured[1]

@@ -138,6 +138,7 @@ class LatencyCap:
         kind, keep = o.tag
         m, n = planner.groups[name].shape
         f = self.factors[(T, K, m * n // K)]
+        kind = "int4b" if kind in ("int4b128", "int4b256") else kind  # (MatMulNBits int4 at any block size)
         if not f or kind in _FLOAT or kind not in (*_PAIR_FLOAT, *_PAIR_INT8, "int8", "int4b", "int8b"):
             return secs
         if kind in ("int8", "int4b", "int8b"):

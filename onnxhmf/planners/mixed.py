@@ -21,6 +21,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
   them: it grows with the rank, convexly, so the chords are upper bounds.
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
+* Integers at run time (passes/intquant.PLANNED): blocked int4 (blocks 32, 128, 256; GPTQ) and
+  int8 (block 128) for MatMuls and tables, and 2-bit product-quantized tables (pq4); loss measured.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
 Σ loss under B − F bytes, F = the file's other bytes (graph, weights that are not candidates).
@@ -30,6 +32,7 @@ measured on held-out calibration batches: file bytes and fidelity. If the file o
 target, the budget is lowered by the overshoot (plus a growing margin) and the plan redone.
 Plans of one treatment (all int8w, int8 or int4w where the weight allows) that fit are measured
 too, and the lowest measured loss wins: the knapsack adds per-weight losses, the model need not.
+Where the plan took low-rank forms, the knapsack without them is built and measured as well.
 ``--target-fidelity``: bisection over the byte budget for the smallest assembled plan whose
 held-out fidelity meets the target. ``--max-latency-ratio``: the predicted latency of each
 option is a cap inside the same search (latency.py), the built plan is measured and the cap
@@ -79,7 +82,7 @@ SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as f
 # the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
 # which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
 # within the limit wins.
-_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b"))
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128", "int4b256"))
 _SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
                  ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
                  ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
@@ -412,7 +415,31 @@ class _Search:
             self.tried.append({"budget": None, "uniform": kind, "bytes": size, "fidelity": round(fid, 5)})
             if loss < res.loss:
                 res = _Trial(alt, size, fid, loss, built)
-        return res
+        return self._unfactored(res, target)
+
+    def _unfactored(self, res: _Trial, target: int) -> _Trial:
+        """The knapsack again without the low-rank forms, if the plan took any: measured, it
+        wins where its held-out loss is lower (low-rank losses measured one weight at a time
+        under-predict what the whole model loses, docs/pivot.md)."""
+        p = self.planner
+        if not any(_FACTORED(o.tag[0]) for o in res.choice.values()):
+            return res
+        full = p.options
+        p.options = {n: [o for o in v if not _FACTORED(o.tag[0])] for n, v in full.items()}
+        try:
+            budget = target
+            for i in range(3):
+                try:
+                    alt = self.trial(budget)
+                except ValueError:  # below the cheapest plan (the knapsack rounds costs up to its units)
+                    return res
+                self.tried[-1]["unfactored"] = True
+                if alt.size <= target:
+                    return alt if alt.loss < res.loss else res
+                budget -= alt.size - target + int(0.001 * target * 2**i)
+            return res
+        finally:
+            p.options = full
 
     def run(self) -> _Trial:
         if self.goal.get("target_fidelity") is None:

@@ -1,0 +1,145 @@
+"""Issue 15: MiniLM at one tenth of its size with standard ops only; the size/fidelity curve.
+
+    python benchmarks/bench_tenth.py [--targets 0.10,0.12,0.14] [--cli 0.10,0.12] [--samples 512] [--rounds 9]
+
+Calibration: 512 pydoc sentences (never the held-out text). Fidelity: mean cosine of sentence
+embeddings against the original on 300 held-out Shakespeare and 300 KJV sentences, reported
+separately. Variants:
+
+    original
+    ort nbits4          onnxruntime's MatMulNBits quantizer, int4 block 32, MatMul + Gather (contrib ops)
+    table pq4 only      the word table product-quantized (sub-vectors of 4, 256 centroids, f16
+                        codebooks), everything else float: what the table alone costs
+    int4b128 + pq4      every MatMul int4 block 128 GPTQ, word table pq4, position table int4 b32
+    plan @R             planners.integer.integer_plan at R × the input's bytes, menu MENU below
+    cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --calib pydoc.txt
+                        --tokenizer minilm.tokenizer.json` (run with --force: written even where its
+                        own verification, on its calibration-held-out batches, is below 0.9)
+
+Columns: size (ratio to the input file), cosine on Shakespeare / KJV / both, latency at 1 thread
+(median of interleaved rounds on 8×128 tokens, ratio to the original), resident memory (RSS growth
+of a fresh process that loads the model and runs it 5 times), std (default-domain ops only; the
+file must load in onnxruntime, which the fidelity run does).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import onnx
+
+import harness as H
+from bench_runtime import peers, resident, standard
+
+sys.path.insert(0, str(H.ROOT))
+
+from onnxhmf.calibration import load_calibration  # noqa: E402
+from onnxhmf.graph import qdq  # noqa: E402
+from onnxhmf.passes.intquant import apply_treatments, parse_treatment, weight_grams  # noqa: E402
+from onnxhmf.planners.integer import integer_plan  # noqa: E402
+
+WORD, POS = "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"
+MENU = ["int4b:256:s:gptq", "int4b:128:s:gptq", "int4b:64:s:gptq", "int4b:32:s:gptq", "int8b:128:s:clip",
+        "pq:4:f16", "pq:6:f16", "pq:8:f16"]
+
+
+def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
+    m = onnx.load(str(src))
+    kinds = {t.name: qdq.site_kind(m, t.name) for t in m.graph.initializer}
+    weights = [w for w, k in kinds.items() if k in ("matmul", "table")
+               and np.prod(next(t for t in m.graph.initializer if t.name == w).dims) >= 4096]
+    matmuls = [w for w in weights if kinds[w] == "matmul"]
+    t0 = time.perf_counter()
+    grams = weight_grams(m, weights, cal)
+    fitted, paths, secs, notes = {}, {}, {}, []
+    pq4 = parse_treatment("pq:4:f16")
+    uniform = {"table pq4 only": {WORD: pq4},
+               "int4b128 + pq4": {**{w: parse_treatment("int4b:128:s:gptq") for w in matmuls}, WORD: pq4,
+                                  POS: parse_treatment("int4b:32:s:clip")}}
+    for label, plan in uniform.items():
+        t = time.perf_counter()
+        model, _ = apply_treatments(m, plan, grams=grams, fitted=fitted)
+        paths[label], secs[label] = out / f"{label.replace(' ', '_').replace('+', '')}.onnx", time.perf_counter() - t
+        onnx.save(model, str(paths[label]))
+        print(f"  {label}: {secs[label]:.0f} s", flush=True)
+    menu = [parse_treatment(x) for x in MENU]
+    size0 = os.path.getsize(src)
+    for r in targets:
+        label = f"plan @{r:.2f}"
+        t = time.perf_counter()
+        model, plan, info = integer_plan(m, cal, int(r * size0), menu, grams=grams, batches=2, fitted=fitted)
+        paths[label], secs[label] = out / f"plan_{r:.2f}.onnx", time.perf_counter() - t
+        onnx.save(model, str(paths[label]))
+        notes.append(f"{label}: " + ", ".join(f"{v} {k}" for k, v in sorted(info["counts"].items()))
+                     + f", {info['dense']} dense; word table {plan[WORD].name if WORD in plan else 'dense'}; "
+                     f"predicted loss {info['predicted_loss']:.4f}")
+        print(f"  {label}: {secs[label]:.0f} s", flush=True)
+    notes.append(f"Grams: {time.perf_counter() - t0 - sum(secs.values()):.0f} s (shared)")
+    return paths, secs, notes
+
+
+def cli_rows(src, out, pydoc, targets: list[float]) -> tuple[dict, dict, list[str]]:
+    paths, secs, notes = {}, {}, []
+    for r in targets:
+        label = f"cli @{r:.2f}"
+        p = out / f"cli_{r:.2f}.onnx"
+        res = H.optimize(src, p, "--plan", "auto", "--target-ratio", str(r), "--calib", pydoc,
+                         "--tokenizer", H.MINILM_TOKENIZER)
+        paths[label], secs[label] = p, res["wall_s"]
+        counts = {}
+        for s in res["report"]["plan"]["sites"]:
+            k = s["treatment"].split()[0]
+            counts[k] = counts.get(k, 0) + 1
+        notes.append(f"{label}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+                     + f"; its verification {'passed' if res['report']['passed'] else 'failed'}: "
+                     + "; ".join(res["report"]["failures"]))
+    return paths, secs, notes
+
+
+def run(targets: list[float], samples: int, rounds: int, cli: list[float]) -> str:
+    out = H.OUT / "tenth"
+    out.mkdir(parents=True, exist_ok=True)
+    src = H.ensure_minilm()
+    m = onnx.load(str(src))
+    (out / "pydoc.txt").write_text(H.corpora.pydoc_topics_text())
+    cal = load_calibration(out / "pydoc.txt", m, tokenizer=H.MINILM_TOKENIZER, samples=samples)
+    ids = np.random.default_rng(0).integers(1000, 30000, size=(8, 128))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    np.savez(out / "feeds.npz", **feeds)
+    paths = {"original": src, "ort nbits4": peers(src, out, cal, only="ort nbits4")["ort nbits4"]}
+    mine, secs, notes = build(src, out, cal, targets)
+    paths.update(mine)
+    if cli:
+        more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", cli)
+        paths.update(more), secs.update(s2), notes.extend(n2)
+    sents = H.heldout_sentences(600)  # 300 Shakespeare, then 300 KJV
+    embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
+    parts = {"shakespeare": slice(0, 300), "kjv": slice(300, 600), "both": slice(0, 600)}
+    fid = {part: {k: H.embed_eval.fidelity(embs["original"][sl], e[sl]) for k, e in embs.items()} for part, sl in parts.items()}
+    lat = H.latency(paths, feeds, threads=1, rounds=rounds, per_round=2)
+    mem = {k: resident(p, out / "feeds.npz") for k, p in paths.items()}
+    size0 = os.path.getsize(src)
+    rows = [[k, f"{os.path.getsize(p) / size0:.3f}", *(f"{fid[c][k]['mean_cosine']:.4f}" for c in ("shakespeare", "kjv", "both")),
+             f"{lat[k] / lat['original']:.2f}", f"{mem[k]:.0f}", "yes" if standard(p) else "no",
+             f"{secs[k]:.0f}" if k in secs else "-"] for k, p in paths.items()]
+    header = ["variant", "size", "cos shakesp", "cos kjv", "cos both", "lat 1t", "mem MB", "std", "fit s"]
+    return (f"### minilm ({size0:,} B; original {lat['original'] * 1e3:.1f} ms at 1 thread on 8×128 tokens)\n\n"
+            + H.table(header, rows) + "\n\n" + "\n".join(notes) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", default="0.10,0.12,0.14")
+    ap.add_argument("--samples", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--cli", default="", help="also run `onnxhmf optimize --plan auto` at these target ratios")
+    args = ap.parse_args()
+    cli = [float(x) for x in args.cli.split(",") if x]
+    print(run([float(x) for x in args.targets.split(",")], args.samples, args.rounds, cli), flush=True)
+
+
+if __name__ == "__main__":
+    main()
