@@ -29,10 +29,10 @@ from .graph.index import GraphIndex
 from .graph.sites import find_weight_groups
 from .passes.factorize import FactorizePass
 from .plan import TREATMENTS, Plan
-
-BLOCKED_STORES = ("int4b", "int8b", "int4b128", "int4b256", "pq4")  # step 5: passes/intquant.PLANNED's keys
 from .quantize import quantize_int8, weight_nodes, weight_only
 from .report import SiteReport
+
+BLOCKED_STORES = ("int4b", "int8b", "int4b128", "int4b256", "pq4")  # step 5: passes/intquant.PLANNED's keys
 
 __all__ = ["Built", "ExecContext", "execute", "factorizer", "run_sequential", "factor_names"]
 
