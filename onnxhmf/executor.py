@@ -102,14 +102,17 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
         per_channel = plan.settings.get("quantize") == "int8pc"
         if per_channel and plan.settings.get("smooth"):
             model = _smooth(model, names, ctx, notes, plan.settings["smooth"])
+        start = len(notes)
         model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes,
                                     table_bits=plan.settings.get("table_bits", 8) if everything else 8)
+        own = sum(1 for n in notes[start:] if n.startswith("int8: ") and "table '" in n)  # quantize._own_tables
         if not done and not any(s.status == "rewritten" for s in sites):
             from .errors import OnnxHmfError
 
             why = "; ".join(n for n in notes if n.startswith("int8:")) or "no MatMul/Gather reads a 2-D float initializer"
             raise OnnxHmfError(f"no compressible weights: nothing to quantize ({why})"[:400])
-        notes.append(f"int8: {len(done)} weights quantized (onnxruntime dynamic quantizer"
+        notes.append(f"int8: {len(done) - own} weights quantized{(' besides the table above' if own == 1 else f' besides the {own} tables above') if own else ''} "
+                     "(onnxruntime dynamic quantizer"
                      f"{', per-channel weight scales' if per_channel else ''}, QOperator: "
                      "MatMulInteger + DynamicQuantizeLinear, Gather + DequantizeLinear)")
         if everything:
