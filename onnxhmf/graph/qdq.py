@@ -334,6 +334,16 @@ def _index_rank(model: onnx.ModelProto, tensor: str) -> int | None:
         return None
 
 
+def _unpack4(packed: str, four: str, p: str) -> list[onnx.NodeProto]:
+    """Nodes giving ``p``.u: uint8 ``packed`` (two 4-bit values a byte, low nibble first) as one
+    value a byte, the low nibbles' half then the high nibbles' along the last axis."""
+    mk = helper.make_node
+    return [mk("BitShift", [packed, four], [p + ".hi"], name=p + ".hi", direction="RIGHT"),
+            mk("BitShift", [p + ".hi", four], [p + ".hi16"], name=p + ".hi16", direction="LEFT"),
+            mk("Sub", [packed, p + ".hi16"], [p + ".lo"], name=p + ".lo"),
+            mk("Concat", [p + ".lo", p + ".hi"], [p + ".u"], name=p + ".u", axis=-1)]
+
+
 def _gather_rows(model: onnx.ModelProto, name: str, bq: Blocked) -> tuple[list[str], callable]:
     """Store E's rows (bq quantizes Eᵀ, blocks along D) as [V, nb, b] integers (int4: packed
     [V, nb, b/2] uint8) with [V, nb, 1] scales and zeros; returns a function that, given a Gather
@@ -368,10 +378,7 @@ def _gather_rows(model: onnx.ModelProto, name: str, bq: Blocked) -> tuple[list[s
         ns = [mk("Gather", [base, ids], [p + ".q"], name=p + ".q", axis=0)]
         q = p + ".q"
         if bq.bits == 4:
-            ns += [mk("BitShift", [q, f"{base}.four"], [p + ".hi"], name=p + ".hi", direction="RIGHT"),
-                   mk("BitShift", [p + ".hi", f"{base}.four"], [p + ".hi16"], name=p + ".hi16", direction="LEFT"),
-                   mk("Sub", [q, p + ".hi16"], [p + ".lo"], name=p + ".lo"),
-                   mk("Concat", [p + ".lo", p + ".hi"], [p + ".u"], name=p + ".u", axis=-1)]
+            ns += _unpack4(q, f"{base}.four", p)
             q = p + ".u"
         ns.append(mk("Cast", [q], [p + ".f"], name=p + ".f", to=TensorProto.FLOAT))
         x = p + ".f"
@@ -449,10 +456,7 @@ def _tied_rows(model: onnx.ModelProto, name: str, bq: Blocked, ranks: dict, gath
         init.append(numpy_helper.from_array(np.array(8, np.uint8), f"{base}.uzero"))
     u_zero = f"{base}.uzero" if bq.bits == 4 and sym else (f"{base}.zvec" if not sym else "")
     h = f"{name}.head"
-    unpack = [mk("BitShift", [base, f"{base}.four"], [h + ".hi"], name=h + ".hi", direction="RIGHT"),
-              mk("BitShift", [h + ".hi", f"{base}.four"], [h + ".hi16"], name=h + ".hi16", direction="LEFT"),
-              mk("Sub", [base, h + ".hi16"], [h + ".lo"], name=h + ".lo"),
-              mk("Concat", [h + ".lo", h + ".hi"], [h + ".u"], name=h + ".u", axis=-1)] if bq.bits == 4 else []
+    unpack = _unpack4(base, f"{base}.four", h) if bq.bits == 4 else []
     src = h + ".u" if bq.bits == 4 else base
     const = unpack + [mk("Reshape", [src, f"{base}.vd"], [h + ".vd"], name=h + ".vd"),
                       mk("Transpose", [h + ".vd"], [h + ".q"], name=h + ".q", perm=[1, 0]),
