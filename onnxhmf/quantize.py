@@ -62,10 +62,10 @@ def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False) -> np.nd
     W = np.asarray(W, dtype=np.float32)
     if not W.size:
         return W.copy()
-    if tied:
-        s = np.abs(W).max(axis=1, keepdims=True) / 127.0
-        s = np.where(s > 0, s, 1.0).astype(np.float32)
-        return (np.clip(np.round(W / s), -128, 127) * s).astype(np.float32)
+    if tied:  # exactly what _own_tables stores
+        from .factorize.quant import quantize_blocked
+
+        return quantize_blocked(W.T, 8, W.shape[1], True).dequantize().T.copy()
     if table:
         lo, hi = min(float(W.min()), 0.0), max(float(W.max()), 0.0)
         if hi == lo:
