@@ -123,10 +123,19 @@ _METHODS = _Group("How weights are stored", [
     _o("--lower-recurrent", is_flag=True,
        help="Lower LSTM/GRU/RNN ops to Scan with explicit MatMuls so R is factorized too (slower than the fused op "
             "unless R is compressed; docs/recurrent.md). Without it only W is rewritten, in the op."),
+    _o("--kernels", type=click.Choice(["standard", "onnxruntime"]), default="standard", show_default=True,
+       help="onnxruntime: write blocked int4/int8 MatMuls as onnxruntime's MatMulNBits (com.microsoft) instead of "
+            "standard DequantizeLinear -> MatMul, which onnxruntime fuses into it at load. The same integers; less "
+            "memory once loaded (no fusion at load, and 4-bit weights at float compute); runs on onnxruntime only "
+            "(docs/quantization.md)."),
+    _o("--accuracy-level", type=click.IntRange(0, 4), default=None,
+       help="With --kernels onnxruntime: MatMulNBits' accuracy_level for every kernel (0 float, 4 int8 activations) "
+            "[default: 0 for 4-bit weights, 4 for 8-bit]."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
               "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"],
               "share_bases": p["share_bases"], "seed": p["seed"],
-              "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"]})
+              "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"],
+              "kernels": p["kernels"], "accuracy_level": p["accuracy_level"]})
 
 _CALIBRATION = _Group("Calibration data", [
     _o("--calib", type=click.Path(path_type=Path), default=None,

@@ -119,7 +119,21 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
             sites = _int8_everything(sites, set(done))
     model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
+    if plan.settings.get("kernels") == "onnxruntime":
+        _onnxruntime_kernels(model, plan.settings.get("accuracy_level"), notes)
     return Built(model, sites, notes)
+
+
+def _onnxruntime_kernels(model: onnx.ModelProto, accuracy: int | None, notes: list[str]) -> None:
+    """--kernels onnxruntime: blocked DQ → MatMul written as MatMulNBits (graph/nbits.py)."""
+    from .graph.nbits import AUTO_ACCURACY, to_matmulnbits
+
+    n = to_matmulnbits(model, accuracy)
+    level = (f"accuracy level {accuracy}" if accuracy is not None else
+             "accuracy level " + ", ".join(f"{v} for {b}-bit" for b, v in AUTO_ACCURACY.items()))
+    notes.append(f"onnxruntime kernels: {n} MatMuls written as com.microsoft.MatMulNBits ({level}); the model runs "
+                 "on onnxruntime only" if n else
+                 "onnxruntime kernels: no blocked integer MatMul in this plan, so nothing is written as MatMulNBits")
 
 
 def _smooth(model: onnx.ModelProto, names, ctx: ExecContext, notes: list[str], how="cheap") -> onnx.ModelProto:

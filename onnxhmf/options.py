@@ -121,6 +121,8 @@ class Methods:
     table_bits: int = 8  # --quantize: Gather tables as 8-bit (the quantizer's) or 4-bit rows (graph/qdq.blocked_table)
     lower_recurrent: bool = False  # LSTM/GRU/RNN lowered to Scan so R is factorized too (passes/recurrent.py)
     pivot: bool = True  # low-rank results stored pivoted (W_p, C: r(m+n−r)); False keeps A·B (--no-pivot)
+    kernels: str = "standard"  # onnxruntime: blocked integer MatMuls written as com.microsoft.MatMulNBits (graph/nbits.py)
+    accuracy_level: int | None = None  # with kernels onnxruntime: MatMulNBits' accuracy_level (None: by bits, nbits.AUTO_ACCURACY)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -137,6 +139,12 @@ class Methods:
             _fail(f"table bits must be 4 or 8, got {self.table_bits!r}")
         if self.table_bits != 8 and self.quantize is None:
             _fail("--table-bits goes with --quantize")
+        if self.kernels not in ("standard", "onnxruntime"):
+            _fail(f"kernels must be standard or onnxruntime, got {self.kernels!r}")
+        if self.accuracy_level is not None and self.accuracy_level not in (0, 1, 2, 3, 4):
+            _fail(f"accuracy level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
+        if self.accuracy_level is not None and self.kernels != "onnxruntime":
+            _fail("--accuracy-level goes with --kernels onnxruntime")
         from .factorize.whiten import check_damp
 
         try:
@@ -198,7 +206,7 @@ _GROUPS = {
                         "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
-                          "pivot"}),
+                          "pivot", "kernels", "accuracy_level"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -303,4 +311,6 @@ class Options:
             "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
             "lower_recurrent": m.lower_recurrent or None,
             "pivot": False if not m.pivot else None,
+            **({"kernels": m.kernels} if m.kernels != "standard" else {}),
+            **({"accuracy_level": m.accuracy_level} if m.accuracy_level is not None else {}),
         }
