@@ -158,3 +158,20 @@ def test_plan_file_with_kernels_onnxruntime(tmp_path):
     plan.write_text(__import__("json").dumps(rep.planned))
     ort_form, rep2 = optimize(m, calib=calib, plan_file=plan, kernels="onnxruntime", verify=False)
     assert _ops(ort_form)["MatMulNBits"] >= 1 and any("MatMulNBits" in n for n in rep2.notes)
+
+
+@pytest.mark.parametrize("bits,block,sym", [(4, 256, True), (8, 128, True), (4, 32, False)])
+def test_padded_price_is_what_the_kernel_stores(bits, block, sym):
+    """IntTreatment.nbytes(padded=True), the planner's price under --kernels onnxruntime, is the
+    bytes of the kernel's initializers, K rounded up to whole blocks (384 → 512 at block 256)."""
+    from onnxhmf.passes.intquant import IntTreatment
+
+    m = matmul_model(384, 48, ndim=3)
+    qdq.upgrade_opset(m)
+    bq = Q.quantize_blocked(numpy_helper.to_array(m.graph.initializer[0]), bits, block, sym)
+    qdq.blocked_matmul(m, "W", bq)
+    nbits.to_matmulnbits(m)
+    stored = sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+    t = IntTreatment("int4b" if bits == 4 else "int8b", bits, block, sym)
+    assert t.nbytes((384, 48), padded=True) == stored
+    assert t.nbytes((384, 48)) <= stored

@@ -119,13 +119,16 @@ class IntTreatment:
         """What W (K×N for MatMul B; V×D for tables) becomes, as float32."""
         return _as_weight(self.fit(W, G, site), site)
 
-    def nbytes(self, shape: tuple[int, int], site: str = "matmul", copies: int = 1) -> int:
-        """Stored bytes; ``copies``: a body weight's integers are stored once per reading graph."""
+    def nbytes(self, shape: tuple[int, int], site: str = "matmul", copies: int = 1, padded: bool = False) -> int:
+        """Stored bytes; ``copies``: a body weight's integers are stored once per reading graph;
+        ``padded``: a MatMul's K rounded up to whole blocks (MatMulNBits' layout, graph/nbits.py)."""
         if site == "body":
-            return copies * self.nbytes(shape)
+            return copies * self.nbytes(shape, padded=padded)
         if self.kind == "pq":
             return pq_bytes(shape[0], shape[1], self.block, 2 ** self.bits, 2 if self.method == "f16" else 4)
         K, N = shape if site == "matmul" else shape[::-1]
+        if padded and site == "matmul" and self.kind in ("int4b", "int8b", "lqer", "lmf-b"):
+            K = -(-K // self.block) * self.block
         if self.kind == "int8pc":
             return K * N + (5 * N if site == "matmul" else 16)
         if self.kind in ("lqer", "lmf-b"):
@@ -290,11 +293,12 @@ def can_upgrade(model: onnx.ModelProto) -> bool:
 
 
 def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dict[str, np.ndarray], loss_with,
-                    make_option, overhead: int = 0, fitted: dict | None = None) -> list:
+                    make_option, overhead: int = 0, fitted: dict | None = None, padded: bool = False) -> list:
     """Options (bytes, measured loss, (kind name, 1.0)) for the planned integer treatments of the
     weight ``name`` (W as stored: K×N, or V×D for tables). ``grams``: {activation: XᵀX} (a
     capture's ActivationStats.grams); ``loss_with(name, W′)``: the planner's probe;
-    ``make_option(bytes, loss, tag)`` builds its Option."""
+    ``make_option(bytes, loss, tag)`` builds its Option; ``padded``: priced as MatMulNBits
+    stores them (--kernels onnxruntime)."""
     site = qdq.site_kind(model, name)
     if site is None:
         return []
@@ -307,7 +311,7 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
         f = t.fit(W, G, site)
         if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)
             fitted[(name, t)] = f
-        nbytes = t.nbytes(W.shape, site, qdq.body_copies(model, name) if site == "body" else 1)
+        nbytes = t.nbytes(W.shape, site, qdq.body_copies(model, name) if site == "body" else 1, padded)
         out.append(make_option(nbytes + overhead, loss_with(name, _as_weight(f, site)), (key, 1.0)))
     return out
 

@@ -179,9 +179,10 @@ class Planner:
         return float(np.min(cos)), float(np.sum(1.0 - cos))
 
 
-def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None) -> dict[str, list[Option]]:
+def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None,
+             padded: bool = False) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
-    loss, (treatment, keep))."""
+    loss, (treatment, keep)); ``padded``: blocked integers priced as MatMulNBits stores them."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
     by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
@@ -232,7 +233,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
-                                fitted.setdefault("blocked fits", {})) if blocked else []
+                                fitted.setdefault("blocked fits", {}), padded) if blocked else []
         # (a body weight's fused form stores its integers once per reading graph: both are offered)
         opts += fused + (_weight_only(g, T, loss_with, cost, int4) if not fused or site_kind(work, g.name) == "body" else [])
         if direct and (only_gather or not gather) and (lmf or plmf):
@@ -319,7 +320,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
     cache: dict = {}  # fits shared by the probes and the trial builds
     costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
-    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs)
+    opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs,
+                    padded=options.methods.kernels == "onnxruntime")
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
