@@ -178,6 +178,44 @@ def test_upgrade_opset_refuses_changed_ops():
     assert qdq.default_opset(m) == 17  # refused: nothing changed
 
 
+def _opset12_model(extra=None):
+    """Opset 12: Unsqueeze's axes an attribute, BatchNormalization (inference), Mul → MatMul."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "W")]
+    inits += [numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), n) for n in ("g", "v")]
+    inits += [numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), n) for n in ("b", "mu")]
+    nodes = [helper.make_node("Unsqueeze", ["X"], ["X4"], axes=[2, 3], name="un"),
+             helper.make_node("BatchNormalization", ["X4", "g", "b", "mu", "v"], ["N4"], name="bn"),
+             helper.make_node("Squeeze", ["N4"], ["N"], axes=[2, 3], name="sq"),
+             helper.make_node("Mul", ["N", "N"], ["M"], name="mul"),
+             helper.make_node("MatMul", ["M", "W"], ["Y"], name="mm")] + ([extra] if extra else [])
+    g = helper.make_graph(nodes, "g", [vi("X", ["b", 8])], [vi("Y", ["b", 6])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 12)])
+    m.ir_version = 7
+    m.metadata_props.add(key="k", value="v")
+    return m
+
+
+def test_upgrade_opset_from_12_goes_through_onnx_converter():
+    """Below 13, onnx's version converter takes the model to 13 (axes attributes become inputs);
+    then the same checks; the IR version and metadata are kept, the outputs too. A model the
+    checks refuse is left as it was."""
+    m = _opset12_model()
+    X = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    before = _run(m, {"X": X})
+    notes = qdq.upgrade_opset(m)
+    assert qdq.default_opset(m) == 21 and notes[0] == "opset 12 -> 13 by onnx.version_converter"
+    assert m.ir_version == 7 and [(p.key, p.value) for p in m.metadata_props] == [("k", "v")]
+    onnx.checker.check_model(m, full_check=True)
+    np.testing.assert_allclose(_run(m, {"X": X}), before, rtol=1e-6, atol=1e-6)
+    bad = _opset12_model(helper.make_node("Resize", ["X4", "roi", "sc"], ["Z"], name="rs"))
+    bad.graph.initializer.extend([numpy_helper.from_array(np.zeros(0, np.float32), "roi"),
+                                  numpy_helper.from_array(np.ones(4, np.float32), "sc")])
+    with pytest.raises(OnnxHmfError, match="Resize changes at opset"):
+        qdq.upgrade_opset(bad)
+    assert qdq.default_opset(bad) == 12 and bad.graph.node[0].attribute[0].name == "axes"
+
+
 def test_lowrank_and_residual_fuse():
     # 3-D activations: on 2-D ones onnxruntime first fuses the residual's MatMul + Add into a Gemm
     m = _upgraded(matmul_model(64, 64, ndim=3))

@@ -26,8 +26,11 @@
 
 ``upgrade_opset`` raises the default-domain opset to 21 where the model allows it: every node
 (subgraphs included) must be an op whose versions between the two opsets only add types or
-optional inputs/attributes with the old defaults, or one we adapt exactly (Reduce* axes
-attribute → input at 18, Split's num_outputs at 18). Anything else refuses with the op named.
+optional inputs/attributes with the old defaults (BatchNormalization: in inference mode), or one
+we adapt exactly (Reduce* axes attribute → input at 18, Split's num_outputs at 18). Anything else
+refuses with the op named, and the model is left as it was. Below opset 13 (axes attributes of
+Squeeze, Unsqueeze, ReduceSum and Split become inputs there) onnx's version converter takes a
+copy to 13 first (paddle2onnx exports at 12, PP-OCR's for one).
 """
 from __future__ import annotations
 
@@ -47,9 +50,11 @@ QDQ_OPSET = 21
 COMPATIBLE = {"Cast": {19, 21}, "CastLike": {19, 21}, "Constant": {19, 21}, "ConstantOfShape": {20, 21},
               "DequantizeLinear": {19, 21}, "QuantizeLinear": {19, 21}, "Equal": {19}, "Flatten": {21},
               "Identity": {19, 21}, "If": {19, 21}, "Loop": {19, 21}, "Scan": {19, 21}, "Pad": {18, 19, 21},
-              "Reshape": {19, 21}, "Shape": {19, 21}, "Size": {19, 21}, "Squeeze": {21}, "Unsqueeze": {21},
+              "Reshape": {14, 19, 21}, "Shape": {15, 19, 21}, "Size": {19, 21}, "Squeeze": {21}, "Unsqueeze": {21},
               "Transpose": {21}, "AveragePool": {19}, "IsInf": {20}, "IsNaN": {20}, "ScatterElements": {18},
-              "ScatterND": {18}, "ReduceMax": {20}, "ReduceMin": {20}}
+              "ScatterND": {18}, "ReduceMax": {20}, "ReduceMin": {20},
+              # 14: more integer types (and bfloat16); Pow 15: bfloat16 exponents
+              "Add": {14}, "Sub": {14}, "Mul": {14}, "Div": {14}, "Relu": {14}, "Pow": {15}}
 REDUCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
              "ReduceProd", "ReduceSumSquare"}
 
@@ -82,8 +87,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int = QDQ_OPSET) -> list[str]:
     old = default_opset(model)
     if old >= target:
         return []
-    if old < 13:
-        raise OnnxHmfError(f"cannot raise opset {old} to {target} for blocked int weights (only from 13)")
+    notes = []
+    src = model
+    if old < 13:  # Squeeze/Unsqueeze/ReduceSum/Split axes become inputs at 13: onnx's converter does that step
+        model = _to_13(model, target)
+        notes.append(f"opset {old} -> 13 by onnx.version_converter")
+        old = 13
     work: list[tuple[onnx.GraphProto, onnx.NodeProto]] = []
     for g in _graphs(model.graph):
         for node in g.node:
@@ -97,15 +106,39 @@ def upgrade_opset(model: onnx.ModelProto, target: int = QDQ_OPSET) -> list[str]:
             if rest == {18} and node.op_type in REDUCE_18 | {"Split"}:
                 work.append((g, node))
                 continue
+            if node.op_type == "BatchNormalization" and rest <= {14, 15} and len(node.output) == 1 \
+                    and not any(a.name == "training_mode" and a.i for a in node.attribute):
+                continue  # 14 adds training_mode (default 0: inference, the old meaning), 15 relaxes types
             raise OnnxHmfError(f"cannot raise opset {old} to {target} for blocked int weights: {node.op_type} "
                                f"changes at opset {min(rest)} (node {node.name!r})")
-    notes = []
     for g, node in work:
         notes.append(_adapt_18(g, node))
     for o in model.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = target
+    if model is not src:
+        src.CopyFrom(model)
     return [n for n in notes if n]
+
+
+def _to_13(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """A copy of ``model`` at opset 13 by onnx's version converter (IR version and metadata
+    kept); ``model`` itself is not changed."""
+    from onnx import version_converter
+
+    if any(t.data_location == TensorProto.EXTERNAL for g in _graphs(model.graph) for t in g.initializer):
+        raise OnnxHmfError(f"cannot raise opset {default_opset(model)} to {target} for blocked int weights: "
+                           "the model's weights are external data (its opset is below 13)")
+    try:
+        out = version_converter.convert_version(model, 13)
+    except Exception as e:  # the converter's own errors are RuntimeError/ValueError/its C++ messages
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise OnnxHmfError(f"cannot raise opset {default_opset(model)} to {target} for blocked int weights: "
+                           f"onnx's version converter failed ({why})") from None
+    out.ir_version = model.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
 
 
 def _adapt_18(graph: onnx.GraphProto, node: onnx.NodeProto) -> str:
