@@ -19,7 +19,7 @@ graph inputs/outputs (symbolic dims) are restored afterwards.
 
 ``weight_only`` is the other treatment: the weight is stored as int8 (or two int4 per byte)
 with one scale per output column and rebuilt as float by a constant subgraph (Cast, Mul;
-BitShift, Sub, Concat for int4) that onnxruntime folds at load, and the MatMul or Gather stays
+BitShift, Concat for int4) that onnxruntime folds at load, and the MatMul or Gather stays
 float. Smaller file, no activation quantization, so it is far more accurate where activations
 have outliers (a BERT FFN's second MatMul), but it runs at float speed and holds float
 weights in memory.
@@ -339,7 +339,8 @@ def weight_only(model: onnx.ModelProto, weights: Iterable[str], bits: int = 8) -
 
     * 8 bits: Mul(Cast(W_q: int8, float), s).
     * 4 bits: two values u = W_q + 8 ∈ [1, 15] per uint8, the second half of an even axis in the
-      high nibble: hi = BitShift(P, 4, RIGHT), lo = P − BitShift(hi, 4, LEFT),
+      high nibble: hi = BitShift(P, 4, RIGHT), lo = BitShift(BitShift(P, 4, LEFT), 4, RIGHT)
+      (no Sub on uint8, which needs opset 14),
       W = (Cast(Concat(lo, hi)) − 8)·s. Needs opset ≥ 11 (BitShift) and an even side.
 
     Plain ops rather than DequantizeLinear: on constants, onnxruntime folds them when the
@@ -377,8 +378,8 @@ def weight_only(model: onnx.ModelProto, weights: Iterable[str], bits: int = 8) -
                      numpy_helper.from_array(np.array(8.0, np.float32), f"{n}.int4w_eight")]
             p = f"{n}.int4w"
             nodes += [make_node("BitShift", [p, f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi", direction="RIGHT"),
-                      make_node("BitShift", [f"{p}_hi", f"{p}_four"], [f"{p}_hi16"], name=f"{p}_hi16", direction="LEFT"),
-                      make_node("Sub", [p, f"{p}_hi16"], [f"{p}_lo"], name=f"{p}_lo"),
+                      make_node("BitShift", [p, f"{p}_four"], [f"{p}_lo16"], name=f"{p}_lo16", direction="LEFT"),
+                      make_node("BitShift", [f"{p}_lo16", f"{p}_four"], [f"{p}_lo"], name=f"{p}_lo", direction="RIGHT"),
                       make_node("Concat", [f"{p}_lo", f"{p}_hi"], [f"{p}_u"], name=f"{p}_concat", axis=axis),
                       make_node("Cast", [f"{p}_u"], [f"{p}_float"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),
                       make_node("Sub", [f"{p}_float", f"{p}_eight"], [f"{p}_centered"], name=f"{p}_center"),

@@ -415,3 +415,31 @@ def test_cli_table_bits_4(tmp_path, capsys):
     assert main(["optimize", str(src), str(tmp_path / "x.onnx"), "--table-bits", "4"]) == 2
     err = capsys.readouterr().err
     assert "--table-bits goes with --quantize" in err and len(err.strip().splitlines()) == 1
+
+
+def test_int4_unpacking_is_valid_below_opset_14():
+    """int4 rows of a table and weight-only int4 unpack with BitShift only (Sub on uint8 is
+    opset 14): on an opset-12 model both pass the full checker and onnxruntime gives the
+    dequantized values exactly."""
+    from onnxhmf.quantize import weight_only
+
+    m = gather_model(200, 64)
+    for o in m.opset_import:
+        o.version = 12
+    E = numpy_helper.to_array(m.graph.initializer[0])
+    bq = Q.quantize_blocked(E.T, 4, 32, True)
+    qdq.blocked_table(m, "E", bq)
+    onnx.checker.check_model(m, full_check=True)
+    ids = np.random.default_rng(0).integers(0, 200, (3, 7))
+    np.testing.assert_allclose(_run(m, {"ids": ids}), bq.dequantize().T[ids], rtol=1e-6, atol=1e-7)
+
+    w = matmul_model(64, 40, ndim=3)
+    for o in w.opset_import:
+        o.version = 12
+    W = numpy_helper.to_array(w.graph.initializer[0])
+    assert weight_only(w, ["W"], 4) == ["W"]
+    onnx.checker.check_model(w, full_check=True)
+    X = np.random.default_rng(1).standard_normal((2, 3, 64)).astype(np.float32)
+    got = _run(w, {"X": X}, level=EXACT)
+    assert np.abs(got - X @ W).max() < 0.2 * np.abs(X @ W).max()  # int4 per column: close, not equal
+    assert not any(n.op_type == "Sub" and "lo" in n.name for n in w.graph.node)

@@ -15,7 +15,7 @@
 * Gather tables E (V×D), blocks along D: the integer rows and their scales are gathered, and
   only the gathered rows are dequantized (Cast, Sub zero, Mul scale, Reshape), so nothing is
   folded to float at load. int4 rows are stored two per byte (low nibble: first half of a
-  block) and unpacked after the Gather with BitShift/Sub/Concat: ONNX's Gather takes no int4.
+  block) and unpacked after the Gather with BitShift/Concat: ONNX's Gather takes no int4.
 * A tied table (Gather and Transpose → MatMul head): with 8 bits the head's DQ and the Gather
   read the same stored Eᵀ_q (D×V, blocks along D): the Gather takes columns (axis 1) of it and
   of its scales and dequantizes them with a blocked DQ on axis 0, then transposes. With 4 bits
@@ -369,11 +369,13 @@ def _index_rank(model: onnx.ModelProto, tensor: str) -> int | None:
 
 def _unpack4(packed: str, four: str, p: str) -> list[onnx.NodeProto]:
     """Nodes giving ``p``.u: uint8 ``packed`` (two 4-bit values a byte, low nibble first) as one
-    value a byte, the low nibbles' half then the high nibbles' along the last axis."""
+    value a byte, the low nibbles' half then the high nibbles' along the last axis. Only
+    BitShift (opset 11): hi = P >> 4, lo = (P << 4) >> 4 (the left shift drops the high nibble;
+    Sub on uint8 would need opset 14)."""
     mk = helper.make_node
     return [mk("BitShift", [packed, four], [p + ".hi"], name=p + ".hi", direction="RIGHT"),
-            mk("BitShift", [p + ".hi", four], [p + ".hi16"], name=p + ".hi16", direction="LEFT"),
-            mk("Sub", [packed, p + ".hi16"], [p + ".lo"], name=p + ".lo"),
+            mk("BitShift", [packed, four], [p + ".lo16"], name=p + ".lo16", direction="LEFT"),
+            mk("BitShift", [p + ".lo16", four], [p + ".lo"], name=p + ".lo", direction="RIGHT"),
             mk("Concat", [p + ".lo", p + ".hi"], [p + ".u"], name=p + ".u", axis=-1)]
 
 

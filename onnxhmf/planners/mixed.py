@@ -12,7 +12,7 @@ only that group is changed, as in calibrated.measure_sensitivities):
   is exactly what MatMulInteger computes (tests/test_plan.py checks it).
 * int8w (weight-only: int8 + per-column scales, Cast·Mul → float MatMul): m·n + 4n + c, loss
   measured with quantize.int8w_weight. Accurate, but runs at float speed.
-* int4w (the same with 4 bits, two values per byte, unpacked by BitShift/Sub/Concat): m·n/2 +
+* int4w (the same with 4 bits, two values per byte, unpacked by BitShift/Concat): m·n/2 +
   4n + c', opset ≥ 11 and an even side. Both are folded by onnxruntime at load, tables included.
 * LMF rank r: 4·r·(m+n), loss from measure_sensitivities (measured at two ranks, interpolated).
 * LMF rank r with int8 (or int8w) factors: r·(m+n) + 2c, loss L_lmf(r) + δ(r), δ = max(0, measured
