@@ -1,6 +1,7 @@
 """Command line: a thin shell over :mod:`onnxhmf.api`.
 
-Every error is one line on stderr: exit 2 for bad input or options, 1 for failed verification.
+Every error is one line on stderr: exit 2 for bad input or options, 1 for failed verification,
+3 for an internal error (``ONNXHMF_DEBUG=1`` re-raises it with its traceback).
 """
 from __future__ import annotations
 
@@ -580,6 +581,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         click.echo("onnxhmf: interrupted; no output written", err=True)
         return 130
+    except Exception as e:  # a bug of ours (or onnxruntime's): still one line, and no output written
+        if os.environ.get("ONNXHMF_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        click.echo(f"onnxhmf: internal error: {type(e).__name__}: {first} (no output written; "
+                   "ONNXHMF_DEBUG=1 shows the traceback)", err=True)
+        return 3
     return 0
 
 

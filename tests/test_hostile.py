@@ -433,3 +433,26 @@ def test_bf16_weight_read_directly_left_untouched(tmp_path, capsys):
     p = tmp_path / "in.onnx"
     onnx.save(model, p)
     refused(capsys, p, tmp_path / "o.onnx", "--no-verify", needle="dtype BFLOAT16 is not fp32/fp16/fp64")
+
+
+def test_an_internal_error_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A bug inside the pipeline (here: onnxruntime refusing a session mid-run) is one line,
+    exit 3, nothing written and no temp files left; ONNXHMF_DEBUG=1 re-raises it."""
+    import onnxhmf.executor as executor
+
+    src = tmp_path / "m.onnx"
+    onnx.save(graphs.matmul_model(64, 48), src)
+    before = sorted(os.listdir(tmp_path))
+
+    def boom(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : a made-up failure\nsecond line")
+    monkeypatch.setattr(executor, "_store_blocked", boom)
+    code, out, err = cli(capsys, "optimize", src, tmp_path / "o.onnx", "--keep", "0.5")
+    assert code == 3
+    assert err.strip().splitlines() == ["onnxhmf: internal error: RuntimeError: [ONNXRuntimeError] : 10 : INVALID_GRAPH : "
+                                        "a made-up failure (no output written; ONNXHMF_DEBUG=1 shows the traceback)"]
+    assert sorted(os.listdir(tmp_path)) == before
+    monkeypatch.setenv("ONNXHMF_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="made-up"):
+        main(["optimize", str(src), str(tmp_path / "o.onnx"), "--keep", "0.5"])
+    assert sorted(os.listdir(tmp_path)) == before
