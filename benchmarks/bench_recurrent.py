@@ -40,6 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "models" / "cache"
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
+from seqmetrics import edit_distance  # noqa: E402
+
 import corpora  # noqa: E402
 import onnxhmf  # noqa: E402
 from onnxhmf.calibration import Calibration  # noqa: E402
@@ -96,16 +98,6 @@ def g2p_decode(sess, ws: list[str]) -> dict[str, list[int]]:
         for w, ids in zip(batch, G2P.decode(sess.run(None, {"chars": G2P.encode(batch)})[0])):
             out[w] = ids
     return out
-
-
-def edit_distance(a: list, b: list) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
 
 
 def g2p_fidelity(sess, ref: dict[str, list[int]]) -> str:

@@ -1,10 +1,15 @@
 """Issue 15 benchmark: integer treatments that pay at run time, against onnxruntime's quantizers.
 
-    python benchmarks/bench_runtime.py [--models minilm,glassllm] [--samples 512] [--rounds 9]
+    python benchmarks/bench_runtime.py [--models minilm,glassllm,ppocr] [--samples 512] [--rounds 9]
 
 Calibration on Python's pydoc topics; fidelity on held-out text from other domains (MiniLM: mean
 cosine of sentence embeddings on Shakespeare + KJV sentences; glassllm: perplexity on Shakespeare
-and KJV tokens). Peers (onnxruntime 1.32):
+and KJV tokens). The third model, ``ppocr``, is PP-OCRv4's text-line recognizer (an SVTR
+encoder: conv stem, two transformer blocks, CTC head; models/build_ppocr.py, ``pip install
+--no-deps rapidocr-onnxruntime==1.4.4 pillow``): calibrated on 32 rendered Shakespeare lines,
+measured on 200 rendered KJV lines (benchmarks/ocr_eval.py: agreement with the original's
+reading, 1 − edit distance / length; lines read exactly alike; CER against the text).
+Peers (onnxruntime 1.32):
 
     ort dyn pt        quantize_dynamic int8, per tensor (MatMulInteger; Gather + DQ)
     ort dyn pc        quantize_dynamic int8, per_channel=True
@@ -27,6 +32,8 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
     cli int8                     `onnxhmf optimize --quantize int8` (tied tables: shared int8 rows and a
                                  MatMulInteger head)
     cli int8pc smooth [t4]       `--quantize int8pc --smooth all --calib <pydoc>` [`--table-bits 4`]
+    cli default [ort kernels]    the default planner (fidelity 0.99) on the same --calib [with
+                                 `--kernels onnxruntime`: MatMulNBits written out, not std]
     cli plan @P                  `onnxhmf optimize --plan auto --target-size <P's bytes>
                                  --max-latency-ratio <1.05 × P's 1-thread latency ratio, measured first>
                                  --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc)
@@ -174,12 +181,15 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
 
 def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str, Path],
               lat: dict[str, float]) -> tuple[dict, dict]:
-    """The tool's own runs: --quantize int8, and --plan auto at each peer's size and latency
-    (``calib``: the --calib/--tokenizer arguments)."""
+    """The tool's own runs: --quantize int8, the default planner (standard ops, and with
+    --kernels onnxruntime), and --plan auto at each peer's size and latency (``calib``: the
+    --calib/--tokenizer arguments)."""
     paths, secs = {}, {}
     runs = {"cli int8": ["--quantize", "int8", "--no-measure"],
             "cli int8pc smooth": ["--quantize", "int8pc", "--smooth", "all", "--no-measure", *calib],
-            "cli int8pc smooth t4": ["--quantize", "int8pc", "--smooth", "all", "--table-bits", "4", "--no-measure", *calib]}
+            "cli int8pc smooth t4": ["--quantize", "int8pc", "--smooth", "all", "--table-bits", "4", "--no-measure", *calib],
+            "cli default": ["--no-measure", *calib],
+            "cli default ort kernels": ["--kernels", "onnxruntime", "--no-measure", *calib]}
     for k, p in peers.items():
         runs[f"cli plan @{k.removeprefix('ort ')}"] = [
             "--plan", "auto", "--target-size", str(os.path.getsize(p)), "--max-latency-ratio",
@@ -200,10 +210,16 @@ def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str
 def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
     out = H.OUT / "runtime" / name
     out.mkdir(parents=True, exist_ok=True)
-    src = H.ensure_minilm() if name == "minilm" else H.GLASSLLM
+    src = {"minilm": H.ensure_minilm, "ppocr": H.ensure_ppocr}.get(name, lambda: H.GLASSLLM)()
     m = onnx.load(str(src))
     text = H.corpora.pydoc_topics_text()
-    if name == "minilm":
+    if name == "ppocr":  # calibrated on Shakespeare's lines, measured on KJV's
+        import ocr_eval
+
+        ocr_eval.calibration(out / "cal.npz", ocr_eval.lines(H.corpora.shakespeare_text(), 32, seed=1))
+        cal = load_calibration(out / "cal.npz", m, samples=samples)
+        feeds = {"x": ocr_eval.ppocr.render(ocr_eval.lines(text, 8, seed=3), ocr_eval.WIDTH)}
+    elif name == "minilm":
         (out / "pydoc.txt").write_text(text)
         cal = load_calibration(out / "pydoc.txt", m, tokenizer=H.MINILM_TOKENIZER, samples=samples)
         ids = np.random.default_rng(0).integers(1000, 30000, size=(8, 128))
@@ -214,7 +230,7 @@ def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
         np.savez(out / "cal.npz", input_ids=ids[: n * 128].reshape(n, 128).astype(np.int64))
         cal = load_calibration(out / "cal.npz", m, samples=samples)
         feeds = {"input_ids": np.random.default_rng(0).integers(0, 1024, size=(8, 128))}
-    feeds = {k: v.astype(np.int64) for k, v in feeds.items()}
+    feeds = {k: v.astype(np.float32 if v.dtype.kind == "f" else np.int64) for k, v in feeds.items()}
     np.savez(out / "feeds.npz", **feeds)
     kinds = {t.name: qdq.site_kind(m, t.name) for t in m.graph.initializer}
     matmuls = [w for w, k in kinds.items() if k == "matmul"]
@@ -232,7 +248,13 @@ def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
         cli, cli_s = cli_plans(name, src, out, calib, chosen, first)
         paths.update(cli)
         secs.update(cli_s)
-    if name == "minilm":
+    if name == "ppocr":
+        import ocr_eval
+
+        fid = ocr_eval.fidelity(paths, ocr_eval.lines(H.corpora.kjv_text(), 200, seed=2))
+        cols = ["agree", "exact", "CER"]
+        vals = {k: [f"{v['agree']:.4f}", f"{v['exact']:.3f}", f"{v['cer']:.4f}"] for k, v in fid.items()}
+    elif name == "minilm":
         fid = H.minilm_fidelity(paths, H.heldout_sentences(300))
         cols = ["cosine"]
         vals = {k: [f"{v['mean_cosine']:.4f}"] for k, v in fid.items()}

@@ -22,6 +22,7 @@ OUT = BENCH / "out"
 GLASSLLM = ROOT / "models" / "glassllm.onnx"
 MINILM = ROOT / "models" / "cache" / "minilm.onnx"
 MINILM_TOKENIZER = ROOT / "models" / "cache" / "minilm.tokenizer.json"
+PPOCR = ROOT / "models" / "cache" / "ppocr_rec.onnx"
 sys.path.insert(0, str(BENCH))
 
 import corpora  # noqa: E402
@@ -36,6 +37,15 @@ def ensure_minilm() -> Path:
         spec.loader.exec_module(mod)
         mod.build_minilm(MINILM)
     return MINILM
+
+
+def ensure_ppocr() -> Path:
+    """PP-OCRv4's recognizer (models/build_ppocr.py; pip install --no-deps rapidocr-onnxruntime==1.4.4)."""
+    if not PPOCR.is_file():
+        import ocr_eval
+
+        ocr_eval.ppocr.build(PPOCR)
+    return PPOCR
 
 
 def int8(src: Path, out: Path) -> Path:
