@@ -123,6 +123,10 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         from .planners.common import predict_int8
 
         predict_int8(work, planned.plan)
+    if planned.plan.settings.get("kernels") == "onnxruntime":
+        from .planners.common import predict_padded
+
+        predict_padded(work, planned.plan)
     return planned, cal
 
 

@@ -175,3 +175,24 @@ def test_padded_price_is_what_the_kernel_stores(bits, block, sym):
     t = IntTreatment("int4b" if bits == 4 else "int8b", bits, block, sym)
     assert t.nbytes((384, 48), padded=True) == stored
     assert t.nbytes((384, 48)) <= stored
+
+
+def test_dry_run_prices_the_kernels_padding(tmp_path):
+    """--dry-run under --kernels onnxruntime predicts the padded file (K rounded up to whole
+    blocks): within 3% of what is written, and above the standard form's price."""
+    from onnxhmf.api import optimize
+    from onnxhmf.plan import treatment_bytes
+
+    from graphs import token_batches, token_mlp_model
+
+    m = token_mlp_model(vocab=320, d=48, h=80)  # K = 48 and 80: every block of 32 or more pads
+    calib = tmp_path / "cal.npz"
+    np.savez(calib, **token_batches(320, 128, 12, seed=1))
+    kw = dict(calib=calib, plan={"target_size": int(0.2 * m.ByteSize())}, kernels="onnxruntime", verify=False)
+    _, plan = optimize(m, dry_run=True, **kw)
+    out, rep = optimize(m, **kw)
+    blocked = [d for d in plan.decisions if d.treatment in ("int4b", "int8b", "int4b128", "int4b256")
+               and qdq.site_kind(m, d.weight) == "matmul"]
+    assert blocked and _ops(out)["MatMulNBits"] >= 1
+    assert any(d.predicted_bytes > treatment_bytes(d.treatment, d.shape) for d in blocked)
+    assert abs(plan.predicted_bytes - out.ByteSize()) < 0.03 * out.ByteSize(), (plan.predicted_bytes, out.ByteSize())
