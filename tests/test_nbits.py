@@ -196,3 +196,28 @@ def test_dry_run_prices_the_kernels_padding(tmp_path):
     assert blocked and _ops(out)["MatMulNBits"] >= 1
     assert any(d.predicted_bytes > treatment_bytes(d.treatment, d.shape) for d in blocked)
     assert abs(plan.predicted_bytes - out.ByteSize()) < 0.03 * out.ByteSize(), (plan.predicted_bytes, out.ByteSize())
+
+
+def test_signed_integers_with_a_zero_point_and_fed_weights():
+    """A DQ from elsewhere with signed int8 values and int8 zero points (onnxruntime's QDQ writes
+    them) computes the same as a kernel; a weight that is also a graph input stays standard."""
+    rng = np.random.default_rng(5)
+    K, N, block = 64, 24, 32
+    q = rng.integers(-100, 100, (K, N)).astype(np.int8)
+    z = rng.integers(-5, 5, (K // block, N)).astype(np.int8)
+    s = rng.uniform(0.01, 0.02, (K // block, N)).astype(np.float32)
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s"), numpy_helper.from_array(z, "z")]
+    nodes = [helper.make_node("DequantizeLinear", ["q", "s", "z"], ["w"], axis=0, block_size=block, name="dq"),
+             helper.make_node("MatMul", ["X", "w"], ["Y"], name="mm")]
+    from graphs import vi
+
+    g = helper.make_graph(nodes, "g", [vi("X", [2, K])], [vi("Y", [2, N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    m.ir_version = 10
+    X = rng.standard_normal((2, K)).astype(np.float32)
+    W = (q.astype(np.float32) - np.repeat(z, block, 0)) * np.repeat(s, block, 0)
+    fed = _copy(m)
+    fed.graph.input.append(helper.make_tensor_value_info("q", onnx.TensorProto.INT8, [K, N]))
+    assert nbits.to_matmulnbits(fed) == 0
+    assert nbits.to_matmulnbits(m, 0) == 1
+    np.testing.assert_allclose(_run(m, {"X": X})[0], X @ W, rtol=1e-4, atol=1e-4)

@@ -2,9 +2,9 @@
 
 onnxruntime fuses a constant blocked ``DequantizeLinear(W_q, s, [z], axis=0, block_size=b) →
 MatMul`` into its ``com.microsoft.MatMulNBits`` kernel when it creates a session
-(DQMatMulToMatMulNBits). The fusion builds transposed copies of every weight at load, and glibc
-keeps much of that transient heap: the loaded model stays larger than the same kernels read from
-the file. ``to_matmulnbits`` does the fusion ahead of time, with the same integers:
+(DQMatMulToMatMulNBits), building transposed copies of every weight at load, and always at the
+session's accuracy level. ``to_matmulnbits`` does the fusion ahead of time, with the same
+integers:
 
 * B (uint8, [N, ceil(K/b), b·bits/8]): column n, block j holds W_q[j·b : (j+1)·b, n], packed low
   bits first; signed values are stored offset by 2^(bits-1) and the zero point is left out (the
@@ -55,7 +55,8 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
 
 def pack_weight(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, bits: int, signed: bool, block: int):
     """MatMulNBits' (B, scales, zero points or None) for K×N integers ``q`` with blocked
-    ``scale``/``zero`` ([ceil(K/block), N])."""
+    ``scale``/``zero`` ([ceil(K/block), N]); ``signed``: q is shifted by 2^(bits-1) into the
+    kernel's unsigned range (a given ``zero`` must be shifted already)."""
     K, N = q.shape
     nb = -(-K // block)
     mid = 1 << (bits - 1)
@@ -87,6 +88,7 @@ def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
+    overridable = {i.name for i in graph.input}  # an initializer a caller may feed stays as it is
     drop, done, new_inits, packed = set(), {}, [], {}
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or _attr(dq, "axis", 1) != 0:
@@ -96,6 +98,7 @@ def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
         z = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         use = readers.get(dq.output[0], [])
         if (w is None or s is None or (len(dq.input) > 2 and dq.input[2] and z is None) or w.data_type not in _INT
+                or {w.name, s.name, z.name if z is not None else ""} & overridable
                 or len(w.dims) != 2 or block < 16 or block & (block - 1) or s.data_type != TensorProto.FLOAT
                 or len(use) != 1 or use[0].op_type != "MatMul" or use[0].domain not in ("", "ai.onnx")
                 or list(use[0].input[1:]) != [dq.output[0]] or dq.output[0] in outputs):
@@ -107,9 +110,9 @@ def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
         key = (w.name, s.name, z.name if z is not None else "", block)
         if key not in packed:  # MatMuls sharing one weight (each with its own DQ) share one packed copy
             zero = None if z is None else _ints(z)
-            if zero is not None and signed:  # signed integers with a zero point: shift both
+            if zero is not None and signed:  # signed integers with a zero point: both shift (below)
                 zero = zero + (1 << (bits - 1))
-            B, sc, zp = pack_weight(_ints(w), numpy_helper.to_array(s), zero, bits, signed and zero is None, block)
+            B, sc, zp = pack_weight(_ints(w), numpy_helper.to_array(s), zero, bits, signed, block)
             base = f"{w.name}.nbits{block}"
             names = [base, f"{base}.scales"] + ([f"{base}.zeros"] if zp is not None else [])
             new_inits += [numpy_helper.from_array(a, n) for a, n in zip((B, sc, zp), names)]
