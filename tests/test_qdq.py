@@ -200,9 +200,12 @@ def test_upgrade_opset_from_12_goes_through_onnx_converter():
     """Below 13, onnx's version converter takes the model to 13 (axes attributes become inputs);
     then the same checks; the IR version and metadata are kept, the outputs too. A model the
     checks refuse is left as it was."""
+    from onnxhmf.passes.intquant import can_upgrade
+
     m = _opset12_model()
     X = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     before = _run(m, {"X": X})
+    assert can_upgrade(m) and qdq.default_opset(m) == 12  # the planner's probe (weights left out) agrees
     notes = qdq.upgrade_opset(m)
     assert qdq.default_opset(m) == 21 and notes[0] == "opset 12 -> 13 by onnx.version_converter"
     assert m.ir_version == 7 and [(p.key, p.value) for p in m.metadata_props] == [("k", "v")]
@@ -213,6 +216,7 @@ def test_upgrade_opset_from_12_goes_through_onnx_converter():
                                   numpy_helper.from_array(np.ones(4, np.float32), "sc")])
     with pytest.raises(OnnxHmfError, match="Resize changes at opset"):
         qdq.upgrade_opset(bad)
+    assert not can_upgrade(bad)
     assert qdq.default_opset(bad) == 12 and bad.graph.node[0].attribute[0].name == "axes"
 
 

@@ -284,7 +284,12 @@ def can_upgrade(model: onnx.ModelProto) -> bool:
         return True
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
-    del probe.graph.initializer[:]  # the check only reads nodes
+    # the check only reads nodes; below opset 13 onnx's converter runs too and wants every input
+    # defined, so the weights become graph inputs of their type and shape
+    have = {i.name for i in probe.graph.input}
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in probe.graph.initializer if t.name not in have)
+    del probe.graph.initializer[:]
     try:
         qdq.upgrade_opset(probe)
         return True
