@@ -118,8 +118,15 @@ def peers(src: Path, out: Path, cal, only: str | None = None) -> dict[str, Path]
             return next(self.it, None)
 
     if "ort static qdq" in p:
-        quantize_static(str(src), str(p["ort static qdq"]), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+        static_src = src
+        if qdq.default_opset(onnx.load(str(src), load_external_data=False)) < 13:
+            # per-channel DequantizeLinear (axis) needs opset 13; the quantizer does not convert (PP-OCR: 12)
+            from onnx import version_converter
+
+            static_src = out / "src_opset13.onnx"
+            onnx.save(version_converter.convert_version(onnx.load(str(src)), 13), str(static_src))
+        quantize_static(str(static_src), str(p["ort static qdq"]), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
     # the nbits quantizer raises the opset to 21 without converting older ops (glassllm's ReduceMean
     # axes attribute makes its output invalid): give it the input already at opset 21 (exactly equal)
     src21 = onnx.load(str(src))
@@ -180,7 +187,7 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
 
 
 def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str, Path],
-              lat: dict[str, float]) -> tuple[dict, dict]:
+              lat: dict[str, float], reuse: bool = False) -> tuple[dict, dict]:
     """The tool's own runs: --quantize int8, the default planner (standard ops, and with
     --kernels onnxruntime), and --plan auto at each peer's size and latency (``calib``: the
     --calib/--tokenizer arguments)."""
@@ -198,6 +205,11 @@ def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str
         runs[f"cli file {f.stem.removeprefix(name + '_')}"] = ["--plan-file", str(f), "--no-measure", *calib]
     for label, args in runs.items():
         dst = out / (label.replace(" ", "_").replace("@", "at_") + ".onnx")
+        report = dst.with_suffix(".report.json")
+        if reuse and dst.exists() and report.exists():  # --reuse: an earlier run's output and its time
+            paths[label], secs[label] = dst, json.loads(report.read_text())["timings"]["total_s"]
+            print(f"  {label}: reused ({secs[label]:.1f} s then)", flush=True)
+            continue
         try:
             r = H.optimize(src, dst, *args)
         except RuntimeError as e:  # the tool refused (e.g. a peer smaller than any plan): no row
@@ -211,7 +223,7 @@ def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str
     return paths, secs
 
 
-def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
+def run(name: str, samples: int, rounds: int, plan_peers: list[str], reuse: bool = False) -> str:
     out = H.OUT / "runtime" / name
     out.mkdir(parents=True, exist_ok=True)
     src = {"minilm": H.ensure_minilm, "ppocr": H.ensure_ppocr}.get(name, lambda: H.GLASSLLM)()
@@ -249,7 +261,7 @@ def run(name: str, samples: int, rounds: int, plan_peers: list[str]) -> str:
         first = H.latency({"original": src, **chosen}, feeds, threads=1, rounds=rounds, per_round=2)
         calib = ["--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)] if name == "minilm" \
             else ["--calib", str(out / "cal.npz")]
-        cli, cli_s = cli_plans(name, src, out, calib, chosen, first)
+        cli, cli_s = cli_plans(name, src, out, calib, chosen, first, reuse)
         paths.update(cli)
         secs.update(cli_s)
     if name == "ppocr":
@@ -291,9 +303,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--plans", default="ort dyn pt,ort dyn pc",
                     help="peers to run `--plan auto` at (their size and latency); '' for none")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep the CLI rows' outputs of an earlier run (their fit time is that run's)")
     args = ap.parse_args()
     for name in args.models.split(","):
-        print(run(name, args.samples, args.rounds, [p for p in args.plans.split(",") if p]), flush=True)
+        print(run(name, args.samples, args.rounds, [p for p in args.plans.split(",") if p], args.reuse), flush=True)
 
 
 if __name__ == "__main__":
