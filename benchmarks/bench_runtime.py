@@ -36,7 +36,8 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
                                  `--kernels onnxruntime`: MatMulNBits written out, not std]
     cli plan @P                  `onnxhmf optimize --plan auto --target-size <P's bytes>
                                  --max-latency-ratio <1.05 × P's 1-thread latency ratio, measured first>
-                                 --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc)
+                                 --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc);
+                                 a contrib-op peer also gets the row with `--kernels onnxruntime`
     cli file NAME                `onnxhmf optimize --plan-file benchmarks/plans/<model>_NAME.json`
                                  for every plan file there (glassllm_int8_w2w: int8 everywhere but
                                  blocks.0.ffn.w2, weight-only int8: a plan the planner does not make)
@@ -201,6 +202,9 @@ def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str
         runs[f"cli plan @{k.removeprefix('ort ')}"] = [
             "--plan", "auto", "--target-size", str(os.path.getsize(p)), "--max-latency-ratio",
             f"{1.05 * lat[k] / lat['original']:.3f}", "--no-measure", *calib]
+        if not standard(p):  # a contrib-op peer: also the plan written with onnxruntime's kernels
+            runs[f"cli plan @{k.removeprefix('ort ')} ort kernels"] = [
+                *runs[f"cli plan @{k.removeprefix('ort ')}"], "--kernels", "onnxruntime"]
     for f in sorted((ROOT / "benchmarks" / "plans").glob(f"{name}_*.json")):
         runs[f"cli file {f.stem.removeprefix(name + '_')}"] = ["--plan-file", str(f), "--no-measure", *calib]
     for label, args in runs.items():
