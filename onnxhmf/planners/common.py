@@ -90,23 +90,19 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize()
 
 
-# the blocked treatments' (bits, block) as the planners name them (plan.treatment_bytes)
-BLOCKED_FORMS = {"int4b": (4, 32), "int8b": (8, 128), "int4b128": (4, 128), "int4b256": (4, 256)}
-
-
 def predict_padded(model: onnx.ModelProto, plan: Plan) -> None:
     """Predicted bytes under ``--kernels onnxruntime``: a blocked MatMul weight is stored as
     MatMulNBits stores it, K rounded up to whole blocks (graph/nbits.py), which the cost
-    model's ``treatment_bytes`` does not count."""
+    model's ``treatment_bytes`` does not count: the planned treatment's own padded price
+    (passes/intquant.IntTreatment.nbytes) less its unpadded one is added."""
     from ..graph.qdq import site_kind
+    from ..passes.intquant import PLANNED
 
     for d in plan.decisions:
-        form = BLOCKED_FORMS.get(d.treatment)
-        if form is None or d.predicted_bytes is None or site_kind(model, d.weight) != "matmul":
+        t = PLANNED.get(d.treatment)
+        if t is None or d.predicted_bytes is None or site_kind(model, d.weight) != "matmul":
             continue
-        bits, block = form
-        K, N = d.shape
-        d.predicted_bytes += (-(-K // block) * block - K) * N * bits // 8
+        d.predicted_bytes += t.nbytes(d.shape, padded=True) - t.nbytes(d.shape)
 
 
 def predict_int8(model: onnx.ModelProto, plan: Plan) -> None:
