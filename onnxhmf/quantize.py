@@ -41,6 +41,7 @@ import onnx
 
 from .errors import OnnxHmfError
 from .graph.index import default_opset
+from .graph.qdq import unpack4
 
 __all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_OVERHEAD", "weight_nodes", "weight_only", "int8w_weight", "int4_axis",
            "drop_zero_points"]
@@ -377,11 +378,8 @@ def weight_only(model: onnx.ModelProto, weights: Iterable[str], bits: int = 8) -
                      numpy_helper.from_array(np.array(4, np.uint8), f"{n}.int4w_four"),
                      numpy_helper.from_array(np.array(8.0, np.float32), f"{n}.int4w_eight")]
             p = f"{n}.int4w"
-            nodes += [make_node("BitShift", [p, f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi", direction="RIGHT"),
-                      make_node("BitShift", [p, f"{p}_four"], [f"{p}_lo16"], name=f"{p}_lo16", direction="LEFT"),
-                      make_node("BitShift", [f"{p}_lo16", f"{p}_four"], [f"{p}_lo"], name=f"{p}_lo", direction="RIGHT"),
-                      make_node("Concat", [f"{p}_lo", f"{p}_hi"], [f"{p}_u"], name=f"{p}_concat", axis=axis),
-                      make_node("Cast", [f"{p}_u"], [f"{p}_float"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),
+            nodes += [*unpack4(p, f"{p}_four", p, axis),
+                      make_node("Cast", [f"{p}.u"], [f"{p}_float"], name=f"{p}_cast", to=onnx.TensorProto.FLOAT),
                       make_node("Sub", [f"{p}_float", f"{p}_eight"], [f"{p}_centered"], name=f"{p}_center"),
                       make_node("Mul", [f"{p}_centered", f"{n}.int4w_scale"], [n], name=f"{p}_scale_mul")]
         done.append(n)

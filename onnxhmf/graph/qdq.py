@@ -43,7 +43,7 @@ from ..factorize.quant import Blocked, LowRankResidual
 from .index import default_opset
 
 __all__ = ["upgrade_opset", "QDQ_OPSET", "site_kind", "body_copies", "blocked_matmul", "blocked_table", "lowrank_matmul",
-           "residual_matmul"]
+           "residual_matmul", "unpack4"]
 
 QDQ_OPSET = 21
 # ops whose versions in (17, 21] only add types, or optional inputs/attributes whose defaults keep the old meaning
@@ -367,16 +367,17 @@ def _index_rank(model: onnx.ModelProto, tensor: str) -> int | None:
         return None
 
 
-def _unpack4(packed: str, four: str, p: str) -> list[onnx.NodeProto]:
+def unpack4(packed: str, four: str, p: str, axis: int = -1) -> list[onnx.NodeProto]:
     """Nodes giving ``p``.u: uint8 ``packed`` (two 4-bit values a byte, low nibble first) as one
-    value a byte, the low nibbles' half then the high nibbles' along the last axis. Only
+    value a byte, the low nibbles' half then the high nibbles' along ``axis``; ``four`` names a
+    uint8 scalar 4. Only
     BitShift (opset 11): hi = P >> 4, lo = (P << 4) >> 4 (the left shift drops the high nibble;
     Sub on uint8 would need opset 14)."""
     mk = helper.make_node
     return [mk("BitShift", [packed, four], [p + ".hi"], name=p + ".hi", direction="RIGHT"),
             mk("BitShift", [packed, four], [p + ".lo16"], name=p + ".lo16", direction="LEFT"),
             mk("BitShift", [p + ".lo16", four], [p + ".lo"], name=p + ".lo", direction="RIGHT"),
-            mk("Concat", [p + ".lo", p + ".hi"], [p + ".u"], name=p + ".u", axis=-1)]
+            mk("Concat", [p + ".lo", p + ".hi"], [p + ".u"], name=p + ".u", axis=axis)]
 
 
 def _gather_rows(model: onnx.ModelProto, name: str, bq: Blocked) -> tuple[list[str], callable]:
@@ -413,7 +414,7 @@ def _gather_rows(model: onnx.ModelProto, name: str, bq: Blocked) -> tuple[list[s
         ns = [mk("Gather", [base, ids], [p + ".q"], name=p + ".q", axis=0)]
         q = p + ".q"
         if bq.bits == 4:
-            ns += _unpack4(q, f"{base}.four", p)
+            ns += unpack4(q, f"{base}.four", p)
             q = p + ".u"
         ns.append(mk("Cast", [q], [p + ".f"], name=p + ".f", to=TensorProto.FLOAT))
         x = p + ".f"
@@ -491,7 +492,7 @@ def _tied_rows(model: onnx.ModelProto, name: str, bq: Blocked, ranks: dict, gath
         init.append(numpy_helper.from_array(np.array(8, np.uint8), f"{base}.uzero"))
     u_zero = f"{base}.uzero" if bq.bits == 4 and sym else (f"{base}.zvec" if not sym else "")
     h = f"{name}.head"
-    unpack = _unpack4(base, f"{base}.four", h) if bq.bits == 4 else []
+    unpack = unpack4(base, f"{base}.four", h) if bq.bits == 4 else []
     src = h + ".u" if bq.bits == 4 else base
     const = unpack + [mk("Reshape", [src, f"{base}.vd"], [h + ".vd"], name=h + ".vd"),
                       mk("Transpose", [h + ".vd"], [h + ".q"], name=h + ".q", perm=[1, 0]),
