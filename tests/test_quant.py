@@ -82,3 +82,22 @@ def test_lowrank_blocked_near_exact_on_low_rank():
 
 def test_round_to_block():
     assert Q.round_to_block(20, 32) == 32 and Q.round_to_block(50, 32) == 64 and Q.round_to_block(100, 32, 90) == 90
+
+
+def test_gptq_act_order_beats_natural_order_on_uneven_inputs():
+    """Inputs of very different energy (BERT's outlier channels): visiting the strong ones first
+    leaves the most rows to absorb their error."""
+    rng = np.random.default_rng(5)
+    K, N = 100, 48  # K not a multiple of the block: the last block is 4 rows
+    X = rng.standard_normal((2000, 24)) @ rng.standard_normal((24, K)) + 0.2 * rng.standard_normal((2000, K))
+    X *= np.exp(rng.uniform(-2, 2, K))
+    G = X.T @ X
+    W = rng.standard_normal((K, N))
+    for symmetric in (True, False):
+        act, nat = (Q.gptq(W, G, 4, 32, symmetric, order=o) for o in ("act", "natural"))
+        assert act.scale.shape == nat.scale.shape == (4, N) and act.q.shape == (K, N)
+        lo, hi = (-8, 7) if symmetric else (0, 15)
+        assert act.q.min() >= lo and act.q.max() <= hi
+        assert _oerr(W, act.dequantize(), G) < 0.9 * _oerr(W, nat.dequantize(), G)
+    with pytest.raises(ValueError, match="order"):
+        Q.gptq(W, G, 4, 32, order="random")

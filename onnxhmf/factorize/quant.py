@@ -21,7 +21,10 @@ Choosing the scales (``clip`` ∈ (0, 1] shrinks a block's range, trading clippi
   by the Cholesky factor U of H⁻¹ (H = C + δI, H⁻¹ = UᵀU), is pushed onto the rows not yet
   quantized, W_{k+1:} −= U_{k,k+1:}ᵀ·e_k/U_kk: the least-squares update of the remaining rows
   that keeps X·W unchanged. Block scales are taken when the block is reached (on the updated
-  rows), optionally by clip search.
+  rows), optionally by clip search. ``order="act"`` (the default) visits the rows by decreasing
+  H_kk (GPTQ's act order: the inputs with the most energy first, while the most rows are left to
+  absorb their error) with static groups: each block's scales are taken once, on the original
+  rows, so the stored integers keep the natural blocked layout.
 * ``lowrank_residual``: W ≈ Q + L·R (LQER / CALDERA): alternately Q = quant(W − L·R) and L·R =
   the whitened rank-r SVD of W − Q (‖X(W − Q − LR)‖ minimised by truncating Sᵀ(W − Q),
   C + δI = S·Sᵀ, see whiten.py). L, R are stored as blocked int8 themselves (the rank is rounded
@@ -171,15 +174,32 @@ def _damped(G: np.ndarray, damp: float) -> np.ndarray:
 
 
 def gptq(W: np.ndarray, G: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True,
-         damp: float = DEFAULT_DAMP, search: bool = True, scale: np.ndarray | None = None) -> Blocked:
+         damp: float = DEFAULT_DAMP, search: bool = True, scale: np.ndarray | None = None,
+         order: str = "act") -> Blocked:
     """GPTQ with blocked scales (see the module docstring); ``search``: clip-search each block's
-    scales on its updated rows under the same Gram; ``scale`` ([blocks, N], symmetric only):
-    keep these scales (e.g. the per-channel ones onnxruntime's quantizer chose, block = K)."""
+    scales under the same Gram; ``scale`` ([blocks, N], symmetric only): keep these scales (e.g.
+    the per-channel ones onnxruntime's quantizer chose, block = K); ``order``: "act" (rows by
+    decreasing H_kk, scales taken up front) or "natural" (rows in order, each block's scales taken
+    on its updated rows)."""
+    if order not in ("act", "natural"):
+        raise ValueError(f"gptq order must be 'act' or 'natural', got {order!r}")
     W = np.array(W, np.float64)
     K, N = W.shape
     H = _damped(G, damp)
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # H⁻¹ = UᵀU, U upper
     nb = -(-K // block)
+    if order == "act":
+        if scale is not None:
+            S, Z = np.asarray(scale, np.float64).reshape(nb, N), None
+        else:
+            pre = clip_search(W, H, bits, block, symmetric) if search else quantize_blocked(W, bits, block, symmetric)
+            S = pre.scale.astype(np.float64)
+            Z = None if symmetric else pre.zero.astype(np.float64)
+        perm = np.argsort(-np.diag(H), kind="stable")
+        q = np.empty((K, N))
+        q[perm] = _feedback(W[perm], H[np.ix_(perm, perm)], perm // block, S, Z, bits, symmetric)
+        return Blocked(q.astype(np.int8 if symmetric else np.uint8), S.astype(np.float32),
+                       None if Z is None else Z.astype(np.uint8), bits, block)
+    U = np.linalg.cholesky(np.linalg.inv(H)).T  # H⁻¹ = UᵀU, U upper
     Q = np.zeros((nb * block, N))
     S = np.zeros((nb, N))
     Z = None if symmetric else np.zeros((nb, N))
@@ -207,6 +227,31 @@ def gptq(W: np.ndarray, G: np.ndarray, bits: int = 4, block: int = 32, symmetric
         W[i1:] -= U[i0:i1, i1:].T @ E
     return Blocked(Q[:K].astype(np.int8 if symmetric else np.uint8), S.astype(np.float32),
                    None if Z is None else Z.astype(np.uint8), bits, block)
+
+
+def _feedback(W: np.ndarray, H: np.ndarray, group: np.ndarray, S: np.ndarray, Z: np.ndarray | None, bits: int,
+              symmetric: bool, chunk: int = 128) -> np.ndarray:
+    """GPTQ's error feedback over the rows of W (already in visiting order, H permuted alike) with
+    fixed scales: row i uses S[group[i]] (and Z). Lazy updates: the rows past a chunk get the
+    chunk's errors in one product. Returns the integers, in W's row order."""
+    W = W.copy()
+    K = W.shape[0]
+    U = np.linalg.cholesky(np.linalg.inv(H)).T
+    lo_q, hi_q = _range(bits, symmetric)
+    out = np.zeros_like(W)
+    for c0 in range(0, K, chunk):
+        c1 = min(c0 + chunk, K)
+        E = np.zeros((c1 - c0, W.shape[1]))
+        for i in range(c0, c1):
+            s = S[group[i]]
+            z = 0.0 if Z is None else Z[group[i]]
+            q = np.clip(np.round(W[i] / s) + z, lo_q, hi_q)
+            out[i] = q
+            e = (W[i] - (q - z) * s) / U[i, i]
+            W[i + 1:c1] -= np.outer(U[i, i + 1:c1], e)
+            E[i - c0] = e
+        W[c1:] -= U[c0:c1, c1:].T @ E
+    return out
 
 
 def round_to_block(r: int, block: int, limit: int | None = None) -> int:
