@@ -273,8 +273,8 @@ def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> on
 # -------------------------------------------------------------------------- planner hook
 
 # the planner's treatments (plan.TREATMENTS names them; executor.BLOCKED_STORES lists the keys)
-PLANNED = {"int4b": IntTreatment("int4b", 4, 32, True, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip"),
-           "int4b128": IntTreatment("int4b", 4, 128, True, "gptq"), "int4b256": IntTreatment("int4b", 4, 256, True, "gptq"),
+PLANNED = {"int4b": IntTreatment("int4b", 4, 32, False, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip"),
+           "int4b128": IntTreatment("int4b", 4, 128, False, "gptq"), "int4b256": IntTreatment("int4b", 4, 256, False, "gptq"),
            "pq4": IntTreatment("pq", 8, 4, True, "f16")}
 
 
