@@ -199,6 +199,36 @@ def test_target_fidelity_gives_a_smaller_model_that_meets_it(tmodel, calib_npz):
     assert model.ByteSize() < tmodel.ByteSize()
 
 
+def test_target_below_the_unplanned_bytes_is_refused_before_measuring(tmp_path, monkeypatch):
+    """A conv-like model: most bytes are a constant no plan touches; a target under them is refused
+    before the calibration is even read (on PP-OCR the full search took minutes to say so)."""
+    from onnxhmf.planners import mixed
+
+    rng = np.random.default_rng(0)
+    W = numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")
+    C = numpy_helper.from_array(rng.standard_normal((1, 64, 32, 32)).astype(np.float32), "C")  # 256 KB, not a weight site
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Add", ["z", "C"], ["w"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 64]),
+                           helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["n", 64, 32, 32])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 64]),
+                           helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, ["n", 64, 32, 32])], [W, C])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=rng.standard_normal((32, 64)).astype(np.float32),
+             z=rng.standard_normal((32, 64, 32, 32)).astype(np.float32))
+
+    def never(*a, **k):
+        raise AssertionError("the calibration was read")
+
+    monkeypatch.setattr(mixed, "load_for_plan", never)
+    with pytest.raises(OnnxHmfError, match=r"below what no plan changes: 26\d,\d{3} B"):
+        optimize(model, calib=calib, plan={"target_ratio": 0.5}, verify=False)
+    monkeypatch.undo()
+    # a target above those bytes goes on to the search (and meets it)
+    out, _ = optimize(model, calib=calib, plan={"target_size": model.ByteSize() - 8000}, verify=False)
+    assert out.ByteSize() <= model.ByteSize() - 8000
+
+
 def test_plan_errors(tmodel, calib_npz, tmp_path, capsys):
     src = tmp_path / "in.onnx"
     onnx.save(tmodel, src)

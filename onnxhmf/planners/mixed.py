@@ -315,6 +315,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     held-out) calibration already split; ``fast``: leave out the treatments that run as float
     MatMuls (weight-only integers) from the start."""
     t0 = time.perf_counter()
+    _check_reachable(work, options.budget.plan, src_bytes)
     c = load_for_plan(work, options, 0.25, progress, split=split)
     settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
@@ -365,6 +366,24 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     plan.summary["timings"] = timings
     plan.summary["notes"] = [_note(plan.summary["plan_auto"], res)]
     return Planned(plan, res.built), c
+
+
+def _check_reachable(work: onnx.ModelProto, goal: dict, src_bytes: int) -> None:
+    """Refuse a --target-size/--target-ratio that the bytes no plan touches exceed, before any
+    treatment is measured (on a conv model that is minutes): src − Σ dense bytes of every 2-D
+    float weight a MatMul/Gemm/Gather reads is a lower bound of every plan's size."""
+    target = goal.get("target_size") or (int(goal["target_ratio"] * src_bytes) if goal.get("target_ratio") else None)
+    if not target or goal.get("target_fidelity") is not None:
+        return
+    seen, planned = set(), 0
+    for g in find_weight_groups(GraphIndex(work)):
+        if g.name not in seen and g.ref.data_type == onnx.TensorProto.FLOAT:
+            seen.add(g.name)
+            planned += treatment_bytes("dense", tuple(g.shape))
+    fixed = int(src_bytes) - planned
+    if target < fixed:
+        raise OnnxHmfError(f"--plan auto: target {target:,} B is below what no plan changes: {fixed:,} B of the "
+                           "input are not MatMul/Gemm/Gather weights (convs, biases, norms, the graph)")
 
 
 @dataclass
