@@ -92,8 +92,8 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
         from .planners.replay import load_plan, recapture
 
         plan = load_plan(options.plan_file, work)
-        if options.methods.kernels != "standard":  # an output form, chosen on the command line too
-            plan.settings.update({k: v for k, v in options.settings().items() if k in ("kernels", "accuracy_level")})
+        # output forms, chosen on the command line too
+        plan.settings.update({k: v for k, v in options.settings().items() if k in ("kernels", "accuracy_level", "activations")})
         planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress, model_path)
     elif options.budget.fidelity is not None:
         from .planners.auto import auto_plan

@@ -69,6 +69,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     """Apply ``plan`` to ``model`` (changed in place, and returned; the int8 step returns a new proto)."""
     ctx = ctx or ExecContext()
     notes: list[str] = []
+    theirs = {n.output[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
     fpass = factorizer(plan, ctx)
     original = {t.name for t in model.graph.initializer}
     if plan.settings.get("sequential"):
@@ -119,9 +120,20 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
             sites = _int8_everything(sites, set(done))
     model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
+    if plan.settings.get("activations") == "per-token":
+        _per_token(model, theirs, notes)
     if plan.settings.get("kernels") == "onnxruntime":
         _onnxruntime_kernels(model, plan.settings.get("accuracy_level"), notes)
     return Built(model, sites, notes)
+
+
+def _per_token(model: onnx.ModelProto, theirs: set[str], notes: list[str]) -> None:
+    """--activations per-token: the plan's DynamicQuantizeLinears as per-row scales (graph/pertoken.py)."""
+    from .graph.pertoken import per_token_activations
+
+    n = per_token_activations(model, theirs)
+    notes.append(f"per-token activations: {n} int8 MatMul inputs quantized with one scale per row (standard ops)" if n else
+                 "per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
 
 
 def _onnxruntime_kernels(model: onnx.ModelProto, accuracy: int | None, notes: list[str]) -> None:

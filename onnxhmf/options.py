@@ -123,6 +123,7 @@ class Methods:
     pivot: bool = True  # low-rank results stored pivoted (W_p, C: r(m+n−r)); False keeps A·B (--no-pivot)
     kernels: str = "standard"  # onnxruntime: blocked integer MatMuls written as com.microsoft.MatMulNBits (graph/nbits.py)
     accuracy_level: int | None = None  # with kernels onnxruntime: MatMulNBits' accuracy_level (None: by bits, nbits.AUTO_ACCURACY)
+    activations: str = "per-tensor"  # per-token: the int8 MatMulIntegers' inputs get one scale per row (graph/pertoken.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -145,6 +146,8 @@ class Methods:
             _fail(f"accuracy level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
         if self.accuracy_level is not None and self.kernels != "onnxruntime":
             _fail("--accuracy-level goes with --kernels onnxruntime")
+        if self.activations not in ("per-tensor", "per-token"):
+            _fail(f"activations must be per-tensor or per-token, got {self.activations!r}")
         from .factorize.whiten import check_damp
 
         try:
@@ -206,7 +209,7 @@ _GROUPS = {
                         "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
-                          "pivot", "kernels", "accuracy_level"}),
+                          "pivot", "kernels", "accuracy_level", "activations"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -313,4 +316,5 @@ class Options:
             "pivot": False if not m.pivot else None,
             **({"kernels": m.kernels} if m.kernels != "standard" else {}),
             **({"accuracy_level": m.accuracy_level} if m.accuracy_level is not None else {}),
+            **({"activations": m.activations} if m.activations != "per-tensor" else {}),
         }

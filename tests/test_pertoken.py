@@ -1,0 +1,114 @@
+"""--activations per-token: the int8 MatMulIntegers' inputs quantized with one scale per row
+(onnxhmf/graph/pertoken.py)."""
+import collections
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from graphs import matmul_model, token_batches, token_mlp_model
+from onnxhmf.graph.pertoken import per_token_activations
+from onnxhmf.graph.qdq import upgrade_opset
+
+
+def _run(m, feeds):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _int8(m, tmp_path, per_channel=False):
+    src, out = tmp_path / "f.onnx", tmp_path / "q.onnx"
+    onnx.save(m, src)
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=per_channel)
+    return onnx.load(out)
+
+
+def _err(y, ref):
+    return float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+
+
+@pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before 18, an input from 18
+def test_per_token_is_exact_per_row_and_beats_per_tensor_on_outlier_tokens(tmp_path, opset):
+    m = matmul_model(64, 48, ndim=3)
+    if opset == 18:
+        m.opset_import[0].version = 18
+    q = _int8(m, tmp_path)
+    pt = onnx.ModelProto()
+    pt.CopyFrom(q)
+    assert per_token_activations(pt) == 1
+    onnx.checker.check_model(pt, full_check=True)
+    ops = collections.Counter(n.op_type for n in pt.graph.node)
+    assert ops["DynamicQuantizeLinear"] == 0 and ops["MatMulInteger"] == 1 and all(n.domain == "" for n in pt.graph.node)
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((2, 16, 64)).astype(np.float32)
+    X[0, 3] *= 50  # one outlier token: per tensor it coarsens every other row
+    ref = _run(m, {"X": X})
+    got = _run(pt, {"X": X})
+    # the integers are what the formula says, row by row
+    W = next(onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_quantized"))
+    ws = next(onnx.numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_scale"))
+    s = np.abs(X).max(-1, keepdims=True) / 127
+    want = (np.round(X / s) @ W.astype(np.float32)) * s * ws
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    rows = [r for r in range(16) if r != 3]
+    assert _err(got[0, rows], ref[0, rows]) < 0.2 * _err(_run(q, {"X": X})[0, rows], ref[0, rows])
+    assert _err(got, ref) < 0.02
+
+
+def test_the_inputs_own_dynamic_quantize_linear_is_kept(tmp_path):
+    q = _int8(matmul_model(64, 48, ndim=2), tmp_path)
+    mine = {n.output[0] for n in q.graph.node if n.op_type == "DynamicQuantizeLinear"}
+    assert per_token_activations(q, keep=mine) == 0
+    assert sum(n.op_type == "DynamicQuantizeLinear" for n in q.graph.node) == 1
+
+
+def test_cli_per_token_int8_and_plan_replay(tmp_path, capsys):
+    """--quantize int8 --activations per-token: standard ops, verified, names/IR kept, a note,
+    more accurate than per-tensor; the setting is recorded and a plan file replays it; with no
+    int8 in the plan the note says nothing was rewritten; a bad value is one error line."""
+    from onnxhmf.api import optimize
+    from onnxhmf.cli import main
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    src, calib = tmp_path / "m.onnx", tmp_path / "cal.npz"
+    onnx.save(m, src)
+    np.savez(calib, **token_batches(320, 128, 12, seed=1))
+    outs = {}
+    for act in ("per-tensor", "per-token"):
+        outs[act] = tmp_path / f"{act}.onnx"
+        assert main(["optimize", str(src), str(outs[act]), "--quantize", "int8", "--activations", act]) == 0
+    text = capsys.readouterr().out
+    assert "per-token activations: 2 int8 MatMul inputs" in text
+    pt = onnx.load(outs["per-token"])
+    assert not any(n.op_type == "DynamicQuantizeLinear" for n in pt.graph.node)
+    assert [i.name for i in pt.graph.input] == [i.name for i in m.graph.input] and pt.ir_version == m.ir_version
+    feeds = {k: v[:4] for k, v in token_batches(320, 128, 4, seed=7).items()}
+    ref = _run(m, feeds)
+    e = {a: _err(_run(onnx.load(p), feeds), ref) for a, p in outs.items()}
+    assert e["per-token"] < e["per-tensor"], e
+    _, rep = optimize(m, quantize="int8", activations="per-token", verify=False)
+    assert rep.planned["settings"]["activations"] == "per-token"
+    plan = tmp_path / "plan.json"
+    _, rep0 = optimize(m, quantize="int8", verify=False)
+    plan.write_text(__import__("json").dumps(rep0.planned))
+    replayed, rep2 = optimize(m, plan_file=plan, activations="per-token", verify=False)
+    assert not any(n.op_type == "DynamicQuantizeLinear" for n in replayed.graph.node)
+    assert any(n.startswith("per-token activations: 2") for n in rep2.notes)
+    _, rep3 = optimize(m, keep=0.5, activations="per-token", verify=False)
+    assert any("nothing is rewritten" in n for n in rep3.notes)
+    assert main(["optimize", str(src), str(tmp_path / "x.onnx"), "--activations", "per-row"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_per_token_after_an_opset_upgrade(tmp_path):
+    """int8 and blocked sites in one model at opset 21 (ReduceMax with an axes input)."""
+    m = matmul_model(64, 48, ndim=3)
+    q = _int8(m, tmp_path, per_channel=True)
+    upgrade_opset(q)
+    assert per_token_activations(q) == 1
+    onnx.checker.check_model(q, full_check=True)
+    X = np.random.default_rng(2).standard_normal((2, 5, 64)).astype(np.float32)
+    assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.02
