@@ -114,6 +114,25 @@ def test_fake_quant_probe_matches_matmulinteger(tmodel):
     assert np.abs(weight_only - actual).max() > 10 * np.abs(predicted - actual).max()  # the input's error is seen
 
 
+def test_per_token_probe_matches_the_per_token_model(tmodel):
+    """With per_token the probe emulates graph/pertoken.py's rows, not DynamicQuantizeLinear."""
+    from onnxhmf.graph.pertoken import per_token_activations
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(tmodel)
+    W2 = numpy_helper.to_array(next(t for t in tmodel.graph.initializer if t.name == "W2"))
+    probe.graph.input.append(helper.make_tensor_value_info("W2", onnx.TensorProto.FLOAT, list(W2.shape)))
+    flags = _fake_quant_inputs(probe, ["W2"], per_token=True)
+    feeds = graphs.token_batches(n=16, seed=3)
+    predicted = run(probe, {**feeds, "W2": int8_weight(W2), flags["W2"]: np.array(True)})[0]
+    q, _ = quantize_int8(tmodel, ["W2"])
+    per_tensor = run(q, feeds)[0]
+    assert per_token_activations(q) == 1
+    actual = run(q, feeds)[0]
+    np.testing.assert_allclose(predicted, actual, atol=1e-4)
+    assert np.abs(per_tensor - actual).max() > 10 * np.abs(predicted - actual).max()
+
+
 @pytest.mark.parametrize("bits,rows", [(8, 24), (4, 24), (4, 23)])
 def test_weight_only_is_exact_per_column_and_folded_by_onnxruntime(tmp_path, bits, rows):
     """int8 / packed int4 weights with per-column scales: the graph rebuilds exactly the weight

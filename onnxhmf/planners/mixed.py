@@ -180,9 +180,10 @@ class Planner:
 
 
 def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None,
-             padded: bool = False) -> dict[str, list[Option]]:
+             padded: bool = False, per_token: bool = False) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
-    loss, (treatment, keep)); ``padded``: blocked integers priced as MatMulNBits stores them."""
+    loss, (treatment, keep)); ``padded``: blocked integers priced as MatMulNBits stores them;
+    ``per_token``: int8 sites probed with per-row activation scales (--activations per-token)."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
     by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
@@ -194,7 +195,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
     for g in groups:
         if g.name in sens and g.name not in have:
             probe.graph.input.append(onnx.helper.make_tensor_value_info(g.name, g.ref.data_type, list(g.shape)))
-    flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens])
+    flags = _fake_quant_inputs(probe, [g.name for g in groups if g.name in sens], per_token)
     int4 = default_opset(work) >= 11  # BitShift
     blocked, grams = can_upgrade(work), (fpass.stats.grams if fpass.stats else {})  # int4b/int8b (passes/intquant.py)
     sess = session(probe)
@@ -263,30 +264,43 @@ def _weight_only(g, T: np.ndarray, loss_with, cost, int4: bool) -> list[Option]:
     return out
 
 
-def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, str]:
+def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str], per_token: bool = False) -> dict[str, str]:
     """Give each MatMul that reads one of ``weights`` as B a switchable quantized input:
     A ← Where(flag, DequantizeLinear(DynamicQuantizeLinear(A)), A), flag a bool graph input.
     What MatMulInteger computes, (A_q − z_A)·W_q·s_A·s_W, equals DequantizeLinear(A_q)·W_q·s_W
     exactly up to float rounding, so the probe sees the int8 site's activation error too.
-    Returns {weight: flag input name}; empty below opset 11 (no DynamicQuantizeLinear)."""
+    ``per_token`` (--activations per-token, graph/pertoken.py): A ← round(A/s_r)·s_r with
+    s_r = max_k |A_rk|/127 per row instead. Returns {weight: flag input name}; empty below
+    opset 11 (no DynamicQuantizeLinear)."""
     if default_opset(model) < 11:
         return {}
     want = set(weights)
     flags: dict[str, str] = {}
-    added = []
+    added: list[list[onnx.NodeProto]] = []
+    mk = onnx.helper.make_node
+    if per_token:
+        axes18 = default_opset(model) >= 18
+        model.graph.initializer.extend(
+            [onnx.numpy_helper.from_array(np.array(v, np.float32), f"onnxhmf_fq_{k}") for k, v in (("q", 127.0), ("tiny", 1e-30))]
+            + ([onnx.numpy_helper.from_array(np.array([-1], np.int64), "onnxhmf_fq_axes")] if axes18 else []))
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in want:
             continue
         w = node.input[1]
         flag = flags.setdefault(w, f"onnxhmf_fq_flag_{len(flags)}")
-        base = f"onnxhmf_fq_{len(added)}"
+        b = f"onnxhmf_fq_{len(added)}"
         x = node.input[0]
-        added += [
-            onnx.helper.make_node("DynamicQuantizeLinear", [x], [base + "_q", base + "_s", base + "_z"]),
-            onnx.helper.make_node("DequantizeLinear", [base + "_q", base + "_s", base + "_z"], [base + "_dq"]),
-            onnx.helper.make_node("Where", [flag, base + "_dq", x], [base + "_x"]),
-        ]
-        node.input[0] = base + "_x"
+        if per_token:
+            red = (mk("ReduceMax", [b + "_a", "onnxhmf_fq_axes"], [b + "_m"], keepdims=1) if axes18 else
+                   mk("ReduceMax", [b + "_a"], [b + "_m"], axes=[-1], keepdims=1))
+            group = [mk("Abs", [x], [b + "_a"]), red, mk("Max", [b + "_m", "onnxhmf_fq_tiny"], [b + "_mp"]),
+                     mk("Div", [b + "_mp", "onnxhmf_fq_q"], [b + "_s"]), mk("Div", [x, b + "_s"], [b + "_d"]),
+                     mk("Round", [b + "_d"], [b + "_r"]), mk("Mul", [b + "_r", b + "_s"], [b + "_dq"])]
+        else:
+            group = [mk("DynamicQuantizeLinear", [x], [b + "_q", b + "_s", b + "_z"]),
+                     mk("DequantizeLinear", [b + "_q", b + "_s", b + "_z"], [b + "_dq"])]
+        added.append(group + [mk("Where", [flag, b + "_dq", x], [b + "_x"])])
+        node.input[0] = b + "_x"
     for flag in flags.values():
         model.graph.input.append(onnx.helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, []))
     # nodes only need to come before their consumers: put them first, after their inputs' producers
@@ -294,15 +308,14 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str]) -> dict[str, 
     del model.graph.node[:]
     produced = {o: i for i, n in enumerate(order) for o in n.output}
     at: dict[int, list] = {}
-    for i in range(0, len(added), 3):
-        x = added[i].input[0]
-        at.setdefault(produced.get(x, -1), []).append(added[i : i + 3])
-    for trio in at.get(-1, []):
-        model.graph.node.extend(trio)
+    for group in added:
+        at.setdefault(produced.get(group[0].input[0], -1), []).append(group)
+    for group in at.get(-1, []):
+        model.graph.node.extend(group)
     for i, n in enumerate(order):
         model.graph.node.append(n)
-        for trio in at.get(i, []):
-            model.graph.node.extend(trio)
+        for group in at.get(i, []):
+            model.graph.node.extend(group)
     return flags
 
 
@@ -322,7 +335,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     cache: dict = {}  # fits shared by the probes and the trial builds
     costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
     opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs,
-                    padded=options.methods.kernels == "onnxruntime")
+                    padded=options.methods.kernels == "onnxruntime", per_token=options.methods.activations == "per-token")
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
