@@ -112,3 +112,23 @@ def test_per_token_after_an_opset_upgrade(tmp_path):
     onnx.checker.check_model(q, full_check=True)
     X = np.random.default_rng(2).standard_normal((2, 5, 64)).astype(np.float32)
     assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.02
+
+
+def test_many_sites_get_distinct_short_names(tmp_path):
+    """Four chained MatMuls (four DynamicQuantizeLinears): each rewrite has its own names, short
+    ones (every node name is stored three times), and the model stays valid and accurate."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32) / 6, f"W{i}") for i in range(4)]
+    nodes = [helper.make_node("MatMul", ["X" if i == 0 else f"h{i}", f"W{i}"], [f"h{i + 1}" if i < 3 else "Y"]) for i in range(4)]
+    g = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["n", 32])],
+                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["n", 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    q = _int8(m, tmp_path)
+    assert per_token_activations(q) == 4
+    onnx.checker.check_model(q, full_check=True)
+    new = [n.name for n in q.graph.node if n.name.startswith("hmf.pt")]
+    assert len(new) == len(set(new)) == 32 and max(map(len, new)) <= 14
+    X = rng.standard_normal((10, 32)).astype(np.float32)
+    assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.03

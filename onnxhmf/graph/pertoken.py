@@ -39,7 +39,7 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
     if not todo:
         return 0
     axes_input = default_opset(model) >= 18  # ReduceMax takes axes as an input from 18
-    shared = "onnxhmf.pertoken"
+    shared = "hmf.pt"
     have = {t.name for t in g.initializer}
     g.initializer.extend(t for t in [numpy_helper.from_array(np.array(127.0, np.float32), f"{shared}.q"),
                           numpy_helper.from_array(np.array(128.0, np.float32), f"{shared}.z"),
@@ -48,8 +48,12 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
                          + ([numpy_helper.from_array(np.array([-1], np.int64), f"{shared}.axes")] if axes_input else [])
                          if t.name not in have)
     reshaped = set()  # the scale is now [..., 1], and so are the shapes of the Muls reading it
+    taken = {o for m in g.node for o in m.output} | {m.name for m in g.node} | have
+    k = 0
     for n in todo:
-        p = f"{n.name or n.output[0]}.pt"
+        while f"{shared}{k}.abs" in taken:  # short names: a name is stored three times per node
+            k += 1
+        p, k = f"{shared}{k}", k + 1
         x, (xq, xs, xz) = n.input[0], n.output
         reduce = (helper.make_node("ReduceMax", [p + ".abs", f"{shared}.axes"], [p + ".max"], name=p + ".max", keepdims=1)
                   if axes_input else
@@ -66,8 +70,8 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
             r.input[:] = [f"{shared}.zero" if i == xz else i for i in r.input]
         at = list(g.node).index(n)
         g.node.remove(n)
-        for k, new in enumerate(nodes):
-            g.node.insert(at + k, new)
+        for j, new in enumerate(nodes):
+            g.node.insert(at + j, new)
     stale = [v for v in g.value_info if v.name in reshaped]
     for v in stale:
         g.value_info.remove(v)
