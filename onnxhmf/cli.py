@@ -132,11 +132,12 @@ _METHODS = _Group("How weights are stored", [
     _o("--accuracy-level", type=click.IntRange(0, 4), default=None,
        help="With --kernels onnxruntime: MatMulNBits' accuracy_level for every kernel (0 float, 4 int8 activations) "
             "[default: 0 for 4-bit weights, 4 for 8-bit]."),
-    _o("--activations", type=click.Choice(["per-tensor", "per-token"]), default="per-tensor", show_default=True,
+    _o("--activations", type=click.Choice(["per-tensor", "per-token", "auto"]), default="per-tensor", show_default=True,
        help="How the int8 MatMulIntegers (--quantize, and int8 sites of a plan) quantize their inputs at run time: "
             "per-tensor is onnxruntime's DynamicQuantizeLinear (one scale for the whole input); per-token gives each "
             "row its own scale (a few standard elementwise ops): more accurate where a few tokens are outliers, "
-            "a little slower (docs/quantization.md)."),
+            "a little slower; auto (with calibration data): per-token only for the inputs that remove most of the "
+            "loss, measured (docs/quantization.md)."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
               "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"],
               "share_bases": p["share_bases"], "seed": p["seed"],

@@ -146,8 +146,8 @@ class Methods:
             _fail(f"accuracy level must be 0, 1, 2, 3 or 4, got {self.accuracy_level!r}")
         if self.accuracy_level is not None and self.kernels != "onnxruntime":
             _fail("--accuracy-level goes with --kernels onnxruntime")
-        if self.activations not in ("per-tensor", "per-token"):
-            _fail(f"activations must be per-tensor or per-token, got {self.activations!r}")
+        if self.activations not in ("per-tensor", "per-token", "auto"):
+            _fail(f"activations must be per-tensor, per-token or auto, got {self.activations!r}")
         from .factorize.whiten import check_damp
 
         try:
@@ -278,6 +278,8 @@ class Options:
                       "--rank or the storage autoencoder")
         if m.smooth and not c.given:
             _fail("--smooth needs calibration data (--calib)")
+        if m.activations == "auto" and not c.given and b.fidelity is None:
+            _fail("--activations auto needs calibration data (--calib), or the default planner's")
         if not c.given and (b.allocation == "measured" or b.min_fidelity is not None or m.sequential):
             _fail("--allocate measured, --min-fidelity and --sequential need calibration data (--calib)")
         if b.rank is not None and (b.min_fidelity is not None or b.allocation == "measured"):

@@ -129,6 +129,61 @@ def test_many_sites_get_distinct_short_names(tmp_path):
     assert per_token_activations(q) == 4
     onnx.checker.check_model(q, full_check=True)
     new = [n.name for n in q.graph.node if n.name.startswith("hmf.pt")]
-    assert len(new) == len(set(new)) == 32 and max(map(len, new)) <= 14
+    assert len(new) == len(set(new)) == 4 * 9 and max(map(len, new)) <= 14  # 8 to quantize, 1 to rescale
     X = rng.standard_normal((10, 32)).astype(np.float32)
     assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.03
+
+
+def test_the_bert_pattern_stays_exact_under_onnxruntimes_fusions(tmp_path):
+    """MatMul + bias Add (BERT's linears): onnxruntime fuses the quantizer's MatMulInteger → Cast →
+    Mul(s_x·s_w) → Add into MatMulIntegerToFloat, which reads s_x as a scalar. The rewrite must not
+    leave that pattern: with every optimization on, the output is the per-row formula."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((64, 48)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["Y"])], "lin",
+                          [helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, ["n", "t", 64])],
+                          [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, ["n", "t", 48])],
+                          [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    q = _int8(m, tmp_path, per_channel=True)
+    assert per_token_activations(q) == 1
+    Wq = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name.endswith("_quantized")).astype(np.float32)
+    ws = next(numpy_helper.to_array(t) for t in q.graph.initializer if t.name == "W_scale")
+    X = rng.standard_normal((3, 7, 64)).astype(np.float32)
+    X[1, 2] *= 40
+    s = np.abs(X).max(-1, keepdims=True) / 127
+    want = (np.round(X / s) @ Wq) * ws * s + b
+    np.testing.assert_allclose(_run(q, {"X": X}), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_auto_rewrites_only_the_inputs_that_pay(tmp_path, capsys):
+    """Two MatMuls: one input has outlier tokens (per-token removes most of its loss), the other
+    is even (little to gain). auto rewrites the first only, says so, and needs calibration data."""
+    from onnx import helper, numpy_helper
+
+    from onnxhmf.api import optimize
+    from onnxhmf.cli import main
+
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), n) for n in ("W1", "W2")]
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["y"]), helper.make_node("MatMul", ["z", "W2"], ["w"])], "two",
+                          [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["n", 16, 32]) for n in ("x", "z")],
+                          [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["n", 16, 32]) for n in ("y", "w")], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    x = rng.standard_normal((64, 16, 32)).astype(np.float32)
+    x[:, 0] *= 100  # the first token of every row is loud (an attention sink)
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=x, z=rng.standard_normal((64, 16, 32)).astype(np.float32))
+    out, rep = optimize(m, quantize="int8", activations="auto", calib=calib, verify=False)
+    note = next(n for n in rep.notes if n.startswith("per-token activations (auto)"))
+    assert "1 of 2" in note, note
+    dql = [n.input[0] for n in out.graph.node if n.op_type == "DynamicQuantizeLinear"]
+    assert dql == ["z"]  # x's was rewritten, z's kept
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--quantize", "int8", "--activations", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert "--activations auto needs calibration data" in err and len(err.strip().splitlines()) == 1
