@@ -10,7 +10,8 @@ separately. Variants:
     ort nbits4          onnxruntime's MatMulNBits quantizer, int4 block 32, MatMul + Gather (contrib ops)
     table pq4 only      the word table product-quantized (sub-vectors of 4, 256 centroids, f16
                         codebooks), everything else float: what the table alone costs
-    int4b128 + pq4      every MatMul int4 block 128 GPTQ, word table pq4, position table int4 b32
+    int4b128s + pq4     every MatMul int4 block 128 GPTQ (s: symmetric int4, a: asymmetric uint4 with
+    int4b128a + pq4     zero points), word table pq4, position table int4 b32
     plan @R             planners.integer.integer_plan at R × the input's bytes, menu MENU below
     cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --calib pydoc.txt
                         --tokenizer minilm.tokenizer.json` (run with --force: written even where its
@@ -42,7 +43,7 @@ from onnxhmf.passes.intquant import apply_treatments, parse_treatment, weight_gr
 from onnxhmf.planners.integer import integer_plan  # noqa: E402
 
 WORD, POS = "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"
-MENU = ["int4b:256:s:gptq", "int4b:128:s:gptq", "int4b:64:s:gptq", "int4b:32:s:gptq", "int8b:128:s:clip",
+MENU = ["int4b:256:a:gptq", "int4b:128:a:gptq", "int4b:64:a:gptq", "int4b:32:a:gptq", "int8b:128:s:clip",
         "pq:4:f16", "pq:6:f16", "pq:8:f16"]
 
 
@@ -57,8 +58,8 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
     fitted, paths, secs, notes = {}, {}, {}, []
     pq4 = parse_treatment("pq:4:f16")
     uniform = {"table pq4 only": {WORD: pq4},
-               "int4b128 + pq4": {**{w: parse_treatment("int4b:128:s:gptq") for w in matmuls}, WORD: pq4,
-                                  POS: parse_treatment("int4b:32:s:clip")}}
+               **{f"int4b128{x} + pq4": {**{w: parse_treatment(f"int4b:128:{x}:gptq") for w in matmuls}, WORD: pq4,
+                                         POS: parse_treatment("int4b:32:s:clip")} for x in "sa"}}
     for label, plan in uniform.items():
         t = time.perf_counter()
         model, _ = apply_treatments(m, plan, grams=grams, fitted=fitted)
