@@ -8,8 +8,10 @@ scale for the whole tensor (DynamicQuantizeLinear). `--activations per-token` gi
 one thread on 8×128 tokens:
 
     original, ort dyn pt, ort dyn pc      the input and onnxruntime's quantize_dynamic
-    cli int8 [pt]                         onnxhmf optimize --quantize int8 [--activations per-token]
-    cli int8pc [pt]                       --quantize int8pc (glassllm) / int8pc --smooth all --calib (MiniLM)
+    cli int8 [pt|auto]                    onnxhmf optimize --quantize int8 [--activations per-token|auto]
+    cli int8pc [smooth] [pt|auto]         --quantize int8pc (glassllm) / int8pc --smooth all --calib (MiniLM)
+
+auto chooses its sites on the calibration data: pydoc (glassllm: 256 × 128 tokens of it).
 
 Fidelity: glassllm, mean KL(original ‖ variant) per token on 8,192 Shakespeare and KJV tokens and
 KJV perplexity; MiniLM, mean cosine of sentence embeddings on 300 + 300 held-out Shakespeare and
@@ -32,12 +34,16 @@ sys.path.insert(0, str(H.ROOT))
 
 def variants(name: str, src, out) -> dict[str, list[str]]:
     if name == "glassllm":
+        cal = ["--calib", str(out / "cal.npz")]
         return {"cli int8": ["--quantize", "int8"], "cli int8 pt": ["--quantize", "int8", "--activations", "per-token"],
-                "cli int8pc": ["--quantize", "int8pc"],
-                "cli int8pc pt": ["--quantize", "int8pc", "--activations", "per-token"]}
+                "cli int8 auto": ["--quantize", "int8", "--activations", "auto", *cal],
+                "cli int8pc pt": ["--quantize", "int8pc", "--activations", "per-token"],
+                "cli int8pc auto": ["--quantize", "int8pc", "--activations", "auto", *cal]}
     pc = ["--quantize", "int8pc", "--smooth", "all", "--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)]
     return {"cli int8": ["--quantize", "int8"], "cli int8 pt": ["--quantize", "int8", "--activations", "per-token"],
-            "cli int8pc smooth": pc, "cli int8pc smooth pt": pc + ["--activations", "per-token"]}
+            "cli int8 auto": ["--quantize", "int8", "--activations", "auto", *pc[4:]],
+            "cli int8pc smooth": pc, "cli int8pc smooth pt": pc + ["--activations", "per-token"],
+            "cli int8pc smooth auto": pc + ["--activations", "auto"]}
 
 
 def run(name: str, rounds: int, mem: int) -> str:
@@ -49,6 +55,9 @@ def run(name: str, rounds: int, mem: int) -> str:
         ids = np.random.default_rng(0).integers(1000, 30000, size=(8, 128))
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
     else:
+        ids = H.lm_eval.glassllm_token_ids(H.corpora.pydoc_topics_text())  # calibration: pydoc, never the held-out text
+        n = min(256, ids.size // 128)
+        np.savez(out / "cal.npz", input_ids=ids[: n * 128].reshape(n, 128).astype(np.int64))
         feeds = {"input_ids": np.random.default_rng(0).integers(0, 1024, size=(8, 128))}
     feeds = {k: v.astype(np.int64) for k, v in feeds.items()}
     np.savez(out / "feeds.npz", **feeds)
