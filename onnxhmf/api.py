@@ -172,6 +172,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     built = planned.built or execute(inp.work, plan, ExecContext(
         store=inp.store, stats=cal.stats if cal else None, calibration=cal.fit if cal else None,
         token_freq=token_freq, progress=progress))
+    if plan.settings.get("activations") == "auto":
+        from .executor import auto_per_token
+
+        auto_per_token(built.model, inp.work, cal.fit if cal else None, built.notes)
     report.timings["execute_s"] = time.perf_counter() - t
     work = built.model
     _fill_report(report, plan, built)

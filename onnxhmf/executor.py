@@ -70,7 +70,6 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     ctx = ctx or ExecContext()
     notes: list[str] = []
     theirs = {n.output[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
-    reference = _reference_for_auto(model, plan, ctx)
     fpass = factorizer(plan, ctx)
     original = {t.name for t in model.graph.initializer}
     if plan.settings.get("sequential"):
@@ -121,46 +120,42 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
             sites = _int8_everything(sites, set(done))
     model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
-    if plan.settings.get("activations") in ("per-token", "auto"):
-        _per_token(model, theirs, notes, reference, ctx.calibration if plan.settings["activations"] == "auto" else None)
+    if plan.settings.get("activations") == "per-token":  # (auto: chosen on the final model, see auto_per_token)
+        _per_token(model, theirs, notes)
     if plan.settings.get("kernels") == "onnxruntime":
         _onnxruntime_kernels(model, plan.settings.get("accuracy_level"), notes)
     return Built(model, sites, notes)
 
 
-def _reference_for_auto(model: onnx.ModelProto, plan: Plan, ctx: ExecContext) -> onnx.ModelProto | None:
-    """--activations auto measures against the input: a copy of it (None where there is no
-    calibration data or the weights are not in memory)."""
-    if plan.settings.get("activations") != "auto" or ctx.calibration is None:
-        return None
-    from .external import needs_external_data
-
-    if ctx.store is not None and needs_external_data(model):
-        return None
-    ref = onnx.ModelProto()
-    ref.CopyFrom(model)
-    return ref
-
-
-def _per_token(model: onnx.ModelProto, theirs: set[str], notes: list[str], reference=None, calibration=None) -> None:
-    """--activations per-token | auto: the plan's DynamicQuantizeLinears (auto: those that pay,
-    passes/pertoken.py) as per-row scales (graph/pertoken.py)."""
+def _per_token(model: onnx.ModelProto, theirs: set[str], notes: list[str]) -> None:
+    """--activations per-token: the plan's DynamicQuantizeLinears as per-row scales (graph/pertoken.py)."""
     from .graph.pertoken import per_token_activations
 
-    if reference is not None and calibration is not None:
-        from .passes.pertoken import choose_per_token
-
-        c = choose_per_token(model, reference, calibration, theirs)
-        n = per_token_activations(model, theirs, set(c.chosen)) if c.chosen else 0
-        notes.append(f"per-token activations (auto): {n} of {c.candidates} int8 MatMul inputs quantized with one scale "
-                     f"per row, chosen on calibration data (output loss {c.loss_none:.5f} per-tensor, {c.loss_chosen:.5f} "
-                     f"with these, {c.loss_all:.5f} with all; standard ops)" if c.candidates else
-                     "per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
-        return
     n = per_token_activations(model, theirs)
-    why = "" if calibration is None and reference is None else " (auto without calibration data in memory: all of them)"
-    notes.append(f"per-token activations: {n} int8 MatMul inputs quantized with one scale per row{why} (standard ops)" if n else
+    notes.append(f"per-token activations: {n} int8 MatMul inputs quantized with one scale per row (standard ops)" if n else
                  "per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
+
+
+def auto_per_token(model: onnx.ModelProto, source: onnx.ModelProto, calibration, notes: list[str]) -> None:
+    """--activations auto on the final model (in place): per-row scales for the int8 inputs that
+    pay, measured against ``source`` (the input) on ``calibration`` (passes/pertoken.py). Run once,
+    after planning: a planner's trial builds keep per-tensor."""
+    from .external import external_tensors, needs_external_data
+    from .graph.pertoken import per_token_activations
+    from .passes.pertoken import choose_per_token
+
+    theirs = {n.output[0] for n in source.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
+    if calibration is None or any(needs_external_data(m) or external_tensors(m) for m in (source, model)):
+        notes.append("per-token activations (auto): skipped, it needs calibration data and the weights in memory")
+        return
+    c = choose_per_token(model, source, calibration, theirs)
+    if not c.candidates:
+        notes.append("per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
+        return
+    n = per_token_activations(model, theirs, set(c.chosen)) if c.chosen else 0
+    notes.append(f"per-token activations (auto): {n} of {c.candidates} int8 MatMul inputs quantized with one scale per "
+                 f"row, chosen on calibration data (output loss {c.loss_none:.5f} per-tensor, {c.loss_chosen:.5f} with "
+                 f"these, {c.loss_all:.5f} with all; standard ops)")
 
 
 def _onnxruntime_kernels(model: onnx.ModelProto, accuracy: int | None, notes: list[str]) -> None:

@@ -187,3 +187,24 @@ def test_auto_rewrites_only_the_inputs_that_pay(tmp_path, capsys):
     assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--quantize", "int8", "--activations", "auto"]) == 2
     err = capsys.readouterr().err
     assert "--activations auto needs calibration data" in err and len(err.strip().splitlines()) == 1
+
+
+def test_auto_with_the_planner_is_chosen_once_on_the_final_model(tmp_path):
+    """--plan auto with --activations auto: the trial builds keep per-tensor (no per-trial search);
+    the final model gets auto's choice, with its note."""
+    from onnxhmf.api import optimize
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    calib = tmp_path / "cal.npz"
+    np.savez(calib, **token_batches(320, 128, 12, seed=1))
+    import onnxhmf.passes.pertoken as P
+
+    calls = []
+    real = P.choose_per_token
+    P.choose_per_token = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        out, rep = optimize(m, calib=calib, plan={"target_ratio": 0.4}, activations="auto", verify=False)
+    finally:
+        P.choose_per_token = real
+    assert len(calls) == 1
+    assert any(n.startswith("per-token activations") for n in rep.notes), rep.notes
