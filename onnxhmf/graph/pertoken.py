@@ -83,7 +83,7 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
                  helper.make_node("Cast", [p + ".shift"], [xq], name=p + ".cast", to=onnx.TensorProto.UINT8)]
         reshaped.add(xs)
         after = []  # (node, the Mul that follows it)
-        for j, r in enumerate(readers.get(xs, [])):  # s_x·s_w → s_w·1; each float(X_q·W_q)·s_w then ·s_r
+        for r in readers.get(xs, []):  # s_x·s_w → s_w·1; each float(X_q·W_q)·s_w then ·s_r
             r.input[:] = [f"{shared}.one" if i == xs else i for i in r.input]
             for c in readers.get(r.output[0], []):
                 out = c.output[0]

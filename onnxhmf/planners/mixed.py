@@ -21,7 +21,7 @@ only that group is changed, as in calibrated.measure_sensitivities):
   them: it grows with the rank, convexly, so the chords are upper bounds.
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
-* Integers at run time (passes/intquant.PLANNED): blocked int4 (blocks 32, 128, 256; GPTQ) and
+* Integers at run time (passes/intquant.PLANNED): blocked asymmetric int4 (blocks 32, 128, 256; act-order GPTQ) and
   int8 (block 128) for MatMuls and tables, and 2-bit product-quantized tables (pq4); loss measured.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
