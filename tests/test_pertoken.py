@@ -208,3 +208,26 @@ def test_auto_with_the_planner_is_chosen_once_on_the_final_model(tmp_path):
         P.choose_per_token = real
     assert len(calls) == 1
     assert any(n.startswith("per-token activations") for n in rep.notes), rep.notes
+
+
+def test_auto_leaves_inputs_where_per_token_gains_nothing():
+    """Every row already spans the same range (±1): per-token removes none of the loss, so auto
+    rewrites nothing (it would only cost its passes)."""
+    from onnx import helper, numpy_helper
+
+    from onnxhmf.calibration import Calibration
+    from onnxhmf.passes.pertoken import choose_per_token
+
+    rng = np.random.default_rng(9)
+    W = numpy_helper.from_array(rng.standard_normal((32, 32)).astype(np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "one",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 16, 32])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 16, 32])], [W])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    import pathlib
+    import tempfile
+
+    q = _int8(m, pathlib.Path(tempfile.mkdtemp()))
+    batches = [{"x": np.sign(rng.standard_normal((8, 16, 32))).astype(np.float32)} for _ in range(4)]
+    c = choose_per_token(q, m, Calibration(batches=batches))
+    assert c.candidates == 1 and c.chosen == [], c

@@ -9,7 +9,9 @@ against the input model) when the inputs S are per-token:
     g_c = L(∅) − L({c}) for each candidate c,   G = L(∅) − L(all),
 
 and the chosen set is the fewest candidates, by decreasing g_c > 0, whose gains add up to
-``share``·G. Nothing is chosen when G ≤ 0.
+``share``·G. Nothing is chosen when G < ``least``·L(∅): per-token must remove at least that
+share of the int8 loss to be worth its passes (glassllm's default plan, whose one int8 input is
+its head: G = 0.3% of L(∅), left alone).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .calibrated import output_loss
 __all__ = ["choose_per_token", "Choice", "SHARE"]
 
 SHARE = 0.8
+LEAST = 0.05
 
 
 @dataclass
@@ -46,7 +49,7 @@ def _loss(model: onnx.ModelProto, batches, refs, mask: str | None, only: set[str
 
 
 def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibration, keep=frozenset(),
-                     batches: int = 4, share: float = SHARE) -> Choice:
+                     batches: int = 4, share: float = SHARE, least: float = LEAST) -> Choice:
     """Which of ``model``'s int8 inputs to quantize per token (see the module docstring);
     ``reference``: the model the losses are taken against (the executor's input)."""
     cand = candidates(model, keep)
@@ -61,7 +64,7 @@ def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibra
     none = _loss(model, data, refs, mask, set(), keep)
     every = _loss(model, data, refs, mask, None, keep)
     total = none - every
-    if total <= 0:
+    if total <= 0 or total < least * none:
         return Choice([], len(cand), none, every, none)
     gains = sorted(((none - _loss(model, data, refs, mask, {c}, keep), c) for c in cand), reverse=True)
     chosen, got = [], 0.0
