@@ -26,6 +26,7 @@ import onnx
 from .capture import capture_stats
 from .progress import no_progress
 from .graph.index import GraphIndex
+from .graph.pertoken import dynamic_quantizers
 from .graph.sites import find_weight_groups
 from .passes.factorize import FactorizePass
 from .plan import TREATMENTS, Plan
@@ -69,7 +70,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     """Apply ``plan`` to ``model`` (changed in place, and returned; the int8 step returns a new proto)."""
     ctx = ctx or ExecContext()
     notes: list[str] = []
-    theirs = {n.output[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
+    theirs = dynamic_quantizers(model)
     fpass = factorizer(plan, ctx)
     original = {t.name for t in model.graph.initializer}
     if plan.settings.get("sequential"):
@@ -144,7 +145,7 @@ def auto_per_token(model: onnx.ModelProto, source: onnx.ModelProto, calibration,
     from .graph.pertoken import per_token_activations
     from .passes.pertoken import choose_per_token
 
-    theirs = {n.output[0] for n in source.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
+    theirs = dynamic_quantizers(source)
     if calibration is None or any(needs_external_data(m) or external_tensors(m) for m in (source, model)):
         notes.append("per-token activations (auto): skipped, it needs calibration data and the weights in memory")
         return

@@ -21,76 +21,100 @@ from onnx import helper, numpy_helper
 
 from .index import default_opset
 
-__all__ = ["per_token_activations", "candidates"]
+__all__ = ["per_token_activations", "candidates", "dynamic_quantizers", "row_scale", "SHARED"]
+
+SHARED = "hmf.pt"  # prefix of the constants (and, numbered, of the nodes) this module writes
 
 
-def candidates(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset()) -> list[str]:
-    """The quantized outputs of the DynamicQuantizeLinears :func:`per_token_activations` would rewrite."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    before = {n.output[0] for n in probe.graph.node if n.op_type == "DynamicQuantizeLinear"}
-    per_token_activations(probe, keep)
-    return sorted(before - {n.output[0] for n in probe.graph.node if n.op_type == "DynamicQuantizeLinear"})
+def dynamic_quantizers(model: onnx.ModelProto) -> set[str]:
+    """The quantized outputs of ``model``'s DynamicQuantizeLinears (an input's own, to keep)."""
+    return {n.output[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
 
 
-def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset(),
-                          only: set[str] | None = None) -> int:
-    """Rewrite in place every main-graph DynamicQuantizeLinear that only MatMulIntegers (values)
-    and Mul nodes (scale) read, and whose quantized output is not in ``keep`` (the input model's
-    own; ``only``: and is in it), as per-row quantization; returns how many were rewritten."""
-    g = model.graph
+def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     readers: dict[str, list[onnx.NodeProto]] = {}
     for n in g.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
+    return readers
+
+
+def _eligible(g: onnx.GraphProto, readers, keep) -> list[onnx.NodeProto]:
+    """Main-graph DynamicQuantizeLinears that only MatMulIntegers (values) and Mul nodes (scale,
+    themselves read by Muls only) read, whose quantized output is not in ``keep``."""
     outputs = {o.name for o in g.output}
-    todo = [n for n in g.node if n.op_type == "DynamicQuantizeLinear" and n.domain in ("", "ai.onnx")
+    return [n for n in g.node if n.op_type == "DynamicQuantizeLinear" and n.domain in ("", "ai.onnx")
             and len(n.output) == 3 and n.output[0] not in keep and n.output[1] not in outputs
             and all(r.op_type == "MatMulInteger" for r in readers.get(n.output[0], []))
             and all(r.op_type == "Mul" and r.output[0] not in outputs
                     and all(c.op_type == "Mul" for c in readers.get(r.output[0], []))
                     for r in readers.get(n.output[1], []))]
-    todo = [n for n in todo if only is None or n.output[0] in only]
+
+
+def candidates(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset()) -> list[str]:
+    """The quantized outputs of the DynamicQuantizeLinears :func:`per_token_activations` would rewrite."""
+    g = model.graph
+    return sorted(n.output[0] for n in _eligible(g, _readers(g), keep))
+
+
+def _constants(model: onnx.ModelProto) -> bool:
+    """Add the shared constants (once); returns whether ReduceMax takes axes as an input (opset ≥ 18)."""
+    g = model.graph
+    axes_input = default_opset(model) >= 18
+    have = {t.name for t in g.initializer}
+    values = {"q": np.array(127.0, np.float32), "z": np.array(128.0, np.float32), "zero": np.array(128, np.uint8),
+              "tiny": np.array(1e-30, np.float32), "one": np.array(1.0, np.float32),
+              **({"axes": np.array([-1], np.int64)} if axes_input else {})}
+    g.initializer.extend(numpy_helper.from_array(v, f"{SHARED}.{k}") for k, v in values.items() if f"{SHARED}.{k}" not in have)
+    return axes_input
+
+
+def row_scale(model: onnx.ModelProto, x: str, scale: str, p: str) -> list[onnx.NodeProto]:
+    """Nodes giving ``scale`` = max(max_k |x_rk|, tiny) / 127 per row of ``x`` (last axis kept as
+    1), named after ``p``; adds the shared constants to ``model``. The planners' probe
+    (planners/mixed._fake_quant_inputs) emulates the rewrite with the same nodes."""
+    axes_input = _constants(model)
+    mk = helper.make_node
+    reduce = (mk("ReduceMax", [p + ".abs", f"{SHARED}.axes"], [p + ".max"], name=p + ".max", keepdims=1) if axes_input
+              else mk("ReduceMax", [p + ".abs"], [p + ".max"], name=p + ".max", axes=[-1], keepdims=1))
+    return [mk("Abs", [x], [p + ".abs"], name=p + ".abs"), reduce,
+            mk("Max", [p + ".max", f"{SHARED}.tiny"], [p + ".maxp"], name=p + ".maxp"),
+            mk("Div", [p + ".maxp", f"{SHARED}.q"], [scale], name=p + ".scale")]
+
+
+def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset(),
+                          only: set[str] | None = None) -> int:
+    """Rewrite in place every DynamicQuantizeLinear :func:`candidates` lists (``only``: those of
+    them in it) as per-row quantization; returns how many were rewritten."""
+    g = model.graph
+    readers = _readers(g)
+    todo = [n for n in _eligible(g, readers, keep) if only is None or n.output[0] in only]
     if not todo:
         return 0
-    axes_input = default_opset(model) >= 18  # ReduceMax takes axes as an input from 18
-    shared = "hmf.pt"
-    have = {t.name for t in g.initializer}
-    g.initializer.extend(t for t in [numpy_helper.from_array(np.array(127.0, np.float32), f"{shared}.q"),
-                          numpy_helper.from_array(np.array(128.0, np.float32), f"{shared}.z"),
-                          numpy_helper.from_array(np.array(128, np.uint8), f"{shared}.zero"),
-                          numpy_helper.from_array(np.array(1e-30, np.float32), f"{shared}.tiny"),
-                          numpy_helper.from_array(np.array(1.0, np.float32), f"{shared}.one")]
-                         + ([numpy_helper.from_array(np.array([-1], np.int64), f"{shared}.axes")] if axes_input else [])
-                         if t.name not in have)
     reshaped = set()  # the scale is now [..., 1]
-    taken = {o for m in g.node for o in m.output} | {m.name for m in g.node} | have
+    taken = {o for m in g.node for o in m.output} | {m.name for m in g.node}
     k = 0
+    mk = helper.make_node
     for n in todo:
-        while f"{shared}{k}.abs" in taken:  # short names: a name is stored three times per node
+        while f"{SHARED}{k}.abs" in taken:  # short names: a name is stored three times per node
             k += 1
-        p, k = f"{shared}{k}", k + 1
+        p, k = f"{SHARED}{k}", k + 1
         x, (xq, xs, xz) = n.input[0], n.output
-        reduce = (helper.make_node("ReduceMax", [p + ".abs", f"{shared}.axes"], [p + ".max"], name=p + ".max", keepdims=1)
-                  if axes_input else
-                  helper.make_node("ReduceMax", [p + ".abs"], [p + ".max"], name=p + ".max", axes=[-1], keepdims=1))
-        nodes = [helper.make_node("Abs", [x], [p + ".abs"], name=p + ".abs"), reduce,
-                 helper.make_node("Max", [p + ".max", f"{shared}.tiny"], [p + ".maxp"], name=p + ".maxp"),
-                 helper.make_node("Div", [p + ".maxp", f"{shared}.q"], [xs], name=p + ".scale"),
-                 helper.make_node("Div", [x, xs], [p + ".div"], name=p + ".div"),
-                 helper.make_node("Round", [p + ".div"], [p + ".round"], name=p + ".round"),
-                 helper.make_node("Add", [p + ".round", f"{shared}.z"], [p + ".shift"], name=p + ".shift"),
-                 helper.make_node("Cast", [p + ".shift"], [xq], name=p + ".cast", to=onnx.TensorProto.UINT8)]
+        nodes = row_scale(model, x, xs, p) + [
+            mk("Div", [x, xs], [p + ".div"], name=p + ".div"),
+            mk("Round", [p + ".div"], [p + ".round"], name=p + ".round"),
+            mk("Add", [p + ".round", f"{SHARED}.z"], [p + ".shift"], name=p + ".shift"),
+            mk("Cast", [p + ".shift"], [xq], name=p + ".cast", to=onnx.TensorProto.UINT8)]
         reshaped.add(xs)
         after = []  # (node, the Mul that follows it)
         for r in readers.get(xs, []):  # s_x·s_w → s_w·1; each float(X_q·W_q)·s_w then ·s_r
-            r.input[:] = [f"{shared}.one" if i == xs else i for i in r.input]
+            r.input[:] = [f"{SHARED}.one" if i == xs else i for i in r.input]
             for c in readers.get(r.output[0], []):
                 out = c.output[0]
                 c.output[0] = f"{p}.w{len(after)}"
-                after.append((c, helper.make_node("Mul", [c.output[0], xs], [out], name=f"{p}.r{len(after)}")))
+                after.append((c, mk("Mul", [c.output[0], xs], [out], name=f"{p}.r{len(after)}")))
         for r in readers.get(xz, []):  # the zero point: the constant 128
-            r.input[:] = [f"{shared}.zero" if i == xz else i for i in r.input]
+            r.input[:] = [f"{SHARED}.zero" if i == xz else i for i in r.input]
         at = list(g.node).index(n)
         g.node.remove(n)
         for j, new in enumerate(nodes):

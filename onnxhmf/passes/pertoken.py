@@ -58,8 +58,8 @@ def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibra
     data = list(calibration.batches[:batches])
     ref_sess = session(reference)
     names = [o.name for o in ref_sess.get_outputs()]
-    refs = [ref_sess.run(names, {k: v for k, v in f.items() if k in {i.name for i in ref_sess.get_inputs()}})
-            for f in data]
+    inputs = {i.name for i in ref_sess.get_inputs()}
+    refs = [ref_sess.run(names, {k: v for k, v in f.items() if k in inputs}) for f in data]
     mask = calibration.mask
     none = _loss(model, data, refs, mask, set(), keep)
     every = _loss(model, data, refs, mask, None, keep)

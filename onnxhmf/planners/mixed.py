@@ -56,6 +56,7 @@ from ..executor import ExecContext, execute
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
+from ..graph.pertoken import row_scale
 from ..graph.qdq import site_kind
 from ..graph.rewrite import factor_orientation
 from ..graph.sites import find_weight_groups
@@ -278,11 +279,6 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str], per_token: bo
     flags: dict[str, str] = {}
     added: list[list[onnx.NodeProto]] = []
     mk = onnx.helper.make_node
-    if per_token:
-        axes18 = default_opset(model) >= 18
-        model.graph.initializer.extend(
-            [onnx.numpy_helper.from_array(np.array(v, np.float32), f"onnxhmf_fq_{k}") for k, v in (("q", 127.0), ("tiny", 1e-30))]
-            + ([onnx.numpy_helper.from_array(np.array([-1], np.int64), "onnxhmf_fq_axes")] if axes18 else []))
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in want:
             continue
@@ -290,12 +286,10 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str], per_token: bo
         flag = flags.setdefault(w, f"onnxhmf_fq_flag_{len(flags)}")
         b = f"onnxhmf_fq_{len(added)}"
         x = node.input[0]
-        if per_token:
-            red = (mk("ReduceMax", [b + "_a", "onnxhmf_fq_axes"], [b + "_m"], keepdims=1) if axes18 else
-                   mk("ReduceMax", [b + "_a"], [b + "_m"], axes=[-1], keepdims=1))
-            group = [mk("Abs", [x], [b + "_a"]), red, mk("Max", [b + "_m", "onnxhmf_fq_tiny"], [b + "_mp"]),
-                     mk("Div", [b + "_mp", "onnxhmf_fq_q"], [b + "_s"]), mk("Div", [x, b + "_s"], [b + "_d"]),
-                     mk("Round", [b + "_d"], [b + "_r"]), mk("Mul", [b + "_r", b + "_s"], [b + "_dq"])]
+        if per_token:  # graph/pertoken.py's row scales, then round(A/s_r)·s_r
+            group = row_scale(model, x, b + "_s", b) + [
+                mk("Div", [x, b + "_s"], [b + "_d"]), mk("Round", [b + "_d"], [b + "_r"]),
+                mk("Mul", [b + "_r", b + "_s"], [b + "_dq"])]
         else:
             group = [mk("DynamicQuantizeLinear", [x], [b + "_q", b + "_s", b + "_z"]),
                      mk("DequantizeLinear", [b + "_q", b + "_s", b + "_z"], [b + "_dq"])]
