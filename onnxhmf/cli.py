@@ -18,7 +18,7 @@ from . import __version__
 from .api import DEFAULT_KEEP, DEFAULT_MIN_COSINE, optimize as optimize_model, optimize_file
 from .verify import DEFAULT_MIN_TOP1
 from .errors import OnnxHmfError, VerificationError
-from .io import check_optimize_paths, check_output_path, check_paths, named_reads, write_text_atomic
+from .io import Interrupted, check_optimize_paths, check_output_path, check_paths, named_reads, write_text_atomic
 from .verify import parse_input_shapes, parse_tolerances, verify_models
 from .bench import bench_models
 from .inspect import inspect_model
@@ -578,7 +578,7 @@ def main(argv=None) -> int:
     except click.ClickException as e:
         click.echo(f"onnxhmf: error: {e.format_message()}", err=True)
         return 2
-    except OnnxHmfError as e:
+    except (OnnxHmfError, Interrupted) as e:
         click.echo(f"onnxhmf: error: {e}", err=True)
         return e.exit_code
     except OSError as e:

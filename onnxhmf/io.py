@@ -437,8 +437,11 @@ def write_atomic(path: str | os.PathLike, write, *, label: str = "file", replace
 TMP_SUFFIX = ".onnxhmf-tmp"
 
 
-class Interrupted(OnnxHmfError):
-    """SIGTERM or SIGHUP arrived: the run stops, its temp files are removed (exit 128 + signal)."""
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP arrived: the run stops, its temp files are removed (exit 128 + signal).
+    A BaseException, like KeyboardInterrupt: the ``except Exception`` (or ``except
+    OnnxHmfError``) that wraps a step's failure into a message must not turn an interrupt into one
+    (a SIGTERM during ``--quantize`` exited 2 as "int8 quantization failed")."""
 
     def __init__(self, signum: int):
         import signal

@@ -246,6 +246,30 @@ def test_sigterm_and_sighup_clean_the_stage(tmp_path, sig):
     assert snapshot(tmp_path) == before
 
 
+SLOW_QUANTIZER = ("import sys, time, onnxruntime.quantization as Q; real = Q.quantize_dynamic\n"
+                  "def slow(*a, **k):\n"
+                  "    print('QUANTIZING', file=sys.stderr, flush=True); time.sleep(30)\n"
+                  "    return real(*a, **k)\n"
+                  "Q.quantize_dynamic = slow\n"
+                  "from onnxhmf.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_sigterm_inside_a_step_that_wraps_its_errors(tmp_path):
+    """The int8 step turns its quantizer's exceptions into "int8 quantization failed: ...";
+    an interrupt must not become one of them: exit 128 + SIGTERM, the interrupt's own line."""
+    p = tmp_path / "in.onnx"
+    onnx.save(graphs.mlp_model(64, 128), p)
+    before = snapshot(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZER, "optimize", str(p), str(tmp_path / "o.onnx"),
+                             "--quantize", "int8"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    assert proc.stderr.readline().strip() == "QUANTIZING"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    assert err == "onnxhmf: error: interrupted by SIGTERM; no output written\n"
+    assert snapshot(tmp_path) == before
+
+
 def test_stale_stage_of_killed_run_removed_by_next_run(tmp_path, capsys):
     p, before, proc = _start_slow_run(tmp_path, 64, 192)
     proc.kill()
