@@ -12,6 +12,10 @@ separately. Variants:
                         codebooks), everything else float: what the table alone costs
     int4b128s + pq4     every MatMul int4 block 128 GPTQ (s: symmetric int4, a: asymmetric uint4 with
     int4b128a + pq4     zero points), word table pq4, position table int4 b32
+    int4b128a rot + pq4 the same, every MatMul asymmetric int4 block 128 of the weight rotated by a
+                        128×128 block Hadamard on its input side, the input rotated at run time
+    int4bBa rot s8 + pq4   the same with a 32×32 block Hadamard and the block scales stored in 8 bits
+                        (B = 64, 32): what the planner's int4b64r / int4b32r are
     plan @R             planners.integer.integer_plan at R × the input's bytes, menu MENU below
     cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --calib pydoc.txt
                         --tokenizer minilm.tokenizer.json` (run with --force: written even where its
@@ -43,8 +47,9 @@ from onnxhmf.passes.intquant import apply_treatments, parse_treatment, weight_gr
 from onnxhmf.planners.integer import integer_plan  # noqa: E402
 
 WORD, POS = "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"
-MENU = ["int4b:256:a:gptq", "int4b:128:a:gptq", "int4b:64:a:gptq", "int4b:32:a:gptq", "int8b:128:s:clip",
-        "pq:4:f16", "pq:6:f16", "pq:8:f16"]
+MENU = ["int4b:256:a:gptq:s8", "int4b:128:a:gptq:s8", "int4b:64:a:gptq:s8", "int4b:32:a:gptq:s8", "int8b:128:s:clip",
+        "int4b:256:a:gptq:rot32:s8", "int4b:128:a:gptq:rot32:s8", "int4b:64:a:gptq:rot32:s8",
+        "int4b:32:a:gptq:rot32:s8", "pq:4:f16", "pq:6:f16", "pq:8:f16"]
 
 
 def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
@@ -59,7 +64,10 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
     pq4 = parse_treatment("pq:4:f16")
     uniform = {"table pq4 only": {WORD: pq4},
                **{f"int4b128{x} + pq4": {**{w: parse_treatment(f"int4b:128:{x}:gptq") for w in matmuls}, WORD: pq4,
-                                         POS: parse_treatment("int4b:32:s:clip")} for x in "sa"}}
+                                         POS: parse_treatment("int4b:32:s:clip")} for x in "sa"},
+               **{f"int4b{b}a rot{' s8' * s8} + pq4": {
+                   **{w: parse_treatment(f"int4b:{b}:a:gptq:rot{32 if s8 else 128}{':s8' * s8}") for w in matmuls}, WORD: pq4,
+                   POS: parse_treatment("int4b:32:s:clip")} for b, s8 in ((128, False), (64, True), (32, True))}}
     for label, plan in uniform.items():
         t = time.perf_counter()
         model, _ = apply_treatments(m, plan, grams=grams, fitted=fitted)

@@ -30,6 +30,7 @@ PLAN_FORMAT = 1
 LMF_OVERHEAD = 300  # an LMF rewrite: two factor initializers and one more MatMul
 INT8_OVERHEAD = 400  # one quantized tensor: scale and zero point initializers and the extra nodes
 INT4_OVERHEAD = 400  # the int4 unpacking subgraph's nodes and constants
+ROT_OVERHEAD = 300  # a rotated int4 weight: its share of the rotated input's nodes (and of the 1 kB ±1 matrix, b = 32)
 PQ_OVERHEAD = 2100  # a product-quantized table's names, offsets and nodes (MiniLM's word table: 2,088 B)
 PIVOT_INT8_OVERHEAD = 1250  # more quantizer nodes for a pivoted pair with int8 factors (one fit; see treatment_bytes)
 TIED_INT8_OVERHEAD = 550  # a tied table's int8 head: DynamicQuantizeLinear, MatMulInteger, unpacking (tests' tied model)
@@ -67,17 +68,23 @@ TREATMENTS: dict[str, Treatment] = {t.name: t for t in (
               "fused to MatMulNBits (integer at run time; opset 21)"),
     Treatment("int4b256", None, "int4b256", "blocked int4 (block 256, GPTQ): DequantizeLinear(block_size) → MatMul, "
               "fused to MatMulNBits (integer at run time; opset 21)"),
+    *(Treatment(f"int4b{b}r", None, f"int4b{b}r", f"blocked int4 (block {b}, GPTQ) of the weight rotated by a block "
+                "Hadamard (32) on its input side, the input rotated at run time (Reshape, MatMul): "
+                "DequantizeLinear(block_size) → MatMul, fused to MatMulNBits (integer at run time; opset 21)")
+      for b in (32, 64, 128, 256)),
     Treatment("pq4", None, "pq4", "product-quantized table: a uint8 code per 4 values into 256-centroid float16 "
               "codebooks (2 bits a value), rebuilt after the Gather (Gather, Cast, Add, Gather, Reshape; opset kept)"),
 )}
 
 
 def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None = None, budget: int | None = None,
-                    itemsize: int = 4, pivot: bool = False, index: int = 0, tied: bool = False) -> int:
+                    itemsize: int = 4, pivot: bool = False, index: int = 0, tied: bool = False,
+                    table: bool = False) -> int:
     """Predicted file bytes of one weight under ``treatment`` (the one cost model). ``pivot``: the
     low-rank result is stored pivoted (factorize/pivot.py): r(m+n−r) values and ``index`` int32
     index-map entries instead of A·B's r(m+n). ``tied``: an m×n tied table, whose int8 rows carry
-    one scale each and whose head is a MatMulInteger (quantize._own_tables)."""
+    one scale each and whose head is a MatMulInteger (quantize._own_tables). ``table``: read by a
+    Gather, where blocked int4 keeps float32 scales (MatMuls store them in 8 bits: PLANNED)."""
     m, n = shape
     r = rank or 0
     if pivot and TREATMENTS.get(treatment) is not None and TREATMENTS[treatment].factor == "lmf":
@@ -88,6 +95,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         # the quantizer's nodes for the pivoted pair (two MatMulIntegers, their casts and scales): one
         # fit, on the tied test model (tests/test_plan.py), of ~2 kB
         return int(values + extra + 2 * INT8_OVERHEAD + LMF_OVERHEAD + scales + PIVOT_INT8_OVERHEAD)
+    sb = 32 if table else 8  # the int4 options' scale storage (passes/intquant.PLANNED)
     cost = {
         "dense": lambda: itemsize * m * n,
         "lmf": lambda: itemsize * r * (m + n) + LMF_OVERHEAD,
@@ -100,10 +108,13 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "int4w": lambda: m * n // 2 + 4 * n + INT8_OVERHEAD + INT4_OVERHEAD,
         "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,
         "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
-        "int4b": lambda: blocked_bytes(m, n, 4, 32) + INT8_OVERHEAD,  # blocks along m (tables: along n, ≈ the same)
+        # blocks along m (tables: along n, ≈ the same)
+        "int4b": lambda: blocked_bytes(m, n, 4, 32, False, sb) + INT8_OVERHEAD,
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
-        "int4b128": lambda: blocked_bytes(m, n, 4, 128) + INT8_OVERHEAD,
-        "int4b256": lambda: blocked_bytes(m, n, 4, 256) + INT8_OVERHEAD,
+        "int4b128": lambda: blocked_bytes(m, n, 4, 128, False, sb) + INT8_OVERHEAD,
+        "int4b256": lambda: blocked_bytes(m, n, 4, 256, False, sb) + INT8_OVERHEAD,
+        **{f"int4b{b}r": (lambda b=b: blocked_bytes(m, n, 4, b, False, 8) + INT8_OVERHEAD + ROT_OVERHEAD)
+           for b in (32, 64, 128, 256)},
         "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + PQ_OVERHEAD,  # a table: m rows of n values
     }
     if treatment not in cost:
@@ -144,7 +155,8 @@ class Decision:
 
     def predict(self) -> "Decision":
         self.predicted_bytes = treatment_bytes(self.treatment, self.shape, rank=self.rank, budget=self.budget,
-                                               itemsize=self.itemsize, pivot=self.pivot, index=self.index)
+                                               itemsize=self.itemsize, pivot=self.pivot, index=self.index,
+                                               table="gather" in self.ops)
         return self
 
     @property

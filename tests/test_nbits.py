@@ -221,3 +221,34 @@ def test_signed_integers_with_a_zero_point_and_fed_weights():
     assert nbits.to_matmulnbits(fed) == 0
     assert nbits.to_matmulnbits(m, 0) == 1
     np.testing.assert_allclose(_run(m, {"X": X})[0], X @ W, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_compact_scales_fold_fuse_and_convert(scale_bits, tmp_path):
+    """Scales stored as float16 or 8-bit codes: the standard form computes X·dequantize(W_q);
+    onnxruntime folds the scale nodes and fuses the DQ into MatMulNBits; to_matmulnbits reads
+    through them and leaves none of them behind; the file is smaller than with float32 scales."""
+    std = matmul_model(256, 40, ndim=3)
+    qdq.upgrade_opset(std)
+    W = numpy_helper.to_array(std.graph.initializer[0])
+    X = np.random.default_rng(2).standard_normal((2, 3, 256)).astype(np.float32)
+    full = _copy(std)
+    qdq.blocked_matmul(full, "W", Q.quantize_blocked(W, 4, 32, False))
+    bq = Q.with_scales(W, Q.quantize_blocked(W, 4, 32, False), scale_bits)
+    qdq.blocked_matmul(std, "W", bq)
+    onnx.checker.check_model(std, full_check=True)
+    saved = (2 * 320 if scale_bits == 16 else 3 * 320 - 4 * 40) - 200  # 8 blocks × 40 columns; 200: the scale nodes
+    assert full.ByteSize() - std.ByteSize() >= saved
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(std.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"X": X})[0]
+    np.testing.assert_allclose(got, X @ bq.dequantize(), rtol=1e-4, atol=1e-4)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(std.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node] == ["MatMulNBits"]
+    m = _copy(std)
+    assert nbits.to_matmulnbits(m, 0) == 1
+    onnx.checker.check_model(m, full_check=True)
+    assert _ops(m) == {"MatMulNBits": 1} and len(m.graph.initializer) == 3  # packed values, scales, zero points
+    np.testing.assert_allclose(_run(m, {"X": X})[0], X @ bq.dequantize(), rtol=1e-4, atol=1e-4)

@@ -366,14 +366,16 @@ def _body_ops(path):
             if a.type == onnx.AttributeProto.GRAPH]
 
 
+@pytest.mark.parametrize("scale_bits", [32, 8])
 @pytest.mark.parametrize("main_reader", [False, True])
-def test_blocked_matmul_in_if_branches_copies_the_integers_and_fuses(main_reader, tmp_path):
+def test_blocked_matmul_in_if_branches_copies_the_integers_and_fuses(main_reader, scale_bits, tmp_path):
     """onnxruntime 1.32 fails to create a session when a branch's DQ reads an outer-scope integer
     initializer ("TransposeDQWeightsForMatMulNBits Missing required weight"): each branch holds
-    its own copy, and each fuses into MatMulNBits."""
+    its own copy, and each fuses into MatMulNBits, with 8-bit scales too (their Cast·Mul is
+    folded inside the branch)."""
     m, W = _if_model(main_reader)
     assert qdq.site_kind(m, "W") == "body" and qdq.body_copies(m, "W") == 2 + main_reader
-    bq = Q.quantize_blocked(W, 4, 32, True)
+    bq = Q.with_scales(W, Q.quantize_blocked(W, 4, 32, True), scale_bits)
     assert qdq.blocked_matmul(m, "W", bq) == 2 + main_reader
     onnx.checker.check_model(m, full_check=True)
     assert not any(t.name == "W" for t in m.graph.initializer)

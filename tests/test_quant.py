@@ -101,3 +101,44 @@ def test_gptq_act_order_beats_natural_order_on_uneven_inputs():
         assert _oerr(W, act.dequantize(), G) < 0.9 * _oerr(W, nat.dequantize(), G)
     with pytest.raises(ValueError, match="order"):
         Q.gptq(W, G, 4, 32, order="random")
+
+
+@pytest.mark.parametrize("scale_bits", [16, 8])
+def test_compact_scales_widen_at_most_a_little(scale_bits):
+    """Stored scales: float16 within 2⁻¹¹ relative; 8-bit codes c·step (c in [1, 255], step = the
+    column's max/255) never below S (the range only widens) and within one step of it."""
+    rng = np.random.default_rng(3)
+    S = rng.uniform(0.001, 0.05, (12, 7))
+    S[3, 2] = 1e-7  # a nearly dead block
+    got, step = Q.compact_scales(S, scale_bits)
+    assert got.dtype == np.float32 and got.shape == S.shape and (got > 0).all()
+    if scale_bits == 16:
+        assert step is None
+        ok = S > 1e-4
+        assert np.all(np.abs(got[ok] - S[ok]) <= 2.0 ** -11 * S[ok])
+    else:
+        codes = got / step
+        assert np.allclose(codes, np.rint(codes), atol=1e-3) and codes.min() >= 1 and codes.max() <= 255.001
+        assert np.all(got >= S * (1 - 1e-6)) and np.all(got - S <= step * (1 + 1e-6))
+        assert np.allclose(got.max(axis=0), S.max(axis=0), rtol=1e-6)
+
+
+def test_gptq_on_compact_scales_and_their_bytes():
+    """GPTQ with 8-bit scales: the stored scales are the compact ones, the fit stays close to the
+    float32-scale fit, and the bytes drop by 3 per block less 4 per column."""
+    rng = np.random.default_rng(4)
+    K, N, b = 128, 24, 32
+    W = rng.standard_normal((K, N))
+    X = rng.standard_normal((400, K))
+    G = X.T @ X
+    f32 = Q.gptq(W, G, 4, b, False)
+    f8 = Q.gptq(W, G, 4, b, False, scale_bits=8)
+    assert f8.scale_bits == 8 and np.array_equal(f8.scale, Q.compact_scales(f32.scale, 8)[0])
+    err = lambda f: np.linalg.norm(X @ (f.dequantize() - W))  # noqa: E731
+    assert err(f8) < 1.05 * err(f32)
+    assert f32.nbytes() - f8.nbytes() == 3 * (K // b) * N - 4 * N
+    r = Q.with_scales(W, Q.quantize_blocked(W, 4, b, False), 16)
+    assert r.scale_bits == 16 and r.scale.dtype == np.float32
+    assert np.abs(r.dequantize() - W).max() <= np.repeat(r.scale, b, axis=0).max() * 1.01
+    with pytest.raises(ValueError):
+        Q.gptq(W, G, 4, b, False, scale_bits=8, order="natural")

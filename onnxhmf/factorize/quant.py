@@ -43,7 +43,8 @@ import numpy as np
 from .whiten import DEFAULT_DAMP, whitener
 
 __all__ = ["Blocked", "quantize_blocked", "blocked_bytes", "clip_search", "gptq", "lowrank_residual",
-           "lowrank_blocked", "round_to_block", "per_channel_int8", "LowRankResidual", "CLIP_GRID"]
+           "lowrank_blocked", "round_to_block", "per_channel_int8", "LowRankResidual", "CLIP_GRID", "compact_scales",
+           "with_scales"]
 
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
 
@@ -58,6 +59,8 @@ class Blocked:
     zero: np.ndarray | None
     bits: int
     block: int
+    scale_bits: int = 32  # how the scales are stored (compact_scales): 32 float32, 16 float16, 8 uint8 codes × step
+    step: np.ndarray | None = None  # scale_bits 8: the per-column step [1, N]; scale = codes · step
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,13 +73,49 @@ class Blocked:
         return ((self.q.astype(np.float32) - z) * s).astype(np.float32)
 
     def nbytes(self) -> int:
-        return blocked_bytes(*self.shape, self.bits, self.block, self.zero is None)
+        return blocked_bytes(*self.shape, self.bits, self.block, self.zero is None, self.scale_bits)
 
 
-def blocked_bytes(K: int, N: int, bits: int, block: int, symmetric: bool = True) -> int:
-    """Stored bytes: K·N·bits/8 values, 4 per float scale, and bits/8 per zero point."""
+def blocked_bytes(K: int, N: int, bits: int, block: int, symmetric: bool = True, scale_bits: int = 32) -> int:
+    """Stored bytes: K·N·bits/8 values, scale_bits/8 per scale (8: plus a float32 step per
+    column), and bits/8 per zero point."""
     nb = -(-K // block)
-    return (K * N * bits + 7) // 8 + 4 * nb * N + (0 if symmetric else (nb * N * bits + 7) // 8)
+    scales = nb * N * scale_bits // 8 + (4 * N if scale_bits == 8 else 0)
+    return (K * N * bits + 7) // 8 + scales + (0 if symmetric else (nb * N * bits + 7) // 8)
+
+
+def compact_scales(S: np.ndarray, scale_bits: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scales S ([blocks, N], positive) as they will be stored: (values, step). 32: float32;
+    16: float16 (relative error ≤ 2⁻¹¹); 8: s = c·step_n with c = ⌈S/step_n⌉ ∈ [1, 255] and
+    step_n = max_b S_bn/255 (rounded up, so a block's range only widens: at most 1/c coarser).
+    The stored scales are folded to float32 at load (Cast, Cast·Mul), so the blocked DQ still
+    fuses; the fits use exactly these values."""
+    S = np.asarray(S, np.float64)
+    if scale_bits == 32:
+        return S.astype(np.float32), None
+    if scale_bits == 16:
+        return np.maximum(S, 2.0 ** -24).astype(np.float16).astype(np.float32), None
+    if scale_bits != 8:
+        raise ValueError(f"scale_bits must be 32, 16 or 8, got {scale_bits}")
+    step = (S.max(axis=0, keepdims=True) / 255).astype(np.float32)
+    step = np.where(step > 0, step, np.float32(1.0))
+    codes = np.clip(np.ceil(S / step - 1e-6), 1, 255).astype(np.float32)
+    return (codes * step).astype(np.float32), step
+
+
+def with_scales(W: np.ndarray, bq: Blocked, scale_bits: int) -> Blocked:
+    """``bq`` (a fit of W, any method) with its scales stored in ``scale_bits`` and W rounded
+    again at those scales (the zero points kept)."""
+    if scale_bits == bq.scale_bits:
+        return bq
+    S, step = compact_scales(bq.scale, scale_bits)
+    W = np.asarray(W, np.float64)
+    Wb = _padded_blocks(W, bq.block)
+    z = None if bq.zero is None else bq.zero.astype(np.float64)
+    q = _quant(Wb, S.astype(np.float64), z, bq.bits, bq.zero is None)
+    out = _pack(W, q, S, z, bq.bits, bq.block)
+    out.scale_bits, out.step = scale_bits, step
+    return out
 
 
 def _range(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -175,12 +214,13 @@ def _damped(G: np.ndarray, damp: float) -> np.ndarray:
 
 def gptq(W: np.ndarray, G: np.ndarray, bits: int = 4, block: int = 32, symmetric: bool = True,
          damp: float = DEFAULT_DAMP, search: bool = True, scale: np.ndarray | None = None,
-         order: str = "act") -> Blocked:
+         order: str = "act", scale_bits: int = 32) -> Blocked:
     """GPTQ with blocked scales (see the module docstring); ``search``: clip-search each block's
     scales under the same Gram; ``scale`` ([blocks, N], symmetric only): keep these scales (e.g.
     the per-channel ones onnxruntime's quantizer chose, block = K); ``order``: "act" (rows by
     decreasing H_kk, scales taken up front) or "natural" (rows in order, each block's scales taken
-    on its updated rows)."""
+    on its updated rows); ``scale_bits`` (act order): the scales as stored (compact_scales),
+    fixed before the error feedback, which then works on the grid the file holds."""
     if order not in ("act", "natural"):
         raise ValueError(f"gptq order must be 'act' or 'natural', got {order!r}")
     W = np.array(W, np.float64)
@@ -194,11 +234,15 @@ def gptq(W: np.ndarray, G: np.ndarray, bits: int = 4, block: int = 32, symmetric
             pre = clip_search(W, H, bits, block, symmetric) if search else quantize_blocked(W, bits, block, symmetric)
             S = pre.scale.astype(np.float64)
             Z = None if symmetric else pre.zero.astype(np.float64)
+        S32, step = compact_scales(S, scale_bits)
+        S = S32.astype(np.float64)
         perm = np.argsort(-np.diag(H), kind="stable")
         q = np.empty((K, N))
         q[perm] = _feedback(W[perm], H[np.ix_(perm, perm)], perm // block, S, Z, bits, symmetric)
-        return Blocked(q.astype(np.int8 if symmetric else np.uint8), S.astype(np.float32),
-                       None if Z is None else Z.astype(np.uint8), bits, block)
+        return Blocked(q.astype(np.int8 if symmetric else np.uint8), S32,
+                       None if Z is None else Z.astype(np.uint8), bits, block, scale_bits, step)
+    if scale_bits != 32:
+        raise ValueError("gptq: scale_bits below 32 needs order='act'")
     U = np.linalg.cholesky(np.linalg.inv(H)).T  # H⁻¹ = UᵀU, U upper
     Q = np.zeros((nb * block, N))
     S = np.zeros((nb, N))

@@ -81,20 +81,40 @@ def _ints(t: TensorProto) -> np.ndarray:
     return numpy_helper.to_array(t).astype(np.int32)
 
 
+def _folded_scale(name: str, inits: dict, producer: dict, overridable: set) -> tuple[onnx.TensorProto | None, list]:
+    """A DQ's scale as a float32 initializer: itself, or the compact forms graph/qdq._store
+    writes (Cast(float16 init), Cast(uint8 init)·step init), evaluated; with the nodes that built it."""
+    if name in inits:
+        return inits[name], []
+    node = producer.get(name)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None, []
+    if node.op_type == "Cast" and node.input[0] in inits and node.input[0] not in overridable \
+            and _attr(node, "to", 0) == TensorProto.FLOAT:
+        return numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]).astype(np.float32), name), [node]
+    if node.op_type == "Mul" and node.input[1] in inits and node.input[1] not in overridable:
+        inner, nodes = _folded_scale(node.input[0], inits, producer, overridable)
+        if inner is not None and nodes:
+            value = numpy_helper.to_array(inner) * numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+            return numpy_helper.from_array(value.astype(np.float32), name), nodes + [node]
+    return None, []
+
+
 def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
     inits = {t.name: t for t in graph.initializer}
     readers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {o: n for n in graph.node for o in n.output}
     for n in graph.node:
         for i in n.input:
             readers.setdefault(i, []).append(n)
     outputs = {o.name for o in graph.output}
     overridable = {i.name for i in graph.input}  # an initializer a caller may feed stays as it is
-    drop, done, new_inits, packed = set(), {}, [], {}
+    drop, done, new_inits, packed, built = set(), {}, [], {}, []
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx") or _attr(dq, "axis", 1) != 0:
             continue
         block = _attr(dq, "block_size", 0)
-        w, s = (inits.get(dq.input[0]), inits.get(dq.input[1]))
+        (s, scale_nodes), w = _folded_scale(dq.input[1], inits, producer, overridable), inits.get(dq.input[0])
         z = inits.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         use = readers.get(dq.output[0], [])
         if (w is None or s is None or (len(dq.input) > 2 and dq.input[2] and z is None) or w.data_type not in _INT
@@ -123,9 +143,17 @@ def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
                                         domain=CONTRIB_DOMAIN, K=K, N=N, bits=bits, block_size=block,
                                         accuracy_level=AUTO_ACCURACY[bits] if accuracy is None else accuracy)
         drop.add(id(dq))
+        built += scale_nodes
     if not done:
         return 0
     nodes = [done.get(id(n), n) for n in graph.node if id(n) not in drop]
+    read = {i for n in nodes for i in n.input} | _inner_reads(graph) | outputs
+    while True:  # the compact scales' nodes that only the fused DQs read
+        dead = {id(n) for n in built if id(n) in {id(m) for m in nodes} and not set(n.output) & read}
+        if not dead:
+            break
+        nodes = [n for n in nodes if id(n) not in dead]
+        read = {i for n in nodes for i in n.input} | _inner_reads(graph) | outputs
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input} | _inner_reads(graph)

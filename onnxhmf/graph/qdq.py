@@ -4,6 +4,12 @@
   opset 21 (the first with ``block_size`` and int4/uint4). onnxruntime's graph transformer
   DQMatMulToMatMulNBits fuses it into MatMulNBits (int4 and, from 1.25, int8; the DQ must have
   a single consumer, so each MatMul gets its own DQ reading the shared integers).
+* Compact scales (factorize/quant.compact_scales): float16 scales (Cast) or uint8 codes times a
+  float32 step per column (Cast·Mul): constant nodes onnxruntime folds at load, before its QDQ
+  fusion, which then sees a constant float scale.
+* Rotated int4 (factorize/rotate.py): ``MatMul(Reshape(Reshape(X, [-1, b]) · H, Shape(X)), DQ(Rᵀ·W))``;
+  one X·R per activation and block size, read by all its rotated MatMuls; H is stored as int8
+  ±1 and scaled by Cast·Mul (folded at load). The DQ → MatMul fuses as above.
 * Low-rank pairs and residuals: ``X → DQ(A) → MatMul → DQ(B) → MatMul`` (both fuse), and
   ``MatMul(X, DQ(Q)) + MatMul(MatMul(X, DQ(L)), DQ(R))`` for W ≈ Q + L·R.
 * A MatMul weight read inside If/Loop/Scan bodies (an optimum merged decoder's two branches):
@@ -40,10 +46,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import OnnxHmfError
 from ..factorize.quant import Blocked, LowRankResidual
+from ..factorize.rotate import Rotated
 from .index import default_opset
 
 __all__ = ["upgrade_opset", "QDQ_OPSET", "site_kind", "body_copies", "blocked_matmul", "blocked_table", "lowrank_matmul",
-           "residual_matmul", "unpack4"]
+           "residual_matmul", "rotated_matmul", "unpack4"]
 
 QDQ_OPSET = 21
 # ops whose versions in (17, 21] only add types, or optional inputs/attributes whose defaults keep the old meaning
@@ -246,10 +253,25 @@ def _take(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
 def _store(model: onnx.ModelProto | onnx.GraphProto, bq: Blocked, base: str) -> list[str]:
     """Initializers of ``bq`` (values, scale, zero point) named after ``base``, in the main graph
     (or in graph ``model``); DQ's inputs."""
-    inits = (model.graph if isinstance(model, onnx.ModelProto) else model).initializer
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    inits = graph.initializer
     names = [f"{base}.q{bq.bits}", f"{base}.scale"]
     inits.append(_int_tensor(bq.q, bq.bits, bq.zero is None, names[0]))
-    inits.append(numpy_helper.from_array(bq.scale.astype(np.float32), names[1]))
+    if bq.scale_bits == 32:
+        inits.append(numpy_helper.from_array(bq.scale.astype(np.float32), names[1]))
+    else:  # compact scales (factorize/quant.compact_scales), rebuilt by constant nodes onnxruntime folds at load
+        mk = helper.make_node
+        if bq.scale_bits == 16:
+            inits.append(numpy_helper.from_array(bq.scale.astype(np.float16), names[1] + "16"))
+            pre = [mk("Cast", [names[1] + "16"], [names[1]], name=names[1], to=TensorProto.FLOAT)]
+        else:
+            codes = np.rint(bq.scale / bq.step).astype(np.uint8)
+            inits.extend([numpy_helper.from_array(codes, names[1] + "8"),
+                          numpy_helper.from_array(bq.step.astype(np.float32), names[1] + ".step")])
+            pre = [mk("Cast", [names[1] + "8"], [names[1] + "8f"], name=names[1] + "8f", to=TensorProto.FLOAT),
+                   mk("Mul", [names[1] + "8f", names[1] + ".step"], [names[1]], name=names[1])]
+        for k, n in enumerate(pre):
+            graph.node.insert(k, n)
     if bq.zero is not None:
         names.append(f"{base}.zero")
         inits.append(_int_tensor(bq.zero, bq.bits, False, names[2]))
@@ -306,6 +328,67 @@ def blocked_matmul(model: onnx.ModelProto, name: str, bq: Blocked) -> int:
     if _consumers(model.graph, name):
         hits += rewrite(model.graph, _store(model, bq, name))
     return hits
+
+
+def _rotation_matrix(model: onnx.ModelProto, rot: Rotated) -> str:
+    """The float b×b rotation H (factorize/rotate.py), shared by every rotated weight: stored as
+    int8 ±1 (Hadamard with the signs folded in) and scaled by 1/√b with Cast·Mul, which
+    onnxruntime folds at load."""
+    base = f"hmf.rot{rot.block}s{rot.seed}"
+    if any(n.output[0] == base for n in model.graph.node):
+        return base
+    H = rot.matrix()
+    sign = np.sign(H).astype(np.int8)
+    model.graph.initializer.extend([numpy_helper.from_array(sign, base + ".sign"),
+                                    numpy_helper.from_array(np.array(1 / np.sqrt(rot.block), np.float32), base + ".norm")])
+    model.graph.node.insert(0, helper.make_node("Mul", [base + ".signf", base + ".norm"], [base], name=base))
+    model.graph.node.insert(0, helper.make_node("Cast", [base + ".sign"], [base + ".signf"], name=base + ".signf",
+                                                to=TensorProto.FLOAT))
+    return base
+
+
+def _rotated_input(model: onnx.ModelProto, x: str, rot: Rotated) -> str:
+    """X·R (R = blockdiag(H, …, H)) as Reshape(X, [-1, b]) · H → Reshape(·, Shape(X)), inserted
+    once per (X, b) right after X's producer, so every MatMul reading X can read it."""
+    H = _rotation_matrix(model, rot)
+    out = f"{x}.rot{rot.block}s{rot.seed}"
+    nodes = model.graph.node
+    if any(n.output[0] == out for n in nodes):
+        return out
+    flat = f"{out}.flat"
+    init = model.graph.initializer
+    if not any(t.name == f"hmf.rows{rot.block}" for t in init):
+        init.append(numpy_helper.from_array(np.array([-1, rot.block], np.int64), f"hmf.rows{rot.block}"))
+    new = [helper.make_node("Shape", [x], [out + ".shape"], name=out + ".shape"),
+           helper.make_node("Reshape", [x, f"hmf.rows{rot.block}"], [flat], name=flat),
+           helper.make_node("MatMul", [flat, H], [out + ".mm"], name=out + ".mm"),
+           helper.make_node("Reshape", [out + ".mm", out + ".shape"], [out], name=out)]
+    at = next((i + 1 for i, n in enumerate(nodes) if x in n.output), None)
+    if at is None:  # a graph input or initializer: after the rotation matrix's nodes
+        at = next(i + 1 for i, n in enumerate(nodes) if n.output[0] == H)
+    for k, n in enumerate(new):
+        nodes.insert(at + k, n)
+    return out
+
+
+def rotated_matmul(model: onnx.ModelProto, name: str, rot: Rotated) -> int:
+    """MatMul(X, W) → MatMul(X·R, DQ(Rᵀ·W's integers)) for every main-graph MatMul reading
+    ``name`` (site 'matmul'); the DQ → MatMul still fuses to MatMulNBits. Returns the count."""
+    _need_opset(model)
+    _take(model, name)
+    inputs = _store(model, rot.inner, name)
+    readers = [u for u in model.graph.node if u.op_type == "MatMul" and u.input[1] == name]
+    for u in readers:
+        u.input[0] = _rotated_input(model, u.input[0], rot)
+    count = iter(range(1 << 30))
+
+    def fn(u):
+        if u.op_type != "MatMul" or u.input[1] != name:
+            return None
+        out = f"{name}.dq{next(count)}"
+        u.input[1] = out
+        return [_dq(inputs, out, rot.inner.block), u]
+    return _rebuild(model, fn)
 
 
 def lowrank_matmul(model: onnx.ModelProto, name: str, A: Blocked, B: Blocked) -> int:

@@ -12,6 +12,10 @@ Kinds (``site`` is 'matmul', 'table', 'tied' or 'body', see graph/qdq.site_kind)
                   into MatMulNBits); tables: gathered integer rows, dequantized after the Gather.
                   ``method``: rtn (round to nearest), clip (per-block clipping search on the
                   activation Gram), gptq (error feedback with the Gram; clip search per block).
+                  ``rotate`` b (MatMuls only): the input side rotated by a block Hadamard first
+                  (factorize/rotate.py), X·R computed at run time (graph/qdq.rotated_matmul).
+                  ``scale_bits`` 16 or 8 (MatMuls): compact scales (factorize/quant.compact_scales),
+                  folded to float at load; the fits use the stored values.
   lqer            W ≈ Q + L·R: Q blocked ``bits``, L·R rank ``rank`` (rounded to the block) in
                   blocked int8, fitted on the Gram (matmul sites).
   lmf-b           W ≈ A·B, both blocked int (``bits``), rank rounded to the block (matmul sites).
@@ -46,6 +50,8 @@ from onnx import numpy_helper
 from ..capture import capture_stats
 from ..errors import OnnxHmfError
 from ..factorize import quant as Q
+from ..factorize import rotate as R
+from ..factorize.rotate import Rotated
 from ..factorize.codebook import ProductQuantized, pq_bytes, product_quantize
 from ..graph import qdq
 from ..graph.codebook import codebook_table
@@ -65,6 +71,8 @@ class IntTreatment:
     method: str = "rtn"  # rtn | clip | gptq
     rank: int = 0
     smooth: bool = False  # int8pc: SmoothQuant scales first (passes/smooth.py), which needs calibration data
+    rotate: int = 0  # int4b/int8b on MatMuls: block Hadamard rotation of the input side, at most this block (factorize/rotate.py)
+    scale_bits: int = 32  # int4b/int8b on MatMuls: how the block scales are stored (factorize/quant.compact_scales)
 
     @property
     def name(self) -> str:
@@ -73,7 +81,8 @@ class IntTreatment:
         core = {"int8pc": "int8pc", "lqer": f"lqer{self.bits}r{self.rank}-b", "lmf-b": f"lmf{self.bits}r{self.rank}-b"}
         base = core.get(self.kind, f"int{self.bits}b")
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
-        return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}"
+        return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}{f'-rot{self.rotate}' if self.rotate else ''}" \
+            f"{f'-s{self.scale_bits}' if self.scale_bits != 32 else ''}"
 
     def opset(self, site: str = "matmul", shape: tuple[int, ...] | None = None) -> int:
         """The opset the treatment needs on ``site`` (a V×D table: ``shape``): blocked DQ needs 21;
@@ -85,6 +94,8 @@ class IntTreatment:
     def sites(self) -> tuple[str, ...]:
         if self.kind == "pq":
             return ("table",)
+        if self.rotate:
+            return ("matmul",)
         return ("matmul", "table", "tied", "body") if self.kind in ("int4b", "int8b") else \
             ("matmul", "table") if self.kind == "int8pc" else ("matmul",)
 
@@ -109,11 +120,23 @@ class IntTreatment:
                                       method=self.method if G is not None else "rtn")
         if self.kind == "lmf-b":
             return Q.lowrank_blocked(W, G, self.rank, self.bits, self.block)
+        if self.rotate:
+            return self._rotated(W, G)
         if self.method == "gptq" and G is not None:
-            return Q.gptq(W, G, self.bits, self.block, self.symmetric)
+            return Q.gptq(W, G, self.bits, self.block, self.symmetric, scale_bits=self.scale_bits)
         if self.method in ("clip", "gptq"):
-            return Q.clip_search(W, G, self.bits, self.block, self.symmetric)
-        return Q.quantize_blocked(W, self.bits, self.block, self.symmetric)
+            return Q.with_scales(W, Q.clip_search(W, G, self.bits, self.block, self.symmetric), self.scale_bits)
+        return Q.with_scales(W, Q.quantize_blocked(W, self.bits, self.block, self.symmetric), self.scale_bits)
+
+    def _rotated(self, W: np.ndarray, G: np.ndarray | None):
+        """Rotated(blocked Rᵀ·W) fitted against Rᵀ·G·R; W itself where K has no power-of-two
+        block of at least 16 (the treatment without the rotation)."""
+        plain = IntTreatment(self.kind, self.bits, self.block, self.symmetric, self.method, scale_bits=self.scale_bits)
+        b = R.rotation_block(W.shape[0], self.rotate)
+        if not b:
+            return plain.fit(W, G)
+        H = R.rotation(b)
+        return R.Rotated(plain.fit(R.rotate_rows(W, H), None if G is None else R.rotate_gram(G, H)), b)
 
     def weight(self, W: np.ndarray, G: np.ndarray | None = None, site: str = "matmul") -> np.ndarray:
         """What W (K×N for MatMul B; V×D for tables) becomes, as float32."""
@@ -136,20 +159,26 @@ class IntTreatment:
             lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
                 Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
             return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
-        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric)
+        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric, self.scale_bits if site == "matmul" else 32)
         # int4 tied with blocks below D: the head's int4 and the packed rows (one scale per row: shared)
         return 2 * one if site == "tied" and self.bits == 4 and self.block < K else one
 
 
 def parse_treatment(text: str) -> IntTreatment:
-    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]',
+    """'int4b:32:s:clip', 'int8b:128:a:rtn', 'int4b:64:a:gptq:rot128:s8' (MatMuls: rotated
+    inputs, blocks ≤ 128; scales stored in 8 bits), 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]',
     'pq:4[:f16]' (sub-vectors of 4 values, 256 centroids; float16 codebooks)."""
     p = text.split(":")
     try:
         if p[0] == "pq" and len(p) in (2, 3) and (len(p) == 2 or p[2] in ("f16", "f32")):
             return IntTreatment("pq", 8, int(p[1]), True, p[2] if len(p) == 3 else "f32")
-        if p[0] in ("int4b", "int8b"):
-            return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn")
+        if p[0] in ("int4b", "int8b") and all(x.startswith(("rot", "s")) for x in p[4:]):
+            rot = next((int(x[3:]) for x in p[4:] if x.startswith("rot")), 0)
+            sb = next((int(x[1:]) for x in p[4:] if x.startswith("s")), 32)
+            if (rot and (rot < 16 or rot & (rot - 1))) or sb not in (8, 16, 32) or len(p) > 4 + bool(rot) + (sb != 32):
+                raise ValueError
+            return IntTreatment(p[0], int(p[0][3]), int(p[1]), p[2] == "s", p[3] if len(p) > 3 else "rtn", rotate=rot,
+                                scale_bits=sb)
         if p[0] in ("lqer", "lmf-b"):
             return IntTreatment(p[0], int(p[1]), int(p[2]), True, p[4] if len(p) > 4 else "clip", int(p[3].lstrip("r")))
         if p[0] == "int8pc" and all(x in ("rtn", "gptq", "smooth") for x in p[1:]) and p.count("smooth") <= 1:
@@ -222,6 +251,8 @@ def apply_treatments(model: onnx.ModelProto, plan: dict[str, IntTreatment], cali
             pc.append((w, f))
         elif t.kind == "pq":
             codebook_table(out, w, f)
+        elif isinstance(f, Rotated):
+            qdq.rotated_matmul(out, w, f)
         elif sites[w] == "body":
             qdq.blocked_matmul(out, w, f)
         elif sites[w] != "matmul":
@@ -273,8 +304,12 @@ def _per_channel(model: onnx.ModelProto, fitted: list[tuple[str, object]]) -> on
 # -------------------------------------------------------------------------- planner hook
 
 # the planner's treatments (plan.TREATMENTS names them; executor.BLOCKED_STORES lists the keys)
-PLANNED = {"int4b": IntTreatment("int4b", 4, 32, False, "gptq"), "int8b": IntTreatment("int8b", 8, 128, True, "clip"),
-           "int4b128": IntTreatment("int4b", 4, 128, False, "gptq"), "int4b256": IntTreatment("int4b", 4, 256, False, "gptq"),
+# (int4 on MatMuls: scales in 8 bits, compact_scales; on MiniLM's linears the same cosine as float32 scales)
+PLANNED = {"int4b": IntTreatment("int4b", 4, 32, False, "gptq", scale_bits=8),
+           "int8b": IntTreatment("int8b", 8, 128, True, "clip"),
+           "int4b128": IntTreatment("int4b", 4, 128, False, "gptq", scale_bits=8),
+           "int4b256": IntTreatment("int4b", 4, 256, False, "gptq", scale_bits=8),
+           **{f"int4b{b}r": IntTreatment("int4b", 4, b, False, "gptq", rotate=32, scale_bits=8) for b in (32, 64, 128, 256)},
            "pq4": IntTreatment("pq", 8, 4, True, "f16")}
 
 

@@ -138,11 +138,14 @@ class LatencyCap:
         kind, keep = o.tag
         m, n = planner.groups[name].shape
         f = self.factors[(T, K, m * n // K)]
-        kind = "int4b" if kind in ("int4b128", "int4b256") else kind  # (MatMulNBits int4 at any block size)
+        # the rotated input of int4b*r (Reshape · H, b = 32): a float MatMul of b/n its weight's
+        # multiply-adds, counted for each weight that reads it (an upper bound where they share it)
+        rotated = 32 / n if kind.endswith("r") and kind.startswith("int4b") else 0.0
+        kind = "int4b" if kind.startswith("int4b") else kind  # (MatMulNBits int4 at any block size)
         if not f or kind in _FLOAT or kind not in (*_PAIR_FLOAT, *_PAIR_INT8, "int8", "int4b", "int8b"):
             return secs
         if kind in ("int8", "int4b", "int8b"):
-            return secs * f.get(kind, 1.0)
+            return secs * (f.get(kind, 1.0) + rotated)
         r = (planner.costs.rank(planner.groups[name], keep, planner.rank_multiple) if kind.startswith("plmf")
              else rank_for_keep(m, n, keep, planner.rank_multiple))
         return secs * f["lmf" if kind in _PAIR_FLOAT else "lmf-int8"] * r / f["r0"]

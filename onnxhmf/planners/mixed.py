@@ -21,7 +21,9 @@ only that group is changed, as in calibrated.measure_sensitivities):
   them: it grows with the rank, convexly, so the chords are upper bounds.
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
-* Integers at run time (passes/intquant.PLANNED): blocked asymmetric int4 (blocks 32, 128, 256; act-order GPTQ) and
+* Integers at run time (passes/intquant.PLANNED): blocked asymmetric int4 (blocks 32, 128, 256; act-order GPTQ;
+  MatMuls also blocks 32, 64, 128, 256 of the weight rotated by a 32×32 block Hadamard, factorize/rotate.py;
+  on MatMuls the scales are stored in 8 bits) and
   int8 (block 128) for MatMuls and tables, and 2-bit product-quantized tables (pq4); loss measured.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
@@ -83,7 +85,7 @@ SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as f
 # the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
 # which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
 # within the limit wins.
-_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128", "int4b256"))
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128", "int4b256", "int4b32r", "int4b64r", "int4b128r", "int4b256r"))
 _SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
                  ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
                  ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
