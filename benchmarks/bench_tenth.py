@@ -17,7 +17,7 @@ separately. Variants:
     int4bBa rot s8 + pq4   the same with a 32×32 block Hadamard and the block scales stored in 8 bits
                         (B = 64, 32): what the planner's int4b64r / int4b32r are
     plan @R             planners.integer.integer_plan at R × the input's bytes, menu MENU below
-    cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --calib pydoc.txt
+    cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --rotate --calib pydoc.txt
                         --tokenizer minilm.tokenizer.json` (run with --force: written even where its
                         own verification, on its calibration-held-out batches, is below 0.9)
 
@@ -96,7 +96,7 @@ def cli_rows(src, out, pydoc, targets: list[float]) -> tuple[dict, dict, list[st
         label = f"cli @{r:.2f}"
         p = out / f"cli_{r:.2f}.onnx"
         res = H.optimize(src, p, "--plan", "auto", "--target-ratio", str(r), "--calib", pydoc,
-                         "--tokenizer", H.MINILM_TOKENIZER)
+                         "--tokenizer", H.MINILM_TOKENIZER, "--rotate")
         paths[label], secs[label] = p, res["wall_s"]
         counts = {}
         for s in res["report"]["plan"]["sites"]:
@@ -147,7 +147,7 @@ def main() -> None:
     ap.add_argument("--cli", default="", help="also run `onnxhmf optimize --plan auto` at these target ratios")
     args = ap.parse_args()
     cli = [float(x) for x in args.cli.split(",") if x]
-    print(run([float(x) for x in args.targets.split(",")], args.samples, args.rounds, cli), flush=True)
+    print(run([float(x) for x in args.targets.split(",") if x], args.samples, args.rounds, cli), flush=True)
 
 
 if __name__ == "__main__":

@@ -138,11 +138,16 @@ _METHODS = _Group("How weights are stored", [
             "row its own scale (a few standard elementwise ops): more accurate where a few tokens are outliers, "
             "a little slower; auto (with calibration data): per-token only for the inputs that remove most of the "
             "loss, measured (docs/quantization.md)."),
+    _o("--rotate", is_flag=True,
+       help="Planners also offer int4 of a MatMul weight rotated by a 32x32 block Hadamard on its input side, the "
+            "input rotated at run time (standard ops; still fused to MatMulNBits): less loss at the same bytes, about "
+            "10% slower on MiniLM (docs/quantization.md)."),
 ], lambda p: {"method": p["method"], "embedding_method": p["embedding_method"], "quantize": p["quantize"],
               "smooth": p["smooth"], "table_bits": int(p["table_bits"]), "fold": not p["no_fold"],
               "share_bases": p["share_bases"], "seed": p["seed"],
               "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"],
-              "kernels": p["kernels"], "accuracy_level": p["accuracy_level"], "activations": p["activations"]})
+              "kernels": p["kernels"], "accuracy_level": p["accuracy_level"], "activations": p["activations"],
+              "rotate": p["rotate"]})
 
 _CALIBRATION = _Group("Calibration data", [
     _o("--calib", type=click.Path(path_type=Path), default=None,

@@ -124,6 +124,7 @@ class Methods:
     kernels: str = "standard"  # onnxruntime: blocked integer MatMuls written as com.microsoft.MatMulNBits (graph/nbits.py)
     accuracy_level: int | None = None  # with kernels onnxruntime: MatMulNBits' accuracy_level (None: by bits, nbits.AUTO_ACCURACY)
     activations: str = "per-tensor"  # per-token: the int8 MatMulIntegers' inputs get one scale per row (graph/pertoken.py)
+    rotate: bool = False  # --plan auto also offers int4 of weights rotated on their input side (factorize/rotate.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -209,7 +210,7 @@ _GROUPS = {
                         "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
-                          "pivot", "kernels", "accuracy_level", "activations"}),
+                          "pivot", "kernels", "accuracy_level", "activations", "rotate"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -276,6 +277,8 @@ class Options:
             if b.min_fidelity is not None or m.sequential or b.rank is not None or m.storage_ae:
                 _fail("--plan auto chooses the ranks itself: it does not combine with --min-fidelity, --sequential, "
                       "--rank or the storage autoencoder")
+        if m.rotate and b.plan is None and b.fidelity is None:
+            _fail("--rotate goes with --plan auto or the default fidelity target (its planner offers the rotated int4)")
         if m.smooth and not c.given:
             _fail("--smooth needs calibration data (--calib)")
         if m.activations == "auto" and not c.given and b.fidelity is None:
@@ -319,4 +322,5 @@ class Options:
             **({"kernels": m.kernels} if m.kernels != "standard" else {}),
             **({"accuracy_level": m.accuracy_level} if m.accuracy_level is not None else {}),
             **({"activations": m.activations} if m.activations != "per-tensor" else {}),
+            **({"rotate": True} if m.rotate else {}),
         }

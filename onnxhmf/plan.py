@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from .errors import OnnxHmfError
 from .factorize.codebook import pq_bytes
-from .factorize.quant import blocked_bytes
+from .factorize.quant import blocked_bytes, scale_bits_for
 
 __all__ = ["Treatment", "TREATMENTS", "Decision", "Plan", "treatment_bytes", "LMF_OVERHEAD", "INT8_OVERHEAD",
            "INT4_OVERHEAD", "PLAN_FORMAT"]
@@ -95,7 +95,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         # the quantizer's nodes for the pivoted pair (two MatMulIntegers, their casts and scales): one
         # fit, on the tied test model (tests/test_plan.py), of ~2 kB
         return int(values + extra + 2 * INT8_OVERHEAD + LMF_OVERHEAD + scales + PIVOT_INT8_OVERHEAD)
-    sb = 32 if table else 8  # the int4 options' scale storage (passes/intquant.PLANNED)
+    sb = 32 if table else 8  # the int4 options' scale storage (passes/intquant.PLANNED; quant.scale_bits_for)
     cost = {
         "dense": lambda: itemsize * m * n,
         "lmf": lambda: itemsize * r * (m + n) + LMF_OVERHEAD,
@@ -109,11 +109,11 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,
         "lmf-int8w": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD + 4 * n + 4 * r,
         # blocks along m (tables: along n, ≈ the same)
-        "int4b": lambda: blocked_bytes(m, n, 4, 32, False, sb) + INT8_OVERHEAD,
+        "int4b": lambda: blocked_bytes(m, n, 4, 32, False, scale_bits_for(m, 32, sb)) + INT8_OVERHEAD,
         "int8b": lambda: blocked_bytes(m, n, 8, 128) + INT8_OVERHEAD,
-        "int4b128": lambda: blocked_bytes(m, n, 4, 128, False, sb) + INT8_OVERHEAD,
-        "int4b256": lambda: blocked_bytes(m, n, 4, 256, False, sb) + INT8_OVERHEAD,
-        **{f"int4b{b}r": (lambda b=b: blocked_bytes(m, n, 4, b, False, 8) + INT8_OVERHEAD + ROT_OVERHEAD)
+        "int4b128": lambda: blocked_bytes(m, n, 4, 128, False, scale_bits_for(m, 128, sb)) + INT8_OVERHEAD,
+        "int4b256": lambda: blocked_bytes(m, n, 4, 256, False, scale_bits_for(m, 256, sb)) + INT8_OVERHEAD,
+        **{f"int4b{b}r": (lambda b=b: blocked_bytes(m, n, 4, b, False, scale_bits_for(m, b, 8)) + INT8_OVERHEAD + ROT_OVERHEAD)
            for b in (32, 64, 128, 256)},
         "pq4": lambda: pq_bytes(m, n, 4, 256, 2) + PQ_OVERHEAD,  # a table: m rows of n values
     }

@@ -134,3 +134,78 @@ def test_a_rotated_treatment_skips_tables():
     out, notes = apply_treatments(m, {table: parse_treatment("int4b:32:a:rtn:rot32")})
     assert any("skipped" in n and table in n for n in notes)
     assert any(t.name == table for t in out.graph.initializer)
+
+
+def test_a_plan_file_with_rotated_int4_replays_and_runs(tmp_path):
+    """A saved plan naming int4b32r / int4b128r for the MatMuls: the executor writes rotated
+    inputs, 8-bit scales and the DQs, the model passes the checker and stays close to the input."""
+    import json
+
+    from graphs import token_batches, token_mlp_model
+    from onnxhmf.api import optimize
+    from onnxhmf.cli import main
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    calib = tmp_path / "cal.npz"
+    np.savez(calib, **token_batches(320, 64, 12, seed=1))
+    p = tmp_path / "p.json"
+    assert main(["optimize", str(src), str(tmp_path / "x.onnx"), "--dry-run", "--save-plan", str(p), "-q",
+                 "--calib", str(calib)]) == 0
+    data = json.loads(p.read_text())
+    for d in data["decisions"]:  # K = 32: one block a column (float32 scales); K = 64: two (8-bit scales)
+        if d["ops"] == "matmul":
+            d.update(treatment="int4b32r" if d["shape"][0] >= 64 else "int4b128r", rank=None, budget=None)
+    data["settings"]["quantize"] = None
+    p.write_text(json.dumps(data))
+    out, report = optimize(str(src), plan_file=p, calib=calib, verify=False)
+    onnx.checker.check_model(out, full_check=True)
+    names = {t.name for t in out.graph.initializer}
+    assert "hmf.rot32s0.sign" in names and any(n.endswith(".scale8") for n in names)
+    assert {s.method for s in report.rewritten} >= {"int4b32r", "int4b128r"}
+    feeds = token_batches(320, 4, 12, seed=5)
+    run = lambda model: ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, feeds)[0].ravel()
+    a, b = run(m), run(out)
+    assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.98
+
+
+def test_the_latency_cap_prices_the_rotation():
+    from onnxhmf.factorize.allocate import Option
+    from onnxhmf.planners.latency import LatencyCap
+
+    cap = LatencyCap(1.0, 1.0, {"w": (1e-3, 6, 64)}, 1e-3, {(6, 64, 128): {"int4b": 0.6, "r0": 1}})
+    p = type("P", (), {"groups": {"w": type("G", (), {"shape": (64, 128)})()}, "rank_multiple": 1, "costs": None})()
+    assert cap.resource(p, "w", Option(1, 0.0, ("int4b256", 1.0))) == pytest.approx(0.6e-3)
+    assert cap.resource(p, "w", Option(1, 0.0, ("int4b64r", 1.0))) == pytest.approx(1e-3 * (0.6 + 32 / 128))
+
+
+def test_rotated_options_only_with_rotate_and_the_flag_rules(tmp_path, capsys):
+    """planner_options offers int4bNr for MatMuls only when asked (--rotate), never for tables,
+    at their blocked price; --rotate without a planner is one error line."""
+    from graphs import token_mlp_model
+    from onnxhmf.cli import main
+    from onnxhmf.passes.intquant import planner_options
+    from onnxhmf.plan import treatment_bytes
+
+    m = token_mlp_model(vocab=320, d=32, h=64)
+    arrays = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    loss = lambda name, W: float(np.linalg.norm(W - arrays[name]))  # noqa: E731
+    keys = {r: {w: [t[0] for _, _, t in planner_options(m, w, arrays[w], {}, loss, lambda b, l, t: (b, l, t),
+                                                        rotate=r)] for w in ("E", "W1")} for r in (False, True)}
+    rotated = {"int4b32r", "int4b64r", "int4b128r", "int4b256r"}
+    assert not rotated & set(keys[False]["W1"]) and not rotated & set(keys[True]["E"])
+    # K = 32: blocks 64 and up are one block per column, the same fit as block 32's, so not offered
+    assert rotated & set(keys[True]["W1"]) == {"int4b32r"} and "int4b128" not in keys[False]["W1"]
+    got = {t[0]: b for b, _, t in planner_options(m, "W1", arrays["W1"], {}, loss, lambda b, l, t: (b, l, t), rotate=True)}
+    shape = arrays["W1"].shape
+    assert 0 < treatment_bytes("int4b32r", shape) - got["int4b32r"] <= 400 + 300
+    # 8-bit scales from two blocks a column on (one block: float32 is smaller)
+    assert treatment_bytes("int4b32r", (128, 64)) < treatment_bytes("int4b", (128, 64), table=True)
+    assert treatment_bytes("int4b32r", shape) == treatment_bytes("int4b", shape, table=True) + 300
+    src = tmp_path / "m.onnx"
+    onnx.save(m, src)
+    assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--quantize", "int8", "--rotate"]) == 2
+    err = capsys.readouterr().err
+    assert "--rotate goes with --plan auto" in err and len(err.strip().splitlines()) == 1

@@ -44,7 +44,7 @@ from .whiten import DEFAULT_DAMP, whitener
 
 __all__ = ["Blocked", "quantize_blocked", "blocked_bytes", "clip_search", "gptq", "lowrank_residual",
            "lowrank_blocked", "round_to_block", "per_channel_int8", "LowRankResidual", "CLIP_GRID", "compact_scales",
-           "with_scales"]
+           "with_scales", "scale_bits_for"]
 
 CLIP_GRID = tuple(np.round(np.linspace(1.0, 0.5, 11), 3))
 
@@ -82,6 +82,11 @@ def blocked_bytes(K: int, N: int, bits: int, block: int, symmetric: bool = True,
     nb = -(-K // block)
     scales = nb * N * scale_bits // 8 + (4 * N if scale_bits == 8 else 0)
     return (K * N * bits + 7) // 8 + scales + (0 if symmetric else (nb * N * bits + 7) // 8)
+
+
+def scale_bits_for(K: int, block: int, scale_bits: int) -> int:
+    """8-bit scales pay (3 bytes less a block, 4 more a column) from two blocks a column on."""
+    return 32 if scale_bits == 8 and -(-K // block) < 2 else scale_bits
 
 
 def compact_scales(S: np.ndarray, scale_bits: int) -> tuple[np.ndarray, np.ndarray | None]:

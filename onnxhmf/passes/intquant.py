@@ -122,11 +122,12 @@ class IntTreatment:
             return Q.lowrank_blocked(W, G, self.rank, self.bits, self.block)
         if self.rotate:
             return self._rotated(W, G)
+        sb = Q.scale_bits_for(W.shape[0], self.block, self.scale_bits)
         if self.method == "gptq" and G is not None:
-            return Q.gptq(W, G, self.bits, self.block, self.symmetric, scale_bits=self.scale_bits)
+            return Q.gptq(W, G, self.bits, self.block, self.symmetric, scale_bits=sb)
         if self.method in ("clip", "gptq"):
-            return Q.with_scales(W, Q.clip_search(W, G, self.bits, self.block, self.symmetric), self.scale_bits)
-        return Q.with_scales(W, Q.quantize_blocked(W, self.bits, self.block, self.symmetric), self.scale_bits)
+            return Q.with_scales(W, Q.clip_search(W, G, self.bits, self.block, self.symmetric), sb)
+        return Q.with_scales(W, Q.quantize_blocked(W, self.bits, self.block, self.symmetric), sb)
 
     def _rotated(self, W: np.ndarray, G: np.ndarray | None):
         """Rotated(blocked Rᵀ·W) fitted against Rᵀ·G·R; W itself where K has no power-of-two
@@ -159,7 +160,8 @@ class IntTreatment:
             lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
                 Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
             return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
-        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric, self.scale_bits if site == "matmul" else 32)
+        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric,
+                              Q.scale_bits_for(K, self.block, self.scale_bits) if site == "matmul" else 32)
         # int4 tied with blocks below D: the head's int4 and the packed rows (one scale per row: shared)
         return 2 * one if site == "tied" and self.bits == 4 and self.block < K else one
 
@@ -333,12 +335,13 @@ def can_upgrade(model: onnx.ModelProto) -> bool:
 
 
 def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dict[str, np.ndarray], loss_with,
-                    make_option, overhead: int = 0, fitted: dict | None = None, padded: bool = False) -> list:
+                    make_option, overhead: int = 0, fitted: dict | None = None, padded: bool = False,
+                    rotate: bool = False) -> list:
     """Options (bytes, measured loss, (kind name, 1.0)) for the planned integer treatments of the
     weight ``name`` (W as stored: K×N, or V×D for tables). ``grams``: {activation: XᵀX} (a
     capture's ActivationStats.grams); ``loss_with(name, W′)``: the planner's probe;
     ``make_option(bytes, loss, tag)`` builds its Option; ``padded``: priced as MatMulNBits
-    stores them (--kernels onnxruntime)."""
+    stores them (--kernels onnxruntime); ``rotate``: the rotated options (int4bNr) too."""
     site = qdq.site_kind(model, name)
     if site is None:
         return []
@@ -346,8 +349,10 @@ def planner_options(model: onnx.ModelProto, name: str, W: np.ndarray, grams: dic
     G = grams.get(act) if act else None
     out = []
     for key, t in PLANNED.items():
-        if site not in t.sites() or (site not in ("matmul", "body") and t.block and W.shape[1] % t.block):
+        if (t.rotate and not rotate) or site not in t.sites() or (site not in ("matmul", "body") and t.block and W.shape[1] % t.block):
             continue
+        if site in ("matmul", "body") and t.kind == "int4b" and t.block // 2 >= W.shape[0]:
+            continue  # one block per column already at half this block: the same fit as the smaller option
         f = t.fit(W, G, site)
         if fitted is not None:  # the executor's trial builds reuse it (apply_treatments)
             fitted[(name, t)] = f

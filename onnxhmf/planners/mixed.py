@@ -22,8 +22,8 @@ only that group is changed, as in calibrated.measure_sensitivities):
 * Pivoted LMF (plmf, plmf-int8, plmf-int8w; not with --no-pivot): the same losses at the same
   rank, r(m+n−r) numbers plus the index maps, W_p and C quantized for their own δ(r).
 * Integers at run time (passes/intquant.PLANNED): blocked asymmetric int4 (blocks 32, 128, 256; act-order GPTQ;
-  MatMuls also blocks 32, 64, 128, 256 of the weight rotated by a 32×32 block Hadamard, factorize/rotate.py;
-  on MatMuls the scales are stored in 8 bits) and
+  with --rotate, MatMuls also blocks 32, 64, 128, 256 of the weight rotated by a 32×32 block Hadamard,
+  factorize/rotate.py; on MatMuls the scales are stored in 8 bits) and
   int8 (block 128) for MatMuls and tables, and 2-bit product-quantized tables (pq4); loss measured.
 
 The multiple-choice knapsack (factorize/allocate.py) picks one option per group minimising
@@ -183,10 +183,11 @@ class Planner:
 
 
 def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None,
-             padded: bool = False, per_token: bool = False) -> dict[str, list[Option]]:
+             padded: bool = False, per_token: bool = False, rotate: bool = False) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep)); ``padded``: blocked integers priced as MatMulNBits stores them;
-    ``per_token``: int8 sites probed with per-row activation scales (--activations per-token)."""
+    ``per_token``: int8 sites probed with per-row activation scales (--activations per-token);
+    ``rotate``: the rotated int4 options too (--rotate)."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
     by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
@@ -237,7 +238,7 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
-                                fitted.setdefault("blocked fits", {}), padded) if blocked else []
+                                fitted.setdefault("blocked fits", {}), padded, rotate) if blocked else []
         # (a body weight's fused form stores its integers once per reading graph: both are offered)
         opts += fused + (_weight_only(g, T, loss_with, cost, int4) if not fused or site_kind(work, g.name) == "body" else [])
         if direct and (only_gather or not gather) and (lmf or plmf):
@@ -331,7 +332,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     cache: dict = {}  # fits shared by the probes and the trial builds
     costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
     opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs,
-                    padded=options.methods.kernels == "onnxruntime", per_token=options.methods.activations == "per-token")
+                    padded=options.methods.kernels == "onnxruntime", per_token=options.methods.activations == "per-token",
+                    rotate=options.methods.rotate)
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
