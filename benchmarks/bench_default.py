@@ -13,6 +13,9 @@ empty past and a cached step fed its own presents.
         [--no-pivot-too]
 
 ``--no-pivot-too``: also the default run with ``--no-pivot`` (A·B low-rank storage), beside it.
+Each onnxhmf run also prints resident memory (onnxhmf.runtime.resident_memory: RSS growth of a
+fresh process that loads the model and runs it five times) of the input and the output, and the
+interleaved latency ratio at one thread (runtime.latency_ratios), on the first held-out batch.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool =
 
     from onnxhmf.discover import discover_calibration
     from onnxhmf.fidelity import evaluate_fidelity
+    from onnxhmf.runtime import latency_ratios, resident_memory
 
     d = discover_calibration(path)
     _, held = d.split()
@@ -56,6 +60,13 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool =
             print(f"{label}: the {variant} run failed ({code}): {log.strip().splitlines()[-1]}", flush=True)
         else:
             rows.append((out, variant, secs))
+            feeds = held.batches[0]  # resident growth of fresh processes (load, five runs), interleaved latency
+            before, after = resident_memory(path, feeds), resident_memory(out, feeds)
+            ratio = latency_ratios([path, out], feeds)[1]
+            mem = f"{after / 2**20:.1f} MiB against {before / 2**20:.1f} ({after / before:.2f}x)" if before and after \
+                else "not measured"
+            print(f"{label} | {variant} | memory once loaded {mem} | latency {ratio:.2f}x the input's at 1 thread",
+                  flush=True)
     for per_channel in (False, True):
         q = tmp / f"{label.replace(' ', '_')}.int8{'pc' if per_channel else ''}.onnx"
         t = time.perf_counter()

@@ -335,7 +335,7 @@ def _rotation_matrix(model: onnx.ModelProto, rot: Rotated) -> str:
     int8 ±1 (Hadamard with the signs folded in) and scaled by 1/√b with Cast·Mul, which
     onnxruntime folds at load."""
     base = f"hmf.rot{rot.block}s{rot.seed}"
-    if any(n.output[0] == base for n in model.graph.node):
+    if any(base in n.output for n in model.graph.node):
         return base
     H = rot.matrix()
     sign = np.sign(H).astype(np.int8)
@@ -353,7 +353,7 @@ def _rotated_input(model: onnx.ModelProto, x: str, rot: Rotated) -> str:
     H = _rotation_matrix(model, rot)
     out = f"{x}.rot{rot.block}s{rot.seed}"
     nodes = model.graph.node
-    if any(n.output[0] == out for n in nodes):
+    if any(out in n.output for n in nodes):
         return out
     flat = f"{out}.flat"
     init = model.graph.initializer
@@ -365,7 +365,7 @@ def _rotated_input(model: onnx.ModelProto, x: str, rot: Rotated) -> str:
            helper.make_node("Reshape", [out + ".mm", out + ".shape"], [out], name=out)]
     at = next((i + 1 for i, n in enumerate(nodes) if x in n.output), None)
     if at is None:  # a graph input or initializer: after the rotation matrix's nodes
-        at = next(i + 1 for i, n in enumerate(nodes) if n.output[0] == H)
+        at = next(i + 1 for i, n in enumerate(nodes) if H in n.output)
     for k, n in enumerate(new):
         nodes.insert(at + k, n)
     return out

@@ -160,8 +160,9 @@ class IntTreatment:
             lr = Q.blocked_bytes(K, r, 8 if self.kind == "lqer" else self.bits, self.block) + \
                 Q.blocked_bytes(r, N, 8 if self.kind == "lqer" else self.bits, self.block)
             return lr + (Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric) if self.kind == "lqer" else 0)
-        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric,
-                              Q.scale_bits_for(K, self.block, self.scale_bits) if site == "matmul" else 32)
+        # (MatMulNBits, --kernels onnxruntime, stores float32 scales whatever the DQ form's)
+        sb = Q.scale_bits_for(K, self.block, self.scale_bits) if site == "matmul" and not padded else 32
+        one = Q.blocked_bytes(K, N, self.bits, self.block, self.symmetric, sb)
         # int4 tied with blocks below D: the head's int4 and the packed rows (one scale per row: shared)
         return 2 * one if site == "tied" and self.bits == 4 and self.block < K else one
 
