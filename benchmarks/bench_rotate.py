@@ -22,13 +22,11 @@ import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 import harness as H
 
 sys.path.insert(0, str(H.ROOT))
 
-from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
 from onnxhmf.passes.intquant import apply_treatments, parse_treatment, weight_grams  # noqa: E402
 
@@ -38,12 +36,7 @@ VARIANTS = ["int4b:256:a:gptq", "int4b:256:a:gptq:s8", "int4b:256:a:gptq:rot32:s
 
 
 def run(samples: int, rounds: int) -> str:
-    out = H.OUT / "rotate"
-    out.mkdir(parents=True, exist_ok=True)
-    src = H.ensure_minilm()
-    m = onnx.load(str(src))
-    (out / "pydoc.txt").write_text(H.corpora.pydoc_topics_text())
-    cal = load_calibration(out / "pydoc.txt", m, tokenizer=H.MINILM_TOKENIZER, samples=samples)
+    out, src, m, cal = H.minilm_setup("rotate", samples)
     arrays = {t.name: t for t in m.graph.initializer}
     matmuls = [t.name for t in m.graph.initializer if qdq.site_kind(m, t.name) == "matmul" and np.prod(t.dims) >= 4096]
     grams = weight_grams(m, matmuls, cal)
@@ -60,9 +53,7 @@ def run(samples: int, rounds: int) -> str:
     sents = H.heldout_sentences(600)
     embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
     cos = {k: H.embed_eval.fidelity(embs["original"], e)["mean_cosine"] for k, e in embs.items()}
-    ids = np.random.default_rng(0).integers(1000, 30000, size=(8, 128))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
-    lat = H.latency(paths, feeds, threads=1, rounds=rounds, per_round=2)
+    lat = H.latency(paths, H.minilm_feeds(), threads=1, rounds=rounds, per_round=2)
     dense = sum(4 * int(np.prod(arrays[w].dims)) for w in matmuls)
     rows = [[k, f"{nbytes.get(k, dense) / 1e6:.2f}", f"{cos[k]:.4f}", f"{lat[k] / lat['original']:.2f}",
              f"{secs[k]:.0f}" if k in secs else "-"] for k in paths]

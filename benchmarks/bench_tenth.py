@@ -41,7 +41,6 @@ from bench_runtime import peers, resident, standard
 
 sys.path.insert(0, str(H.ROOT))
 
-from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
 from onnxhmf.passes.intquant import apply_treatments, parse_treatment, weight_grams  # noqa: E402
 from onnxhmf.planners.integer import integer_plan  # noqa: E402
@@ -109,14 +108,8 @@ def cli_rows(src, out, pydoc, targets: list[float]) -> tuple[dict, dict, list[st
 
 
 def run(targets: list[float], samples: int, rounds: int, cli: list[float]) -> str:
-    out = H.OUT / "tenth"
-    out.mkdir(parents=True, exist_ok=True)
-    src = H.ensure_minilm()
-    m = onnx.load(str(src))
-    (out / "pydoc.txt").write_text(H.corpora.pydoc_topics_text())
-    cal = load_calibration(out / "pydoc.txt", m, tokenizer=H.MINILM_TOKENIZER, samples=samples)
-    ids = np.random.default_rng(0).integers(1000, 30000, size=(8, 128))
-    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    out, src, m, cal = H.minilm_setup("tenth", samples)
+    feeds = H.minilm_feeds()
     np.savez(out / "feeds.npz", **feeds)
     paths = {"original": src, "ort nbits4": peers(src, out, cal, only="ort nbits4")["ort nbits4"]}
     mine, secs, notes = build(src, out, cal, targets)

@@ -39,6 +39,27 @@ def ensure_minilm() -> Path:
     return MINILM
 
 
+def minilm_setup(name: str, samples: int):
+    """(out folder benchmarks/out/NAME, MiniLM's path, its model, a Calibration of ``samples``
+    pydoc sentences): the calibration the MiniLM benchmarks share (never the held-out text)."""
+    import onnx
+
+    from onnxhmf.calibration import load_calibration
+
+    out = OUT / name
+    out.mkdir(parents=True, exist_ok=True)
+    src = ensure_minilm()
+    m = onnx.load(str(src))
+    (out / "pydoc.txt").write_text(corpora.pydoc_topics_text())
+    return out, src, m, load_calibration(out / "pydoc.txt", m, tokenizer=MINILM_TOKENIZER, samples=samples)
+
+
+def minilm_feeds(batch: int = 8, seq: int = 128) -> dict[str, np.ndarray]:
+    """The latency feeds: random word ids (seed 0), every token attended, token type 0."""
+    ids = np.random.default_rng(0).integers(1000, 30000, size=(batch, seq))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+
+
 def ensure_ppocr() -> Path:
     """PP-OCRv4's recognizer (models/build_ppocr.py; pip install --no-deps rapidocr-onnxruntime==1.4.4)."""
     if not PPOCR.is_file():
