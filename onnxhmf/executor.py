@@ -33,7 +33,8 @@ from .plan import TREATMENTS, Plan
 from .quantize import quantize_int8, weight_nodes, weight_only
 from .report import SiteReport
 
-BLOCKED_STORES = ("int4b", "int8b", "int4b128", "int4b256", "int4b32r", "int4b64r", "int4b128r", "int4b256r", "pq4")  # step 5: passes/intquant.PLANNED's keys
+# step 5: passes/intquant.PLANNED's keys
+BLOCKED_STORES = ("int4b", "int8b", "int4b128", "int4b256", "int4b32r", "int4b64r", "int4b128r", "int4b256r", "pq4")
 
 __all__ = ["Built", "ExecContext", "execute", "factorizer", "run_sequential", "factor_names"]
 

@@ -54,7 +54,7 @@ import onnx
 from ..calibration import Calibration
 from ..capture import session
 from ..errors import OnnxHmfError
-from ..executor import ExecContext, execute
+from ..executor import BLOCKED_STORES, ExecContext, execute
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
@@ -85,7 +85,7 @@ SLOW = ("int8w", "int4w", "lmf-int8w", "plmf-int8w")  # treatments that run as f
 # the extra kernels cost more than the smaller products save); blocked integers (MatMulNBits,
 # which dequantizes per block and can trail a float MatMul at one thread); both. The first plan
 # within the limit wins.
-_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in ("int4b", "int8b", "int4b128", "int4b256", "int4b32r", "int4b64r", "int4b128r", "int4b256r"))
+_FACTORED, _BLOCKED = (lambda k: "lmf" in k), (lambda k: k in BLOCKED_STORES and k != "pq4")
 _SLOWER_FIRST = (("weight-only integers", lambda k: k in SLOW),
                  ("weight-only integers and factored forms", lambda k: k in SLOW or _FACTORED(k)),
                  ("weight-only and blocked integers", lambda k: k in SLOW or _BLOCKED(k)),
