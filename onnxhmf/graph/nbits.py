@@ -147,13 +147,13 @@ def _convert(graph: onnx.GraphProto, accuracy: int | None) -> int:
     if not done:
         return 0
     nodes = [done.get(id(n), n) for n in graph.node if id(n) not in drop]
-    read = {i for n in nodes for i in n.input} | _inner_reads(graph) | outputs
-    while True:  # the compact scales' nodes that only the fused DQs read
-        dead = {id(n) for n in built if id(n) in {id(m) for m in nodes} and not set(n.output) & read}
-        if not dead:
+    inner = _inner_reads(graph) | outputs
+    while True:  # the compact scales' nodes that only the fused DQs read (a Mul first, then its Cast)
+        read = {i for n in nodes for i in n.input} | inner
+        dead = {id(n) for n in built if not set(n.output) & read}
+        if not {id(n) for n in nodes} & dead:
             break
         nodes = [n for n in nodes if id(n) not in dead]
-        read = {i for n in nodes for i in n.input} | _inner_reads(graph) | outputs
     del graph.node[:]
     graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input} | _inner_reads(graph)

@@ -312,22 +312,24 @@ def blocked_matmul(model: onnx.ModelProto, name: str, bq: Blocked) -> int:
     bodies = _body_readers(model, name) or []
     _take(model, name)
     count = iter(range(1 << 30))
-
-    def rewrite(graph, inputs):
-        def fn(u):
-            if u.op_type != "MatMul" or u.input[1] != name:
-                return None
-            out = f"{name}.dq{next(count)}"
-            u.input[1] = out
-            return [_dq(inputs, out, bq.block), u]
-        return _rebuild(graph, fn)
-
     hits = 0
     for k, g in reversed(list(enumerate(bodies))):  # inner graphs first: rebuilding a graph copies its nodes
-        hits += rewrite(g, _store(g, bq, f"{name}.body{k}"))
+        hits += _dq_per_reader(g, name, _store(g, bq, f"{name}.body{k}"), bq.block, count)
     if _consumers(model.graph, name):
-        hits += rewrite(model.graph, _store(model, bq, name))
+        hits += _dq_per_reader(model.graph, name, _store(model, bq, name), bq.block, count)
     return hits
+
+
+def _dq_per_reader(graph: onnx.GraphProto, name: str, inputs: list[str], block: int, count) -> int:
+    """Every MatMul of ``graph`` whose B is ``name`` reads its own DQ of ``inputs`` (the stored
+    integers, scale and zero point), named ``name.dq<next(count)>``; returns how many."""
+    def fn(u):
+        if u.op_type != "MatMul" or u.input[1] != name:
+            return None
+        out = f"{name}.dq{next(count)}"
+        u.input[1] = out
+        return [_dq(inputs, out, block), u]
+    return _rebuild(graph, fn)
 
 
 def _rotation_matrix(model: onnx.ModelProto, rot: Rotated) -> str:
@@ -380,15 +382,7 @@ def rotated_matmul(model: onnx.ModelProto, name: str, rot: Rotated) -> int:
     readers = [u for u in model.graph.node if u.op_type == "MatMul" and u.input[1] == name]
     for u in readers:
         u.input[0] = _rotated_input(model, u.input[0], rot)
-    count = iter(range(1 << 30))
-
-    def fn(u):
-        if u.op_type != "MatMul" or u.input[1] != name:
-            return None
-        out = f"{name}.dq{next(count)}"
-        u.input[1] = out
-        return [_dq(inputs, out, rot.inner.block), u]
-    return _rebuild(model, fn)
+    return _dq_per_reader(model.graph, name, inputs, rot.inner.block, iter(range(1 << 30)))
 
 
 def lowrank_matmul(model: onnx.ModelProto, name: str, A: Blocked, B: Blocked) -> int:

@@ -41,7 +41,7 @@ converter: 1.01-1.04x, so the opset itself costs little.)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -132,7 +132,7 @@ class IntTreatment:
     def _rotated(self, W: np.ndarray, G: np.ndarray | None):
         """Rotated(blocked Rᵀ·W) fitted against Rᵀ·G·R; W itself where K has no power-of-two
         block of at least 16 (the treatment without the rotation)."""
-        plain = IntTreatment(self.kind, self.bits, self.block, self.symmetric, self.method, scale_bits=self.scale_bits)
+        plain = replace(self, rotate=0)
         b = R.rotation_block(W.shape[0], self.rotate)
         if not b:
             return plain.fit(W, G)

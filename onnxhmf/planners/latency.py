@@ -138,9 +138,11 @@ class LatencyCap:
         kind, keep = o.tag
         m, n = planner.groups[name].shape
         f = self.factors[(T, K, m * n // K)]
-        # the rotated input of int4b*r (Reshape · H, b = 32): a float MatMul of b/n its weight's
-        # multiply-adds, counted for each weight that reads it (an upper bound where they share it)
-        rotated = 32 / n if kind.endswith("r") and kind.startswith("int4b") else 0.0
+        # the rotated input of int4b*r (Reshape · H, b = PLANNED's rotate): a float MatMul of b/n
+        # its weight's multiply-adds, counted for each weight that reads it (an upper bound where they share it)
+        from ..passes.intquant import PLANNED
+
+        rotated = PLANNED[kind].rotate / n if kind in PLANNED else 0.0
         kind = "int4b" if kind.startswith("int4b") else kind  # (MatMulNBits int4 at any block size)
         if not f or kind in _FLOAT or kind not in (*_PAIR_FLOAT, *_PAIR_INT8, "int8", "int4b", "int8b"):
             return secs
