@@ -32,6 +32,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..factorize.allocate import Option
 from ..factorize.svd import rank_for_keep
+from ..passes.intquant import PLANNED
 
 __all__ = ["LatencyCap", "profile_weights"]
 
@@ -140,8 +141,6 @@ class LatencyCap:
         f = self.factors[(T, K, m * n // K)]
         # the rotated input of int4b*r (Reshape · H, b = PLANNED's rotate): a float MatMul of b/n
         # its weight's multiply-adds, counted for each weight that reads it (an upper bound where they share it)
-        from ..passes.intquant import PLANNED
-
         rotated = PLANNED[kind].rotate / n if kind in PLANNED else 0.0
         kind = "int4b" if kind.startswith("int4b") else kind  # (MatMulNBits int4 at any block size)
         if not f or kind in _FLOAT or kind not in (*_PAIR_FLOAT, *_PAIR_INT8, "int8", "int4b", "int8b"):
