@@ -2,7 +2,8 @@
 
     python benchmarks/bench_tenth.py [--targets 0.10,0.12,0.14] [--cli 0.10,0.12] [--samples 512] [--rounds 9]
 
-Calibration: 512 pydoc sentences (never the held-out text). Fidelity: mean cosine of sentence
+Calibration: ``--samples`` pydoc sentences (never the held-out text), for the API rows and the
+CLI rows alike (``--calib-samples``). Fidelity: mean cosine of sentence
 embeddings against the original on 300 held-out Shakespeare and 300 KJV sentences, reported
 separately. Variants:
 
@@ -18,7 +19,7 @@ separately. Variants:
                         (B = 64, 32): what the planner's int4b64r / int4b32r are
     plan @R             planners.integer.integer_plan at R × the input's bytes, menu MENU below
     cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --rotate --calib pydoc.txt
-                        --tokenizer minilm.tokenizer.json` (run with --force: written even where its
+                        --tokenizer minilm.tokenizer.json --calib-samples SAMPLES` (run with --force: written even where its
                         own verification, on its calibration-held-out batches, is below 0.9)
 
 Columns: size (ratio to the input file), cosine on Shakespeare / KJV / both, latency at 1 thread
@@ -89,13 +90,13 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
     return paths, secs, notes
 
 
-def cli_rows(src, out, pydoc, targets: list[float]) -> tuple[dict, dict, list[str]]:
+def cli_rows(src, out, pydoc, targets: list[float], samples: int) -> tuple[dict, dict, list[str]]:
     paths, secs, notes = {}, {}, []
     for r in targets:
         label = f"cli @{r:.2f}"
         p = out / f"cli_{r:.2f}.onnx"
         res = H.optimize(src, p, "--plan", "auto", "--target-ratio", str(r), "--calib", pydoc,
-                         "--tokenizer", H.MINILM_TOKENIZER, "--rotate")
+                         "--tokenizer", H.MINILM_TOKENIZER, "--rotate", "--calib-samples", str(samples))
         paths[label], secs[label] = p, res["wall_s"]
         counts = {}
         for s in res["report"]["plan"]["sites"]:
@@ -115,7 +116,7 @@ def run(targets: list[float], samples: int, rounds: int, cli: list[float]) -> st
     mine, secs, notes = build(src, out, cal, targets)
     paths.update(mine)
     if cli:
-        more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", cli)
+        more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", cli, samples)
         paths.update(more), secs.update(s2), notes.extend(n2)
     sents = H.heldout_sentences(600)  # 300 Shakespeare, then 300 KJV
     embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
