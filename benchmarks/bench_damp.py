@@ -64,9 +64,7 @@ def run(samples: list[int], damps: list[float]) -> str:
                 paths[key] = out / f"{label.replace(' ', '_')}_{n}_{d}.onnx"
                 onnx.save(model, str(paths[key]))
                 print(f"  {label} {n} samples, damp {d}: {time.perf_counter() - t0:.0f} s", flush=True)
-    sents = H.heldout_sentences(600)
-    embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
-    cos = {k: H.embed_eval.fidelity(embs["original"], e)["mean_cosine"] for k, e in embs.items()}
+    cos = {k: f["mean_cosine"] for k, f in H.minilm_fidelity(paths, H.heldout_sentences(600)).items()}
     rows = [[label, f"{n} ({got[n][1]:,} tokens)", *(f"{cos[(label, n, d)]:.4f}" for d in damps)]
             for label in TREATMENTS for n in samples]
     return ("### minilm's linears: held-out cosine by GPTQ damping δ (columns) and calibration size\n\n"

@@ -50,9 +50,7 @@ def run(samples: int, rounds: int) -> str:
         paths[v] = out / f"{v.replace(':', '_')}.onnx"
         onnx.save(model, str(paths[v]))
         print(f"  {v}: {secs[v]:.0f} s", flush=True)
-    sents = H.heldout_sentences(600)
-    embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
-    cos = {k: H.embed_eval.fidelity(embs["original"], e)["mean_cosine"] for k, e in embs.items()}
+    cos = {k: f["mean_cosine"] for k, f in H.minilm_fidelity(paths, H.heldout_sentences(600)).items()}
     lat = H.latency(paths, H.minilm_feeds(), threads=1, rounds=rounds, per_round=2)
     dense = sum(4 * int(np.prod(arrays[w].dims)) for w in matmuls)
     rows = [[k, f"{nbytes.get(k, dense) / 1e6:.2f}", f"{cos[k]:.4f}", f"{lat[k] / lat['original']:.2f}",
