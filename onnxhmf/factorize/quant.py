@@ -19,8 +19,8 @@ Choosing the scales (``clip`` ∈ (0, 1] shrinks a block's range, trading clippi
   C = I gives plain MSE). Closed-form per candidate, one vectorised pass per grid point.
 * ``gptq``: GPTQ's error feedback. Rows are quantized in order; each row's error e_k, divided
   by the Cholesky factor U of H⁻¹ (H = C + δ·mean(diag C)·I, δ = GPTQ_DAMP = 0.1,
-  H⁻¹ = UᵀU), is pushed onto the rows not yet quantized, W_{k+1:} −= U_{k,k+1:}ᵀ·e_k/U_kk: the least-squares update of the remaining rows
-  that keeps X·W unchanged. Block scales are taken when the block is reached (on the updated
+  H⁻¹ = UᵀU), is pushed onto the rows not yet quantized, W_{k+1:} −= U_{k,k+1:}ᵀ·e_k/U_kk: the
+  least-squares update of the remaining rows that keeps X·W unchanged. Block scales are taken when the block is reached (on the updated
   rows), optionally by clip search. ``order="act"`` (the default) visits the rows by decreasing
   H_kk (GPTQ's act order: the inputs with the most energy first, while the most rows are left to
   absorb their error) with static groups: each block's scales are taken once, on the original
