@@ -17,14 +17,14 @@ Choosing the scales (``clip`` ∈ (0, 1] shrinks a block's range, trading clippi
 * ``clip_search``: per block and column, the ratio of a grid that minimises the output error
   Σ_k,l Δ_k·C_kl·Δ_l over the block's rows (C = XᵀX restricted to the block's diagonal part;
   C = I gives plain MSE). Closed-form per candidate, one vectorised pass per grid point.
-* ``gptq``: GPTQ's error feedback. Rows are quantized in order; each row's error e_k, divided
-  by the Cholesky factor U of H⁻¹ (H = C + δ·mean(diag C)·I, δ = GPTQ_DAMP = 0.1,
-  H⁻¹ = UᵀU), is pushed onto the rows not yet quantized, W_{k+1:} −= U_{k,k+1:}ᵀ·e_k/U_kk: the
-  least-squares update of the remaining rows that keeps X·W unchanged. Block scales are taken when the block is reached (on the updated
-  rows), optionally by clip search. ``order="act"`` (the default) visits the rows by decreasing
-  H_kk (GPTQ's act order: the inputs with the most energy first, while the most rows are left to
-  absorb their error) with static groups: each block's scales are taken once, on the original
-  rows, so the stored integers keep the natural blocked layout.
+* ``gptq``: GPTQ's error feedback. Rows are quantized in order; each row's error e_k, divided by
+  the Cholesky factor U of H⁻¹ (H = C + δ·mean(diag C)·I, δ = GPTQ_DAMP = 0.1, H⁻¹ = UᵀU), is
+  pushed onto the rows not yet quantized, W_{k+1:} −= U_{k,k+1:}ᵀ·e_k/U_kk: the least-squares
+  update of the remaining rows that keeps X·W unchanged. Block scales are taken when the block
+  is reached (on the updated rows), optionally by clip search. ``order="act"`` (the default)
+  visits the rows by decreasing H_kk (GPTQ's act order: the inputs with the most energy first,
+  while the most rows are left to absorb their error) with static groups: each block's scales
+  are taken once, on the original rows, so the stored integers keep the natural blocked layout.
 * ``lowrank_residual``: W ≈ Q + L·R (LQER / CALDERA): alternately Q = quant(W − L·R) and L·R =
   the whitened rank-r SVD of W − Q (‖X(W − Q − LR)‖ minimised by truncating Sᵀ(W − Q),
   C + δI = S·Sᵀ, see whiten.py). L, R are stored as blocked int8 themselves (the rank is rounded
