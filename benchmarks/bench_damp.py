@@ -3,7 +3,7 @@
     python benchmarks/bench_damp.py [--samples 256,2048] [--damps 0.01,0.05,0.1,0.2]
 
 GPTQ minimises ‖X·(W − Q)‖² with the Hessian H = XᵀX + δ·mean(diag XᵀX)·I (factorize/quant.gptq,
-δ = ``damp``). A small δ fits the calibration text closely; the question is what holds out on
+δ = the treatment's ``damp``, quant.GPTQ_DAMP by default). A small δ fits the calibration text closely; the question is what holds out on
 text unlike it. Every MatMul weight of all-MiniLM-L6-v2 is stored as the planner's ``int4b128r``
 (asymmetric uint4, block 128, rotated by a 32×32 block Hadamard, 8-bit scales) and, for
 comparison, as ``int4b64`` unrotated with 8-bit scales; the tables stay float. The Grams come
@@ -16,56 +16,40 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 import harness as H
 
 sys.path.insert(0, str(H.ROOT))
 
 from onnxhmf.calibration import Calibration  # noqa: E402
-from onnxhmf.factorize import quant as Q  # noqa: E402
-from onnxhmf.factorize import rotate as R  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
 from onnxhmf.passes.intquant import PLANNED, apply_treatments, parse_treatment, weight_grams  # noqa: E402
 
 TREATMENTS = {"int4b128r": PLANNED["int4b128r"], "int4b64 s8": parse_treatment("int4b:64:a:gptq:s8")}
 
 
-def fit(t, W: np.ndarray, G: np.ndarray, damp: float):
-    """t's fit of W with GPTQ at ``damp`` (what IntTreatment.fit does at quant.GPTQ_DAMP)."""
-    def gptq(M, C):
-        return Q.gptq(M, C, t.bits, t.block, t.symmetric, damp=damp, scale_bits=Q.scale_bits_for(M.shape[0], t.block, t.scale_bits))
-
-    b = R.rotation_block(W.shape[0], t.rotate) if t.rotate else 0
-    if not b:
-        return gptq(W, G)
-    Hd = R.rotation(b)
-    return R.Rotated(gptq(R.rotate_rows(W, Hd), R.rotate_gram(G, Hd)), b)
-
-
 def run(samples: list[int], damps: list[float]) -> str:
     out, src, m, cal = H.minilm_setup("damp", max(samples))
-    arrays = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
     matmuls = [t.name for t in m.graph.initializer if qdq.site_kind(m, t.name) == "matmul" and np.prod(t.dims) >= 4096]
-    paths, got = {"original": src}, {}
+    paths, tokens = {"original": src}, {}
     for n in samples:
         part = Calibration(cal.batches[: max(1, n // cal.batches[0]["input_ids"].shape[0])], cal.mask, cal.source)
-        got[n] = (part.samples, part.tokens)
+        tokens[n] = part.tokens
         grams = weight_grams(m, matmuls, part)
         for label, t in TREATMENTS.items():
             for d in damps:
                 t0 = time.perf_counter()
-                fitted = {(w, t): fit(t, arrays[w], grams[w], d) for w in matmuls}
-                model, _ = apply_treatments(m, {w: t for w in matmuls}, grams=grams, fitted=fitted)
+                model, _ = apply_treatments(m, {w: replace(t, damp=d) for w in matmuls}, grams=grams)
                 key = (label, n, d)
                 paths[key] = out / f"{label.replace(' ', '_')}_{n}_{d}.onnx"
                 onnx.save(model, str(paths[key]))
                 print(f"  {label} {n} samples, damp {d}: {time.perf_counter() - t0:.0f} s", flush=True)
     cos = {k: f["mean_cosine"] for k, f in H.minilm_fidelity(paths, H.heldout_sentences(600)).items()}
-    rows = [[label, f"{n} ({got[n][1]:,} tokens)", *(f"{cos[(label, n, d)]:.4f}" for d in damps)]
+    rows = [[label, f"{n} ({tokens[n]:,} tokens)", *(f"{cos[(label, n, d)]:.4f}" for d in damps)]
             for label in TREATMENTS for n in samples]
     return ("### minilm's linears: held-out cosine by GPTQ damping δ (columns) and calibration size\n\n"
             + H.table(["linears", "calibration sentences", *(f"δ {d:g}" for d in damps)], rows) + "\n")

@@ -209,3 +209,24 @@ def test_rotated_options_only_with_rotate_and_the_flag_rules(tmp_path, capsys):
     assert main(["optimize", str(src), str(tmp_path / "o.onnx"), "--quantize", "int8", "--rotate"]) == 2
     err = capsys.readouterr().err
     assert "--rotate goes with --plan auto" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_treatments_damp_reaches_gptq_plain_and_rotated():
+    """IntTreatment.damp is the δ of its GPTQ fit (the planner's default quant.GPTQ_DAMP), also
+    through the rotation: a smaller δ fits the Gram's own data more closely."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((96, 64)) * np.linspace(0.05, 3.0, 64)  # few rows, uneven energy: δ matters
+    W = rng.standard_normal((64, 48))
+    G = X.T @ X
+    for t in (parse_treatment("int4b:32:a:gptq"), PLANNED["int4b32r"]):
+        assert t.damp == Q.GPTQ_DAMP
+        loose, tight = t.weight(W, G), replace(t, damp=0.001).weight(W, G)
+        assert not np.allclose(loose, tight)
+        err = lambda V: float(np.linalg.norm(X @ (W - V)))  # noqa: E731
+        assert err(tight) < err(loose)
+    plain = parse_treatment("int4b:32:a:gptq")
+    direct = Q.gptq(W, G, 4, 32, False, damp=0.001).dequantize()
+    np.testing.assert_allclose(replace(plain, damp=0.001).weight(W, G), direct.astype(np.float32), rtol=1e-6)
+    assert replace(plain, damp=0.001).name.endswith("-d0.001") and not plain.name.endswith(f"-d{Q.GPTQ_DAMP:g}")

@@ -73,6 +73,7 @@ class IntTreatment:
     smooth: bool = False  # int8pc: SmoothQuant scales first (passes/smooth.py), which needs calibration data
     rotate: int = 0  # int4b/int8b on MatMuls: block Hadamard rotation of the input side, at most this block (factorize/rotate.py)
     scale_bits: int = 32  # int4b/int8b on MatMuls: how the block scales are stored (factorize/quant.compact_scales)
+    damp: float = Q.GPTQ_DAMP  # method gptq: the Hessian's damping δ (factorize/quant.gptq)
 
     @property
     def name(self) -> str:
@@ -82,7 +83,7 @@ class IntTreatment:
         base = core.get(self.kind, f"int{self.bits}b")
         blk = "" if self.kind == "int8pc" else f"{self.block}{'s' if self.symmetric else 'a'}"
         return f"{base}{blk}-{self.method}{'-smooth' if self.smooth else ''}{f'-rot{self.rotate}' if self.rotate else ''}" \
-            f"{f'-s{self.scale_bits}' if self.scale_bits != 32 else ''}"
+            f"{f'-s{self.scale_bits}' if self.scale_bits != 32 else ''}{f'-d{self.damp:g}' if self.damp != Q.GPTQ_DAMP else ''}"
 
     def opset(self, site: str = "matmul", shape: tuple[int, ...] | None = None) -> int:
         """The opset the treatment needs on ``site`` (a V×D table: ``shape``): blocked DQ needs 21;
@@ -113,7 +114,7 @@ class IntTreatment:
         if self.kind == "int8pc":
             if self.method == "gptq" and G is not None:
                 s = np.abs(W).max(axis=0, keepdims=True) / 127.0
-                return Q.gptq(W, G, 8, W.shape[0], True, scale=np.where(s > 0, s, 1.0))
+                return Q.gptq(W, G, 8, W.shape[0], True, damp=self.damp, scale=np.where(s > 0, s, 1.0))
             return Q.per_channel_int8(W)
         if self.kind == "lqer":
             return Q.lowrank_residual(W, G, self.rank, self.bits, self.block, self.symmetric,
@@ -124,7 +125,7 @@ class IntTreatment:
             return self._rotated(W, G)
         sb = Q.scale_bits_for(W.shape[0], self.block, self.scale_bits)
         if self.method == "gptq" and G is not None:
-            return Q.gptq(W, G, self.bits, self.block, self.symmetric, scale_bits=sb)
+            return Q.gptq(W, G, self.bits, self.block, self.symmetric, damp=self.damp, scale_bits=sb)
         if self.method in ("clip", "gptq"):
             return Q.with_scales(W, Q.clip_search(W, G, self.bits, self.block, self.symmetric), sb)
         return Q.with_scales(W, Q.quantize_blocked(W, self.bits, self.block, self.symmetric), sb)
