@@ -10,10 +10,10 @@ exp(−KL), top-1 and the perplexity ratio; a KV-cache decoder is run as a first
 empty past and a cached step fed its own presents.
 
     ONNXHMF_MODEL_CACHE=models/cache OPENBLAS_NUM_THREADS=1 python benchmarks/bench_default.py [minilm] [glassllm] [kv]
-        [--no-pivot-too] [--fast-too]
+        [--no-pivot-too] [--allow-slower-too]
 
 ``--no-pivot-too``: also the default run with ``--no-pivot`` (A·B low-rank storage), beside it;
-``--fast-too``: also ``--fast``.
+``--allow-slower-too``: also ``--allow-slower`` (the smallest plan whatever its latency).
 Each onnxhmf run also prints resident memory (onnxhmf.runtime.resident_memory: RSS growth of a
 fresh process that loads the model and runs it five times) of the input and the output, and the
 interleaved latency ratio at one thread (runtime.latency_ratios), on the first held-out batch.
@@ -43,7 +43,7 @@ def _cli(args: list) -> tuple[int, float, str]:
     return r.returncode, time.perf_counter() - t, r.stdout + r.stderr
 
 
-def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool = False, fast_too: bool = False) -> list[tuple]:
+def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool = False, slower_too: bool = False) -> list[tuple]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from onnxhmf.discover import discover_calibration
@@ -55,7 +55,7 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool =
     sets = {"held-out": held} | _text_sets(path, tokenizer, d)
     rows = []
     for extra, variant in [([], "onnxhmf, no flags")] + ([(["--no-pivot"], "onnxhmf, --no-pivot")] if no_pivot_too else []) \
-            + ([(["--fast"], "onnxhmf, --fast")] if fast_too else []):
+            + ([(["--allow-slower"], "onnxhmf, --allow-slower")] if slower_too else []):
         out = tmp / f"{label.replace(' ', '_')}.default{''.join('.' + x.strip('-') for x in extra)}.onnx"
         code, secs, log = _cli([path, out, "-q", *extra])
         if code != 0:
@@ -83,8 +83,8 @@ def run(label: str, path: Path, tokenizer: Path, tmp: Path, no_pivot_too: bool =
 
 
 def main(argv: list[str]) -> int:
-    no_pivot_too, fast_too = "--no-pivot-too" in argv, "--fast-too" in argv
-    which = [a for a in argv if a not in ("--no-pivot-too", "--fast-too")] or ["minilm", "glassllm", "kv"]
+    no_pivot_too, slower_too = "--no-pivot-too" in argv, "--allow-slower-too" in argv
+    which = [a for a in argv if a not in ("--no-pivot-too", "--allow-slower-too")] or ["minilm", "glassllm", "kv"]
     tmp = Path(tempfile.mkdtemp(prefix="bench-default-"))
     rows = []
     try:
@@ -94,16 +94,16 @@ def main(argv: list[str]) -> int:
         (tmp / "glassllm.tokenizer.json").write_text(hf_tok, encoding="utf-8")
         if "minilm" in which:
             folder = _script("build_minilm_folder").build_folder(tmp / "minilm", source=CACHE / "minilm.onnx")
-            rows += run("MiniLM folder", folder / "model.onnx", folder / "tokenizer.json", tmp, no_pivot_too, fast_too)
+            rows += run("MiniLM folder", folder / "model.onnx", folder / "tokenizer.json", tmp, no_pivot_too, slower_too)
         if "glassllm" in which:
             (tmp / "glassllm").mkdir()
             shutil.copyfile(ROOT / "models" / "glassllm.onnx", tmp / "glassllm" / "glassllm.onnx")
-            rows += run("glassllm.onnx", tmp / "glassllm" / "glassllm.onnx", tmp / "glassllm.tokenizer.json", tmp, no_pivot_too, fast_too)
+            rows += run("glassllm.onnx", tmp / "glassllm" / "glassllm.onnx", tmp / "glassllm.tokenizer.json", tmp, no_pivot_too, slower_too)
         if "kv" in which:
             kv_dir = tmp / "glassllm_kv"
             subprocess.run([sys.executable, str(ROOT / "models" / "build_glassllm_kv.py"), "--out", str(kv_dir)],
                            check=True, capture_output=True)
-            rows += run("glassllm KV folder", kv_dir / "decoder_model_merged.onnx", kv_dir / "tokenizer.json", tmp, no_pivot_too, fast_too)
+            rows += run("glassllm KV folder", kv_dir / "decoder_model_merged.onnx", kv_dir / "tokenizer.json", tmp, no_pivot_too, slower_too)
         head = ("model", "variant", "bytes", "time s", "fidelity (cosine; logits: exp(-KL), top-1, perplexity ratio)")
         print()
         print("| " + " | ".join(head) + " |")

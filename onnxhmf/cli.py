@@ -64,7 +64,11 @@ _BUDGET = _Group("How much to keep", [
        help="The default when no --keep, --rank, --plan, --min-fidelity, --quantize or --plan-file is given: the "
             "smallest model whose held-out fidelity is at least F (cosine for embeddings; exp(-KL) >= 1-3(1-F) for "
             "logits), calibrated on data found beside the model [default: 0.99]."),
-    _o("--fast", is_flag=True, help="With the default fidelity target: no slower than the input (integer kernels only)."),
+    _o("--allow-slower", is_flag=True,
+       help="With the default fidelity target: the smallest plan even if it runs slower than the input here "
+            "(disk-only treatments included); for a model served on other hardware. Without it the plan is no "
+            "slower than the input, measured on this machine (one thread, integer kernels only)."),
+    _o("--fast", is_flag=True, hidden=True, help="Kept for scripts: no slower than the input is now the default."),
     _o("--keep", type=click.FloatRange(0, 1, min_open=True), default=None,
        help=f"Fraction of each rewritten weight's parameters to keep [default: {DEFAULT_KEEP}]; with --calib, a "
             "budget for all of them together."),
@@ -323,11 +327,14 @@ def _default_mode(p: dict) -> bool:
 
 def _budget(p: dict) -> dict:
     if _default_mode(p):
-        return {"fidelity": 0.99 if p["fidelity"] is None else p["fidelity"], "fast": p["fast"], "keep": None,
-                "rank": None, "max_memory": _max_memory(p)}
-    if p["fidelity"] is not None or p["fast"]:
-        raise click.UsageError("--fidelity and --fast are the default planner's: give them without --keep, --rank, "
-                               "--plan, --method or --quantize")
+        if p["fast"] and p["allow_slower"]:
+            raise click.UsageError("--fast and --allow-slower contradict each other (no slower than the input is the "
+                                   "default)")
+        return {"fidelity": 0.99 if p["fidelity"] is None else p["fidelity"], "allow_slower": p["allow_slower"],
+                "keep": None, "rank": None, "max_memory": _max_memory(p)}
+    if p["fidelity"] is not None or p["fast"] or p["allow_slower"]:
+        raise click.UsageError("--fidelity, --allow-slower and --fast are the default planner's: give them without "
+                               "--keep, --rank, --plan, --method or --quantize")
     keep, rank = p["keep"], p["rank"]
     if keep is not None and rank is not None:
         raise click.UsageError("give --keep or --rank, not both")

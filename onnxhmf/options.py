@@ -83,7 +83,7 @@ class Budget:
     min_fidelity: float | None = None
     plan: dict | None = None  # --plan auto: target_size, target_ratio, target_fidelity, max_latency_ratio
     fidelity: float | None = None  # the default planner: the smallest model keeping this fidelity (planners/auto.py)
-    fast: bool = False  # the default planner: no slower than the input
+    allow_slower: bool = False  # the default planner: the smallest plan even where it runs slower than the input
     max_memory: int | None = None  # the default planner and --plan auto: resident bytes of the loaded model (planners/memory.py)
 
     def __post_init__(self):
@@ -206,8 +206,8 @@ class VerificationOptions:
 
 _GROUPS = {
     "selection": (Selection, {"include", "exclude", "min_params"}),
-    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity", "fast",
-                        "max_memory"}),
+    "budget": (Budget, {"keep", "rank", "rank_multiple", "allocation", "min_fidelity", "plan", "fidelity",
+                        "allow_slower", "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
                           "pivot", "kernels", "accuracy_level", "activations", "rotate"}),
@@ -263,8 +263,8 @@ class Options:
                   "--quantize, --sequential, --plan-file or the storage autoencoder")
         if b.max_memory is not None and b.fidelity is None and b.plan is None:
             _fail("--max-memory goes with the default fidelity target or --plan auto")
-        if b.fast and b.fidelity is None:
-            _fail("--fast goes with the default fidelity target (give no --keep, --rank or --plan)")
+        if b.allow_slower and b.fidelity is None:
+            _fail("--allow-slower goes with the default fidelity target (give no --keep, --rank or --plan)")
         if b.rank is not None and m.method != "lmf":
             _fail("--rank is only for --method lmf; use --keep")
         if m.embedding_method == "ae" and b.keep is None:
@@ -316,7 +316,8 @@ class Options:
             **({"smooth": m.smooth} if m.smooth else {}),
             **({"table_bits": m.table_bits} if m.table_bits != 8 else {}),
             "plan": {k: v for k, v in b.plan.items() if v is not None} if b.plan else None,
-            "damp": m.damp, **({"fidelity": b.fidelity, "fast": b.fast or None} if b.fidelity is not None else {}),
+            "damp": m.damp,
+            **({"fidelity": b.fidelity, "allow_slower": b.allow_slower or None} if b.fidelity is not None else {}),
             "lower_recurrent": m.lower_recurrent or None,
             "pivot": False if not m.pivot else None,
             **({"kernels": m.kernels} if m.kernels != "standard" else {}),

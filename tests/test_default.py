@@ -120,3 +120,40 @@ def test_default_on_a_model_with_external_data(tmp_path, capsys):
     assert (tmp_path / "lm.data").read_bytes() == before
     r = json.loads(rep.read_text())
     assert r["settings"]["calibration"]["discovered"] == "sampled" and r["passed"]
+
+
+def test_the_default_is_no_slower_than_the_input_unless_allowed(encoder_folder, tmp_path, capsys):
+    from onnxhmf.planners.mixed import SLOW
+
+    src, reports = encoder_folder / "model.onnx", {}
+    for name, extra in (("default", []), ("slower", ["--allow-slower"])):
+        rep = tmp_path / f"{name}.json"
+        code, _, err = cli(capsys, "optimize", src, tmp_path / f"{name}.onnx", "--report", rep, "--no-measure", "-q",
+                           *extra)
+        assert code == 0, err
+        reports[name] = json.loads(rep.read_text())
+    d, s = reports["default"], reports["slower"]
+    assert d["settings"]["plan"]["max_latency_ratio"] == 1.0 and d["settings"]["allow_slower"] is None
+    assert d["plan_summary"]["plan_auto"]["latency_ratio"] is not None  # measured on this machine
+    assert not {row["treatment"] for row in d["plan_summary"]["plan_auto"]["sites"]} & set(SLOW)
+    assert "max_latency_ratio" not in s["settings"]["plan"] and s["settings"]["allow_slower"] is True
+    assert s["plan_summary"]["plan_auto"]["latency_ratio"] is None  # not measured: no cap
+    for bad in (["--allow-slower", "--keep", "0.5"], ["--allow-slower", "--fast"]):
+        code, _, err = cli(capsys, "optimize", src, tmp_path / "x.onnx", *bad)
+        assert code == 2 and "--allow-slower" in err and err.count("\n") == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_default_plan_over_the_latency_cap_is_kept_and_said(encoder_folder, tmp_path, capsys, monkeypatch):
+    """The default's cap is a preference: a plan that measures slower (noise on integer kernels)
+    is written with a note (--max-latency-ratio, asked for, is a requirement: test_plan)."""
+    import onnxhmf.planners.mixed as mixed
+
+    monkeypatch.setattr(mixed, "latency_ratio", lambda base, model, data, repeats=7: 1.5)
+    src, out, rep = encoder_folder / "model.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    code, text, err = cli(capsys, "optimize", src, out, "--report", rep, "--no-measure")
+    assert code == 0, err
+    r = json.loads(rep.read_text())
+    assert r["plan_summary"]["plan_auto"]["latency_ratio"] == 1.5
+    assert "1.50x the input's latency" in r["plan_summary"]["plan_auto"]["note"] and "1.50x" in text
+    assert out.exists()

@@ -1,4 +1,4 @@
-"""``--max-latency-ratio`` (and ``--fast``) inside the mixed planner's one search.
+"""``--max-latency-ratio`` (and the default planner's cap, 1.0) inside the mixed planner's one search.
 
 Predicted latency of a plan, one intra-op thread:
 

@@ -317,13 +317,15 @@ def _fake_quant_inputs(model: onnx.ModelProto, weights: list[str], per_token: bo
 
 
 def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, progress=no_progress, meter=None,
-               split=None, fast: bool = False):
+               split=None, fast: bool = False, strict_latency: bool = True):
     """``--plan auto``: measure every candidate's treatments, search the byte budget (or the
     fidelity target), check latency. Returns (Planned with the winning model built, Calibrated).
 
     ``meter``: (held-out fidelity, loss) of a model, instead of the cosines; ``split``: (fit,
     held-out) calibration already split; ``fast``: leave out the treatments that run as float
-    MatMuls (weight-only integers) from the start."""
+    MatMuls (weight-only integers) from the start; ``strict_latency`` False (the default
+    planner's own cap): a plan still over the latency limit after every re-plan is kept, with a
+    note, instead of failing."""
     t0 = time.perf_counter()
     _check_reachable(work, options.budget.plan, src_bytes)
     c = load_for_plan(work, options, 0.25, progress, split=split)
@@ -351,22 +353,23 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     lat = LatencyCap.measure(work, c.held.batches[0], limit, planner) if limit is not None else None
     planner.caps = [cap for cap in (mem, lat) if cap is not None]
     search = _Search(planner, work, options.budget.plan, src_bytes)
-    res = search.run()
-    ratio = None
-    if lat is not None:
-        res = lat.enforce(search, res, lambda m: latency_ratio(work, m, c.held))
-        ratio = lat.measured
-    fast_only = None  # the treatments left out to meet the limit
-    full = planner.options
-    for left_out, drop in _SLOWER_FIRST:  # what the one search could not bring within the limit
-        if limit is None or ratio <= limit:
-            break
-        if not any(drop(o.tag[0]) for o in res.choice.values()):
-            continue
-        planner.options = {n: [o for o in v if not drop(o.tag[0])] or v[:1] for n, v in full.items()}
+    ratio_of = lambda m: latency_ratio(work, m, c.held)  # noqa: E731
+    full, uncapped = planner.options, False
+    try:
+        res, ratio, fast_only = _search_within_latency(search, planner, lat, ratio_of)
+        nothing = lat is not None and all(o.tag[0] == "dense" for o in res.choice.values())
+    except OnnxHmfError:
+        if lat is None or strict_latency:
+            raise
+        nothing = True
+    if nothing and not strict_latency:
+        # the default's cap is a preference, the fidelity target is not: where no plan within it
+        # meets the target, or none within it is smaller than the input, plan again without it
+        planner.options, planner.caps, uncapped = full, [cap for cap in planner.caps if cap is not lat], True
         res = search.run()
-        ratio, fast_only = latency_ratio(work, res.built.model, c.held), left_out
-    if limit is not None and ratio > limit:
+        ratio, fast_only = ratio_of(res.built.model), None
+    slow = limit is not None and ratio > limit
+    if slow and strict_latency:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
     if mem is not None:
@@ -374,9 +377,38 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
+    if slow:
+        plan.summary["plan_auto"]["note"] = (
+            f"no smaller plan within the default's {limit}x latency kept the fidelity target; this one runs at "
+            f"{ratio:.2f}x the input's latency"
+            if uncapped else f"the fastest plan found runs at {ratio:.2f}x the input's latency, over the default's "
+            f"{limit}x" + (f" even without {fast_only}" if fast_only else ""))
     plan.summary["timings"] = timings
-    plan.summary["notes"] = [_note(plan.summary["plan_auto"], res)]
+    plan.summary["notes"] = [_note(plan.summary["plan_auto"], res), *([plan.summary["plan_auto"]["note"]] if slow else [])]
     return Planned(plan, res.built), c
+
+
+def _search_within_latency(search: _Search, planner: Planner, lat: LatencyCap | None, ratio_of):
+    """The search under the latency cap ``lat``: the built plan measured and searched again
+    (LatencyCap.enforce), then, while still over the limit, planned without whole families of
+    treatments in turn (_SLOWER_FIRST). Returns (trial, measured ratio, the families left out):
+    the first within the limit, else the fastest measured (planner.options left as for it)."""
+    res = search.run()
+    if lat is None:
+        return res, None, None
+    res = lat.enforce(search, res, ratio_of)
+    full = planner.options
+    tried = [(lat.measured, res, None, full)]
+    for left_out, drop in _SLOWER_FIRST:
+        if tried[-1][0] <= lat.limit:
+            break
+        if not any(drop(o.tag[0]) for o in res.choice.values()):
+            continue
+        planner.options = {n: [o for o in v if not drop(o.tag[0])] or v[:1] for n, v in full.items()}
+        res = search.run()
+        tried.append((ratio_of(res.built.model), res, left_out, planner.options))
+    ratio, res, left_out, planner.options = tried[-1] if tried[-1][0] <= lat.limit else min(tried, key=lambda t: t[0])
+    return res, ratio, left_out
 
 
 def _check_reachable(work: onnx.ModelProto, goal: dict, src_bytes: int) -> None:
