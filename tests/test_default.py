@@ -157,3 +157,26 @@ def test_a_default_plan_over_the_latency_cap_is_kept_and_said(encoder_folder, tm
     assert r["plan_summary"]["plan_auto"]["latency_ratio"] == 1.5
     assert "1.50x the input's latency" in r["plan_summary"]["plan_auto"]["note"] and "1.50x" in text
     assert out.exists()
+
+
+def test_where_no_plan_within_the_cap_keeps_the_target_the_default_is_the_allow_slower_plan(
+        encoder_folder, tmp_path, capsys, monkeypatch):
+    import onnxhmf.planners.mixed as mixed
+    from onnxhmf.errors import OnnxHmfError
+
+    src = encoder_folder / "model.onnx"
+    code, _, err = cli(capsys, "optimize", src, tmp_path / "s.onnx", "--allow-slower", "--report", tmp_path / "s.json",
+                       "--no-measure", "-q")
+    assert code == 0, err
+
+    def nothing_within(*a, **k):
+        raise OnnxHmfError("--plan auto: even the largest plan gives held-out fidelity 0.5 < 0.99")
+
+    monkeypatch.setattr(mixed, "_search_within_latency", nothing_within)
+    monkeypatch.setattr(mixed, "latency_ratio", lambda base, model, data, repeats=7: 1.2)
+    code, text, err = cli(capsys, "optimize", src, tmp_path / "d.onnx", "--report", tmp_path / "d.json", "--no-measure")
+    assert code == 0, err
+    d, s = (json.loads((tmp_path / f"{x}.json").read_text())["plan_summary"]["plan_auto"] for x in "ds")
+    assert [r["treatment"] for r in d["sites"]] == [r["treatment"] for r in s["sites"]]
+    assert d["latency_ratio"] == 1.2 and "the --allow-slower plan" in d["note"] and "1.20x" in d["note"]
+    assert "no smaller plan within the default's 1.0x latency" in text

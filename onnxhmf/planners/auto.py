@@ -9,8 +9,9 @@ asked for.
    the target F: F for embeddings, 1 − 3·(1 − F) for logits (F = 0.99: 0.97, about "perplexity
    within 3%"), or from ``--min-cosine OUT:V``. The plan is no slower than the input where the
    tool runs (latency ratio ≤ 1.0 at one thread, measured) and leaves out the weight-only (float
-   at run time, disk only) treatments. Where even the fastest plan measures over 1.0 (noise on a
-   plan of int8 kernels), it is kept and the summary says so. ``allow_slower``
+   at run time, disk only) treatments. The limit is a preference: where no smaller plan within
+   it keeps the target, the plan is ``allow_slower``'s; where the fastest plan found still
+   measures over it (noise on a plan of int8 kernels), that plan is kept; the summary says so. ``allow_slower``
    (``--allow-slower``): the smallest plan whatever its latency, weight-only treatments included
    (for a model served on a machine other than this one).
 3. Without data: a conservative data-free plan (int8 weights through onnxruntime's dynamic

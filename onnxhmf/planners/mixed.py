@@ -339,6 +339,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    every = opts  # the whole menu, for the default's fallback below
     if fast:
         opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
     planner = Planner(opts, {g.name: g for g in c.groups}, find_weight_groups(GraphIndex(work)), settings, c, fixed,
@@ -354,7 +355,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     planner.caps = [cap for cap in (mem, lat) if cap is not None]
     search = _Search(planner, work, options.budget.plan, src_bytes)
     ratio_of = lambda m: latency_ratio(work, m, c.held)  # noqa: E731
-    full, uncapped = planner.options, False
+    uncapped = False
     try:
         res, ratio, fast_only = _search_within_latency(search, planner, lat, ratio_of)
         nothing = lat is not None and all(o.tag[0] == "dense" for o in res.choice.values())
@@ -364,8 +365,9 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         nothing = True
     if nothing and not strict_latency:
         # the default's cap is a preference, the fidelity target is not: where no plan within it
-        # meets the target, or none within it is smaller than the input, plan again without it
-        planner.options, planner.caps, uncapped = full, [cap for cap in planner.caps if cap is not lat], True
+        # meets the target, or none within it is smaller than the input, plan again without it,
+        # from the whole menu (weight-only forms included), as --allow-slower does
+        planner.options, planner.caps, uncapped = every, [cap for cap in planner.caps if cap is not lat], True
         res = search.run()
         ratio, fast_only = ratio_of(res.built.model), None
     slow = limit is not None and ratio > limit
@@ -379,8 +381,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
     if slow:
         plan.summary["plan_auto"]["note"] = (
-            f"no smaller plan within the default's {limit}x latency kept the fidelity target; this one runs at "
-            f"{ratio:.2f}x the input's latency"
+            f"no smaller plan within the default's {limit}x latency kept the fidelity target; this one (the "
+            f"--allow-slower plan: weight-only forms included) runs at {ratio:.2f}x the input's latency"
             if uncapped else f"the fastest plan found runs at {ratio:.2f}x the input's latency, over the default's "
             f"{limit}x" + (f" even without {fast_only}" if fast_only else ""))
     plan.summary["timings"] = timings
