@@ -11,9 +11,9 @@ asked for.
    tool runs (latency ratio ≤ 1.0 at one thread, measured) and leaves out the weight-only (float
    at run time, disk only) treatments. The limit is a preference: where no smaller plan within
    it keeps the target, the plan is ``allow_slower``'s; where the fastest plan found still
-   measures over it (noise on a plan of int8 kernels), that plan is kept; the summary says so. ``allow_slower``
-   (``--allow-slower``): the smallest plan whatever its latency, weight-only treatments included
-   (for a model served on a machine other than this one).
+   measures over it (noise on a plan of int8 kernels), that plan is kept; the summary says so.
+   ``allow_slower`` (``--allow-slower``): the smallest plan whatever its latency, weight-only
+   treatments included (for a model served on a machine other than this one).
 3. Without data: a conservative data-free plan (int8 weights through onnxruntime's dynamic
    quantizer), verified on generated inputs, and the message says that ``--calib`` or
    ``--inputs`` would allow more.
