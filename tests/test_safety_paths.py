@@ -223,13 +223,21 @@ SLOW_PASS = ("import sys, time; from onnxhmf.passes.factorize import FactorizePa
              "from onnxhmf.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
+def _default_signals():
+    """The child's SIGTERM/SIGHUP at their defaults: a test run under nohup inherits SIGHUP
+    ignored, which the tool keeps (it then finishes the run)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start_slow_run(tmp_path, d, h):
     """An external-data MLP in tmp_path, its snapshot, and a CLI run of it held mid-factorization."""
     p = tmp_path / "in.onnx"
     onnx.save(graphs.mlp_model(d, h), p, save_as_external_data=True, location="in.data", size_threshold=0)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_PASS, "optimize", str(p), str(tmp_path / "o.onnx"),
-                             "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                             "--save-external-data", "--keep", "0.75"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                            preexec_fn=_default_signals)
     assert proc.stderr.readline().strip() == "FACTORIZING"
     return p, before, proc
 
@@ -261,7 +269,8 @@ def test_sigterm_inside_a_step_that_wraps_its_errors(tmp_path):
     onnx.save(graphs.mlp_model(64, 128), p)
     before = snapshot(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_QUANTIZER, "optimize", str(p), str(tmp_path / "o.onnx"),
-                             "--quantize", "int8"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+                             "--quantize", "int8"], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV,
+                            preexec_fn=_default_signals)
     assert proc.stderr.readline().strip() == "QUANTIZING"
     proc.send_signal(signal.SIGTERM)
     err = proc.stderr.read()
