@@ -86,9 +86,16 @@ print(rss() - base)
 """
 
 
-def resident(path: Path, feeds_npz: Path) -> float:
+# glibc with a fixed mmap threshold: large blocks always mmapped and returned when freed, so the
+# resident growth is what the session holds, not what the heap keeps of load-time temporaries
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def resident(path: Path, feeds_npz: Path, env: dict | None = None) -> float:
+    """MiB of resident growth of a fresh process that loads ``path`` and runs it five times
+    (``env``: extra environment, e.g. FIXED_MMAP)."""
     p = subprocess.run([sys.executable, "-c", _RSS, str(path), str(feeds_npz)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     return float(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else float("nan")
 
 
