@@ -126,7 +126,7 @@ def test_the_default_is_no_slower_than_the_input_unless_allowed(encoder_folder, 
     from onnxhmf.planners.mixed import SLOW
 
     src, reports = encoder_folder / "model.onnx", {}
-    for name, extra in (("default", []), ("slower", ["--allow-slower"])):
+    for name, extra in (("default", []), ("slower", ["--allow-slower"]), ("fast", ["--fast"])):
         rep = tmp_path / f"{name}.json"
         code, _, err = cli(capsys, "optimize", src, tmp_path / f"{name}.onnx", "--report", rep, "--no-measure", "-q",
                            *extra)
@@ -134,6 +134,7 @@ def test_the_default_is_no_slower_than_the_input_unless_allowed(encoder_folder, 
         reports[name] = json.loads(rep.read_text())
     d, s = reports["default"], reports["slower"]
     assert d["settings"]["plan"]["max_latency_ratio"] == 1.0 and d["settings"]["allow_slower"] is None
+    assert reports["fast"]["settings"] == d["settings"]  # --fast, hidden, kept for scripts: the default
     assert d["plan_summary"]["plan_auto"]["latency_ratio"] is not None  # measured on this machine
     assert not {row["treatment"] for row in d["plan_summary"]["plan_auto"]["sites"]} & set(SLOW)
     assert "max_latency_ratio" not in s["settings"]["plan"] and s["settings"]["allow_slower"] is True
