@@ -9,7 +9,7 @@ separately. Variants:
 
     original
     ort nbits4          onnxruntime's MatMulNBits quantizer, int4 block 32, MatMul + Gather (contrib ops)
-    table pq4 only      the word table product-quantized (sub-vectors of 4, 256 centroids, f16
+    table pq4 only      the word table product-quantized (sub-vectors of 4, 256 centroids, int8
                         codebooks), everything else float: what the table alone costs
     int4b128s + pq4     every MatMul int4 block 128 GPTQ (s: symmetric int4, a: asymmetric uint4 with
     int4b128a + pq4     zero points), word table pq4, position table int4 b32
@@ -49,7 +49,7 @@ from onnxhmf.planners.integer import integer_plan  # noqa: E402
 WORD, POS = "embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"
 MENU = ["int4b:256:a:gptq:s8", "int4b:128:a:gptq:s8", "int4b:64:a:gptq:s8", "int4b:32:a:gptq:s8", "int8b:128:s:clip",
         "int4b:256:a:gptq:rot32:s8", "int4b:128:a:gptq:rot32:s8", "int4b:64:a:gptq:rot32:s8",
-        "int4b:32:a:gptq:rot32:s8", "pq:4:f16", "pq:6:f16", "pq:8:f16"]
+        "int4b:32:a:gptq:rot32:s8", "pq:4:i8", "pq:6:i8", "pq:8:i8"]
 
 
 def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
@@ -61,7 +61,7 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
     t0 = time.perf_counter()
     grams = weight_grams(m, weights, cal)
     fitted, paths, secs, notes = {}, {}, {}, []
-    pq4 = parse_treatment("pq:4:f16")
+    pq4 = parse_treatment("pq:4:i8")
     uniform = {"table pq4 only": {WORD: pq4},
                **{f"int4b128{x} + pq4": {**{w: parse_treatment(f"int4b:128:{x}:gptq") for w in matmuls}, WORD: pq4,
                                          POS: parse_treatment("int4b:32:s:clip")} for x in "sa"},

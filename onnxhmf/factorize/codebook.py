@@ -6,7 +6,9 @@ C_s (k×d, k ≤ 256) and row v a code c_vs ∈ [0, k), so
     E′_v = concat_s C_s[c_vs]          (codes V×S uint8; codebooks S×k×d)
 
 which costs V·S bytes plus S·k·d stored codebook values: 8/d bits a value (d = 4: 2 bits) plus
-the codebooks. Each codebook is Lloyd's k-means on that subspace's V sub-vectors (k-means++
+the codebooks, as float32, float16 or int8 (``itemsize`` 4, 2, 1; int8: C_s = q_s·a_s with one
+float32 scale a_s = max|C_s|/127 per subspace, rebuilt by Cast·Mul, which onnxruntime folds at
+load). Each codebook is Lloyd's k-means on that subspace's V sub-vectors (k-means++
 seeds from a random subset of 4096 rows, 12 rounds; an emptied centroid is moved to the row worst served),
 which minimises Σ_v ‖E_v − E′_v‖² subspace by subspace.
 
@@ -26,11 +28,19 @@ SEED_ROWS = 4096  # k-means++ seeds are drawn from at most this many rows (a ran
 
 @dataclass
 class ProductQuantized:
-    """codes (V×S uint8) into codebooks (S×k×d float32; stored as ``itemsize``-byte floats)."""
+    """codes (V×S uint8) into codebooks (S×k×d float32; stored as ``itemsize``-byte floats, or
+    for ``itemsize`` 1 as int8 times ``book_scale`` (S×1×1 float32), the values exactly
+    q·a in float32)."""
 
     codes: np.ndarray
     codebooks: np.ndarray
     itemsize: int = 4
+    book_scale: np.ndarray | None = None
+
+    def int8_books(self) -> tuple[np.ndarray, np.ndarray]:
+        """(q S×k×d int8, a S×1×1 float32) with codebooks == float32(q)·a (itemsize 1)."""
+        a = np.asarray(self.book_scale, np.float32)
+        return np.clip(np.rint(self.codebooks / a), -127, 127).astype(np.int8), a
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -49,9 +59,10 @@ class ProductQuantized:
 
 
 def pq_bytes(V: int, D: int, sub: int, k: int = 256, itemsize: int = 4) -> int:
-    """Stored bytes: one uint8 code per row and subspace, and the S codebooks of k×sub floats."""
+    """Stored bytes: one uint8 code per row and subspace, and the S codebooks of k×sub values
+    (``itemsize`` bytes each; int8 adds a float32 scale per subspace)."""
     S = D // sub
-    return V * S + S * k * sub * itemsize
+    return V * S + S * k * sub * itemsize + (4 * S if itemsize == 1 else 0)
 
 
 def kmeans(X: np.ndarray, k: int, iters: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -102,21 +113,27 @@ def _seeds(X: np.ndarray, k: int, rng) -> np.ndarray:
 def product_quantize(E: np.ndarray, sub: int = 4, k: int = 256, iters: int = 12, seed: int = 0,
                      itemsize: int = 4) -> ProductQuantized:
     """Product-quantize E (V×D) with sub-vectors of ``sub`` values (must divide D) and k ≤ 256
-    centroids per subspace; ``itemsize`` 2 stores the codebooks as float16 (their values are
-    rounded to float16 before the codes are chosen)."""
+    centroids per subspace; ``itemsize`` 2 stores the codebooks as float16, 1 as int8 with a
+    scale per subspace (their values are rounded to the stored form before the codes are chosen)."""
     E = np.asarray(E, np.float64)
     V, D = E.shape
-    if sub < 1 or D % sub or not 1 <= k <= 256 or itemsize not in (2, 4):
-        raise ValueError(f"product_quantize: sub {sub} must divide D={D}, 1 <= k={k} <= 256, itemsize 2 or 4")
+    if sub < 1 or D % sub or not 1 <= k <= 256 or itemsize not in (1, 2, 4):
+        raise ValueError(f"product_quantize: sub {sub} must divide D={D}, 1 <= k={k} <= 256, itemsize 1, 2 or 4")
     S = D // sub
     codes = np.zeros((V, S), np.uint8)
     books = np.zeros((S, k, sub), np.float32)
+    scales = np.ones((S, 1, 1), np.float32)
     for s in range(S):
         X = E[:, s * sub:(s + 1) * sub]
         C, a = kmeans(X, k, iters, seed + s)
         if itemsize == 2:
             C = C.astype(np.float16).astype(np.float64)
+        elif itemsize == 1:
+            top = float(np.abs(C).max())
+            scales[s] = np.float32(top / 127) if top > 0 else np.float32(1.0)
+            C = (np.clip(np.rint(C / scales[s]), -127, 127).astype(np.float32) * scales[s]).astype(np.float64)
+        if itemsize != 4:
             a = nearest(X, C)
         codes[:, s] = a
         books[s] = C
-    return ProductQuantized(codes, books, itemsize)
+    return ProductQuantized(codes, books, itemsize, scales if itemsize == 1 else None)

@@ -8,6 +8,9 @@ Each ``Gather(E, ids)`` (axis 0) becomes
     (Cast(v, float) when the codebook is float16)
     E[ids] = Reshape(v, [0, …, 0, D])
 
+An int8 codebook is rebuilt first, from constants only, which onnxruntime folds at load:
+codebook = Reshape(Cast(q, float) · a, [S·k, d]) (q S×k×d int8, a S×1×1 float32).
+
 so the loaded model holds the uint8 codes and the small codebooks, and only the gathered rows
 become float (nothing is constant-folded: every Gather reads the run-time ids). Opset ≥ 11, the
 input's opset is kept.
@@ -43,14 +46,25 @@ def codebook_table(model: onnx.ModelProto, name: str, pq: ProductQuantized) -> i
     base = f"{name}.pq{d}"
     init = model.graph.initializer
     half = pq.itemsize == 2
+    mk = helper.make_node
     init.append(numpy_helper.from_array(pq.codes.astype(np.uint8), f"{base}.codes"))
-    init.append(numpy_helper.from_array(pq.codebooks.reshape(S * k, d).astype(np.float16 if half else np.float32),
-                                        f"{base}.codebook"))
+    if pq.itemsize == 1:
+        q, a = pq.int8_books()
+        book = f"{base}.codebook"
+        init.extend([numpy_helper.from_array(q, book + "8"), numpy_helper.from_array(a, book + ".scale"),
+                     numpy_helper.from_array(np.array([S * k, d], np.int64), book + ".shape")])
+        pre = [mk("Cast", [book + "8"], [book + "8f"], name=book + "8f", to=TensorProto.FLOAT),
+               mk("Mul", [book + "8f", book + ".scale"], [book + "3"], name=book + "3"),
+               mk("Reshape", [book + "3", book + ".shape"], [book], name=book)]
+        for i, n in enumerate(pre):
+            model.graph.node.insert(i, n)
+    else:
+        init.append(numpy_helper.from_array(pq.codebooks.reshape(S * k, d).astype(np.float16 if half else np.float32),
+                                            f"{base}.codebook"))
     init.append(numpy_helper.from_array(np.arange(S, dtype=np.int64) * k, f"{base}.offsets"))
     for r in sorted(set(ranks.values())):
         init.append(numpy_helper.from_array(np.array([0] * r + [D], np.int64), f"{base}.shape{r}"))
     count = iter(range(1 << 30))
-    mk = helper.make_node
 
     def fn(u):
         if u.op_type != "Gather" or u.input[0] != name:

@@ -61,6 +61,8 @@ from ..quantize import int8_weight
 __all__ = ["IntTreatment", "apply_treatments", "weight_grams", "parse_treatment", "planner_options", "apply_planned",
            "can_upgrade"]
 
+_PQ_ITEMSIZE = {"f32": 4, "f16": 2, "i8": 1}  # pq codebooks: float32, float16, int8 with a scale per subspace
+
 
 @dataclass(frozen=True)
 class IntTreatment:
@@ -104,7 +106,7 @@ class IntTreatment:
         """The stored form: Blocked (of Eᵀ for tables), LowRankResidual, (A, B), or the float weight (int8pc)."""
         W = np.asarray(W, np.float64)
         if self.kind == "pq":
-            return product_quantize(W, self.block, 2 ** self.bits, itemsize=2 if self.method == "f16" else 4)
+            return product_quantize(W, self.block, 2 ** self.bits, itemsize=_PQ_ITEMSIZE[self.method])
         if site == "table" and self.kind == "int8pc":  # the quantizer's Gather: uint8 rows, one scale and zero point
             return int8_weight(W, table=True)
         if site not in ("matmul", "body"):
@@ -150,7 +152,7 @@ class IntTreatment:
         if site == "body":
             return copies * self.nbytes(shape, padded=padded)
         if self.kind == "pq":
-            return pq_bytes(shape[0], shape[1], self.block, 2 ** self.bits, 2 if self.method == "f16" else 4)
+            return pq_bytes(shape[0], shape[1], self.block, 2 ** self.bits, _PQ_ITEMSIZE[self.method])
         K, N = shape if site == "matmul" else shape[::-1]
         if padded and site == "matmul" and self.kind in ("int4b", "int8b", "lqer", "lmf-b"):
             K = -(-K // self.block) * self.block
@@ -171,10 +173,10 @@ class IntTreatment:
 def parse_treatment(text: str) -> IntTreatment:
     """'int4b:32:s:clip', 'int8b:128:a:rtn', 'int4b:64:a:gptq:rot128:s8' (MatMuls: rotated
     inputs, blocks ≤ 128; scales stored in 8 bits), 'lqer:4:32:r32:clip', 'lmf-b:8:32:r96', 'int8pc[:gptq][:smooth]',
-    'pq:4[:f16]' (sub-vectors of 4 values, 256 centroids; float16 codebooks)."""
+    'pq:4[:f16|:i8]' (sub-vectors of 4 values, 256 centroids; float16 or int8 codebooks)."""
     p = text.split(":")
     try:
-        if p[0] == "pq" and len(p) in (2, 3) and (len(p) == 2 or p[2] in ("f16", "f32")):
+        if p[0] == "pq" and len(p) in (2, 3) and (len(p) == 2 or p[2] in _PQ_ITEMSIZE):
             return IntTreatment("pq", 8, int(p[1]), True, p[2] if len(p) == 3 else "f32")
         if p[0] in ("int4b", "int8b") and all(x.startswith(("rot", "s")) for x in p[4:]):
             rot = next((int(x[3:]) for x in p[4:] if x.startswith("rot")), 0)
@@ -314,7 +316,7 @@ PLANNED = {"int4b": IntTreatment("int4b", 4, 32, False, "gptq", scale_bits=8),
            "int4b128": IntTreatment("int4b", 4, 128, False, "gptq", scale_bits=8),
            "int4b256": IntTreatment("int4b", 4, 256, False, "gptq", scale_bits=8),
            **{f"int4b{b}r": IntTreatment("int4b", 4, b, False, "gptq", rotate=32, scale_bits=8) for b in (32, 64, 128, 256)},
-           "pq4": IntTreatment("pq", 8, 4, True, "f16")}
+           "pq4": IntTreatment("pq", 8, 4, True, "i8")}
 
 
 def can_upgrade(model: onnx.ModelProto) -> bool:
