@@ -83,10 +83,10 @@ class Blocked:
 
 
 def blocked_bytes(K: int, N: int, bits: int, block: int, symmetric: bool = True, scale_bits: int = 32) -> int:
-    """Stored bytes: K·N·bits/8 values, scale_bits/8 per scale (8: plus a float32 step per
+    """Stored bytes: K·N·bits/8 values, scale_bits/8 per scale (8: plus a float16 step per
     column), and bits/8 per zero point."""
     nb = -(-K // block)
-    scales = nb * N * scale_bits // 8 + (4 * N if scale_bits == 8 else 0)
+    scales = nb * N * scale_bits // 8 + (2 * N if scale_bits == 8 else 0)
     return (K * N * bits + 7) // 8 + scales + (0 if symmetric else (nb * N * bits + 7) // 8)
 
 
@@ -98,7 +98,8 @@ def scale_bits_for(K: int, block: int, scale_bits: int) -> int:
 def compact_scales(S: np.ndarray, scale_bits: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Scales S ([blocks, N], positive) as they will be stored: (values, step). 32: float32;
     16: float16 (relative error ≤ 2⁻¹¹); 8: s = c·step_n with c = ⌈S/step_n⌉ ∈ [1, 255] and
-    step_n = max_b S_bn/255 (rounded up, so a block's range only widens: at most 1/c coarser).
+    step_n = max_b S_bn/255 rounded up to a float16 (so a block's range only widens: at most 1/c
+    coarser; the steps are stored as float16).
     The stored scales are folded to float32 at load (Cast, Cast·Mul), so the blocked DQ still
     fuses; the fits use exactly these values."""
     S = np.asarray(S, np.float64)
@@ -108,7 +109,10 @@ def compact_scales(S: np.ndarray, scale_bits: int) -> tuple[np.ndarray, np.ndarr
         return np.maximum(S, 2.0 ** -24).astype(np.float16).astype(np.float32), None
     if scale_bits != 8:
         raise ValueError(f"scale_bits must be 32, 16 or 8, got {scale_bits}")
-    step = (S.max(axis=0, keepdims=True) / 255).astype(np.float32)
+    raw = np.minimum(S.max(axis=0, keepdims=True) / 255, 65504.0)
+    half = raw.astype(np.float16)
+    half = np.where(half.astype(np.float64) < raw, np.nextafter(half, np.float16(np.inf)), half)  # round up
+    step = half.astype(np.float32)
     step = np.where(step > 0, step, np.float32(1.0))
     codes = np.clip(np.ceil(S / step - 1e-6), 1, 255).astype(np.float32)
     return (codes * step).astype(np.float32), step

@@ -83,7 +83,8 @@ def _ints(t: TensorProto) -> np.ndarray:
 
 def _folded_scale(name: str, inits: dict, producer: dict, overridable: set) -> tuple[onnx.TensorProto | None, list]:
     """A DQ's scale as a float32 initializer: itself, or the compact forms graph/qdq._store
-    writes (Cast(float16 init), Cast(uint8 init)·step init), evaluated; with the nodes that built it."""
+    writes (Cast(float16 init), Cast(uint8 init)·Cast(float16 step)), evaluated; with the nodes
+    that built it."""
     if name in inits:
         return inits[name], []
     node = producer.get(name)
@@ -92,11 +93,12 @@ def _folded_scale(name: str, inits: dict, producer: dict, overridable: set) -> t
     if node.op_type == "Cast" and node.input[0] in inits and node.input[0] not in overridable \
             and _attr(node, "to", 0) == TensorProto.FLOAT:
         return numpy_helper.from_array(numpy_helper.to_array(inits[node.input[0]]).astype(np.float32), name), [node]
-    if node.op_type == "Mul" and node.input[1] in inits and node.input[1] not in overridable:
+    if node.op_type == "Mul" and node.input[1] not in overridable:
         inner, nodes = _folded_scale(node.input[0], inits, producer, overridable)
-        if inner is not None and nodes:
-            value = numpy_helper.to_array(inner) * numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            return numpy_helper.from_array(value.astype(np.float32), name), nodes + [node]
+        step, more = _folded_scale(node.input[1], inits, producer, overridable)
+        if inner is not None and nodes and step is not None:
+            value = numpy_helper.to_array(inner) * numpy_helper.to_array(step).astype(np.float32)
+            return numpy_helper.from_array(value.astype(np.float32), name), nodes + more + [node]
     return None, []
 
 

@@ -267,8 +267,10 @@ def _store(model: onnx.ModelProto | onnx.GraphProto, bq: Blocked, base: str) -> 
         else:
             codes = np.rint(bq.scale / bq.step).astype(np.uint8)
             inits.extend([numpy_helper.from_array(codes, names[1] + "8"),
-                          numpy_helper.from_array(bq.step.astype(np.float32), names[1] + ".step")])
+                          numpy_helper.from_array(bq.step.astype(np.float16), names[1] + ".step16")])
             pre = [mk("Cast", [names[1] + "8"], [names[1] + "8f"], name=names[1] + "8f", to=TensorProto.FLOAT),
+                   mk("Cast", [names[1] + ".step16"], [names[1] + ".step"], name=names[1] + ".step",
+                      to=TensorProto.FLOAT),
                    mk("Mul", [names[1] + "8f", names[1] + ".step"], [names[1]], name=names[1])]
         for k, n in enumerate(pre):
             graph.node.insert(k, n)
