@@ -91,7 +91,7 @@ def blocked_bytes(K: int, N: int, bits: int, block: int, symmetric: bool = True,
 
 
 def scale_bits_for(K: int, block: int, scale_bits: int) -> int:
-    """8-bit scales pay (3 bytes less a block, 4 more a column) from two blocks a column on."""
+    """8-bit scales pay (3 bytes less a block, a float16 step and its Cast node more) from two blocks a column on."""
     return 32 if scale_bits == 8 and -(-K // block) < 2 else scale_bits
 
 
