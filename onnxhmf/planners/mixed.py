@@ -379,17 +379,16 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         res = mem.enforce(search, res)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
-    plan.summary["plan_auto"] = _summary(planner, res, search, ratio, fast_only)
+    plan.summary["plan_auto"] = info = _summary(planner, res, search, ratio, fast_only)
+    plan.summary["timings"] = timings
+    plan.summary["notes"] = [_note(info, res)]
     if slow or uncapped:
-        plan.summary["plan_auto"]["note"] = (
+        info["note"] = (
             f"no smaller plan within the default's {limit}x latency kept the fidelity target; this one (the "
             f"--allow-slower plan: weight-only forms included) runs at {ratio:.2f}x the input's latency"
             if uncapped else f"the fastest plan found runs at {ratio:.2f}x the input's latency, over the default's "
             f"{limit}x" + (f" even without {fast_only}" if fast_only else ""))
-    plan.summary["timings"] = timings
-    plan.summary["notes"] = [_note(plan.summary["plan_auto"], res)]
-    if slow or uncapped:
-        plan.summary["notes"].append(plan.summary["plan_auto"]["note"])
+        plan.summary["notes"].append(info["note"])
     return Planned(plan, res.built), c
 
 
