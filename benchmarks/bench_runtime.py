@@ -71,6 +71,7 @@ from onnxhmf.calibration import load_calibration  # noqa: E402
 from onnxhmf.graph import qdq  # noqa: E402
 from onnxhmf.passes.intquant import IntTreatment, apply_treatments, weight_grams  # noqa: E402
 from onnxhmf.planners.integer import integer_plan  # noqa: E402
+from onnxhmf.runtime import STEADY_MALLOC  # noqa: E402
 
 _RSS = r"""
 import sys, numpy as np, onnxruntime as ort
@@ -86,9 +87,7 @@ print(rss() - base)
 """
 
 
-# glibc with a fixed mmap threshold: large blocks always mmapped and returned when freed, so the
-# resident growth is what the session holds, not what the heap keeps of load-time temporaries
-FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+FIXED_MMAP = STEADY_MALLOC  # glibc with a fixed mmap threshold (onnxhmf.runtime.STEADY_MALLOC)
 
 
 def resident(path: Path, feeds_npz: Path, env: dict | None = None) -> float:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["resident_memory", "latency_ratios"]
+__all__ = ["resident_memory", "latency_ratios", "STEADY_MALLOC"]
+
+# glibc with a fixed mmap threshold: large blocks are always mmapped and given back when freed, so
+# the resident growth is what the session holds, not what the heap kept of load-time temporaries.
+# With glibc's default (a threshold that rises as large blocks are freed) one model measures apart
+# from process to process (glassllm, five processes: 31.5–32.0 MiB; MiniLM once 130.5 and 148.4);
+# with this, 29.7–29.8.
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 _CHILD = r"""
 import json, sys, numpy as np
@@ -37,9 +44,10 @@ print(json.dumps({"rss_growth": rss() - base}))
 
 
 def resident_memory(model_path: str | os.PathLike, feeds: dict[str, np.ndarray], runs: int = 5,
-                    timeout: float = 300.0) -> int | None:
+                    timeout: float = 300.0, env: dict | None = None) -> int | None:
     """Bytes of resident memory a fresh process gains by loading ``model_path`` and running it;
-    None where it cannot be measured (no /proc, or the child failed)."""
+    None where it cannot be measured (no /proc, or the child failed). ``env``: extra environment
+    of the child (STEADY_MALLOC: the figure that compares two models without allocator noise)."""
     if not Path("/proc/self/status").exists():
         return None
     with tempfile.TemporaryDirectory(prefix="onnxhmf-rss-") as d:
@@ -48,7 +56,7 @@ def resident_memory(model_path: str | os.PathLike, feeds: dict[str, np.ndarray],
         try:
             r = subprocess.run([sys.executable, "-c", _CHILD, str(model_path), str(npz), str(runs)],
                                capture_output=True, text=True, timeout=timeout,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         except (OSError, subprocess.TimeoutExpired):
             return None
     if r.returncode != 0:
