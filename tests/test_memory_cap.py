@@ -100,3 +100,78 @@ def test_the_default_cap_keeps_weight_memory_within_float():
     # where the budget leaves only weight-only forms, the default rule gives way (no error)
     tight = capped_allocate(p, names, 3 * 10_400, [cap])
     assert {o.tag[0] for o in tight} <= {"int8w", "int4w"}
+
+
+def _replanning(memory_of):
+    """A fake search for the default's measured memory rule: the plan is every weight's last
+    option that the planner still offers, and its resident memory is ``memory_of(treatments)``."""
+    from onnxhmf.planners.memory import InputMemory
+    from onnxhmf.planners.mixed import _Trial
+
+    menu = [Option(400, 0.0, ("dense", 1.0)), Option(100, 0.01, ("int8", 1.0)), Option(60, 0.02, ("lmf-int8", 0.5)),
+            Option(50, 0.02, ("plmf-int8", 0.5))]
+    planner = SimpleNamespace(options={k: list(menu) for k in "ab"})
+    runs = []
+
+    def run():
+        choice = {n: v[-1] for n, v in planner.options.items()}
+        runs.append(sorted({o.tag[0] for o in choice.values()}))
+        return _Trial(choice, 0, 1.0, 0.0, SimpleNamespace(model=tuple(runs[-1])))
+
+    class Rule(InputMemory):
+        def of(self, model):
+            return memory_of(set(model))
+
+    return planner, SimpleNamespace(run=run), runs, Rule({}, 100)
+
+
+def test_the_default_replans_without_the_heavier_forms_when_over_the_inputs_memory():
+    from onnxhmf.planners.mixed import _within_input_memory
+
+    # pivoted pairs over the input's 100, A·B pairs within: the first family left out is enough
+    planner, search, runs, rule = _replanning(lambda ts: 130 if "plmf-int8" in ts else 90)
+    first = search.run()
+    res, ratio, info = _within_input_memory(search, planner, first, 0.9, rule, lambda m: 0.95)
+    assert runs[-1] == ["lmf-int8"] and {o.tag[0] for o in res.choice.values()} == {"lmf-int8"}
+    assert info["first"] == 130 and info["memory"] == 90 and info["left_out"] == "pivoted low-rank forms"
+    assert ratio == 0.95 and "planned again without pivoted low-rank forms" in info["note"]
+    assert all(o.tag[0] != "plmf-int8" for v in planner.options.values() for o in v)  # left as for the pick
+
+    # every factored form over it: both families tried, the first within (int8) wins
+    planner, search, runs, rule = _replanning(lambda ts: 120 if ts & {"plmf-int8", "lmf-int8"} else 80)
+    res, _, info = _within_input_memory(search, planner, search.run(), None, rule, None)
+    assert runs[1:] == [["lmf-int8"], ["int8"]] and info["left_out"] == "low-rank forms" and info["memory"] == 80
+
+    # nothing within: the lightest measured is kept and said
+    planner, search, runs, rule = _replanning(lambda ts: {"plmf-int8": 150, "lmf-int8": 140, "int8": 145}[max(ts)])
+    res, _, info = _within_input_memory(search, planner, search.run(), None, rule, None)
+    assert [o.tag[0] for o in res.choice.values()] == ["lmf-int8"] * 2 and info["memory"] == 140
+    assert "the lightest plan found, without pivoted low-rank forms" in info["note"]
+
+    # within the input's (1% slack): nothing re-planned, nothing recorded
+    planner, search, runs, rule = _replanning(lambda ts: 101)
+    res, _, info = _within_input_memory(search, planner, first := search.run(), 1.0, rule, None)
+    assert res is first and info is None and len(runs) == 1
+
+
+def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monkeypatch):
+    """The default planner measures the input and its plan with the steady allocator setting, and
+    a plan over the input's memory is said in the notes (the fake: every plan takes twice)."""
+    import onnxhmf.runtime as runtime
+
+    seen = []
+
+    def fake(path, feeds, runs=5, timeout=300.0, env=None):
+        seen.append(env)
+        return 1000 if len(seen) == 1 else 2000
+
+    monkeypatch.setattr(runtime, "resident_memory", fake)
+    src = tmp_path / "lm.onnx"
+    import discovery_graphs as dg
+
+    onnx.save(dg.causal_lm(), src)
+    _, rep = optimize(str(src), fidelity=0.99, verify=False)
+    info = rep.plan["memory_rule"]
+    assert seen and all(e == runtime.STEADY_MALLOC for e in seen)
+    assert info["input"] == 1000 and info["first"] == 2000 and info["memory"] == 2000
+    assert any("the plan took 2,000 B once loaded, over the input's 1,000 B" in n for n in rep.notes)

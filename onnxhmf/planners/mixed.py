@@ -40,7 +40,9 @@ held-out fidelity meets the target. ``--max-latency-ratio``: the predicted laten
 option is a cap inside the same search (latency.py), the built plan is measured and the cap
 tightened by the excess; what is still too slow is planned again without whole families of
 treatments (``_SLOWER_FIRST``), and fails if still slow. ``--max-memory`` (and the default
-planner's rule that weights take no more memory than as float) is a cap the same way (memory.py).
+planner's rule that weights take no more memory than as float) is a cap the same way (memory.py);
+the default planner then measures its plan's resident memory against the input's and, over it,
+plans again without the forms that hold more at run time (``_HEAVIER_FIRST``).
 """
 from __future__ import annotations
 
@@ -72,7 +74,7 @@ from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
-from .memory import MemoryCap
+from .memory import InputMemory, MemoryCap, _mib
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -371,25 +373,39 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         planner.options, planner.caps, uncapped = every, [cap for cap in planner.caps if cap is not lat], True
         res = search.run()
         ratio, fast_only = ratio_of(res.built.model), None
-    slow = limit is not None and ratio > limit
-    if slow and strict_latency:
+    if strict_latency and limit is not None and ratio > limit:
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
     if mem is not None:
         res = mem.enforce(search, res)
+    lighter = None
+    if options.budget.fidelity is not None and options.budget.max_memory is None:  # the default planner
+        res, ratio, lighter = _within_input_memory(search, planner, res, ratio, InputMemory.measure(work, c.held.batches[0]),
+                                                   ratio_of if limit is not None else None)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = info = _summary(planner, res, search, ratio, fast_only)
     plan.summary["timings"] = timings
-    plan.summary["notes"] = [_note(info, res)]
-    if slow or uncapped:
+    plan.summary["notes"] = [_note(info, res), *_default_notes(info, ratio, limit, uncapped, fast_only, lighter)]
+    return Planned(plan, res.built), c
+
+
+def _default_notes(info: dict, ratio, limit, uncapped: bool, fast_only, lighter) -> list[str]:
+    """What the default planner says beside the plan (recorded in ``info`` too): its measured
+    memory rule re-planned (``lighter``); the plan is over its latency preference, or is the
+    --allow-slower plan (``uncapped``)."""
+    notes = []
+    if lighter is not None:
+        info["memory_rule"] = lighter
+        notes.append(lighter["note"])
+    if uncapped or (limit is not None and ratio is not None and ratio > limit):
         info["note"] = (
             f"no smaller plan within the default's {limit}x latency kept the fidelity target; this one (the "
             f"--allow-slower plan: weight-only forms included) runs at {ratio:.2f}x the input's latency"
             if uncapped else f"the fastest plan found runs at {ratio:.2f}x the input's latency, over the default's "
             f"{limit}x" + (f" even without {fast_only}" if fast_only else ""))
-        plan.summary["notes"].append(info["note"])
-    return Planned(plan, res.built), c
+        notes.append(info["note"])
+    return notes
 
 
 def _search_within_latency(search: _Search, planner: Planner, lat: LatencyCap | None, ratio_of):
@@ -413,6 +429,51 @@ def _search_within_latency(search: _Search, planner: Planner, lat: LatencyCap | 
         tried.append((ratio_of(res.built.model), res, left_out, planner.options))
     ratio, res, left_out, planner.options = tried[-1] if tried[-1][0] <= lat.limit else min(tried, key=lambda t: t[0])
     return res, ratio, left_out
+
+
+# Heavier at run time than their stored bytes say (planners/memory.py, InputMemory): a factored
+# site holds its intermediate product and, pivoted, the Concat and the column Gather of its
+# outputs besides. Where the default's plan takes more resident memory than the input, plan again
+# without, in turn, the pivoted forms, then every factored form; the first within the input's wins.
+_HEAVIER_FIRST = (("pivoted low-rank forms", lambda k: k.startswith("plmf")),
+                  ("low-rank forms", _FACTORED))
+
+
+def _within_input_memory(search: _Search, planner: Planner, res: _Trial, ratio, rule: InputMemory, ratio_of):
+    """The default's measured memory rule: ``res`` if its resident growth is within the input's
+    (``rule``), else the first plan made without a family of _HEAVIER_FIRST that is, else the
+    lightest measured. Returns (trial, its latency ratio, None or what the summary records);
+    ``ratio_of`` (None: latency not measured) gives a re-plan's latency ratio."""
+    got = rule.of(res.built.model)
+    if rule.within(got):
+        return res, ratio, None
+    full = planner.options
+    tried = [(got, res, ratio, None, full)]
+    for left_out, drop in _HEAVIER_FIRST:
+        if not any(drop(o.tag[0]) for o in tried[-1][1].choice.values()):
+            continue
+        planner.options = {n: [o for o in v if not drop(o.tag[0])] or v[:1] for n, v in full.items()}
+        try:
+            alt = search.run()
+        except OnnxHmfError:  # no plan without them meets the goal
+            continue
+        tried.append((rule.of(alt.built.model), alt, ratio_of(alt.built.model) if ratio_of else ratio, left_out,
+                      planner.options))
+        if rule.within(tried[-1][0]):
+            break
+    pick = tried[-1] if rule.within(tried[-1][0]) else min(tried, key=lambda t: t[0] if t[0] is not None else float("inf"))
+    mib = _mib
+    first = f"the plan took {mib(got)} once loaded, over the input's {mib(rule.base)} (fixed mmap threshold)"
+    if pick[3] is not None and rule.within(pick[0]):
+        note = f"{first}; planned again without {pick[3]}: {mib(pick[0])}"
+    elif pick[3] is not None:
+        note = f"{first}; the lightest plan found, without {pick[3]}, takes {mib(pick[0])}"
+    elif len(tried) == 1 and not any(d(o.tag[0]) for _, d in _HEAVIER_FIRST for o in res.choice.values()):
+        note = f"{first}; it has no low-rank forms to leave out, and it is kept"
+    else:
+        note = f"{first}; no plan without its low-rank forms that meets the target takes less, and it is kept"
+    planner.options = pick[4]
+    return pick[1], pick[2], {"input": rule.base, "first": got, "memory": pick[0], "left_out": pick[3], "note": note}
 
 
 def _check_reachable(work: onnx.ModelProto, goal: dict, src_bytes: int) -> None:
