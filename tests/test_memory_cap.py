@@ -122,7 +122,7 @@ def _replanning(memory_of):
         def of(self, model):
             return memory_of(set(model))
 
-    return planner, SimpleNamespace(run=run), runs, Rule({}, 100)
+    return planner, SimpleNamespace(run=run), runs, Rule({}, 100, floor=0)
 
 
 def test_the_default_replans_without_the_heavier_forms_when_over_the_inputs_memory():
@@ -154,6 +154,15 @@ def test_the_default_replans_without_the_heavier_forms_when_over_the_inputs_memo
     assert res is first and info is None and len(runs) == 1
 
 
+def test_the_inputs_memory_allows_the_larger_of_one_percent_and_one_mib():
+    from onnxhmf.planners.memory import InputMemory
+
+    small, large = InputMemory({}, 11 << 20), InputMemory({}, 300 << 20)
+    assert small.within((11 << 20) + (900 << 10)) and not small.within(13 << 20)  # 1 MiB, not 1% (0.11 MiB)
+    assert large.within((300 << 20) + (3 << 20)) and not large.within((300 << 20) + (4 << 20))  # 1% (3 MiB)
+    assert InputMemory({}, None).within(1 << 40) and small.within(None)  # not measurable: no rule
+
+
 def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monkeypatch):
     """The default planner measures the input and its plan with the steady allocator setting, and
     a plan over the input's memory is said in the notes (the fake: every plan takes twice)."""
@@ -163,7 +172,7 @@ def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monke
 
     def fake(path, feeds, runs=5, timeout=300.0, env=None):
         seen.append(env)
-        return 1000 if len(seen) == 1 else 2000
+        return 3 << 20 if len(seen) == 1 else 6 << 20
 
     monkeypatch.setattr(runtime, "resident_memory", fake)
     src = tmp_path / "lm.onnx"
@@ -173,5 +182,5 @@ def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monke
     _, rep = optimize(str(src), fidelity=0.99, verify=False)
     info = rep.plan["memory_rule"]
     assert seen and all(e == runtime.STEADY_MALLOC for e in seen)
-    assert info["input"] == 1000 and info["first"] == 2000 and info["memory"] == 2000
-    assert any("the plan took 2,000 B once loaded, over the input's 1,000 B" in n for n in rep.notes)
+    assert info["input"] == 3 << 20 and info["first"] == 6 << 20 and info["memory"] == 6 << 20
+    assert any("the plan took 6.0 MiB once loaded, over the input's 3.0 MiB" in n for n in rep.notes)
