@@ -93,17 +93,18 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
 
         plan = load_plan(options.plan_file, work)
         # output forms, chosen on the command line too
-        plan.settings.update({k: v for k, v in options.settings().items() if k in ("kernels", "accuracy_level", "activations")})
+        output_forms = ("kernels", "accuracy_level", "activations", "compact_names", "float16_biases")
+        plan.settings.update({k: v for k, v in options.settings().items() if k in output_forms})
         planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress, model_path)
     elif options.budget.fidelity is not None:
         from .planners.auto import auto_plan
 
-        res = auto_plan(work, model_path, options, src_bytes=bytes_before, finish=finish_metadata, progress=progress)
+        res = auto_plan(work, model_path, options, src_bytes=bytes_before, finish=finish_model, progress=progress)
         planned, cal = res.planned, res.calibrated
     elif options.budget.plan is not None:
         from .planners.mixed import mixed_plan
 
-        planned, cal = mixed_plan(work, options, src_bytes=bytes_before, finish=finish_metadata, progress=progress)
+        planned, cal = mixed_plan(work, options, src_bytes=bytes_before, finish=finish_model, progress=progress)
     elif options.calibration.given:
         from .planners.measured import measured_plan
 
@@ -179,7 +180,14 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
     report.timings["execute_s"] = time.perf_counter() - t
     work = built.model
     _fill_report(report, plan, built)
-    finish_metadata(work, plan.settings, report)
+    finish_model(work, plan.settings, report)
+    if plan.settings.get("compact_names"):
+        from .graph.names import compact_names
+
+        before = work.ByteSize()
+        n = compact_names(work)
+        report.notes.append(f"compact names: {n} intermediate tensors renamed, node names dropped "
+                            f"({before - work.ByteSize():,} B fewer)")
     report.params_after = count_params(work)
     pruned = [s for s in report.rewritten if s.method == "prune"]
     if pruned:
@@ -347,6 +355,21 @@ def _check_written(path: Path, input_path: str | None) -> None:
             check_model_path(path, what=what)
             return
         raise
+
+
+def finish_model(model: onnx.ModelProto, settings: dict, report: Report | None = None) -> None:
+    """What every built model gets before it is measured or written: --float16-biases
+    (graph/half.py; a planner's trial builds get it too, so their fidelity counts it), then the
+    metadata."""
+    if settings.get("float16_biases"):
+        from .graph.half import float16_biases
+
+        float16_biases(model)
+        n = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and t.name.endswith(".f16"))
+        if report is not None and n:
+            report.notes.append(f"float16 biases: {n} bias and normalization vectors stored as float16, Cast at load "
+                                "(disk only: the loaded model is float32)")
+    finish_metadata(model, settings, report)
 
 
 def finish_metadata(model: onnx.ModelProto, settings: dict, report: Report | None = None) -> None:

@@ -125,6 +125,8 @@ class Methods:
     accuracy_level: int | None = None  # with kernels onnxruntime: MatMulNBits' accuracy_level (None: by bits, nbits.AUTO_ACCURACY)
     activations: str = "per-tensor"  # per-token: the int8 MatMulIntegers' inputs get one scale per row (graph/pertoken.py)
     rotate: bool = False  # --plan auto also offers int4 of weights rotated on their input side (factorize/rotate.py)
+    compact_names: bool = False  # intermediate tensors renamed short, node names dropped (graph/names.py)
+    float16_biases: bool = False  # biases and normalization vectors stored as float16, Cast at load (graph/half.py)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -210,7 +212,7 @@ _GROUPS = {
                         "allow_slower", "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
-                          "pivot", "kernels", "accuracy_level", "activations", "rotate"}),
+                          "pivot", "kernels", "accuracy_level", "activations", "rotate", "compact_names", "float16_biases"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -324,4 +326,6 @@ class Options:
             **({"accuracy_level": m.accuracy_level} if m.accuracy_level is not None else {}),
             **({"activations": m.activations} if m.activations != "per-tensor" else {}),
             **({"rotate": True} if m.rotate else {}),
+            **({"compact_names": True} if m.compact_names else {}),
+            **({"float16_biases": True} if m.float16_biases else {}),
         }

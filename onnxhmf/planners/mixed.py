@@ -165,6 +165,14 @@ class Planner:
             self.finish(built.model, self.settings)
         return built
 
+    def size_of(self, model: onnx.ModelProto) -> int:
+        """The bytes ``model`` is written as (--compact-names: once its names are short)."""
+        if self.settings.get("compact_names"):
+            from ..graph.names import compacted_bytes
+
+            return compacted_bytes(model)
+        return model.ByteSize()
+
     def measure(self, model: onnx.ModelProto) -> tuple[float, float]:
         """(held-out fidelity, held-out loss): fidelity = min over float outputs of the mean row
         cosine to the original (as calibrated.fidelity), loss = Σ_outputs (1 − mean cosine); or
@@ -342,6 +350,14 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    if options.methods.compact_names:  # the input's own names, shortened, are bytes no weight costs
+        from ..graph.names import compacted_bytes
+
+        fixed -= work.ByteSize() - compacted_bytes(work)
+    if options.methods.float16_biases:  # so are half the bytes of its biases (graph/half.py)
+        from ..graph.half import float16_saving
+
+        fixed -= float16_saving(work)
     every = opts  # the whole menu, for the default's fallback below
     if fast:
         opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
@@ -520,7 +536,7 @@ class _Search:
 
     def _measure(self, choice, row: dict) -> _Trial:
         built = self.planner.assemble(self.work, choice)
-        size = built.model.ByteSize()
+        size = self.planner.size_of(built.model)
         fid, loss = self.planner.measure(built.model)
         self.tried.append({**row, "bytes": size, "fidelity": round(fid, 5)})
         return _Trial(choice, size, fid, loss, built)
@@ -537,7 +553,7 @@ class _Search:
             if not fits(p, alt, p.caps):
                 continue
             built = p.assemble(self.work, alt)
-            size = built.model.ByteSize()
+            size = p.size_of(built.model)
             if size > target:
                 continue
             fid, loss = p.measure(built.model)
@@ -586,10 +602,24 @@ class _Search:
         for i in range(6):
             res = self.trial(budget)
             if res.size <= target:
-                return self.best_of(res, target)
+                return self.best_of(self._spend_slack(res, budget, target), target)
             # the overhead estimate was short: spend that much less, and a growing margin more
             budget -= res.size - target + int(0.001 * target * 2**i)
         raise OnnxHmfError(f"--plan auto: could not fit {target:,} B (last plan {res.size:,} B)")
+
+    def _spend_slack(self, res: _Trial, budget: int, target: int) -> _Trial:
+        """Once more with the budget raised by what the plan left unspent, where that is more than
+        0.5% of the target (the overheads' estimate was long): kept if it fits and measures a lower
+        held-out loss."""
+        slack = target - res.size
+        if slack <= 0.005 * target:
+            return res
+        try:
+            alt = self.trial(budget + slack)
+        except ValueError:
+            return res
+        self.tried[-1]["slack"] = slack
+        return alt if alt.size <= target and alt.loss < res.loss else res
 
     def _fit_fidelity(self) -> _Trial:
         goal, p = self.goal["target_fidelity"], self.planner
