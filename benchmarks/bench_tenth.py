@@ -1,6 +1,7 @@
 """Issue 15: MiniLM at one tenth of its size with standard ops only; the size/fidelity curve.
 
-    python benchmarks/bench_tenth.py [--targets 0.10,0.12,0.14] [--cli 0.10,0.12] [--samples 512] [--rounds 9]
+    python benchmarks/bench_tenth.py [--targets 0.10,0.12,0.14] [--cli 0.10,0.12] [--compact] [--no-uniform]
+                                     [--samples 512] [--rounds 9]
 
 Calibration: ``--samples`` pydoc sentences (never the held-out text), for the API rows and the
 CLI rows alike (``--calib-samples``). Fidelity: mean cosine of sentence
@@ -21,6 +22,10 @@ separately. Variants:
     cli @R              (--cli R,...) `onnxhmf optimize --plan auto --target-ratio R --rotate --calib pydoc.txt
                         --tokenizer minilm.tokenizer.json --calib-samples SAMPLES` (run with --force: written even where its
                         own verification, on its calibration-held-out batches, is below 0.9)
+    cli @R --compact-names (--compact) the same with --compact-names: short intermediate names, and
+    cli @R --compact-names --float16-biases   also biases and LayerNorm vectors as float16 on disk: bytes
+                        the plan spends on its weights
+(--no-uniform: only the original, the peer and the plan/CLI rows.)
 
 Columns: size (ratio to the input file), cosine on Shakespeare / KJV / both, latency at 1 thread
 (median of interleaved rounds on 8×128 tokens, ratio to the original), resident memory (RSS growth
@@ -52,14 +57,14 @@ MENU = ["int4b:256:a:gptq:s8", "int4b:128:a:gptq:s8", "int4b:64:a:gptq:s8", "int
         "int4b:32:a:gptq:rot32:s8", "pq:4:i8", "pq:6:i8", "pq:8:i8"]
 
 
-def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
-    m = onnx.load(str(src))
+def build(src, out, cal, targets: list[float], uniform: bool = True) -> tuple[dict, dict, list[str]]:
+    m, uniform_rows = onnx.load(str(src)), uniform
     kinds = {t.name: qdq.site_kind(m, t.name) for t in m.graph.initializer}
     weights = [w for w, k in kinds.items() if k in ("matmul", "table")
                and np.prod(next(t for t in m.graph.initializer if t.name == w).dims) >= 4096]
     matmuls = [w for w in weights if kinds[w] == "matmul"]
     t0 = time.perf_counter()
-    grams = weight_grams(m, weights, cal)
+    grams = weight_grams(m, weights, cal) if uniform or targets else {}
     fitted, paths, secs, notes = {}, {}, {}, []
     pq4 = parse_treatment("pq:4:i8")
     uniform = {"table pq4 only": {WORD: pq4},
@@ -68,7 +73,7 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
                **{f"int4b{b}a rot{' s8' * s8} + pq4": {
                    **{w: parse_treatment(f"int4b:{b}:a:gptq:rot{32 if s8 else 128}{':s8' * s8}") for w in matmuls}, WORD: pq4,
                    POS: parse_treatment("int4b:32:s:clip")} for b, s8 in ((128, False), (64, True), (32, True))}}
-    for label, plan in uniform.items():
+    for label, plan in (uniform if uniform_rows else {}).items():
         t = time.perf_counter()
         model, _ = apply_treatments(m, plan, grams=grams, fitted=fitted)
         paths[label], secs[label] = out / f"{label.replace(' ', '_').replace('+', '')}.onnx", time.perf_counter() - t
@@ -90,13 +95,14 @@ def build(src, out, cal, targets: list[float]) -> tuple[dict, dict, list[str]]:
     return paths, secs, notes
 
 
-def cli_rows(src, out, pydoc, targets: list[float], samples: int) -> tuple[dict, dict, list[str]]:
+def cli_rows(src, out, pydoc, targets: list[float], samples: int, compact: bool = False) -> tuple[dict, dict, list[str]]:
     paths, secs, notes = {}, {}, []
-    for r in targets:
-        label = f"cli @{r:.2f}"
-        p = out / f"cli_{r:.2f}.onnx"
+    forms = ([], ["--compact-names"], ["--compact-names", "--float16-biases"]) if compact else ([],)
+    for r, flags in [(r, f) for r in targets for f in forms]:
+        label = " ".join([f"cli @{r:.2f}", *flags])
+        p = out / f"cli_{r:.2f}{''.join(f.replace('-', '_') for f in flags)}.onnx"
         res = H.optimize(src, p, "--plan", "auto", "--target-ratio", str(r), "--calib", pydoc,
-                         "--tokenizer", H.MINILM_TOKENIZER, "--rotate", "--calib-samples", str(samples))
+                         "--tokenizer", H.MINILM_TOKENIZER, "--rotate", "--calib-samples", str(samples), *flags)
         paths[label], secs[label] = p, res["wall_s"]
         counts = {}
         for s in res["report"]["plan"]["sites"]:
@@ -108,15 +114,16 @@ def cli_rows(src, out, pydoc, targets: list[float], samples: int) -> tuple[dict,
     return paths, secs, notes
 
 
-def run(targets: list[float], samples: int, rounds: int, cli: list[float]) -> str:
+def run(targets: list[float], samples: int, rounds: int, cli: list[float], compact: bool = False,
+        uniform: bool = True) -> str:
     out, src, m, cal = H.minilm_setup("tenth", samples)
     feeds = H.minilm_feeds()
     np.savez(out / "feeds.npz", **feeds)
     paths = {"original": src, "ort nbits4": peers(src, out, cal, only="ort nbits4")["ort nbits4"]}
-    mine, secs, notes = build(src, out, cal, targets)
+    mine, secs, notes = build(src, out, cal, targets, uniform)
     paths.update(mine)
     if cli:
-        more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", cli, samples)
+        more, s2, n2 = cli_rows(src, out, out / "pydoc.txt", cli, samples, compact)
         paths.update(more), secs.update(s2), notes.extend(n2)
     sents = H.heldout_sentences(600)  # 300 Shakespeare, then 300 KJV
     embs = {k: H.embed_eval.encode(str(p), sents, str(H.MINILM_TOKENIZER)) for k, p in paths.items()}
@@ -139,9 +146,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--cli", default="", help="also run `onnxhmf optimize --plan auto` at these target ratios")
+    ap.add_argument("--compact", action="store_true", help="each CLI row also with --compact-names, and with --float16-biases too")
+    ap.add_argument("--no-uniform", action="store_true", help="leave out the uniform rows")
     args = ap.parse_args()
     cli = [float(x) for x in args.cli.split(",") if x]
-    print(run([float(x) for x in args.targets.split(",") if x], args.samples, args.rounds, cli), flush=True)
+    print(run([float(x) for x in args.targets.split(",") if x], args.samples, args.rounds, cli, args.compact,
+              not args.no_uniform), flush=True)
 
 
 if __name__ == "__main__":
