@@ -58,7 +58,7 @@ MENU = ["int4b:256:a:gptq:s8", "int4b:128:a:gptq:s8", "int4b:64:a:gptq:s8", "int
 
 
 def build(src, out, cal, targets: list[float], uniform: bool = True) -> tuple[dict, dict, list[str]]:
-    m, uniform_rows = onnx.load(str(src)), uniform
+    m = onnx.load(str(src))
     kinds = {t.name: qdq.site_kind(m, t.name) for t in m.graph.initializer}
     weights = [w for w, k in kinds.items() if k in ("matmul", "table")
                and np.prod(next(t for t in m.graph.initializer if t.name == w).dims) >= 4096]
@@ -67,13 +67,13 @@ def build(src, out, cal, targets: list[float], uniform: bool = True) -> tuple[di
     grams = weight_grams(m, weights, cal) if uniform or targets else {}
     fitted, paths, secs, notes = {}, {}, {}, []
     pq4 = parse_treatment("pq:4:i8")
-    uniform = {"table pq4 only": {WORD: pq4},
+    rows = {"table pq4 only": {WORD: pq4},
                **{f"int4b128{x} + pq4": {**{w: parse_treatment(f"int4b:128:{x}:gptq") for w in matmuls}, WORD: pq4,
                                          POS: parse_treatment("int4b:32:s:clip")} for x in "sa"},
                **{f"int4b{b}a rot{' s8' * s8} + pq4": {
                    **{w: parse_treatment(f"int4b:{b}:a:gptq:rot{32 if s8 else 128}{':s8' * s8}") for w in matmuls}, WORD: pq4,
                    POS: parse_treatment("int4b:32:s:clip")} for b, s8 in ((128, False), (64, True), (32, True))}}
-    for label, plan in (uniform if uniform_rows else {}).items():
+    for label, plan in (rows if uniform else {}).items():
         t = time.perf_counter()
         model, _ = apply_treatments(m, plan, grams=grams, fitted=fitted)
         paths[label], secs[label] = out / f"{label.replace(' ', '_').replace('+', '')}.onnx", time.perf_counter() - t

@@ -365,8 +365,9 @@ def finish_model(model: onnx.ModelProto, settings: dict, report: Report | None =
         from .graph.half import float16_biases
 
         float16_biases(model)
-        n = sum(1 for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16 and t.name.endswith(".f16"))
-        if report is not None and n:
+        # (a planner's built model had them already: count what the written one holds)
+        n = report and sum(t.data_type == onnx.TensorProto.FLOAT16 and t.name.endswith(".f16") for t in model.graph.initializer)
+        if n:
             report.notes.append(f"float16 biases: {n} bias and normalization vectors stored as float16, Cast at load "
                                 "(disk only: the loaded model is float32)")
     finish_metadata(model, settings, report)
