@@ -36,7 +36,9 @@ onnxhmf treatments (passes/intquant.py, every weight, tables included unless sai
                                  `--kernels onnxruntime`: MatMulNBits written out, not std]
     cli plan @P                  `onnxhmf optimize --plan auto --target-size <P's bytes>
                                  --max-latency-ratio <1.05 × P's 1-thread latency ratio, measured first>
-                                 --calib <pydoc>`, for the peers P of ``--plans`` (default: dyn pt, dyn pc);
+                                 --max-memory <1.05 × P's resident MiB, median of 3 processes, first>
+                                 --inputs <the benchmark's feeds> --calib <pydoc>`, for the peers P of
+                                 ``--plans`` (default: dyn pt, dyn pc);
                                  a contrib-op peer also gets the row with `--kernels onnxruntime`
     cli file NAME                `onnxhmf optimize --plan-file benchmarks/plans/<model>_NAME.json`
                                  for every plan file there (glassllm_int8_w2w: int8 everywhere but
@@ -194,10 +196,11 @@ def ours(src: Path, out: Path, cal, tables: list[str], matmuls: list[str],
 
 
 def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str, Path],
-              lat: dict[str, float], reuse: bool = False) -> tuple[dict, dict]:
+              lat: dict[str, float], mem: dict[str, float], reuse: bool = False) -> tuple[dict, dict]:
     """The tool's own runs: --quantize int8, the default planner (standard ops, and with
-    --kernels onnxruntime), and --plan auto at each peer's size and latency (``calib``: the
-    --calib/--tokenizer arguments)."""
+    --kernels onnxruntime), and --plan auto at each peer's size, latency and resident memory
+    (``mem``, MiB), measured on the benchmark's own inputs (``calib``: the --calib/--tokenizer
+    arguments)."""
     paths, secs = {}, {}
     runs = {"cli int8": ["--quantize", "int8", "--no-measure"],
             "cli int8pc smooth": ["--quantize", "int8pc", "--smooth", "all", "--no-measure", *calib],
@@ -207,7 +210,8 @@ def cli_plans(name: str, src: Path, out: Path, calib: list[str], peers: dict[str
     for k, p in peers.items():
         runs[f"cli plan @{k.removeprefix('ort ')}"] = [
             "--plan", "auto", "--target-size", str(os.path.getsize(p)), "--max-latency-ratio",
-            f"{1.05 * lat[k] / lat['original']:.3f}", "--no-measure", *calib]
+            f"{1.05 * lat[k] / lat['original']:.3f}", "--max-memory", f"{1.05 * mem[k]:.1f}MiB",
+            "--inputs", str(out / "feeds.npz"), "--no-measure", *calib]
         if not standard(p):  # a contrib-op peer: also the plan written with onnxruntime's kernels
             runs[f"cli plan @{k.removeprefix('ort ')} ort kernels"] = [
                 *runs[f"cli plan @{k.removeprefix('ort ')}"], "--kernels", "onnxruntime"]
@@ -269,9 +273,10 @@ def run(name: str, samples: int, rounds: int, plan_peers: list[str], reuse: bool
     if plan_peers:
         chosen = {k: paths[k] for k in plan_peers}
         first = H.latency({"original": src, **chosen}, feeds, threads=1, rounds=rounds, per_round=2)
+        first_mem = {k: float(np.median([resident(p, out / "feeds.npz") for _ in range(3)])) for k, p in chosen.items()}
         calib = ["--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)] if name == "minilm" \
             else ["--calib", str(out / "cal.npz")]
-        cli, cli_s = cli_plans(name, src, out, calib, chosen, first, reuse)
+        cli, cli_s = cli_plans(name, src, out, calib, chosen, first, first_mem, reuse)
         paths.update(cli)
         secs.update(cli_s)
     if name == "ppocr":

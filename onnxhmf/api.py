@@ -215,17 +215,11 @@ def _plan_file_needs_inline(options: Options) -> bool:
 def _reference(inp: _Input, options: Options, report: Report, held_batch=None):
     """Verification feeds (``--inputs``, else a held-out calibration batch of the default
     planner, else generated from the signature) and the input model's outputs on them."""
-    from .verify import load_inputs, make_inputs, run_onnxruntime
+    from .verify import make_inputs, named_feeds, run_onnxruntime
 
-    v = options.verification
-    if held_batch is not None and v.inputs is None and not v.input_shapes:
-        feeds = dict(held_batch)
-    elif isinstance(v.inputs, (str, os.PathLike)):
-        feeds = load_inputs(v.inputs, inp.work)
-    elif v.inputs is not None:
-        feeds = dict(v.inputs)
-    else:
-        feeds = make_inputs(inp.work, v.input_shapes, seed=options.methods.seed)
+    feeds = named_feeds(inp.work, options.verification, seed=options.methods.seed)
+    if feeds is None:
+        feeds = dict(held_batch) if held_batch is not None else make_inputs(inp.work, seed=options.methods.seed)
     t = time.perf_counter()
     ref = run_onnxruntime(inp.src, feeds, prepack=False)
     report.timings["reference_run_s"] = time.perf_counter() - t

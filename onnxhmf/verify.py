@@ -22,6 +22,7 @@ from .report import OutputStats
 
 __all__ = [
     "parse_input_shapes",
+    "named_feeds",
     "parse_tolerances",
     "make_inputs",
     "load_inputs",
@@ -205,6 +206,20 @@ def load_inputs(path: str | os.PathLike, model: onnx.ModelProto) -> dict[str, np
     if missing:
         raise OnnxHmfError(f"--inputs {str(p)!r} lacks input(s) {missing}")
     return {n: feeds[n] for n in need}
+
+
+def named_feeds(model: onnx.ModelProto, verification, seed: int = 0) -> dict[str, np.ndarray] | None:
+    """The inputs the user named (``--inputs`` .npz or arrays, else ``--input-shapes`` generated
+    from the signature), or None where they named none: what the planners measure latency and
+    resident memory on, and what verification runs on."""
+    v = verification
+    if isinstance(v.inputs, (str, os.PathLike)):
+        return load_inputs(v.inputs, model)
+    if v.inputs is not None:
+        return dict(v.inputs)
+    if v.input_shapes:
+        return make_inputs(model, v.input_shapes, seed=seed)
+    return None
 
 
 def run_onnxruntime(model: onnx.ModelProto | str | os.PathLike | bytes, feeds: dict[str, np.ndarray], threads: int | None = None,

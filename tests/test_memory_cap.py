@@ -73,7 +73,7 @@ def test_the_knapsack_says_when_nothing_fits():
 def test_plan_auto_measures_and_reports_the_memory(tmodel, calib_npz):
     _, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5}, max_memory=2**30, verify=False)
     assert rep.plan["max_memory"] == 2**30 and 0 < rep.plan["memory"] <= 2**30
-    with pytest.raises(OnnxHmfError, match="onnxruntime and the activations alone"):
+    with pytest.raises(OnnxHmfError, match="--max-memory 1,000 B: the smallest plan takes .* once loaded \\(measured\\)"):
         optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5}, max_memory=1000, verify=False)
 
 
@@ -179,8 +179,116 @@ def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monke
     import discovery_graphs as dg
 
     onnx.save(dg.causal_lm(), src)
-    _, rep = optimize(str(src), fidelity=0.99, verify=False)
+    # (0.9: int8 meets it by a wide margin on every machine; at 0.99 the model's own samples,
+    # which differ by CPU, left some machines no plan but the dense one)
+    _, rep = optimize(str(src), fidelity=0.9, verify=False)
     info = rep.plan["memory_rule"]
     assert seen and all(e == runtime.STEADY_MALLOC for e in seen)
     assert info["input"] == 3 << 20 and info["first"] == 6 << 20 and info["memory"] == 6 << 20
     assert any("the plan took 6.0 MiB once loaded, over the input's 3.0 MiB" in n for n in rep.notes)
+
+
+def _capped_replanning(memory_of):
+    """A fake search for --max-memory's re-plans: weights ``a`` and ``b`` are read by MatMuls,
+    ``t`` only by a Gather; the plan is each weight's last option still offered; its resident
+    memory ``memory_of(treatments of a and b, of t)``."""
+    from onnxhmf.planners.mixed import _Trial
+
+    menu = [Option(400, 0.0, ("dense", 1.0)), Option(60, 0.03, ("int4b", 1.0)), Option(100, 0.01, ("int8", 1.0)),
+            Option(105, 0.005, ("int8b", 1.0))]
+    uses = {"a": ["matmul"], "b": ["matmul"], "t": ["gather"]}
+    planner = SimpleNamespace(options={k: list(menu) for k in uses},
+                              groups={k: SimpleNamespace(uses=[SimpleNamespace(kind=u) for u in v]) for k, v in uses.items()})
+    runs = []
+
+    def run():
+        choice = {n: v[-1] for n, v in planner.options.items()}
+        runs.append(choice)
+        return _Trial(choice, 0, 1.0, 0.0, SimpleNamespace(model=(frozenset(choice[n].tag[0] for n in "ab"),
+                                                                   choice["t"].tag[0])))
+
+    class Cap(MemoryCap):
+        def _of(self, model):
+            return memory_of(*model)
+
+    return planner, SimpleNamespace(run=run, planner=planner), runs, Cap(100, 0, 10_000, {})
+
+
+def test_max_memory_replans_without_the_kernels_that_quantize_activations():
+    # 8-bit MatMulNBits over the cap, MatMulInteger too: both left out in turn, the Gather table's kept
+    heavy = lambda mm, t: 130 if "int8b" in mm else 110 if "int8" in mm else 90  # noqa: E731
+    planner, search, runs, cap = _capped_replanning(heavy)
+    res = cap.enforce(search, search.run())
+    assert [sorted({o.tag[0] for n, o in r.items() if n != "t"}) for r in runs] == [["int8b"], ["int8"], ["int4b"]]
+    assert {n: o.tag[0] for n, o in res.choice.items()} == {"a": "int4b", "b": "int4b", "t": "int8b"}
+    assert cap.first == 130 and cap.measured == 90 and cap.left_out == "8-bit MatMulNBits and MatMulInteger weights"
+    assert "the first plan took 130 B once loaded" in cap.note() and "planned again without 8-bit MatMulNBits and" in cap.note()
+    assert all(o.tag[0] not in ("int8", "int8b") for n in "ab" for o in planner.options[n])  # left as for the pick
+
+    # the first family is enough: MatMulInteger stays
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 130 if "int8b" in mm else 95)
+    res = cap.enforce(search, search.run())
+    assert len(runs) == 2 and cap.left_out == "8-bit MatMulNBits weights" and res.choice["a"].tag[0] == "int8"
+
+    # within the cap: nothing re-planned, nothing said
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 100)
+    first = search.run()
+    assert cap.enforce(search, first) is first and len(runs) == 1 and cap.note() is None
+
+
+def test_max_memory_replans_keep_the_latency_cap_or_fail():
+    # a re-plan over the latency cap is passed over; the weights' share is lowered, and where the
+    # plan is still over the cap the run fails with one line
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 130 if "int8b" in mm else 110 if "int8" in mm else 90)
+    with pytest.raises(OnnxHmfError, match=r"--max-memory 100 B: the plan takes 0.0 MiB"):
+        cap.enforce(search, search.run(), accept=lambda alt: alt.choice["a"].tag[0] == "int8b")
+    assert cap.left_out is None and cap.weights < 10_000 and len(runs) == 7  # first, four families, two lowered
+    assert all(r["a"].tag[0] == "int8b" for r in runs[5:])  # lowered on the whole menu
+
+
+def test_plan_auto_measures_memory_and_latency_on_the_named_inputs(tmodel, calib_npz, tmp_path, monkeypatch):
+    """--inputs names the batch the model will run on: the memory cap and the latency ratio are
+    measured on it, not on a calibration batch."""
+    import onnxhmf.runtime as runtime
+
+    shapes = []
+    real_resident, real_latency = runtime.resident_memory, runtime.latency_ratios
+
+    def resident(path, feeds, **kw):
+        shapes.append(("memory", feeds["input_ids"].shape))
+        return real_resident(path, feeds, **kw)
+
+    def latency(models, feeds, **kw):
+        if "input_ids" in feeds:  # (not the one-MatMul probes of the latency model)
+            shapes.append(("latency", feeds["input_ids"].shape))
+        return real_latency(models, feeds, **kw)
+
+    monkeypatch.setattr(runtime, "resident_memory", resident)
+    monkeypatch.setattr(runtime, "latency_ratios", latency)
+    named = tmp_path / "run.npz"
+    big = graphs.token_batches(n=3, seq=40, seed=2)
+    np.savez(named, **big)
+    _, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5, "max_latency_ratio": 5.0}, max_memory=2**30,
+                      inputs=str(named), verify=False)
+    assert {k for k, _ in shapes} == {"memory", "latency"} and {s for _, s in shapes} == {(3, 40)}
+    assert rep.plan["memory"] <= 2**30
+
+
+def test_the_overhead_is_measured_on_the_smallest_plan(monkeypatch):
+    """The input's growth counts its float weights' prepacked copies; the overhead is the
+    smallest plan's growth less its weights' loaded bytes, and a float weight is priced at what
+    the input then says it costs."""
+    import onnxhmf.planners.memory as memory
+
+    grown = {"input": 300_000, "smallest": 100_000}
+    monkeypatch.setattr(memory, "_resident", lambda model, feeds, **kw: grown[model])
+    cap = MemoryCap.measure("input", {}, 150_000, src_bytes=160_000, fixed=10_000, probe=("smallest", 150_000, 20_000))
+    assert cap.overhead == 70_000 and cap.weights == 150_000 - 80_000
+    assert cap.dense_factor == pytest.approx((300_000 - 70_000 - 10_000) / 150_000)
+    p, names = _planner()
+    assert cap.resource(p, "a", p.options["a"][0]) == int(40_000 * cap.dense_factor)
+    assert cap.resource(p, "a", p.options["a"][1]) == loaded_bytes(p, "a", p.options["a"][1])  # int8w: float at load
+    without = MemoryCap.measure("input", {}, 200_000, src_bytes=160_000, fixed=10_000)
+    assert without.overhead == 140_000 and without.dense_factor == 1.0
+    with pytest.raises(OnnxHmfError, match="--max-memory 90,000 B: the smallest plan takes 100,000 B once loaded"):
+        MemoryCap.measure("input", {}, 90_000, src_bytes=160_000, fixed=10_000, probe=("smallest", 150_000, 20_000))

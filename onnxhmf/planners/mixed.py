@@ -70,11 +70,12 @@ from ..passes.intquant import can_upgrade, planner_options
 from ..plan import Plan, treatment_bytes
 from ..progress import no_progress
 from ..quantize import int4_axis, int8_weight, int8w_weight, weight_nodes
+from ..verify import named_feeds
 from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
-from .memory import InputMemory, MemoryCap, _mib
+from .memory import InputMemory, MemoryCap, _mib, loaded_bytes
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -339,6 +340,9 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     over it after every re-plan is kept; either with a note, instead of failing."""
     t0 = time.perf_counter()
     _check_reachable(work, options.budget.plan, src_bytes)
+    # latency and resident memory are measured on the inputs the user named (--inputs,
+    # --input-shapes: the batch shape it will run on), else on the first held-out calibration batch
+    named = named_feeds(work, options.verification, seed=options.methods.seed)
     c = load_for_plan(work, options, 0.25, progress, split=split)
     settings = {**options.settings(), "calibration": calibration_settings(options, c.fit, 0.25, [g.name for g in c.groups])}
     fpass = FactorizePass(stats=c.stats, damp=options.methods.damp, seed=options.methods.seed)
@@ -349,15 +353,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
                     rotate=options.methods.rotate)
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
-    fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
-    if options.methods.compact_names:  # the input's own names, shortened, are bytes no weight costs
-        from ..graph.names import compacted_bytes
-
-        fixed -= work.ByteSize() - compacted_bytes(work)
-    if options.methods.float16_biases:  # so are half the bytes of its biases (graph/half.py)
-        from ..graph.half import float16_saving
-
-        fixed -= float16_saving(work)
+    fixed = _fixed_bytes(work, opts, src_bytes, options.methods)
     every = opts  # the whole menu, for the default's fallback below
     if fast:
         opts = {n: [o for o in v if o.tag[0] not in SLOW] for n, v in opts.items()}
@@ -366,14 +362,15 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
                       options, finish, meter=meter, cache=cache, costs=costs)
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
-    mem = (MemoryCap.measure(work, c.held.batches[0], options.budget.max_memory, src_bytes, fixed)
+    feeds = dict(named) if named is not None else dict(c.held.batches[0])
+    mem = (MemoryCap.measure(work, feeds, options.budget.max_memory, src_bytes, fixed, _smallest_loaded(planner, work))
            if options.budget.max_memory is not None
            else MemoryCap.no_more_than_float(planner) if options.budget.fidelity is not None else None)
     limit = options.budget.plan.get("max_latency_ratio")
-    lat = LatencyCap.measure(work, c.held.batches[0], limit, planner) if limit is not None else None
+    lat = LatencyCap.measure(work, feeds, limit, planner) if limit is not None else None
     planner.caps = [cap for cap in (mem, lat) if cap is not None]
     search = _Search(planner, work, options.budget.plan, src_bytes)
-    ratio_of = lambda m: latency_ratio(work, m, c.held)  # noqa: E731
+    ratio_of = lambda m: latency_ratio(work, m, feeds)  # noqa: E731
     uncapped = False
     try:
         res, ratio, fast_only = _search_within_latency(search, planner, lat, ratio_of)
@@ -393,17 +390,63 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
         raise OnnxHmfError(f"--plan auto: the plan runs at {ratio:.2f}x the input's latency (onnxruntime, one thread)"
                            f"{f' even without {fast_only}' if fast_only else ''}, over --max-latency-ratio {limit}")
     if mem is not None:
-        res = mem.enforce(search, res)
+        res, ratio = _within_memory_cap(mem, search, res, ratio, limit, ratio_of)
     lighter = None
     if options.budget.fidelity is not None and options.budget.max_memory is None:  # the default planner
-        res, ratio, lighter = _within_input_memory(search, planner, res, ratio, InputMemory.measure(work, c.held.batches[0]),
+        res, ratio, lighter = _within_input_memory(search, planner, res, ratio, InputMemory.measure(work, feeds),
                                                    ratio_of if limit is not None else None)
     timings["plan_search_s"] = time.perf_counter() - t
     plan = planner.plan(res.choice)
     plan.summary["plan_auto"] = info = _summary(planner, res, search, ratio, fast_only)
     plan.summary["timings"] = timings
     plan.summary["notes"] = [_note(info, res), *_default_notes(info, ratio, limit, uncapped, fast_only, lighter)]
+    if mem is not None and mem.note() is not None:
+        info["memory_first"], info["memory_left_out"] = mem.first, mem.left_out
+        plan.summary["notes"].append(mem.note())
     return Planned(plan, res.built), c
+
+
+def _fixed_bytes(work: onnx.ModelProto, opts: dict, src_bytes: int, methods) -> int:
+    """The output's bytes outside the planned weights: the input's, less its planned weights'
+    dense bytes, its names' saving (--compact-names) and half its biases (--float16-biases)."""
+    fixed = int(src_bytes) - sum(o[0].cost for o in opts.values())
+    if methods.compact_names:  # the input's own names, shortened, are bytes no weight costs
+        from ..graph.names import compacted_bytes
+
+        fixed -= work.ByteSize() - compacted_bytes(work)
+    if methods.float16_biases:  # so are half the bytes of its biases (graph/half.py)
+        from ..graph.half import float16_saving
+
+        fixed -= float16_saving(work)
+    return fixed
+
+
+def _within_memory_cap(mem: MemoryCap, search: _Search, res: _Trial, ratio, limit, ratio_of):
+    """(trial, its latency ratio) once ``mem`` is enforced (MemoryCap.enforce); a re-plan it
+    makes keeps the latency limit where there is one."""
+    ratios = {}
+
+    def within_latency(alt) -> bool:
+        ratios[id(alt)] = ratio_of(alt.built.model)
+        return ratios[id(alt)] <= limit
+
+    out = mem.enforce(search, res, within_latency if limit is not None else None)
+    if out is not res and limit is not None:
+        ratio = ratios[id(out)] if id(out) in ratios else ratio_of(out.built.model)
+    return out, ratio
+
+
+def _smallest_loaded(planner: Planner, work: onnx.ModelProto):
+    """--max-memory's probe (MemoryCap.measure): every planned weight in its smallest loaded form,
+    built, with the dense bytes of those weights and their loaded bytes in it; None where it
+    cannot be built."""
+    choice = {n: min(v, key=lambda o: (loaded_bytes(planner, n, o), o.error)) for n, v in planner.options.items()}
+    try:
+        built = planner.assemble(work, choice)
+    except Exception:  # noqa: BLE001  (the probe is a refinement; without it the input's growth is used)
+        return None
+    return (built.model, sum(v[0].cost for v in planner.options.values()),
+            sum(loaded_bytes(planner, n, o) for n, o in choice.items()))
 
 
 def _default_notes(info: dict, ratio, limit, uncapped: bool, fast_only, lighter) -> list[str]:
@@ -678,12 +721,13 @@ def _note(info: dict, res: _Trial) -> str:
                else f"(held-out margin over the fidelity minimums {res.fidelity:+.4f} on {info['heldout_samples']} samples)"))
 
 
-def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, data: Calibration, repeats: int = 7) -> float:
-    """Median onnxruntime latency of ``model`` over ``base`` on the first batch of ``data``
-    (one intra-op thread, runs interleaved so that machine noise hits both alike)."""
+def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, feeds, repeats: int = 7) -> float:
+    """Median onnxruntime latency of ``model`` over ``base`` on ``feeds`` (a dict, or a
+    Calibration: its first batch; one intra-op thread, runs interleaved so that machine noise
+    hits both alike)."""
     from ..runtime import latency_ratios
 
-    return latency_ratios([base, model], data.batches[0], repeats=repeats)[1]
+    return latency_ratios([base, model], feeds if isinstance(feeds, dict) else feeds.batches[0], repeats=repeats)[1]
 
 
 def _lowrank_options(costs, g, sens: list[Option], rank_multiple: int) -> tuple[list[Option], list[Option]]:
