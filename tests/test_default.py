@@ -58,6 +58,7 @@ def test_fidelity_target_and_outputs_that_count(encoder_folder, tmp_path, capsys
     assert code == 2 and "--fidelity" in err
 
 
+@pytest.mark.exact_int8
 def test_causal_lm_without_text_is_calibrated_on_its_own_samples(tmp_path, capsys):
     src, rep = tmp_path / "lm.onnx", tmp_path / "r.json"
     onnx.save(dg.causal_lm(), src)
@@ -110,6 +111,7 @@ def test_default_plan_replays_byte_for_byte(encoder_folder, tmp_path, capsys):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.exact_int8
 def test_default_on_a_model_with_external_data(tmp_path, capsys):
     src, out, rep = tmp_path / "lm.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
     onnx.save(dg.causal_lm(), src, save_as_external_data=True, all_tensors_to_one_file=True, location="lm.data",

@@ -31,6 +31,7 @@ def _err(y, ref):
 
 
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute before 18, an input from 18
+@pytest.mark.exact_int8
 def test_per_token_is_exact_per_row_and_beats_per_tensor_on_outlier_tokens(tmp_path, opset):
     m = matmul_model(64, 48, ndim=3)
     if opset == 18:
@@ -103,6 +104,7 @@ def test_cli_per_token_int8_and_plan_replay(tmp_path, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.exact_int8
 def test_per_token_after_an_opset_upgrade(tmp_path):
     """int8 and blocked sites in one model at opset 21 (ReduceMax with an axes input)."""
     m = matmul_model(64, 48, ndim=3)
@@ -114,6 +116,7 @@ def test_per_token_after_an_opset_upgrade(tmp_path):
     assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.02
 
 
+@pytest.mark.exact_int8
 def test_many_sites_get_distinct_short_names(tmp_path):
     """Four chained MatMuls (four DynamicQuantizeLinears): each rewrite has its own names, short
     ones (every node name is stored three times), and the model stays valid and accurate."""
@@ -134,6 +137,7 @@ def test_many_sites_get_distinct_short_names(tmp_path):
     assert _err(_run(q, {"X": X}), _run(m, {"X": X})) < 0.03
 
 
+@pytest.mark.exact_int8
 def test_the_bert_pattern_stays_exact_under_onnxruntimes_fusions(tmp_path):
     """MatMul + bias Add (BERT's linears): onnxruntime fuses the quantizer's MatMulInteger → Cast →
     Mul(s_x·s_w) → Add into MatMulIntegerToFloat, which reads s_x as a scalar. The rewrite must not

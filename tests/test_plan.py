@@ -114,6 +114,7 @@ def test_fake_quant_probe_matches_matmulinteger(tmodel):
     assert np.abs(weight_only - actual).max() > 10 * np.abs(predicted - actual).max()  # the input's error is seen
 
 
+@pytest.mark.exact_int8
 def test_per_token_probe_matches_the_per_token_model(tmodel):
     """With per_token the probe emulates graph/pertoken.py's rows, not DynamicQuantizeLinear."""
     from onnxhmf.graph.pertoken import per_token_activations

@@ -109,7 +109,7 @@ def _dynamic_int8_head(H, Eq):
     return ((q.astype(np.float64) - z) * s) @ Eq.T.astype(np.float64)
 
 
-@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (8, True), (8, False)])
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), pytest.param(8, True, marks=pytest.mark.exact_int8), (8, False)])
 def test_tied_rows_shared_with_an_integer_head(bits, sym):
     """One scale per row (block = D): the Gather and the head read the same stored rows, the
     head runs as DynamicQuantizeLinear → MatMulInteger, and the opset stays 17."""
@@ -130,6 +130,7 @@ def test_tied_rows_shared_with_an_integer_head(bits, sym):
     assert len(ints) == 1 and m.ByteSize() < bq.nbytes() + 2500
 
 
+@pytest.mark.exact_int8
 def test_quantize_int8_shares_a_tied_table(tmp_path):
     """--quantize int8 on a tied table: int8 rows once (onnxruntime's quantizer would dequantize
     the table every run for a float head), per-row scales more accurate than its per-tensor uint8,

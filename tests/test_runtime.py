@@ -29,3 +29,25 @@ def test_optimize_measures_when_asked(tmp_path):
     assert "memory once loaded" in text and "latency (1 thread)" in text
     _, report = optimize(model, keep=0.5)
     assert report.runtime is None  # the API measures only when asked
+
+
+def test_the_saturation_probe_agrees_with_the_cpus_flags():
+    """conftest.matmulinteger_saturates (which skips the exact_int8 tests) says True exactly on
+    x86 CPUs with AVX2 and no VNNI (MLAS's vpmaddubsw kernels), False where VNNI adds in int32."""
+    from pathlib import Path
+
+    from conftest import matmulinteger_saturates
+
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.read_text().splitlines()
+                      if line.startswith("flags")), []))
+    if not flags:
+        pytest.skip("no x86 flags (not x86)")
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        assert not matmulinteger_saturates()
+    elif "avx2" in flags:
+        assert matmulinteger_saturates()
+    else:
+        pytest.skip("neither AVX2 nor VNNI")
