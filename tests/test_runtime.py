@@ -1,6 +1,7 @@
 """Resident memory and latency as the result table measures them."""
 import numpy as np
 import onnx
+import pytest
 
 import graphs
 from onnxhmf.api import optimize
