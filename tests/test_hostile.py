@@ -406,8 +406,10 @@ def test_ctrl_c_during_factorization(tmp_path):
     p = tmp_path / "in.onnx"
     onnx.save(graphs.mlp_model(64, 192), p, save_as_external_data=True, location="in.data", size_threshold=0)
     before = {f: (tmp_path / f).read_bytes() for f in listing(tmp_path)}
-    # hold the pass inside its first factorization until the signal arrives
-    code = ("import sys, time; from onnxhmf.passes.factorize import FactorizePass as F; real = F._apply_lmf\n"
+    # hold the pass inside its first factorization until the signal arrives; Ctrl-C as from a
+    # terminal even where the test runs as a background job (which starts with SIGINT ignored)
+    code = ("import signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from onnxhmf.passes.factorize import FactorizePass as F; real = F._apply_lmf\n"
             "def slow(self, *a):\n"
             "    print('FACTORIZING', file=sys.stderr, flush=True); time.sleep(30); return real(self, *a)\n"
             "F._apply_lmf = slow\n"
