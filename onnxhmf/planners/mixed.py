@@ -53,7 +53,6 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..calibration import Calibration
 from ..capture import session
 from ..errors import OnnxHmfError
 from ..executor import BLOCKED_STORES, ExecContext, execute
@@ -721,13 +720,12 @@ def _note(info: dict, res: _Trial) -> str:
                else f"(held-out margin over the fidelity minimums {res.fidelity:+.4f} on {info['heldout_samples']} samples)"))
 
 
-def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, feeds, repeats: int = 7) -> float:
-    """Median onnxruntime latency of ``model`` over ``base`` on ``feeds`` (a dict, or a
-    Calibration: its first batch; one intra-op thread, runs interleaved so that machine noise
-    hits both alike)."""
+def latency_ratio(base: onnx.ModelProto, model: onnx.ModelProto, feeds: dict, repeats: int = 7) -> float:
+    """Median onnxruntime latency of ``model`` over ``base`` on ``feeds`` (one intra-op thread,
+    runs interleaved so that machine noise hits both alike)."""
     from ..runtime import latency_ratios
 
-    return latency_ratios([base, model], feeds if isinstance(feeds, dict) else feeds.batches[0], repeats=repeats)[1]
+    return latency_ratios([base, model], feeds, repeats=repeats)[1]
 
 
 def _lowrank_options(costs, g, sens: list[Option], rank_multiple: int) -> tuple[list[Option], list[Option]]:
