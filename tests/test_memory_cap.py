@@ -292,3 +292,85 @@ def test_the_overhead_is_measured_on_the_smallest_plan(monkeypatch):
     assert without.overhead == 140_000 and without.dense_factor == 1.0
     with pytest.raises(OnnxHmfError, match="--max-memory 90,000 B: the smallest plan takes 100,000 B once loaded"):
         MemoryCap.measure("input", {}, 90_000, src_bytes=160_000, fixed=10_000, probe=("smallest", 150_000, 20_000))
+
+
+MIB = 1 << 20
+
+
+def test_each_familys_run_time_heap_is_measured_once_and_kept_above_the_noise(monkeypatch):
+    """A family's excess: its probe's growth less its weights' loaded bytes, the overhead and the
+    fixed bytes; one under the noise (1 MiB or 2% of the growth) is not priced."""
+    import onnxhmf.planners.memory as memory
+
+    grown = {"input": 300 * MIB, "smallest": 100 * MIB, "f8": 125 * MIB, "fi": 121 * MIB}
+    monkeypatch.setattr(memory, "_resident", lambda model, feeds, **kw: grown[model])
+    cap = MemoryCap.measure("input", {}, 150 * MIB, src_bytes=160 * MIB, fixed=10 * MIB,
+                            probe=("smallest", 150 * MIB, 20 * MIB),
+                            families=[("8-bit MatMulNBits", "f8", 40 * MIB), ("MatMulInteger", "fi", 40 * MIB)])
+    assert cap.overhead == 70 * MIB and cap.fixed == 10 * MIB
+    assert cap.excess == {"8-bit MatMulNBits": 5 * MIB}  # MatMulInteger's 1 MiB is under 2% of 121 MiB
+    assert "8-bit MatMulNBits 5.0 MiB" in cap.priced() and "counted once" in cap.priced()
+    # the infeasible line counts the fixed bytes with the weights and the overhead
+    assert "takes about 100.0 MiB" in cap.infeasible(20 * MIB / cap.weights)
+
+
+def _family_planner():
+    """Three MatMul weights; int8 (MatMulInteger) is the more accurate, int4b the smaller."""
+    opts = [Option(40_000, 0.0, ("dense", 1.0)), Option(10_000, 0.001, ("int8", 1.0)), Option(5_000, 0.003, ("int4b", 1.0))]
+    names = ["a", "b", "c"]
+    mm = SimpleNamespace(shape=(100, 100), uses=[SimpleNamespace(kind="matmul")])
+    return SimpleNamespace(options={k: list(opts) for k in names}, groups={k: mm for k in names},
+                           rank_multiple=1, costs=None), names
+
+
+@pytest.mark.parametrize("excess, kinds", [(0, ["int8"] * 3), (5_000, ["int8"] * 3), (10_000, ["int8"] * 3),
+                                           (11_000, ["int4b"] * 3), (26_000, ["int4b"] * 3)])
+def test_the_search_prices_a_familys_heap_once_where_the_plan_uses_it(excess, kinds):
+    p, names = _family_planner()
+    cap = MemoryCap(cap=10**9, overhead=0, weights=40_000, feeds={}, excess={"MatMulInteger": excess} if excess else {})
+    picked = cap.allocate(p, names, 60_000, [cap])
+    assert sorted(o.tag[0] for o in picked) == sorted(kinds)
+    choice = dict(zip(names, picked))
+    assert sum(o.cost for o in picked) + cap.extra(p, choice) <= 40_000
+    from onnxhmf.planners.caps import fits
+
+    assert fits(p, choice, [cap])
+    assert cap.weights == 40_000 and len(p.options["a"]) == 3  # left as they were
+    if excess:  # the other plan breaks the share once its family's heap is counted
+        other = {n: p.options[n][1] for n in names}
+        assert fits(p, other, [cap]) == (30_000 + excess <= 40_000)
+
+
+def test_nothing_within_the_lowered_share_fails_with_the_measured_line():
+    # the ladder found nothing within the cap, and no plan fits the lowered share: the line
+    # says what the plan measured, not what the knapsack predicted
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 130 if "int8b" in mm else 110 if "int8" in mm else 105)
+
+    def run():
+        if cap.weights < 10_000:
+            raise OnnxHmfError(cap.infeasible(2.0))
+        return first_run()
+
+    first_run, search.run = search.run, run
+    with pytest.raises(OnnxHmfError, match=r"--max-memory 100 B: the plan takes 0.0 MiB once loaded \(measured\)"):
+        cap.enforce(search, search.run())
+
+
+def test_plan_auto_prices_a_measured_familys_heap_and_says_so(tmodel, calib_npz, monkeypatch):
+    """End to end: a family whose kernels hold heap (here: MatMulInteger, 8 MiB added to what
+    any model with one measures) is found by its probe and priced in the search."""
+    import onnxhmf.planners.memory as memory
+
+    real = memory._resident
+
+    def resident(model, feeds, **kw):
+        got = real(model, feeds, **kw)
+        heavy = any(n.op_type == "MatMulInteger" for n in model.graph.node)
+        return got + 8 * MIB if got is not None and heavy else got
+
+    monkeypatch.setattr(memory, "_resident", resident)
+    _, rep = optimize(tmodel, calib=calib_npz, plan={"target_ratio": 0.5}, max_memory=2**30, verify=False)
+    excess = rep.plan_summary["plan_auto"]["memory_excess"]
+    assert set(excess) >= {"MatMulInteger"} and 6 * MIB < excess["MatMulInteger"] < 10 * MIB
+    assert any(f"MatMulInteger {excess['MatMulInteger'] / MIB:.1f} MiB" in n and "counted once where the plan uses it" in n
+               for n in rep.notes)

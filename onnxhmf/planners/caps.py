@@ -73,8 +73,10 @@ def capped_allocate(planner, names: list[str], budget: int, caps: list) -> list[
 
 
 def fits(planner, choice: dict, caps: list) -> bool:
-    """Whether ``choice`` ({weight: Option}) keeps within every cap's share."""
-    return all(sum(c.resource(planner, n, o) for n, o in choice.items()) <= c.share for c in caps)
+    """Whether ``choice`` ({weight: Option}) keeps within every cap's share (with a cap's fixed
+    costs of the families it uses: MemoryCap.extra)."""
+    return all(sum(c.resource(planner, n, o) for n, o in choice.items())
+               + (c.extra(planner, choice) if hasattr(c, "extra") else 0) <= c.share for c in caps)
 
 
 def capped_floor(planner, caps: list) -> int:

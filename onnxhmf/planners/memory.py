@@ -30,15 +30,23 @@ default allocator two processes of one model differ by up to 5%). Over the cap, 
 miss is the kernels' run-time heap, not the weights: measured on MiniLM (8×128 tokens, onnxruntime
 1.32, glibc defaults; the input 170 MiB), every MatMul weight as int4 MatMulNBits took 77.1 MiB,
 as int8 MatMulInteger 77.7, as 8-bit MatMulNBits (accuracy 4: activations quantized at each call)
-90.2, and a plan mixing them 83.7–86.8 (onnxruntime's own int4 quantizer: 78.0). So the plan is made
-again without, in turn, the kernels that quantize their activations at run time (``RUN_TIME_HEAVY``:
-8-bit MatMulNBits, then MatMulInteger too) and the heavier low-rank forms; the first within the cap
-wins. Only then is ``weights`` lowered by the excess and the search run again, at most twice.
+90.2, and a plan mixing them 83.7–86.8 (onnxruntime's own int4 quantizer: 78.0). So each family of
+such forms (``FAMILIES``) is measured once, before the search: the smallest plan with every weight
+that can take the family in its smallest form of it. Its growth beyond those loaded bytes and the
+overhead is the family's ``excess`` (heap kept of per-call temporaries: it hardly grows with the
+number of weights that use the family), and the search prices it as a fixed cost of using the
+family at all (:meth:`MemoryCap.allocate`: the knapsack per set of families, the share less the
+set's excess; the lowest predicted loss wins). The heap of a mix is not exactly the sum of its
+families', so the built plan is still measured; over the cap, it is made again without, in turn,
+the kernels that quantize their activations at run time (``RUN_TIME_HEAVY``: 8-bit MatMulNBits,
+then MatMulInteger too) and the heavier low-rank forms; the first within the cap wins. Only then
+is ``weights`` lowered by the excess and the search run again, at most twice.
 """
 from __future__ import annotations
 
+import itertools
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -47,6 +55,7 @@ from ..errors import OnnxHmfError
 from ..factorize.allocate import Option
 from ..factorize.pivot import pivoted_params
 from ..factorize.svd import rank_for_keep
+from .caps import capped_allocate
 
 __all__ = ["MemoryCap", "InputMemory", "loaded_bytes"]
 
@@ -89,6 +98,17 @@ def _matmul_read(group) -> bool:
     return any(u.kind != "gather" for u in group.uses)
 
 
+# Families of forms whose kernels hold run-time heap that their loaded bytes do not show, each
+# measured once (MemoryCap.measure: every weight that can take the family in its smallest loaded
+# form of it, against the smallest plan) and, where that shows an excess, priced inside the search
+# as a fixed cost of using the family at all (MemoryCap.allocate): (name, in(kind, read by a MatMul)).
+FAMILIES = (
+    ("8-bit MatMulNBits", lambda k, mm: mm and k == "int8b"),
+    ("MatMulInteger", lambda k, mm: mm and k == "int8"),
+    ("pivoted low-rank", lambda k, mm: k.startswith("plmf")),
+    ("low-rank", lambda k, mm: "lmf" in k and not k.startswith("plmf")),
+)
+
 # Families whose run-time heap their stored bytes do not show (see above), left out in turn (each
 # step also leaves out the steps before it) where a plan is over --max-memory: (what the note
 # says, drop(kind, read by a MatMul)).
@@ -116,10 +136,12 @@ class MemoryCap:
     first: int | None = None  # the first plan's resident growth, where it was over the cap
 
     dense_factor: float = 1.0  # resident bytes of a float weight per stored byte (prepacked copies, heap)
+    fixed: int = 0  # bytes outside the planned weights, loaded as they are
+    excess: dict = field(default_factory=dict)  # FAMILIES name -> its measured run-time heap (bytes)
 
     @classmethod
     def measure(cls, work: onnx.ModelProto, feeds: dict, cap: int, src_bytes: int, fixed: int,
-                probe=None) -> "MemoryCap":
+                probe=None, families=()) -> "MemoryCap":
         """The weights' share of ``cap``: cap − overhead − ``fixed`` (the bytes outside the
         planned weights, loaded as they are), where the overhead (runtime, activations, the
         kernels' heap) is measured on ``probe`` = (model, dense bytes of its planned weights,
@@ -127,7 +149,9 @@ class MemoryCap:
         form, overhead = its resident growth − those loaded bytes − fixed. The input then says
         what a float weight costs once loaded: (input's growth − overhead − fixed) / its bytes
         (onnxruntime prepacks float MatMul weights; MiniLM, glibc defaults: 1.4×). Without a
-        probe: overhead = input's growth − its bytes."""
+        probe: overhead = input's growth − its bytes. ``families``: (name, model, loaded bytes of
+        its planned weights) per FAMILIES probe; its excess = its growth − loaded − overhead −
+        fixed, kept where above the measurement's noise (1 MiB or 2% of the growth, the larger)."""
         base = _resident(work, feeds)
         overhead, factor, smallest = max(base - int(src_bytes), 0), 1.0, None
         if probe is not None:
@@ -142,7 +166,12 @@ class MemoryCap:
                     f"onnxruntime and the activations alone take about {(overhead + fixed) / 2**20:.1f} MiB")
             raise OnnxHmfError(f"--max-memory {_mib(cap)}: {what} for this model and input (the input takes "
                                f"{base / 2**20:.1f} MiB)")
-        return cls(cap, overhead, weights, feeds, dense_factor=factor)
+        excess = {}
+        for name, model, loaded in (families if smallest is not None else ()):
+            got = _resident(model, feeds, required=False)
+            if got is not None and got - int(loaded) - overhead - int(fixed) > max(1 << 20, 0.02 * got):
+                excess[name] = got - int(loaded) - overhead - int(fixed)
+        return cls(cap, overhead, weights, feeds, dense_factor=factor, fixed=int(fixed), excess=excess)
 
     @classmethod
     def no_more_than_float(cls, planner) -> "MemoryCap":
@@ -163,7 +192,43 @@ class MemoryCap:
 
     def infeasible(self, used: float) -> str:
         return (f"--max-memory {_mib(self.cap)}: no plan within the size budget fits; the smallest loaded one "
-                f"takes about {(used * self.weights + self.overhead) / 2**20:.1f} MiB (weights + runtime and activations)")
+                f"takes about {(used * self.weights + self.overhead + self.fixed) / 2**20:.1f} MiB (weights + "
+                "runtime and activations, predicted)")
+
+    def _families(self, planner, choice: dict) -> set[str]:
+        return {f for f, inside in FAMILIES if f in self.excess
+                and any(inside(o.tag[0], _matmul_read(planner.groups[n])) for n, o in choice.items())}
+
+    def extra(self, planner, choice: dict) -> int:
+        """The measured run-time heap of the families ``choice`` uses (a fixed cost each)."""
+        return sum(self.excess[f] for f in self._families(planner, choice))
+
+    def allocate(self, planner, names: list[str], budget: int, caps: list) -> list[Option]:
+        """capped_allocate, with each family of ``excess`` a fixed cost: for every set of those
+        families, the knapsack over the menu without the others within the weights' share less
+        the set's excess; the lowest predicted loss wins (the fewest families on a tie)."""
+        found = [f for f, _ in FAMILIES if f in self.excess]
+        full, share, best, first_error = planner.options, self.weights, None, None
+        try:
+            for size in range(len(found) + 1):
+                for used in itertools.combinations(found, size):
+                    out = [inside for f, inside in FAMILIES if f in found and f not in used]
+                    planner.options = {n: [o for o in v if not any(d(o.tag[0], _matmul_read(planner.groups[n]))
+                                                                   for d in out)] or v[:1] for n, v in full.items()}
+                    self.weights = share - sum(self.excess[f] for f in used)
+                    try:
+                        picked = capped_allocate(planner, names, budget, caps) if self.weights > 0 else None
+                    except (OnnxHmfError, ValueError) as e:
+                        first_error = first_error or e
+                        continue
+                    loss = sum(o.error for o in picked) if picked is not None else None
+                    if loss is not None and (best is None or loss < best[0] - 1e-12):
+                        best = (loss, picked)
+        finally:
+            planner.options, self.weights = full, share
+        if best is None:  # (the empty set has the whole share, which measure() made positive)
+            raise first_error
+        return best[1]
 
     def _of(self, model: onnx.ModelProto) -> int:
         return _resident(model, self.feeds, repeats=self.repeats)
@@ -202,12 +267,21 @@ class MemoryCap:
             self.weights -= self.measured - self.cap + int(0.01 * self.cap)
             if self.weights <= 0:
                 break
-            res = search.run()
+            try:
+                res = search.run()
+            except OnnxHmfError:  # nothing within the size budget fits the lowered share: the line below says why
+                break
             self.measured = self._of(res.built.model)
             if self.measured <= self.cap:
                 return res
         raise OnnxHmfError(f"--max-memory {_mib(self.cap)}: the plan takes {self.measured / 2**20:.1f} MiB "
                            "once loaded (measured); give a larger cap or a smaller --target-size")
+
+    def priced(self) -> str:
+        """What the summary says of the families priced inside the search."""
+        each = ", ".join(f"{f} {_mib(b)}" for f, b in self.excess.items())
+        return (f"--max-memory {_mib(self.cap)}: run-time heap beyond the weights' bytes, measured per family and "
+                f"counted once where the plan uses it: {each}")
 
     def note(self) -> str | None:
         """What the summary says where the first plan was over the cap."""

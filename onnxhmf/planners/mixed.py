@@ -74,7 +74,7 @@ from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
-from .memory import InputMemory, MemoryCap, _mib, loaded_bytes
+from .memory import FAMILIES, InputMemory, MemoryCap, _matmul_read, _mib, loaded_bytes
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -119,7 +119,9 @@ class Planner:
     def allocate(self, budget: int) -> dict[str, Option]:
         names = list(self.options)
         left = max(int(budget) - self.fixed, 0)
-        picked = (capped_allocate(self, names, left, self.caps) if self.caps
+        mem = next((c for c in self.caps if isinstance(c, MemoryCap) and c.excess), None)
+        picked = (mem.allocate(self, names, left, self.caps) if mem is not None
+                  else capped_allocate(self, names, left, self.caps) if self.caps
                   else allocate([self.options[n] for n in names], left))
         return dict(zip(names, picked))
 
@@ -362,7 +364,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     timings = {"plan_measure_s": time.perf_counter() - t0}
     t = time.perf_counter()
     feeds = dict(named) if named is not None else dict(c.held.batches[0])
-    mem = (MemoryCap.measure(work, feeds, options.budget.max_memory, src_bytes, fixed, _smallest_loaded(planner, work))
+    mem = (MemoryCap.measure(work, feeds, options.budget.max_memory, src_bytes, fixed, *_smallest_loaded(planner, work))
            if options.budget.max_memory is not None
            else MemoryCap.no_more_than_float(planner) if options.budget.fidelity is not None else None)
     limit = options.budget.plan.get("max_latency_ratio")
@@ -399,6 +401,8 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     plan.summary["plan_auto"] = info = _summary(planner, res, search, ratio, fast_only)
     plan.summary["timings"] = timings
     plan.summary["notes"] = [_note(info, res), *_default_notes(info, ratio, limit, uncapped, fast_only, lighter)]
+    if mem is not None and mem.excess:
+        plan.summary["notes"].append(mem.priced())
     if mem is not None and mem.note() is not None:
         info["memory_first"], info["memory_left_out"] = mem.first, mem.left_out
         plan.summary["notes"].append(mem.note())
@@ -436,16 +440,31 @@ def _within_memory_cap(mem: MemoryCap, search: _Search, res: _Trial, ratio, limi
 
 
 def _smallest_loaded(planner: Planner, work: onnx.ModelProto):
-    """--max-memory's probe (MemoryCap.measure): every planned weight in its smallest loaded form,
-    built, with the dense bytes of those weights and their loaded bytes in it; None where it
-    cannot be built."""
-    choice = {n: min(v, key=lambda o: (loaded_bytes(planner, n, o), o.error)) for n, v in planner.options.items()}
-    try:
-        built = planner.assemble(work, choice)
-    except Exception:  # noqa: BLE001  (the probe is a refinement; without it the input's growth is used)
-        return None
-    return (built.model, sum(v[0].cost for v in planner.options.values()),
-            sum(loaded_bytes(planner, n, o) for n, o in choice.items()))
+    """--max-memory's probes (MemoryCap.measure): every planned weight in its smallest loaded form
+    outside memory.FAMILIES (where it has one), built, with the dense bytes of those weights and
+    their loaded bytes in it; then per family the menu offers, the same with each weight that can
+    take the family in its smallest loaded form of it: [(name, model, loaded bytes)]."""
+    def smallest(opts: list, n: str) -> Option:
+        return min(opts, key=lambda o: (loaded_bytes(planner, n, o), o.error))
+
+    def light(o: Option, n: str) -> bool:
+        return not any(inside(o.tag[0], _matmul_read(planner.groups[n])) for _, inside in FAMILIES)
+
+    base = {n: smallest([o for o in v if light(o, n)] or v, n) for n, v in planner.options.items()}
+    built = planner.assemble(work, base)
+    families = []
+    for name, inside in FAMILIES:
+        choice = dict(base)
+        for n, v in planner.options.items():
+            some = [o for o in v if inside(o.tag[0], _matmul_read(planner.groups[n]))]
+            if some:
+                choice[n] = smallest(some, n)
+        if choice != base:
+            families.append((name, planner.assemble(work, choice).model,
+                             sum(loaded_bytes(planner, n, o) for n, o in choice.items())))
+    probe = (built.model, sum(v[0].cost for v in planner.options.values()),
+             sum(loaded_bytes(planner, n, o) for n, o in base.items()))
+    return probe, families
 
 
 def _default_notes(info: dict, ratio, limit, uncapped: bool, fast_only, lighter) -> list[str]:
@@ -705,6 +724,8 @@ def _summary(planner: Planner, res: _Trial, search: _Search, ratio: float, fast_
     mem = next((cap for cap in planner.caps if isinstance(cap, MemoryCap)), None)
     if mem is not None and mem.cap is not None:
         info["max_memory"], info["memory"] = mem.cap, mem.measured
+        if mem.excess:
+            info["memory_excess"] = dict(mem.excess)
     if fast_only:
         info["note"] = f"planned without {fast_only} to meet --max-latency-ratio"
     return info
