@@ -2,7 +2,7 @@
 
 Error statistics per output, with r the reference and c the candidate (float64):
     max_abs = max |r − c|           max_rel = max |r − c| / max(|r|, tiny)
-    cosine  = mean over rows (last axis) of ⟨r, c⟩ / (‖r‖·‖c‖)
+    cosine  = mean over rows (last axis) of ⟨r, c⟩ / (‖r‖·‖c‖), on the elements where r is finite
     SNR dB  = 10·log10(Σ r² / Σ (r − c)²)
     top1    = fraction of rows whose argmax agrees (logits-like outputs)
 Tolerances follow Polygraphy: an element passes if |r − c| ≤ atol + rtol·|r|.
@@ -318,6 +318,10 @@ def _float_stats(name, r, c, vocab_sizes, quantile, top_k) -> OutputStats:
         dist = dict(mean_abs=0.0, median_abs=0.0, quantile_abs=0.0, mean_rel=0.0, median_rel=0.0, quantile_rel=0.0)
     rows_r = r64.reshape(-1, r64.shape[-1]) if r64.ndim else r64.reshape(1, 1)
     rows_c = c64.reshape(rows_r.shape)
+    # compared where the reference is finite (where the input's own output is NaN or Inf there is
+    # nothing to be alike to: a NaN in one row of a tied table makes one logit column NaN)
+    keep = np.isfinite(rows_r)
+    rows_r, rows_c = np.where(keep, rows_r, 0.0), np.where(keep, rows_c, 0.0)
     nr, nc = np.linalg.norm(rows_r, axis=1), np.linalg.norm(rows_c, axis=1)
     both = (nr > 0) & (nc > 0)
     cos = np.where(both, np.sum(rows_r * rows_c, axis=1) / np.where(both, nr * nc, 1.0), (nr == nc).astype(float))
@@ -326,9 +330,13 @@ def _float_stats(name, r, c, vocab_sizes, quantile, top_k) -> OutputStats:
     snr = float("inf") if noise == 0 else (10 * np.log10(signal / noise) if signal > 0 else float("-inf"))
     top1 = topk = None
     if _is_logits(name, r, vocab_sizes) and r.size:
-        top1 = float(np.mean(np.argmax(r64, -1) == np.argmax(c64, -1)))
+        finite = np.isfinite(r64)
+        top1 = float(np.mean(np.argmax(np.where(finite, r64, -np.inf), -1) == np.argmax(np.where(finite, c64, -np.inf), -1)))
         topk = _topk_overlap(r64, c64, top_k)
-    return OutputStats(name, r.shape, max_abs, max_rel, float(np.mean(cos)) if cos.size else 1.0, snr,
+    cos = np.where(np.isfinite(cos), cos, 0.0)  # NaN or Inf where the reference is finite: nothing alike
+    some = keep.any(axis=1)
+    mean_cos = float(np.mean(cos[some])) if some.any() else float("nan") if cos.size else 1.0
+    return OutputStats(name, r.shape, max_abs, max_rel, mean_cos, snr,
                        top1=top1, quantile=quantile, topk=topk, k=min(top_k, r.shape[-1]) if topk is not None else None,
                        **dist)
 

@@ -281,3 +281,24 @@ def test_property_hostile_option_values(tmp_path_factory, capfd, option, value):
         assert sorted(tmp.iterdir()) == before
     else:
         assert err == "" and (tmp / "o.onnx").exists()
+
+
+def test_the_cosine_is_over_the_rows_whose_reference_is_finite():
+    """The input's own output NaN in places (a NaN in one row of a tied table): there is nothing
+    to be alike to there; the rest is compared, and a candidate row NaN where the reference is
+    finite counts as nothing alike."""
+    from onnxhmf.verify import check_outputs, compare_outputs
+
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((4, 8)).astype(np.float32)
+    r[1] = np.nan
+    r[:, 0] = np.nan  # (a NaN row of a tied table: one NaN column in every row)
+    c = r + 1e-3 * rng.standard_normal(r.shape).astype(np.float32)
+    s = compare_outputs({"y": r}, {"y": c})[0]
+    assert s.mean_cosine > 0.999
+    assert check_outputs({"y": r}, {"y": c}, [s], min_cosine=0.99, min_top1=None, atol={"y": 1.0}) == []
+    c[2] = np.nan  # NaN where the reference is finite: a row that counts 0, and its own failure
+    s = compare_outputs({"y": r}, {"y": c})[0]
+    assert s.mean_cosine == pytest.approx(2 / 3, abs=1e-3)
+    fails = check_outputs({"y": r}, {"y": c}, [s], min_cosine=0.99, min_top1=None, atol={"y": 1.0})
+    assert any("NaN or Inf where the reference is finite" in f for f in fails) and any("mean cosine" in f for f in fails)

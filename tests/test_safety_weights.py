@@ -189,3 +189,18 @@ def test_a_model_whose_own_output_is_all_nan_says_so(flags, tmp_path, capfd):
     _, err = capfd.readouterr()
     assert code == 1 and err.count("\n") == 1, err
     assert "Y: the input model's own output is NaN or Inf everywhere" in err and not out.exists()
+
+
+def test_a_model_whose_own_output_is_nan_in_places_is_compared_where_it_is_finite(tmp_path, capfd):
+    """A NaN in part of a constant no treatment touches (one bias entry) makes one output column
+    NaN in the input too: the rest is compared, the output is written, and the notes say so."""
+    model = graphs.mlp_model()
+    b2 = np.zeros(32, np.float32)
+    b2[5] = np.nan
+    set_weight(model, "b2", b2)
+    src, out, rep = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "rep.json"
+    onnx.save(model, src)
+    assert main(["optimize", str(src), str(out), "-q", "--keep", "0.5", "--report", str(rep)]) == 0, capfd.readouterr()
+    report = json.loads(rep.read_text())
+    assert out.exists() and report["passed"] and report["outputs"][0]["mean_cosine"] > 0.5
+    assert any("own output Y is NaN or Inf in" in n and "compared where it is finite" in n for n in report["notes"])
