@@ -226,12 +226,26 @@ def _reference(inp: _Input, options: Options, report: Report, held_batch=None):
     return feeds, ref
 
 
+def _note_saturation(report: Report, model: onnx.ModelProto) -> None:
+    """Where the output has MatMulInteger and this CPU's kernel saturates (runtime.
+    matmulinteger_saturates), the notes say that its fidelity was measured so, and differs on
+    other CPUs: a plan made here and served on a VNNI or ARM CPU computes those products exactly."""
+    from .runtime import matmulinteger_saturates
+
+    n = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
+    if n and matmulinteger_saturates():
+        report.notes.append(f"{n} MatMulInteger nodes: onnxruntime on this CPU (x86 without VNNI) adds their uint8×int8 "
+                            "products in pairs in a saturating int16, so the fidelity here is of that arithmetic; "
+                            "CPUs with VNNI and ARM compute them exactly, and the numbers there differ")
+
+
 def _fill_report(report: Report, plan: Plan, built) -> None:
     report.settings = dict(plan.settings)
     report.plan_summary = {"planner": plan.planner, **{k: v for k, v in plan.summary.items() if k not in ("notes", "timings")}}
     report.sites = built.sites
     report.notes.extend(plan.summary.get("notes", []))
     report.notes.extend(built.notes)
+    _note_saturation(report, built.model)
     report.timings.update(plan.summary.get("timings", {}))
     if "calibration" in plan.summary:
         report.settings["calibration"] = {**(plan.settings.get("calibration") or {}), **plan.summary["calibration"]}

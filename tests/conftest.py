@@ -47,36 +47,14 @@ def minilm_path() -> Path:
 REAL_MODEL_FIXTURES = {"glassllm_path", "minilm_path"}
 
 
-def matmulinteger_saturates() -> bool:
-    """Whether onnxruntime's uint8 × int8 MatMulInteger is inexact on this CPU: MLAS's AVX2 and
-    AVX-512BW kernels without VNNI add each adjacent pair of products in a saturating int16
-    (vpmaddubsw), so full-range integers overflow (AMD EPYC, AVX2 only: 67% of a 64×64 product
-    wrong). Compared here with numpy on such a product."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    A = rng.integers(0, 256, (16, 64)).astype(np.uint8)
-    B = rng.integers(-128, 128, (64, 16)).astype(np.int8)
-    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "probe",
-                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [16, 64])],
-                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [16, 16])],
-                          [numpy_helper.from_array(B, "B")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"A": A})[0]
-    return bool((y != A.astype(np.int64) @ B.astype(np.int64)).any())
-
-
 def pytest_collection_modifyitems(config, items):
     """Every test that builds or runs a real model is ``slow``: ``pytest -m "not slow"`` is the
     fast tier (small synthetic graphs only). Tests marked ``exact_int8`` (they compare
     MatMulInteger with the integer arithmetic, or need int8 plans to reach a tight target on tiny
     random weights) are skipped where the CPU's MatMulInteger saturates."""
     exact = [item for item in items if item.get_closest_marker("exact_int8")]
+    from onnxhmf.runtime import matmulinteger_saturates
+
     saturates = bool(exact) and matmulinteger_saturates()
     for item in items:
         if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):

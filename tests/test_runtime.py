@@ -33,11 +33,11 @@ def test_optimize_measures_when_asked(tmp_path):
 
 
 def test_the_saturation_probe_agrees_with_the_cpus_flags():
-    """conftest.matmulinteger_saturates (which skips the exact_int8 tests) says True exactly on
+    """runtime.matmulinteger_saturates (conftest skips the exact_int8 tests by it) says True exactly on
     x86 CPUs with AVX2 and no VNNI (MLAS's vpmaddubsw kernels), False where VNNI adds in int32."""
     from pathlib import Path
 
-    from conftest import matmulinteger_saturates
+    from onnxhmf.runtime import matmulinteger_saturates
 
     info = Path("/proc/cpuinfo")
     if not info.exists():
@@ -52,3 +52,21 @@ def test_the_saturation_probe_agrees_with_the_cpus_flags():
         assert matmulinteger_saturates()
     else:
         pytest.skip("neither AVX2 nor VNNI")
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_the_notes_say_where_matmulinteger_saturates_on_this_cpu(saturates, monkeypatch):
+    """An output with MatMulInteger made on a CPU whose kernel saturates says so (its fidelity is
+    of that arithmetic); elsewhere, or without MatMulInteger, nothing is said."""
+    import graphs
+    import onnxhmf.runtime as runtime
+    from onnxhmf.api import optimize
+
+    monkeypatch.setattr(runtime, "matmulinteger_saturates", lambda: saturates)
+    _, rep = optimize(graphs.mlp_model(), quantize="int8", verify=False)
+    said = [n for n in rep.notes if "saturating int16" in n]
+    assert len(said) == (1 if saturates else 0)
+    if saturates:
+        assert said[0].startswith("2 MatMulInteger nodes")
+    _, rep = optimize(graphs.mlp_model(), keep=0.5, verify=False)
+    assert not any("saturating int16" in n for n in rep.notes)

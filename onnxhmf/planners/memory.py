@@ -103,11 +103,27 @@ def _matmul_read(group) -> bool:
 # form of it, against the smallest plan) and, where that shows an excess, priced inside the search
 # as a fixed cost of using the family at all (MemoryCap.allocate): (name, in(kind, read by a MatMul)).
 FAMILIES = (
+    ("4-bit MatMulNBits", lambda k, mm: mm and k.startswith("int4b")),
     ("8-bit MatMulNBits", lambda k, mm: mm and k == "int8b"),
     ("MatMulInteger", lambda k, mm: mm and k == "int8"),
     ("pivoted low-rank", lambda k, mm: k.startswith("plmf")),
     ("low-rank", lambda k, mm: "lmf" in k and not k.startswith("plmf")),
 )
+
+# The first family is the smallest plan's own (every weight in its smallest loaded form): it has no
+# probe of its own, and is priced where that plan holds more beyond its bytes than the input does
+# beyond its float weights (a small model: glassllm). The others are each measured by a probe.
+PROBED = FAMILIES[1:]
+
+
+def families_of(planner, choice: dict) -> set[str]:
+    """The FAMILIES that ``choice`` ({weight: Option}) uses."""
+    return {f for f, inside in FAMILIES if any(inside(o.tag[0], _matmul_read(planner.groups[n])) for n, o in choice.items())}
+
+
+def _noise(got: int) -> int:
+    return max(1 << 20, int(0.02 * got))  # two processes of one model differ by up to this
+
 
 # Families whose run-time heap their stored bytes do not show (see above), left out in turn (each
 # step also leaves out the steps before it) where a plan is over --max-memory: (what the note
@@ -143,34 +159,45 @@ class MemoryCap:
     def measure(cls, work: onnx.ModelProto, feeds: dict, cap: int, src_bytes: int, fixed: int,
                 probe=None, families=()) -> "MemoryCap":
         """The weights' share of ``cap``: cap − overhead − ``fixed`` (the bytes outside the
-        planned weights, loaded as they are), where the overhead (runtime, activations, the
-        kernels' heap) is measured on ``probe`` = (model, dense bytes of its planned weights,
-        loaded bytes of their forms in it): the plan with every weight in its smallest loaded
-        form, overhead = its resident growth − those loaded bytes − fixed. The input then says
+        planned weights, loaded as they are), where the overhead is what the plan does not
+        control: runtime, activations, the kernels' heap.
+
+        Without a probe: overhead = the input's growth − its bytes (float weights cost their
+        bytes). ``probe`` = (model, dense bytes of its planned weights, their loaded bytes in it,
+        the FAMILIES it uses): the plan with every weight in its smallest loaded form. Where its
+        growth − loaded − fixed is the smaller overhead, it is the overhead, and the input says
         what a float weight costs once loaded: (input's growth − overhead − fixed) / its bytes
-        (onnxruntime prepacks float MatMul weights; MiniLM, glibc defaults: 1.4×). Without a
-        probe: overhead = input's growth − its bytes. ``families``: (name, model, loaded bytes of
-        its planned weights) per FAMILIES probe; its excess = its growth − loaded − overhead −
-        fixed, kept where above the measurement's noise (1 MiB or 2% of the growth, the larger)."""
+        (onnxruntime prepacks float MatMul weights; MiniLM, glibc defaults: 1.4×). Where it is
+        larger, the smallest plan's kernels hold more than float weights do, and its surplus is
+        the excess of its family (FAMILIES[0]). ``families``: (name, model, loaded, families
+        used) per PROBED family; its excess = its growth − loaded − overhead − fixed − the
+        excess of the other families its probe uses. An excess under the noise (1 MiB or 2% of
+        the growth, the larger) is not kept."""
         base = _resident(work, feeds)
-        overhead, factor, smallest = max(base - int(src_bytes), 0), 1.0, None
+        overhead, factor, excess = max(base - int(src_bytes), 0), 1.0, {}
         if probe is not None:
-            model, dense_bytes, loaded = probe
-            smallest = _resident(model, feeds, required=False)
+            model, dense_bytes, loaded, uses = probe
+            smallest = _resident(model, feeds, required=False, repeats=cls.repeats)  # as a plan is judged
             if smallest is not None and dense_bytes > 0:
-                overhead = max(smallest - int(loaded) - int(fixed), 0)
-                factor = max(1.0, (base - overhead - int(fixed)) / dense_bytes)
+                own = max(smallest - int(loaded) - int(fixed), 0)
+                if own <= overhead:
+                    overhead, factor = own, max(1.0, (base - own - int(fixed)) / dense_bytes)
+                elif FAMILIES[0][0] in uses and own - overhead > _noise(smallest):
+                    excess[FAMILIES[0][0]] = own - overhead
+            else:
+                families = ()
         weights = cap - overhead - int(fixed)
-        if weights <= 0 or (smallest is not None and smallest > cap):
-            what = (f"the smallest plan takes {_mib(smallest)} once loaded (measured)" if smallest is not None else
-                    f"onnxruntime and the activations alone take about {(overhead + fixed) / 2**20:.1f} MiB")
-            raise OnnxHmfError(f"--max-memory {_mib(cap)}: {what} for this model and input (the input takes "
+        if weights <= 0:
+            raise OnnxHmfError(f"--max-memory {_mib(cap)}: onnxruntime and the activations alone take about "
+                               f"{(overhead + fixed) / 2**20:.1f} MiB for this model and input (the input takes "
                                f"{base / 2**20:.1f} MiB)")
-        excess = {}
-        for name, model, loaded in (families if smallest is not None else ()):
-            got = _resident(model, feeds, required=False)
-            if got is not None and got - int(loaded) - overhead - int(fixed) > max(1 << 20, 0.02 * got):
-                excess[name] = got - int(loaded) - overhead - int(fixed)
+        for name, model, loaded, uses in families:
+            got = _resident(model, feeds, required=False, repeats=cls.repeats)
+            if got is None:
+                continue
+            extra = got - int(loaded) - overhead - int(fixed) - sum(excess.get(f, 0) for f in uses if f != name)
+            if extra > _noise(got):
+                excess[name] = extra
         return cls(cap, overhead, weights, feeds, dense_factor=factor, fixed=int(fixed), excess=excess)
 
     @classmethod
@@ -195,13 +222,9 @@ class MemoryCap:
                 f"takes about {(used * self.weights + self.overhead + self.fixed) / 2**20:.1f} MiB (weights + "
                 "runtime and activations, predicted)")
 
-    def _families(self, planner, choice: dict) -> set[str]:
-        return {f for f, inside in FAMILIES if f in self.excess
-                and any(inside(o.tag[0], _matmul_read(planner.groups[n])) for n, o in choice.items())}
-
     def extra(self, planner, choice: dict) -> int:
         """The measured run-time heap of the families ``choice`` uses (a fixed cost each)."""
-        return sum(self.excess[f] for f in self._families(planner, choice))
+        return sum(self.excess.get(f, 0) for f in families_of(planner, choice))
 
     def allocate(self, planner, names: list[str], budget: int, caps: list) -> list[Option]:
         """capped_allocate, with each family of ``excess`` a fixed cost: for every set of those

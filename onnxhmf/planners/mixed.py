@@ -74,7 +74,7 @@ from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
-from .memory import FAMILIES, InputMemory, MemoryCap, _matmul_read, _mib, loaded_bytes
+from .memory import PROBED, InputMemory, MemoryCap, _matmul_read, _mib, families_of, loaded_bytes
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -441,29 +441,31 @@ def _within_memory_cap(mem: MemoryCap, search: _Search, res: _Trial, ratio, limi
 
 def _smallest_loaded(planner: Planner, work: onnx.ModelProto):
     """--max-memory's probes (MemoryCap.measure): every planned weight in its smallest loaded form
-    outside memory.FAMILIES (where it has one), built, with the dense bytes of those weights and
-    their loaded bytes in it; then per family the menu offers, the same with each weight that can
-    take the family in its smallest loaded form of it: [(name, model, loaded bytes)]."""
+    outside memory.PROBED (where it has one), built, with the dense bytes of those weights, their
+    loaded bytes in it and the families it uses; then per PROBED family the menu offers, the same
+    with each weight that can take the family in its smallest loaded form of it:
+    (probe, [(name, model, loaded bytes, families used)])."""
     def smallest(opts: list, n: str) -> Option:
         return min(opts, key=lambda o: (loaded_bytes(planner, n, o), o.error))
 
     def light(o: Option, n: str) -> bool:
-        return not any(inside(o.tag[0], _matmul_read(planner.groups[n])) for _, inside in FAMILIES)
+        return not any(inside(o.tag[0], _matmul_read(planner.groups[n])) for _, inside in PROBED)
+
+    def loaded(choice: dict) -> int:
+        return sum(loaded_bytes(planner, n, o) for n, o in choice.items())
 
     base = {n: smallest([o for o in v if light(o, n)] or v, n) for n, v in planner.options.items()}
-    built = planner.assemble(work, base)
     families = []
-    for name, inside in FAMILIES:
+    for name, inside in PROBED:
         choice = dict(base)
         for n, v in planner.options.items():
             some = [o for o in v if inside(o.tag[0], _matmul_read(planner.groups[n]))]
             if some:
                 choice[n] = smallest(some, n)
         if choice != base:
-            families.append((name, planner.assemble(work, choice).model,
-                             sum(loaded_bytes(planner, n, o) for n, o in choice.items())))
-    probe = (built.model, sum(v[0].cost for v in planner.options.values()),
-             sum(loaded_bytes(planner, n, o) for n, o in base.items()))
+            families.append((name, planner.assemble(work, choice).model, loaded(choice), families_of(planner, choice)))
+    probe = (planner.assemble(work, base).model, sum(v[0].cost for v in planner.options.values()), loaded(base),
+             families_of(planner, base))
     return probe, families
 
 
