@@ -31,9 +31,10 @@ miss is the kernels' run-time heap, not the weights: measured on MiniLM (8×128 
 1.32, glibc defaults; the input 170 MiB), every MatMul weight as int4 MatMulNBits took 77.1 MiB,
 as int8 MatMulInteger 77.7, as 8-bit MatMulNBits (accuracy 4: activations quantized at each call)
 90.2, and a plan mixing them 83.7–86.8 (onnxruntime's own int4 quantizer: 78.0). So each family of
-such forms (``FAMILIES``) is measured once, before the search: the smallest plan with every weight
+such forms (``PROBED``) is measured once, before the search: the smallest plan with every weight
 that can take the family in its smallest form of it. Its growth beyond those loaded bytes and the
-overhead is the family's ``excess`` (heap kept of per-call temporaries: it hardly grows with the
+overhead is the family's ``excess`` (and the smallest plan's own 4-bit kernels have one where
+that plan holds more than the input: glassllm, 36.6 MiB against 31.8) (heap kept of per-call temporaries: it hardly grows with the
 number of weights that use the family), and the search prices it as a fixed cost of using the
 family at all (:meth:`MemoryCap.allocate`: the knapsack per set of families, the share less the
 set's excess; the lowest predicted loss wins). The heap of a mix is not exactly the sum of its
