@@ -230,9 +230,10 @@ def _note_saturation(report: Report, model: onnx.ModelProto) -> None:
     """Where the output has MatMulInteger and this CPU's kernel saturates (runtime.
     matmulinteger_saturates), the notes say that its fidelity was measured so, and differs on
     other CPUs: a plan made here and served on a VNNI or ARM CPU computes those products exactly."""
+    from .graph.qdq import _graphs
     from .runtime import matmulinteger_saturates
 
-    n = sum(node.op_type == "MatMulInteger" for node in model.graph.node)
+    n = sum(node.op_type == "MatMulInteger" for g in _graphs(model.graph) for node in g.node)  # control-flow bodies too
     if n and matmulinteger_saturates():
         report.notes.append(f"{n} MatMulInteger nodes: onnxruntime on this CPU (x86 without VNNI) adds their uint8×int8 "
                             "products in pairs in a saturating int16, so the fidelity here is of that arithmetic; "
