@@ -299,11 +299,13 @@ def _verify(src, cand, feeds, ref, vocab, options: Options, report: Report, judg
     report.failures = check_outputs(ref, out, report.outputs, atol=v.atol, rtol=v.rtol,
                                     min_cosine=None if judge is not None else v.min_cosine,
                                     min_top1=None if judge is not None else v.min_top1)  # (the judge scores logits itself)
-    dead = [k for k, r in ref.items() if np.issubdtype(r.dtype, np.floating) and r.size and not np.isfinite(r).any()]
-    for k, r in ref.items():
-        if k not in dead and np.issubdtype(r.dtype, np.floating) and not np.isfinite(r).all():
-            report.notes.append(f"the input model's own output {k} is NaN or Inf in {int(np.count_nonzero(~np.isfinite(r))):,} "
-                                f"of {r.size:,} values on the verification inputs: compared where it is finite")
+    nonfinite = {k: int(np.count_nonzero(~np.isfinite(r))) for k, r in ref.items()
+                 if np.issubdtype(r.dtype, np.floating) and r.size}
+    dead = [k for k, n in nonfinite.items() if n == ref[k].size]
+    for k, n in nonfinite.items():
+        if 0 < n < ref[k].size:
+            report.notes.append(f"the input model's own output {k} is NaN or Inf in {n:,} of {ref[k].size:,} values "
+                                "on the verification inputs: compared where it is finite")
     if dead and report.failures:  # say why, rather than "mean cosine 0.00000"
         report.failures = [f"{k}: the input model's own output is NaN or Inf everywhere on these inputs (a NaN/Inf "
                            "constant in the model, or an overflow): nothing to compare against" for k in dead] + \

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -101,29 +102,24 @@ def latency_ratios(models: list, feeds: dict[str, np.ndarray], repeats: int = 7,
     return [float(np.median(r)) for r in ratios]
 
 
-_SATURATES: list = []
-
-
+@functools.cache
 def matmulinteger_saturates() -> bool:
     """Whether onnxruntime's uint8 × int8 MatMulInteger is inexact on this CPU: MLAS's AVX2 and
     AVX-512BW kernels without VNNI add each adjacent pair of products in a saturating int16
     (vpmaddubsw), so full-range integers overflow (AMD EPYC, AVX2 only: 67% of a 64×64 product
     wrong). Compared with numpy on such a product, once a process."""
-    if not _SATURATES:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
-        rng = np.random.default_rng(0)
-        A = rng.integers(0, 256, (16, 64)).astype(np.uint8)
-        B = rng.integers(-128, 128, (64, 16)).astype(np.int8)
-        g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "probe",
-                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [16, 64])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [16, 16])],
-                              [numpy_helper.from_array(B, "B")])
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"A": A})[0]
-        _SATURATES.append(bool((y != A.astype(np.int64) @ B.astype(np.int64)).any()))
-    return _SATURATES[0]
+    rng = np.random.default_rng(0)
+    A = rng.integers(0, 256, (16, 64)).astype(np.uint8)
+    B = rng.integers(-128, 128, (64, 16)).astype(np.int8)
+    g = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "probe",
+                          [helper.make_tensor_value_info("A", TensorProto.UINT8, [16, 64])],
+                          [helper.make_tensor_value_info("Y", TensorProto.INT32, [16, 16])],
+                          [numpy_helper.from_array(B, "B")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"A": A})[0]
+    return bool((y != A.astype(np.int64) @ B.astype(np.int64)).any())

@@ -33,10 +33,10 @@ as int8 MatMulInteger 77.7, as 8-bit MatMulNBits (accuracy 4: activations quanti
 90.2, and a plan mixing them 83.7–86.8 (onnxruntime's own int4 quantizer: 78.0). So each family of
 such forms (``PROBED``) is measured once, before the search: the smallest plan with every weight
 that can take the family in its smallest form of it. Its growth beyond those loaded bytes and the
-overhead is the family's ``excess`` (and the smallest plan's own 4-bit kernels have one where
-that plan holds more than the input: glassllm, 36.6 MiB against 31.8) (heap kept of per-call temporaries: it hardly grows with the
-number of weights that use the family), and the search prices it as a fixed cost of using the
-family at all (:meth:`MemoryCap.allocate`: the knapsack per set of families, the share less the
+overhead is the family's ``excess``: heap kept of per-call temporaries, which hardly grows with
+the number of weights that use the family. (The smallest plan's own 4-bit kernels have one where
+that plan holds more than the input: glassllm, 36.6 MiB against 31.8.) The search prices an
+excess as a fixed cost of using the family at all (:meth:`MemoryCap.allocate`: the knapsack per set of families, the share less the
 set's excess; the lowest predicted loss wins). The heap of a mix is not exactly the sum of its
 families', so the built plan is still measured; over the cap, it is made again without, in turn,
 the kernels that quantize their activations at run time (``RUN_TIME_HEAVY``: 8-bit MatMulNBits,
@@ -114,26 +114,33 @@ FAMILIES = (
 # The first family is the smallest plan's own (every weight in its smallest loaded form): it has no
 # probe of its own, and is priced where that plan holds more beyond its bytes than the input does
 # beyond its float weights (a small model: glassllm). The others are each measured by a probe.
+SMALLEST_FAMILY = FAMILIES[0][0]
 PROBED = FAMILIES[1:]
+
+
+def option_families(planner, name: str, o: Option) -> set[str]:
+    """The FAMILIES option ``o`` of weight ``name`` belongs to."""
+    mm = _matmul_read(planner.groups[name])
+    return {f for f, inside in FAMILIES if inside(o.tag[0], mm)}
 
 
 def families_of(planner, choice: dict) -> set[str]:
     """The FAMILIES that ``choice`` ({weight: Option}) uses."""
-    return {f for f, inside in FAMILIES if any(inside(o.tag[0], _matmul_read(planner.groups[n])) for n, o in choice.items())}
+    return set().union(*(option_families(planner, n, o) for n, o in choice.items()))
 
 
 def _noise(got: int) -> int:
     return max(1 << 20, int(0.02 * got))  # two processes of one model differ by up to this
 
 
-# Families whose run-time heap their stored bytes do not show (see above), left out in turn (each
-# step also leaves out the steps before it) where a plan is over --max-memory: (what the note
-# says, drop(kind, read by a MatMul)).
+# FAMILIES left out in turn (each step also leaves out the steps before it) where a plan is over
+# --max-memory: (what the note says, the families dropped).
+_INT8_KERNELS = {"8-bit MatMulNBits", "MatMulInteger"}
 RUN_TIME_HEAVY = (
-    ("8-bit MatMulNBits weights", lambda k, mm: mm and k == "int8b"),
-    ("8-bit MatMulNBits and MatMulInteger weights", lambda k, mm: mm and k in ("int8b", "int8")),
-    ("int8 kernels and pivoted low-rank forms", lambda k, mm: (mm and k in ("int8b", "int8")) or k.startswith("plmf")),
-    ("int8 kernels and low-rank forms", lambda k, mm: (mm and k in ("int8b", "int8")) or "lmf" in k),
+    ("8-bit MatMulNBits weights", {"8-bit MatMulNBits"}),
+    ("8-bit MatMulNBits and MatMulInteger weights", _INT8_KERNELS),
+    ("int8 kernels and pivoted low-rank forms", _INT8_KERNELS | {"pivoted low-rank"}),
+    ("int8 kernels and low-rank forms", _INT8_KERNELS | {"pivoted low-rank", "low-rank"}),
 )
 
 
@@ -170,7 +177,7 @@ class MemoryCap:
         what a float weight costs once loaded: (input's growth − overhead − fixed) / its bytes
         (onnxruntime prepacks float MatMul weights; MiniLM, glibc defaults: 1.4×). Where it is
         larger, the smallest plan's kernels hold more than float weights do, and its surplus is
-        the excess of its family (FAMILIES[0]). ``families``: (name, model, loaded, families
+        the excess of its family (SMALLEST_FAMILY). ``families``: (name, model, loaded, families
         used) per PROBED family; its excess = its growth − loaded − overhead − fixed − the
         excess of the other families its probe uses. An excess under the noise (1 MiB or 2% of
         the growth, the larger) is not kept."""
@@ -183,8 +190,8 @@ class MemoryCap:
                 own = max(smallest - int(loaded) - int(fixed), 0)
                 if own <= overhead:
                     overhead, factor = own, max(1.0, (base - own - int(fixed)) / dense_bytes)
-                elif FAMILIES[0][0] in uses and own - overhead > _noise(smallest):
-                    excess[FAMILIES[0][0]] = own - overhead
+                elif SMALLEST_FAMILY in uses and own - overhead > _noise(smallest):
+                    excess[SMALLEST_FAMILY] = own - overhead
             else:
                 families = ()
         weights = cap - overhead - int(fixed)
@@ -236,9 +243,9 @@ class MemoryCap:
         try:
             for size in range(len(found) + 1):
                 for used in itertools.combinations(found, size):
-                    out = [inside for f, inside in FAMILIES if f in found and f not in used]
-                    planner.options = {n: [o for o in v if not any(d(o.tag[0], _matmul_read(planner.groups[n]))
-                                                                   for d in out)] or v[:1] for n, v in full.items()}
+                    out = set(found) - set(used)
+                    planner.options = {n: [o for o in v if not option_families(planner, n, o) & out] or v[:1]
+                                       for n, v in full.items()}
                     self.weights = share - sum(self.excess[f] for f in used)
                     try:
                         picked = capped_allocate(planner, names, budget, caps) if self.weights > 0 else None
@@ -271,9 +278,9 @@ class MemoryCap:
         self.first, planner = self.measured, search.planner
         full = planner.options
         for left_out, drop in RUN_TIME_HEAVY:
-            if not any(drop(o.tag[0], _matmul_read(planner.groups[n])) for n, o in res.choice.items()):
+            if not families_of(planner, res.choice) & drop:
                 continue
-            planner.options = {n: [o for o in v if not drop(o.tag[0], _matmul_read(planner.groups[n]))] or v[:1]
+            planner.options = {n: [o for o in v if not option_families(planner, n, o) & drop] or v[:1]
                                for n, v in full.items()}
             try:
                 alt = search.run()

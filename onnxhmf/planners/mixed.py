@@ -74,7 +74,7 @@ from .caps import capped_allocate, capped_floor, fits
 from .common import Planned, candidate, decision, dense, pivot_costs
 from .latency import LatencyCap
 from .measured import Calibrated, calibration_settings, load_for_plan
-from .memory import PROBED, InputMemory, MemoryCap, _matmul_read, _mib, families_of, loaded_bytes
+from .memory import PROBED, InputMemory, MemoryCap, _mib, families_of, loaded_bytes, option_families
 
 __all__ = ["Planner", "mixed_plan", "latency_ratio"]
 
@@ -448,18 +448,17 @@ def _smallest_loaded(planner: Planner, work: onnx.ModelProto):
     def smallest(opts: list, n: str) -> Option:
         return min(opts, key=lambda o: (loaded_bytes(planner, n, o), o.error))
 
-    def light(o: Option, n: str) -> bool:
-        return not any(inside(o.tag[0], _matmul_read(planner.groups[n])) for _, inside in PROBED)
-
     def loaded(choice: dict) -> int:
         return sum(loaded_bytes(planner, n, o) for n, o in choice.items())
 
-    base = {n: smallest([o for o in v if light(o, n)] or v, n) for n, v in planner.options.items()}
+    probed = {f for f, _ in PROBED}
+    base = {n: smallest([o for o in v if not option_families(planner, n, o) & probed] or v, n)
+            for n, v in planner.options.items()}
     families = []
-    for name, inside in PROBED:
+    for name, _ in PROBED:
         choice = dict(base)
         for n, v in planner.options.items():
-            some = [o for o in v if inside(o.tag[0], _matmul_read(planner.groups[n]))]
+            some = [o for o in v if name in option_families(planner, n, o)]
             if some:
                 choice[n] = smallest(some, n)
         if choice != base:
