@@ -10,6 +10,7 @@ one thread on 8×128 tokens:
     original, ort dyn pt, ort dyn pc      the input and onnxruntime's quantize_dynamic
     cli int8 [pt|auto]                    onnxhmf optimize --quantize int8 [--activations per-token|auto]
     cli int8pc [smooth] [pt|auto]         --quantize int8pc (glassllm) / int8pc --smooth all --calib (MiniLM)
+    ... int8w | uint8w                    --int8-weights int8 | uint8 (glassllm; without: auto)
 
 auto chooses its sites on the calibration data: pydoc (glassllm: 256 × 128 tokens of it).
 
@@ -35,8 +36,12 @@ sys.path.insert(0, str(H.ROOT))
 def variants(name: str, src, out) -> dict[str, list[str]]:
     if name == "glassllm":
         cal = ["--calib", str(out / "cal.npz")]
-        return {"cli int8": ["--quantize", "int8"], "cli int8 pt": ["--quantize", "int8", "--activations", "per-token"],
+        return {"cli int8": ["--quantize", "int8"], "cli int8 int8w": ["--quantize", "int8", "--int8-weights", "int8"],
+                "cli int8 uint8w": ["--quantize", "int8", "--int8-weights", "uint8"],
+                "cli int8 pt": ["--quantize", "int8", "--activations", "per-token"],
                 "cli int8 auto": ["--quantize", "int8", "--activations", "auto", *cal],
+                "cli int8 auto int8w": ["--quantize", "int8", "--activations", "auto", *cal, "--int8-weights", "int8"],
+                "cli int8 auto uint8w": ["--quantize", "int8", "--activations", "auto", *cal, "--int8-weights", "uint8"],
                 "cli int8pc pt": ["--quantize", "int8pc", "--activations", "per-token"],
                 "cli int8pc auto": ["--quantize", "int8pc", "--activations", "auto", *cal]}
     pc = ["--quantize", "int8pc", "--smooth", "all", "--calib", str(out / "pydoc.txt"), "--tokenizer", str(H.MINILM_TOKENIZER)]

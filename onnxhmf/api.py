@@ -93,7 +93,7 @@ def make_plan(work: onnx.ModelProto, options: Options, *, bytes_before: int | No
 
         plan = load_plan(options.plan_file, work)
         # output forms, chosen on the command line too
-        output_forms = ("kernels", "accuracy_level", "activations", "compact_names", "float16_biases")
+        output_forms = ("kernels", "accuracy_level", "activations", "int8_weights", "compact_names", "float16_biases")
         plan.settings.update({k: v for k, v in options.settings().items() if k in output_forms})
         planned, cal = Planned(plan), recapture(work, plan, options.calibration.calib, progress, model_path)
     elif options.budget.fidelity is not None:
@@ -174,9 +174,10 @@ def optimize(model: onnx.ModelProto | str | os.PathLike, *, progress=None, dry_r
         store=inp.store, stats=cal.stats if cal else None, calibration=cal.fit if cal else None,
         token_freq=token_freq, progress=progress))
     if plan.settings.get("activations") == "auto":
-        from .executor import auto_per_token
+        from .executor import auto_per_token, unsigned_forms
 
-        auto_per_token(built.model, inp.work, cal.fit if cal else None, built.notes)
+        auto_per_token(built.model, inp.work, cal.fit if cal else None, built.notes,
+                       unsigned_forms(plan.settings)[1] != "none")
     report.timings["execute_s"] = time.perf_counter() - t
     work = built.model
     _fill_report(report, plan, built)
@@ -230,14 +231,15 @@ def _note_saturation(report: Report, model: onnx.ModelProto) -> None:
     """Where the output has MatMulInteger and this CPU's kernel saturates (runtime.
     matmulinteger_saturates), the notes say that its fidelity was measured so, and differs on
     other CPUs: a plan made here and served on a VNNI or ARM CPU computes those products exactly."""
-    from .graph.qdq import _graphs
+    from .graph.unsigned import signed_weights
     from .runtime import matmulinteger_saturates
 
-    n = sum(node.op_type == "MatMulInteger" for g in _graphs(model.graph) for node in g.node)  # control-flow bodies too
+    n = signed_weights(model)  # control-flow bodies too; uint8 weights (--int8-weights) run exactly
     if n and matmulinteger_saturates():
-        report.notes.append(f"{n} MatMulInteger nodes: onnxruntime on this CPU (x86 without VNNI) adds their uint8×int8 "
+        report.notes.append(f"{n} MatMulInteger nodes with int8 weights: onnxruntime on this CPU (x86 without VNNI) adds their uint8×int8 "
                             "products in pairs in a saturating int16, so the fidelity here is of that arithmetic; "
-                            "CPUs with VNNI and ARM compute them exactly, and the numbers there differ")
+                            "CPUs with VNNI and ARM compute them exactly, and the numbers there differ "
+                            "(--int8-weights uint8 runs them exactly here too, a little slower)")
 
 
 def _fill_report(report: Report, plan: Plan, built) -> None:

@@ -142,6 +142,12 @@ _METHODS = _Group("How weights are stored", [
             "row its own scale (a few standard elementwise ops): more accurate where a few tokens are outliers, "
             "a little slower; auto (with calibration data): per-token only for the inputs that remove most of the "
             "loss, measured (docs/quantization.md)."),
+    _o("--int8-weights", type=click.Choice(["auto", "int8", "uint8"]), default="auto", show_default=True,
+       help="How int8 MatMulInteger weights are stored: int8 is onnxruntime's quantizer's; uint8 shifts every one "
+            "by 128 (zero point too: the same products) and a tied table's rows get their own zero points, which "
+            "x86 CPUs without VNNI multiply exactly where their int8 kernel saturates, a little slower; auto: uint8 "
+            "for the tied head and the per-token inputs' weights where this CPU saturates, else int8 "
+            "(docs/quantization.md)."),
     _o("--rotate", is_flag=True,
        help="Planners also offer int4 of a MatMul weight rotated by a 32x32 block Hadamard on its input side, the "
             "input rotated at run time (standard ops; still fused to MatMulNBits): less loss at the same bytes, about "
@@ -151,7 +157,7 @@ _METHODS = _Group("How weights are stored", [
               "share_bases": p["share_bases"], "seed": p["seed"],
               "lower_recurrent": p["lower_recurrent"], "pivot": not p["no_pivot"],
               "kernels": p["kernels"], "accuracy_level": p["accuracy_level"], "activations": p["activations"],
-              "rotate": p["rotate"]})
+              "int8_weights": p["int8_weights"], "rotate": p["rotate"]})
 
 _CALIBRATION = _Group("Calibration data", [
     _o("--calib", type=click.Path(path_type=Path), default=None,

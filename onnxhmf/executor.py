@@ -85,6 +85,7 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     storage = [d.weight for d in plan.with_treatment("storage-ae")]
     if storage:
         sites = _storage_ae(model, plan, storage, sites)
+    head, shift = unsigned_forms(plan.settings)
     quant = _stored(plan, "int8w") + _stored(plan, "int4w")
     if quant:
         done = weight_only(model, factor_names(model, plan, "int8w", original), 8)
@@ -107,7 +108,8 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
             model = _smooth(model, names, ctx, notes, plan.settings["smooth"])
         start = len(notes)
         model, done = quantize_int8(model, names, per_channel=per_channel, notes=notes,
-                                    table_bits=plan.settings.get("table_bits", 8) if everything else 8)
+                                    table_bits=plan.settings.get("table_bits", 8) if everything else 8,
+                                    unsigned_head=head)
         own = sum(1 for n in notes[start:] if n.startswith("int8: ") and "table '" in n)  # quantize._own_tables
         if not done and not any(s.status == "rewritten" for s in sites):
             from .errors import OnnxHmfError
@@ -123,25 +125,58 @@ def execute(model: onnx.ModelProto, plan: Plan, ctx: ExecContext | None = None) 
     model = _store_blocked(model, plan, ctx, notes, getattr(fpass, "row_permutations", {}))
     sites += _store_reports(plan)
     if plan.settings.get("activations") == "per-token":  # (auto: chosen on the final model, see auto_per_token)
-        _per_token(model, theirs, notes)
+        _per_token(model, theirs, notes, shift != "none")
+    if shift == "all":
+        _unsigned(model, notes)
     if plan.settings.get("kernels") == "onnxruntime":
         _onnxruntime_kernels(model, plan.settings.get("accuracy_level"), notes)
     return Built(model, sites, notes)
 
 
-def _per_token(model: onnx.ModelProto, theirs: set[str], notes: list[str]) -> None:
-    """--activations per-token: the plan's DynamicQuantizeLinears as per-row scales (graph/pertoken.py)."""
+def unsigned_forms(settings: dict) -> tuple[bool, str]:
+    """(the tied head's rows asymmetric uint8, which MatMulInteger weights to shift to uint8:
+    "none", "per-token" or "all") for the plan's ``int8_weights`` (graph/unsigned.py). auto
+    takes the uint8 forms only where this CPU's uint8×int8 kernel saturates
+    (runtime.matmulinteger_saturates), and there only the free ones: the head (a zero point per
+    row, the same kernel speed) and the weights behind per-token inputs, whose full-range
+    integers overflow most; shifting every weight costs glassllm 0.83 → 0.90 of the float
+    latency for KL 0.00600 → 0.00591."""
+    how = settings.get("int8_weights", "auto")
+    if how == "uint8":
+        return True, "all"
+    if how == "int8":
+        return False, "none"
+    from .runtime import matmulinteger_saturates
+
+    return (True, "per-token") if matmulinteger_saturates() else (False, "none")
+
+
+def _unsigned(model: onnx.ModelProto, notes: list[str]) -> None:
+    from .graph.unsigned import unsigned_weights
+
+    n = unsigned_weights(model)
+    notes.append(f"uint8 weights: {n} MatMulInteger weights shifted by 128 to uint8 with their zero points (the same "
+                 "products; onnxruntime's exact uint8×uint8 kernel instead of the int8 one, which saturates on x86 "
+                 "without VNNI)" if n else "uint8 weights: no int8 MatMulInteger weight in this plan, so nothing is shifted")
+
+
+def _per_token(model: onnx.ModelProto, theirs: set[str], notes: list[str], unsigned: bool = False) -> None:
+    """--activations per-token: the plan's DynamicQuantizeLinears as per-row scales (graph/pertoken.py);
+    ``unsigned``: their MatMulIntegers' weights shifted to uint8 (graph/unsigned.py)."""
     from .graph.pertoken import per_token_activations
 
-    n = per_token_activations(model, theirs)
-    notes.append(f"per-token activations: {n} int8 MatMul inputs quantized with one scale per row (standard ops)" if n else
+    n = per_token_activations(model, theirs, unsigned=unsigned)
+    notes.append(f"per-token activations: {n} int8 MatMul inputs quantized with one scale per row (standard ops"
+                 f"{'; their weights as uint8' if unsigned else ''})" if n else
                  "per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
 
 
-def auto_per_token(model: onnx.ModelProto, source: onnx.ModelProto, calibration, notes: list[str]) -> None:
+def auto_per_token(model: onnx.ModelProto, source: onnx.ModelProto, calibration, notes: list[str],
+                   unsigned: bool = False) -> None:
     """--activations auto on the final model (in place): per-row scales for the int8 inputs that
     pay, measured against ``source`` (the input) on ``calibration`` (passes/pertoken.py). Run once,
-    after planning: a planner's trial builds keep per-tensor."""
+    after planning: a planner's trial builds keep per-tensor. ``unsigned``: the rewritten inputs'
+    weights shifted to uint8, in the measurements too."""
     from .external import external_tensors, needs_external_data
     from .graph.pertoken import per_token_activations
     from .passes.pertoken import choose_per_token
@@ -150,14 +185,14 @@ def auto_per_token(model: onnx.ModelProto, source: onnx.ModelProto, calibration,
     if calibration is None or any(needs_external_data(m) or external_tensors(m) for m in (source, model)):
         notes.append("per-token activations (auto): skipped, it needs calibration data and the weights in memory")
         return
-    c = choose_per_token(model, source, calibration, theirs)
+    c = choose_per_token(model, source, calibration, theirs, unsigned=unsigned)
     if not c.candidates:
         notes.append("per-token activations: no int8 MatMulInteger in this plan, so nothing is rewritten")
         return
-    n = per_token_activations(model, theirs, set(c.chosen)) if c.chosen else 0
+    n = per_token_activations(model, theirs, set(c.chosen), unsigned=unsigned) if c.chosen else 0
     notes.append(f"per-token activations (auto): {n} of {c.candidates} int8 MatMul inputs quantized with one scale per "
                  f"row, chosen on calibration data (output loss {c.loss_none:.5f} per-tensor, {c.loss_chosen:.5f} with "
-                 f"these, {c.loss_all:.5f} with all; standard ops)")
+                 f"these, {c.loss_all:.5f} with all; standard ops{'; their weights as uint8' if unsigned and n else ''})")
 
 
 def _onnxruntime_kernels(model: onnx.ModelProto, accuracy: int | None, notes: list[str]) -> None:

@@ -26,6 +26,7 @@ __all__ = ["Selection", "Budget", "Methods", "CalibrationOptions", "Verification
 
 METHODS = ("lmf", "hmf", "prune")
 EMBEDDING_METHODS = ("svd", "hmf", "prune", "skip", "ae")
+INT8_WEIGHTS = ("auto", "int8", "uint8")  # how MatMulInteger weights are stored (graph/unsigned.py, executor.unsigned_forms)
 DEFAULT_KEEP = 0.75
 DEFAULT_MIN_COSINE = 0.9
 DEFAULT_DAMP = 0.01  # whitening damping, a fraction of the mean activation energy (factorize/whiten.py)
@@ -124,6 +125,7 @@ class Methods:
     kernels: str = "standard"  # onnxruntime: blocked integer MatMuls written as com.microsoft.MatMulNBits (graph/nbits.py)
     accuracy_level: int | None = None  # with kernels onnxruntime: MatMulNBits' accuracy_level (None: by bits, nbits.AUTO_ACCURACY)
     activations: str = "per-tensor"  # per-token: the int8 MatMulIntegers' inputs get one scale per row (graph/pertoken.py)
+    int8_weights: str = "auto"  # uint8: MatMulInteger weights stored unsigned (graph/unsigned.py); auto: where this CPU saturates
     rotate: bool = False  # --plan auto also offers int4 of weights rotated on their input side (factorize/rotate.py)
     compact_names: bool = False  # intermediate tensors renamed short, node names dropped (graph/names.py)
     float16_biases: bool = False  # biases and normalization vectors stored as float16, Cast at load (graph/half.py)
@@ -151,6 +153,8 @@ class Methods:
             _fail("--accuracy-level goes with --kernels onnxruntime")
         if self.activations not in ("per-tensor", "per-token", "auto"):
             _fail(f"activations must be per-tensor, per-token or auto, got {self.activations!r}")
+        if self.int8_weights not in INT8_WEIGHTS:
+            _fail(f"int8 weights must be {', '.join(INT8_WEIGHTS[:-1])} or {INT8_WEIGHTS[-1]}, got {self.int8_weights!r}")
         from .factorize.whiten import check_damp
 
         try:
@@ -212,7 +216,8 @@ _GROUPS = {
                         "allow_slower", "max_memory"}),
     "methods": (Methods, {"method", "embedding_method", "fold", "damp", "share_bases", "sequential", "seed",
                           "ae_options", "storage_ae", "quantize", "smooth", "table_bits", "lower_recurrent",
-                          "pivot", "kernels", "accuracy_level", "activations", "rotate", "compact_names", "float16_biases"}),
+                          "pivot", "kernels", "accuracy_level", "activations", "int8_weights", "rotate", "compact_names",
+                          "float16_biases"}),
     "calibration": (CalibrationOptions, {"calib", "tokenizer", "calib_samples", "calib_seq_len", "calib_batch",
                                          "token_freq"}),
     "verification": (VerificationOptions, {"verify", "inputs", "input_shapes", "atol", "rtol", "min_cosine", "min_top1", "measure",
@@ -325,6 +330,7 @@ class Options:
             **({"kernels": m.kernels} if m.kernels != "standard" else {}),
             **({"accuracy_level": m.accuracy_level} if m.accuracy_level is not None else {}),
             **({"activations": m.activations} if m.activations != "per-tensor" else {}),
+            **({"int8_weights": m.int8_weights} if m.int8_weights != "auto" else {}),
             **({"rotate": True} if m.rotate else {}),
             **({"compact_names": True} if m.compact_names else {}),
             **({"float16_biases": True} if m.float16_biases else {}),

@@ -104,7 +104,7 @@ def treatment_bytes(treatment: str, shape: tuple[int, int], *, rank: int | None 
         "ae": lambda: itemsize * (budget or 0),  # at most
         "prune": lambda: itemsize * m * n,  # stored dense with zeros
         "storage-ae": lambda: itemsize * (budget or 0),
-        "int8": lambda: m * n + INT8_OVERHEAD + (4 * m + TIED_INT8_OVERHEAD if tied else 0),
+        "int8": lambda: m * n + INT8_OVERHEAD + (5 * m + TIED_INT8_OVERHEAD if tied else 0),  # a scale (and zero point: uint8 rows) per row
         "int8w": lambda: m * n + 4 * n + INT8_OVERHEAD,
         "int4w": lambda: m * n // 2 + 4 * n + INT8_OVERHEAD + INT4_OVERHEAD,
         "lmf-int8": lambda: r * (m + n) + 2 * INT8_OVERHEAD + LMF_OVERHEAD,

@@ -170,12 +170,13 @@ def _quantize(work: onnx.ModelProto, chosen: list[str], uses: dict[str, list[str
 
 def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
                   per_channel: bool = False, notes: list[str] | None = None,
-                  table_bits: int = 8) -> tuple[onnx.ModelProto, list[str]]:
+                  table_bits: int = 8, unsigned_head: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """(model with int8 weights, the initializer names quantized).
 
     ``per_channel``: onnxruntime's per_channel=True (per-column weight scales; still
     MatMulInteger, far more accurate on BERT's FFN weights). ``table_bits`` 4: Gather tables
-    as int4 rows instead (:func:`_own_tables`).
+    as int4 rows instead (:func:`_own_tables`). ``unsigned_head``: a tied table's 8-bit rows
+    asymmetric uint8 (a zero point per row; graph/unsigned.py says why).
 
     ``weights``: initializer names to quantize (their MatMul/Gather uses); None = all.
     A weight the quantizer would store twice (int8 for its Gather, float for another reader such
@@ -200,7 +201,7 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     chosen = sorted(uses if weights is None else set(weights) & set(uses))
     if not chosen:
         return work, []
-    own = _own_tables(work, chosen, notes, table_bits)
+    own = _own_tables(work, chosen, notes, table_bits, unsigned_head)
     chosen = [w for w in chosen if w not in own]
     if not chosen:
         return _restore_header(work, model, notes), own
@@ -223,14 +224,17 @@ def quantize_int8(model: onnx.ModelProto, weights: Iterable[str] | None = None,
     return q, own + [w for w in chosen if w not in left]
 
 
-def _own_tables(work: onnx.ModelProto, chosen: list[str], notes: list[str], bits: int = 8) -> list[str]:
+def _own_tables(work: onnx.ModelProto, chosen: list[str], notes: list[str], bits: int = 8,
+                unsigned_head: bool = False) -> list[str]:
     """Quantize in place the tables among ``chosen`` that onnxruntime's quantizer would store
     worse (graph/qdq.blocked_table), returning their names:
 
     * tied tables (a Gather and a Transpose → MatMul head read them; site_kind 'tied'): ``bits``
       rows with one scale per row, read by the Gathers and by the head, which becomes
       DynamicQuantizeLinear → MatMulInteger, as fast as the other int8 MatMuls (onnxruntime's
-      quantizer would dequantize the whole table each run for a float head);
+      quantizer would dequantize the whole table each run for a float head); ``unsigned_head``:
+      8-bit rows asymmetric uint8 over [min, max] of the row, s_i = (max − min)/255 and a zero
+      point z_i, so the head is uint8 × uint8, the kernel that never saturates;
     * with ``bits`` 4, plain tables too: int4 rows, block 32 (or one block per row where 32 does
       not divide D), scales clip-searched for the least squared error.
 
@@ -249,10 +253,12 @@ def _own_tables(work: onnx.ModelProto, chosen: list[str], notes: list[str], bits
             continue
         E = next(numpy_helper.to_array(t) for t in work.graph.initializer if t.name == w).astype(np.float64)
         block = E.shape[1] if kind == "tied" or E.shape[1] % 32 else 32
-        bq = quantize_blocked(E.T, 8, block, True) if bits == 8 else clip_search(E.T, None, 4, block, True)
+        asym = unsigned_head and kind == "tied" and bits == 8
+        bq = quantize_blocked(E.T, 8, block, not asym) if bits == 8 else clip_search(E.T, None, 4, block, True)
         qdq.blocked_table(work, w, bq)
-        notes.append(f"int8: {'tied ' if kind == 'tied' else ''}table {w!r}: int{bits} rows"
-                     + (", one scale per row, read by its Gathers and by the head (MatMulInteger)" if kind == "tied"
+        notes.append(f"int8: {'tied ' if kind == 'tied' else ''}table {w!r}: {'uint8' if asym else f'int{bits}'} rows"
+                     + (f", one scale {'and zero point ' if asym else ''}per row, read by its Gathers and by the head "
+                        f"(MatMulInteger{', uint8 × uint8' if asym else ''})" if kind == "tied"
                         else f", one scale per {block} values (gathered rows dequantized)"))
         done.append(w)
     return done

@@ -83,9 +83,11 @@ def row_scale(model: onnx.ModelProto, x: str, scale: str, p: str) -> list[onnx.N
 
 
 def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset(),
-                          only: set[str] | None = None) -> int:
+                          only: set[str] | None = None, unsigned: bool = False) -> int:
     """Rewrite in place every DynamicQuantizeLinear :func:`candidates` lists (``only``: those of
-    them in it) as per-row quantization; returns how many were rewritten."""
+    them in it) as per-row quantization; returns how many were rewritten. ``unsigned``: the
+    weights of the MatMulIntegers they feed shifted to uint8 (graph/unsigned.py), since full-range
+    rows are what the int8 kernels of x86 CPUs without VNNI saturate on."""
     g = model.graph
     readers = _readers(g)
     todo = [n for n in _eligible(g, readers, keep) if only is None or n.output[0] in only]
@@ -124,4 +126,8 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
     stale = [v for v in g.value_info if v.name in reshaped]
     for v in stale:
         g.value_info.remove(v)
+    if unsigned:
+        from .unsigned import unsigned_weights
+
+        unsigned_weights(model, {n.output[0] for n in todo})
     return len(todo)

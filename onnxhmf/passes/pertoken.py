@@ -38,20 +38,22 @@ class Choice:
     loss_chosen: float
 
 
-def _loss(model: onnx.ModelProto, batches, refs, mask: str | None, only: set[str] | None, keep) -> float:
+def _loss(model: onnx.ModelProto, batches, refs, mask: str | None, only: set[str] | None, keep,
+          unsigned: bool = False) -> float:
     m = onnx.ModelProto()
     m.CopyFrom(model)
     if only is None or only:
-        per_token_activations(m, keep, only)
+        per_token_activations(m, keep, only, unsigned)
     sess = session(m)
     names = [o.name for o in sess.get_outputs()]
     return sum(output_loss(r, sess.run(names, f), f.get(mask) if mask else None) for f, r in zip(batches, refs)) / len(batches)
 
 
 def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibration, keep=frozenset(),
-                     batches: int = 4, share: float = SHARE, least: float = LEAST) -> Choice:
+                     batches: int = 4, share: float = SHARE, least: float = LEAST, unsigned: bool = False) -> Choice:
     """Which of ``model``'s int8 inputs to quantize per token (see the module docstring);
-    ``reference``: the model the losses are taken against (the executor's input)."""
+    ``reference``: the model the losses are taken against (the executor's input); ``unsigned``:
+    measured with their weights as uint8 (as they will be written)."""
     cand = candidates(model, keep)
     if not cand:
         return Choice([], 0, 0.0, 0.0, 0.0)
@@ -61,12 +63,12 @@ def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibra
     inputs = {i.name for i in ref_sess.get_inputs()}
     refs = [ref_sess.run(names, {k: v for k, v in f.items() if k in inputs}) for f in data]
     mask = calibration.mask
-    none = _loss(model, data, refs, mask, set(), keep)
-    every = _loss(model, data, refs, mask, None, keep)
+    none = _loss(model, data, refs, mask, set(), keep, unsigned)
+    every = _loss(model, data, refs, mask, None, keep, unsigned)
     total = none - every
     if total <= 0 or total < least * none:
         return Choice([], len(cand), none, every, none)
-    gains = sorted(((none - _loss(model, data, refs, mask, {c}, keep), c) for c in cand), reverse=True)
+    gains = sorted(((none - _loss(model, data, refs, mask, {c}, keep, unsigned), c) for c in cand), reverse=True)
     chosen, got = [], 0.0
     for g, c in gains:
         if g <= 0 or got >= share * total:
@@ -75,4 +77,4 @@ def choose_per_token(model: onnx.ModelProto, reference: onnx.ModelProto, calibra
         got += g
     if len(chosen) == len(cand):
         return Choice(chosen, len(cand), none, every, every)
-    return Choice(chosen, len(cand), none, every, _loss(model, data, refs, mask, set(chosen), keep))
+    return Choice(chosen, len(cand), none, every, _loss(model, data, refs, mask, set(chosen), keep, unsigned))
