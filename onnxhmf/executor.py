@@ -139,8 +139,8 @@ def unsigned_forms(settings: dict) -> tuple[bool, str]:
     takes the uint8 forms only where this CPU's uint8×int8 kernel saturates
     (runtime.matmulinteger_saturates), and there only the free ones: the head (a zero point per
     row, the same kernel speed) and the weights behind per-token inputs, whose full-range
-    integers overflow most; shifting every weight costs glassllm 0.83 → 0.90 of the float
-    latency for KL 0.00600 → 0.00591."""
+    integers overflow most; shifting every other weight as well costs glassllm 0.80 → 0.87 of the
+    float latency for KL 0.00308 → 0.00305 (docs/quantization.md)."""
     how = settings.get("int8_weights", "auto")
     if how == "uint8":
         return True, "all"

@@ -9,7 +9,7 @@ leaves every B − z_B, hence Y, unchanged: the same integers, the same bytes. W
 kernel onnxruntime picks. Its x86 u8×s8 kernels on CPUs without VNNI (AVX2, AVX-512BW) add each
 adjacent pair of uint8·int8 products in a saturating int16 (vpmaddubsw), so full-range operands
 overflow (``runtime.matmulinteger_saturates``); its u8×u8 kernel widens to int16 first and is
-exact. Measured on an AMD EPYC (AVX2), onnxruntime 1.32, glassllm at 8×128 tokens, one thread:
+exact. Measured on an AMD EPYC (AVX2), onnxruntime 1.32, 2026-12-03, glassllm at 8×128 tokens, one thread:
 onnxruntime's per-channel dynamic int8 goes from KL 0.00521 to 0.00320 with every weight
 shifted, at 0.90 of the float latency instead of 0.83 (u8×u8 is the slower kernel). Per-tensor
 activations and weights seldom reach the int16 limit; per-token activations (graph/pertoken.py)
@@ -23,19 +23,12 @@ import onnx
 from onnx import numpy_helper
 
 from .index import subgraph_names
+from .pertoken import _readers
 from .qdq import _graphs
 
 __all__ = ["unsigned_weights", "signed_weights", "SHIFT_ZERO"]
 
 SHIFT_ZERO = "hmf.u8.z128"  # the scalar uint8 zero point 128 of a shifted weight that had none
-
-
-def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            out.setdefault(i, []).append(n)
-    return out
 
 
 def _int8(t: onnx.TensorProto | None) -> bool:
