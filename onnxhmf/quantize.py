@@ -51,10 +51,11 @@ __all__ = ["quantize_int8", "int8_refusals", "int8_weight", "int8_bytes", "INT8_
 INT8_OVERHEAD = 400
 
 
-def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False) -> np.ndarray:
+def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False, unsigned: bool = False) -> np.ndarray:
     """The weight onnxruntime's dynamic quantizer stores, dequantized (``tied``: what
     :func:`_own_tables` stores for a tied table instead, symmetric int8 rows with
-    s_i = max_j |W_ij|/127).
+    s_i = max_j |W_ij|/127, or with ``unsigned`` asymmetric uint8 rows, s_i = (max_j − min_j)/255
+    and a zero point per row).
 
     MatMul weights (``table`` False): symmetric int8, s = max|W|/127, W_q = s·round(W/s).
     Gather tables (``table`` True): asymmetric uint8 over [min(W,0), max(W,0)],
@@ -66,7 +67,7 @@ def int8_weight(W: np.ndarray, table: bool = False, tied: bool = False) -> np.nd
     if tied:  # exactly what _own_tables stores
         from .factorize.quant import quantize_blocked
 
-        return quantize_blocked(W.T, 8, W.shape[1], True).dequantize().T.copy()
+        return quantize_blocked(W.T, 8, W.shape[1], not unsigned).dequantize().T.copy()
     if table:
         lo, hi = min(float(W.min()), 0.0), max(float(W.max()), 0.0)
         if hi == lo:

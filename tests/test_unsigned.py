@@ -177,3 +177,20 @@ def test_a_bad_int8_weights_value_is_one_line_and_exit_2(tmp_path):
                         "--int8-weights", "int4"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "--int8-weights" in r.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("unsigned", [True, False])
+def test_the_planners_tied_probe_is_the_table_the_executor_stores(unsigned):
+    """int8_weight(tied=True, unsigned=u) is exactly the table quantize_int8(unsigned_head=u)
+    stores: gathering every row of the written model gives it back."""
+    from onnxhmf.quantize import int8_weight, quantize_int8
+
+    m = tied_model(vocab=60, d=32)
+    E = numpy_helper.to_array(m.graph.initializer[0])
+    q, done = quantize_int8(m, unsigned_head=unsigned)
+    assert done == ["E"]
+    q.graph.output.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, None))
+    got = _run(q, {"ids": np.arange(60, dtype=np.int64)[None]})[1][0]
+    np.testing.assert_allclose(got, int8_weight(E, tied=True, unsigned=unsigned), atol=1e-6)
+    other = int8_weight(E, tied=True, unsigned=not unsigned)
+    assert np.abs(got - other).max() > 1e-4  # the two forms differ: the test tells them apart

@@ -55,7 +55,7 @@ import onnx
 
 from ..capture import session
 from ..errors import OnnxHmfError
-from ..executor import BLOCKED_STORES, ExecContext, execute
+from ..executor import BLOCKED_STORES, ExecContext, execute, unsigned_forms
 from ..factorize.allocate import Option, allocate
 from ..factorize.svd import rank_for_keep
 from ..graph.index import GraphIndex, default_opset
@@ -195,11 +195,13 @@ class Planner:
 
 
 def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, costs=None,
-             padded: bool = False, per_token: bool = False, rotate: bool = False) -> dict[str, list[Option]]:
+             padded: bool = False, per_token: bool = False, rotate: bool = False,
+             unsigned_head: bool = False) -> dict[str, list[Option]]:
     """Per group: the treatments of the module docstring that apply to it, as Options (bytes,
     loss, (treatment, keep)); ``padded``: blocked integers priced as MatMulNBits stores them;
     ``per_token``: int8 sites probed with per-row activation scales (--activations per-token);
-    ``rotate``: the rotated int4 options too (--rotate)."""
+    ``rotate``: the rotated int4 options too (--rotate); ``unsigned_head``: a tied table's int8
+    rows probed as the executor will store them, asymmetric uint8 (executor.unsigned_forms)."""
     sens = measure_sensitivities(work, fpass, groups, fit, rank_multiple=rank_multiple, progress=progress, costs=costs)
     by_name = {g.name: g for g in groups}
     index = GraphIndex(work)
@@ -246,7 +248,8 @@ def _options(work, fpass, groups, fit, rank_multiple, progress, fitted: dict, co
         opts += [Option(o.cost, o.error, ("plmf", o.tag)) for o in plmf]
         direct, gather, only_gather = _int8_uses(g, len(uses.get(g.name, [])))
         if direct:
-            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather, tied=tied), not gather), ("int8", 1.0)))
+            opts.append(Option(cost("int8"), loss_with(g.name, int8_weight(T, table=gather, tied=tied, unsigned=unsigned_head),
+                                                      not gather), ("int8", 1.0)))
         # integer at run time where a fused form exists (DequantizeLinear(block) → MatMul: MatMulNBits);
         # weight-only int8/int4 (rebuilt as float at load: disk only) only where none does
         fused = planner_options(work, g.name, T, grams, loss_with, Option, cost("int8") - m * n,
@@ -351,7 +354,7 @@ def mixed_plan(work: onnx.ModelProto, options, *, src_bytes: int, finish=None, p
     costs = pivot_costs(work, find_weight_groups(GraphIndex(work)), options)
     opts = _options(work, fpass, c.groups, c.fit, options.budget.rank_multiple, progress, cache, costs,
                     padded=options.methods.kernels == "onnxruntime", per_token=options.methods.activations == "per-token",
-                    rotate=options.methods.rotate)
+                    rotate=options.methods.rotate, unsigned_head=unsigned_forms(settings)[0])
     if not opts:
         raise OnnxHmfError("--plan auto: no weight to plan (no float MatMul/Gather weights selected)")
     fixed = _fixed_bytes(work, opts, src_bytes, options.methods)
