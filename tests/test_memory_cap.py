@@ -188,6 +188,22 @@ def test_the_default_measures_its_plan_against_the_inputs_memory(tmp_path, monke
     assert any("the plan took 6.0 MiB once loaded, over the input's 3.0 MiB" in n for n in rep.notes)
 
 
+@pytest.mark.parametrize("slack", [5_000, 20_000])
+def test_a_plan_predicted_over_the_cap_by_less_than_the_slack_is_built_to_be_measured(slack):
+    # the least-loaded plan (three lmf, 60,000 B) is 10,000 B over the 50,000 B share: refused
+    # where the slack is less than that, taken (for enforce() to measure) where it is more
+    p, names = _planner()
+    cap = MemoryCap(cap=10**6, overhead=0, weights=50_000, feeds={}, slack=slack)
+    if slack < 10_000:
+        with pytest.raises(OnnxHmfError, match="no plan within the size budget fits"):
+            capped_allocate(p, names, 60_000, [cap])
+        assert cap.predicted is None
+    else:
+        picked = capped_allocate(p, names, 60_000, [cap])
+        assert [o.tag[0] for o in picked] == ["lmf"] * 3
+        assert cap.predicted == 60_000
+
+
 def _capped_replanning(memory_of):
     """A fake search for --max-memory's re-plans: weights ``a`` and ``b`` are read by MatMuls,
     ``t`` only by a Gather; the plan is each weight's last option still offered; its resident
@@ -234,6 +250,23 @@ def test_max_memory_replans_without_the_kernels_that_quantize_activations():
     planner, search, runs, cap = _capped_replanning(lambda mm, t: 100)
     first = search.run()
     assert cap.enforce(search, first) is first and len(runs) == 1 and cap.note() is None
+
+
+def test_a_plan_taken_within_the_slack_is_measured_and_said():
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 90)
+    cap.slack = 50
+    assert cap.near(1.004) and not cap.near(1.006)  # 40 B over the 10,000 B share is within 50; 60 B is not
+    res = cap.enforce(search, search.run())
+    assert cap.measured == 90 and cap.first is None and len(runs) == 1
+    assert cap.predicted == sum(o.cost for o in res.choice.values())  # this plan's prediction (no overhead here)
+    assert "predicted at 315 B, over the cap by less than two processes differ" in cap.note()
+    assert cap.note().endswith("measured: 90 B")
+    # measured over the cap as well: re-planned as any plan over it is, and the line is measured
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 130)
+    cap.slack = 50
+    assert cap.near(1.004)
+    with pytest.raises(OnnxHmfError, match=r"once loaded \(measured\)"):
+        cap.enforce(search, search.run())
 
 
 def test_max_memory_replans_keep_the_latency_cap_or_fail():

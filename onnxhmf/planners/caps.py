@@ -9,7 +9,9 @@ that the chosen options may use together. The knapsack keeps its byte budget and
 the multipliers μ_c ≥ 0 found by bisection on a log scale, cap by cap, again while an earlier cap
 is broken by a later one (a Lagrangian relaxation of the extra constraints). The choice it returns
 fits every strict cap, or the error names the cap that no plan within the byte budget fits; a cap
-that is not ``strict`` (the default planner's memory rule) gives way where nothing fits it.
+that is not ``strict`` (the default planner's memory rule) gives way where nothing fits it. A strict
+cap with ``near(used)`` true for the least it can be given (over by less than its prediction can
+tell: memory.MemoryCap.slack) takes that plan, for the caller to measure.
 """
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ def capped_allocate(planner, names: list[str], budget: int, caps: list) -> list[
 
     mus = [0.0] * len(caps)
     given_up: set[int] = set()  # soft caps that no plan within the budget fits
+    near: set[int] = set()  # strict caps over by less than their prediction can tell: the least-using plan
     best, used = pick(mus)
     for _ in range(3):
-        broken = [k for k, u in enumerate(used) if u > 1 + _TOL and k not in given_up]
+        broken = [k for k, u in enumerate(used) if u > 1 + _TOL and k not in given_up | near]
         if not broken:
             return best
         for k in broken:
@@ -47,13 +50,15 @@ def capped_allocate(planner, names: list[str], budget: int, caps: list) -> list[
                 if u[k] <= 1 + _TOL:
                     break
                 if hi > 1e9:
-                    if caps[k].strict:
+                    if caps[k].strict and not (hasattr(caps[k], "near") and caps[k].near(u[k])):
                         raise OnnxHmfError(caps[k].infeasible(u[k]))
-                    given_up.add(k)
+                    (near if caps[k].strict else given_up).add(k)
                     break
                 lo, hi = hi, 10 * hi
             if k in given_up:
                 mus[k] = 0.0
+                continue
+            if k in near:
                 continue
             for _ in range(20):  # to a few percent of μ
                 if lo > 0 and hi / lo < 1.05:
@@ -66,7 +71,7 @@ def capped_allocate(planner, names: list[str], budget: int, caps: list) -> list[
                     lo = mid
             mus[k] = hi
         best, used = pick(mus)
-    broken = [k for k, u in enumerate(used) if u > 1 + _TOL and k not in given_up]
+    broken = [k for k, u in enumerate(used) if u > 1 + _TOL and k not in given_up | near]
     if broken and caps[broken[0]].strict:
         raise OnnxHmfError(caps[broken[0]].infeasible(used[broken[0]]))
     return best
