@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "ConstRef", "Scope", "iter_scopes", "subgraph_names", "default_opset"]
+__all__ = ["GraphIndex", "ConstRef", "Scope", "iter_scopes", "subgraph_names", "default_opset", "readers_of"]
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: np.float32,
@@ -35,6 +35,15 @@ def _graph_attrs(node: onnx.NodeProto):
             yield a.g
         elif a.type == onnx.AttributeProto.GRAPHS:
             yield from a.graphs
+
+
+def readers_of(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """{tensor name: the nodes of ``g`` (this graph only, not its bodies) that read it}."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
 
 
 def subgraph_names(graph: onnx.GraphProto) -> set[str]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .index import default_opset
+from .index import default_opset, readers_of
 
 __all__ = ["per_token_activations", "candidates", "dynamic_quantizers", "row_scale", "SHARED"]
 
@@ -29,14 +29,6 @@ SHARED = "hmf.pt"  # prefix of the constants (and, numbered, of the nodes) this 
 def dynamic_quantizers(model: onnx.ModelProto) -> set[str]:
     """The quantized outputs of ``model``'s DynamicQuantizeLinears (an input's own, to keep)."""
     return {n.output[0] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear" and n.output}
-
-
-def _readers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    return readers
 
 
 def _eligible(g: onnx.GraphProto, readers, keep) -> list[onnx.NodeProto]:
@@ -54,7 +46,7 @@ def _eligible(g: onnx.GraphProto, readers, keep) -> list[onnx.NodeProto]:
 def candidates(model: onnx.ModelProto, keep: set[str] | frozenset = frozenset()) -> list[str]:
     """The quantized outputs of the DynamicQuantizeLinears :func:`per_token_activations` would rewrite."""
     g = model.graph
-    return sorted(n.output[0] for n in _eligible(g, _readers(g), keep))
+    return sorted(n.output[0] for n in _eligible(g, readers_of(g), keep))
 
 
 def _constants(model: onnx.ModelProto) -> bool:
@@ -89,7 +81,7 @@ def per_token_activations(model: onnx.ModelProto, keep: set[str] | frozenset = f
     weights of the MatMulIntegers they feed shifted to uint8 (graph/unsigned.py), since full-range
     rows are what the int8 kernels of x86 CPUs without VNNI saturate on."""
     g = model.graph
-    readers = _readers(g)
+    readers = readers_of(g)
     todo = [n for n in _eligible(g, readers, keep) if only is None or n.output[0] in only]
     if not todo:
         return 0

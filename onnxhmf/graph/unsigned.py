@@ -22,8 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .index import subgraph_names
-from .pertoken import _readers
+from .index import readers_of, subgraph_names
 from .qdq import _graphs
 
 __all__ = ["unsigned_weights", "signed_weights", "SHIFT_ZERO"]
@@ -46,7 +45,7 @@ def unsigned_weights(model: onnx.ModelProto, only: set[str] | None = None) -> in
     done = 0
     for g in _graphs(model.graph):
         inits = {t.name: t for t in g.initializer}
-        readers = _readers(g)
+        readers = readers_of(g)
         inner = subgraph_names(g) | {o.name for o in g.output}
         todo = [n for n in g.node if n.op_type == "MatMulInteger" and n.domain in ("", "ai.onnx") and len(n.input) >= 2
                 and _int8(inits.get(n.input[1])) and (only is None or n.input[0] in only)]
