@@ -257,7 +257,8 @@ def test_a_plan_taken_within_the_slack_is_measured_and_said():
     cap.slack = 50
     assert cap.near(1.004) and not cap.near(1.006)  # 40 B over the 10,000 B share is within 50; 60 B is not
     res = cap.enforce(search, search.run())
-    assert cap.measured == 90 and cap.first is None and len(runs) == 1
+    assert cap.measured == 90 and cap.first is None and cap.corrected is None
+    assert len(runs) == 2 and runs[0] == runs[1]  # searched again with the share it measured: the same plan
     assert cap.predicted == sum(o.cost for o in res.choice.values())  # this plan's prediction (no overhead here)
     assert "predicted at 315 B, over the cap by less than two processes differ" in cap.note()
     assert cap.note().endswith("measured: 90 B")
@@ -267,6 +268,37 @@ def test_a_plan_taken_within_the_slack_is_measured_and_said():
     assert cap.near(1.004)
     with pytest.raises(OnnxHmfError, match=r"once loaded \(measured\)"):
         cap.enforce(search, search.run())
+
+
+@pytest.mark.parametrize("second", [95, 130])
+def test_a_plan_taken_within_the_slack_is_searched_again_with_the_share_it_measured(second):
+    # the least-loaded plan (int4b, predicted 180 B) measures 90 B: the prediction overstated by
+    # 90, so the search runs once more with the share raised by 90, where int8b (lower loss) fits.
+    # It is kept where it measures within the cap (95), else the first plan stays (130)
+    from onnxhmf.planners.mixed import _Trial
+
+    planner, search, runs, cap = _capped_replanning(lambda mm, t: 90 if "int4b" in mm else second)
+    cap.weights, cap.slack = 150, 50
+    shares = []
+
+    def run():
+        shares.append(cap.weights)
+        kind = "int8b" if cap.weights >= 240 else "int4b"
+        choice = {n: next(o for o in planner.options[n] if o.tag[0] == kind) for n in planner.options}
+        return _Trial(choice, 0, 1.0, sum(o.error for o in choice.values()),
+                      SimpleNamespace(model=(frozenset(choice[n].tag[0] for n in "ab"), kind)))
+
+    search.run = run
+    assert cap.near(1.2)  # 180 B used of a 150 B share: 30 B over, within the slack
+    res = cap.enforce(search, search.run())
+    assert shares == [150, 240] and cap.weights == 150  # the share raised for the second search only
+    if second <= 100:
+        assert res.choice["a"].tag[0] == "int8b" and cap.measured == 95 and cap.corrected == (90, 95)
+        assert cap.note().endswith("90 B; searched again with the weights' share raised by the difference: "
+                                   "95 B (measured), at a lower held-out loss")
+    else:
+        assert res.choice["a"].tag[0] == "int4b" and cap.measured == 90 and cap.corrected is None
+        assert cap.note().endswith("measured: 90 B")
 
 
 def test_max_memory_replans_keep_the_latency_cap_or_fail():
@@ -348,6 +380,25 @@ def test_a_smallest_plan_heavier_than_float_prices_its_own_family(monkeypatch):
 
 
 MIB = 1 << 20
+
+
+def test_a_family_probe_lighter_than_the_input_lowers_the_overhead(monkeypatch):
+    """glassllm's shape (numbers made up near its own): the input's float weights leave 30 MiB
+    beside them, the smallest plan (4-bit kernels) 35, the all-MatMulInteger probe 28.4. The overhead is the lowest of them, the
+    input's float weights are priced from it, and the 4-bit family's excess is counted from it."""
+    import onnxhmf.planners.memory as memory
+
+    grown = {"input": 33 * MIB, "smallest": 36 * MIB, "fi": int(29.4 * MIB)}
+    monkeypatch.setattr(memory, "_resident", lambda model, feeds, **kw: grown[model])
+    kw = dict(src_bytes=3 * MIB, fixed=0, probe=("smallest", 3 * MIB, 1 * MIB, {"4-bit MatMulNBits"}))
+    cap = MemoryCap.measure("input", {}, int(30.3 * MIB), **kw,
+                            families=[("MatMulInteger", "fi", 1 * MIB, {"MatMulInteger"})])
+    assert cap.overhead == int(28.4 * MIB) and cap.weights == int(30.3 * MIB) - int(28.4 * MIB)
+    assert cap.dense_factor == pytest.approx((33 * MIB - int(28.4 * MIB)) / (3 * MIB))
+    assert cap.excess == {"4-bit MatMulNBits": 35 * MIB - int(28.4 * MIB)}
+    # without that probe the input's 30 MiB is the overhead, and the 30.3 MiB cap leaves 0.3 MiB
+    alone = MemoryCap.measure("input", {}, int(30.3 * MIB), **kw)
+    assert alone.overhead == 30 * MIB and alone.dense_factor == 1.0
 
 
 def test_each_familys_run_time_heap_is_measured_once_and_kept_above_the_noise(monkeypatch):
