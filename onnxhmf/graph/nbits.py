@@ -30,6 +30,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .index import readers_of
+
 __all__ = ["to_matmulnbits", "pack_weight", "CONTRIB_DOMAIN", "AUTO_ACCURACY"]
 
 CONTRIB_DOMAIN = "com.microsoft"
